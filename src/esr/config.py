@@ -1,0 +1,169 @@
+"""Config loading, schema validation and the model registry.
+
+The JSON schema (``workflow/schemas/config.schema.yaml``) is the single source of truth for keys and types; this
+module adds the checks a schema cannot express (layers inside the model, bounds ordering, source-specific keys) and
+turns every failure into a ``ConfigError`` that names the offending key path and value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key path (e.g. ``models.gemma-2-2b.sae_layer``)."""
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    source: str  # sae_lens | local | embedded
+    boost_unit: str  # raw | median_resid_norm
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+
+    @property
+    def ident(self) -> str:
+        """A stable id for provenance and cache keys."""
+        if self.source == "sae_lens":
+            return f"sae_lens:{self.release}/{self.sae_id}"
+        return f"{self.source}:{self.path}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hf_id: str
+    source: str
+    revision: str
+    family: str
+    n_layers: int
+    n_params: float
+    dtype: str
+    injection_layer: int
+    sae_layer: int
+    repetition_penalty: float
+    sae: SAESpec
+    boost: dict[str, float]
+    engine: str = "transformers"
+    tensor_parallel: int = 1
+    chat_template: str = "model"
+    path: str | None = None
+    labels: dict[str, Any] = field(default_factory=lambda: {"source": "auto"})
+    resources: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, name: str, entry: dict[str, Any]) -> "ModelSpec":
+        fields = dict(entry)
+        fields["sae"] = SAESpec(**entry["sae"])
+        return cls(name=name, **fields)
+
+    @property
+    def local_dir(self) -> str:
+        """Where the download rule puts the model (for source: local, the configured directory)."""
+        return self.path if self.source == "local" and self.path else f"resources/models/{self.name}"
+
+
+def load_schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _key_path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "<top level>"
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``config`` in place (filling schema defaults) and return it; raise ``ConfigError`` on the first
+    problem, naming the key path."""
+    import jsonschema
+
+    schema = load_schema()
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator = _with_defaults(validator_cls)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        err = errors[0]
+        path = list(err.absolute_path)
+        if err.validator == "additionalProperties":
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            raise ConfigError(f"config key {_key_path(path + extra[:1])!r} is not allowed here"
+                              f" (allowed: {', '.join(sorted(err.schema.get('properties', {})))})")
+        raise ConfigError(f"config key {_key_path(path)!r}: {err.message}")
+    check_semantics(config)
+    return config
+
+
+def _with_defaults(validator_cls):
+    import jsonschema
+
+    validate_props = validator_cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(key, sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
+
+
+def check_semantics(config: dict[str, Any]) -> None:
+    prompts = config["prompts"]
+    if prompts["source"] == "url" and not (prompts.get("url") and prompts.get("sha256")):
+        raise ConfigError("config key 'prompts.url' and 'prompts.sha256' are both required when prompts.source is 'url'")
+    for name, m in config["models"].items():
+        where = f"models.{name}"
+        for key in ("injection_layer", "sae_layer"):
+            if m[key] >= m["n_layers"]:
+                raise ConfigError(f"config key '{where}.{key}' = {m[key]} is outside the model's {m['n_layers']} layers")
+        b = m["boost"]
+        if not b["lower"] < b["upper"]:
+            raise ConfigError(f"config key '{where}.boost': lower ({b['lower']}) must be below upper ({b['upper']})")
+        sae = m["sae"]
+        if sae["source"] == "sae_lens" and not (sae.get("release") and sae.get("sae_id")):
+            raise ConfigError(f"config key '{where}.sae' needs 'release' and 'sae_id' when source is 'sae_lens'")
+        if sae["source"] in ("local", "embedded") and not sae.get("path"):
+            raise ConfigError(f"config key '{where}.sae.path' is required when sae.source is '{sae['source']}'")
+        if sae["source"] == "embedded" and "embedded_sae" not in config:
+            raise ConfigError(f"config key 'embedded_sae' is required: model {name!r} uses an embedded SAE")
+        if m["source"] == "local" and not m.get("path"):
+            raise ConfigError(f"config key '{where}.path' is required when source is 'local'")
+        if m["source"] == "hub" and not _is_commit(m["revision"]):
+            raise ConfigError(f"config key '{where}.revision' = {m['revision']!r} must be a 40-hex commit sha "
+                              "(pinned revision) for hub models")
+        if m.get("engine") == "transformers" and m.get("tensor_parallel", 1) > 1:
+            raise ConfigError(f"config key '{where}.tensor_parallel' > 1 needs engine: deepspeed")
+
+
+def _is_commit(rev: str) -> bool:
+    return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    if overrides:
+        config = _deep_merge(config, overrides)
+    return validate_config(config)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_specs(config: dict[str, Any]) -> dict[str, ModelSpec]:
+    return {name: ModelSpec.from_config(name, entry) for name, entry in config["models"].items()}
