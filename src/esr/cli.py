@@ -1,0 +1,219 @@
+"""The ``esr`` command line.
+
+    esr steer --model smollm2-135m --latent 5846 --boost 0.5 "Explain how to bake bread."
+    esr latents search dog
+
+Subcommands are ``Command`` objects. To add one, either append a provider ``"module:function"`` (a function
+returning a list of ``Command``) to ``COMMAND_PROVIDERS`` below, or declare a Python entry point in the
+``esr.commands`` group pointing at such a function. ``main(argv, commands=...)`` also takes commands directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+COMMAND_PROVIDERS: tuple[str, ...] = ("esr.cli:builtin_commands",)
+ENTRY_POINT_GROUP = "esr.commands"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``configure`` adds its arguments (and may add nested subparsers that set ``_run``), ``run``
+    executes it and returns the exit code."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# esr steer
+# ----------------------------------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated latent ids, got {text!r}") from e
+
+
+def _configure_steer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the user prompt")
+    p.add_argument("--config", default="config/config.yaml")
+    p.add_argument("--model", default=None, help="model name in the config (default: the first one)")
+    p.add_argument("--latent", type=int, default=None, help="SAE latent to steer with (omit: unsteered)")
+    p.add_argument("--boost", type=float, default=0.0, help="boost, in the model's sae.boost_unit")
+    p.add_argument("--ablate", type=_int_list, default=(), help="comma-separated latents to ablate, e.g. 1,2,3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--positions", choices=["all", "generated"], default="all")
+    p.add_argument("--show-activations", action="store_true",
+                   help="print the steered latent's SAE activation for every generated token")
+    p.add_argument("--model-dir", default=None, help="override the model directory")
+    p.add_argument("--median-resid-norm", type=float, default=None)
+    p.add_argument("--device", default=None)
+
+
+def _pick_model(config: dict, name: str | None, config_path: str) -> str:
+    models = list(config["models"])
+    if name is None:
+        return models[0]
+    if name not in models:
+        raise SystemExit(f"esr: model {name!r} is not in {config_path!r} (models: {', '.join(models)})")
+    return name
+
+
+def run_steer(args: argparse.Namespace) -> int:
+    from esr.config import load_config, model_specs
+    from esr.generation import TrialRequest, load_generator
+    from esr.records import Intervention
+
+    config = load_config(args.config)
+    spec = model_specs(config)[_pick_model(config, args.model, args.config)]
+    gen = load_generator(spec, model_dir=args.model_dir, device=args.device, median_resid_norm=args.median_resid_norm,
+                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=1,
+                         positions=args.positions, progress=False)
+    capture = tuple(dict.fromkeys(([args.latent] if args.latent is not None else []) + list(args.ablate)))
+    intervention = Intervention(steer_latent=args.latent, boost=args.boost, ablate=tuple(args.ablate),
+                                capture=capture if args.show_activations else ())
+    result = gen.generate([TrialRequest(args.prompt, args.seed, intervention)])[0]
+    s = result.steering
+    if args.latent is not None:
+        print(f"# {spec.name}: latent {args.latent} boost {args.boost} ({s['boost_unit']}), residual norm "
+              f"{s['steer_residual_norm']:.3f}, layer {spec.injection_layer}; seed {args.seed}; "
+              f"{result.n_tokens} tokens, finish={result.finish_reason}", file=sys.stderr)
+    print(result.response)
+    if args.show_activations and result.activations is not None:
+        tok = gen.loaded.tokenizer
+        print("\n# token\t" + "\t".join(f"latent_{j}" for j in capture))
+        for token_id, row in zip(result.token_ids, result.activations.tolist()):
+            print(f"{tok.decode([token_id])!r}\t" + "\t".join(f"{v:.3f}" for v in row))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# esr latents search
+# ----------------------------------------------------------------------------------------------------------------
+
+def labels_path(model: str, root: str | Path = ".") -> Path:
+    """Where the label table of a model lives: ``resources/labels/<model>.csv``."""
+    return Path(root) / "resources" / "labels" / f"{model}.csv"
+
+
+def search_labels(path: str | Path, word: str, in_tokens: bool = False, limit: int | None = None) -> list[dict]:
+    """Rows of a label CSV (latent,label,frequency,top_tokens) whose label (or top tokens) contains ``word``,
+    case-insensitively."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"label table {str(path)!r} does not exist (produced by the labels rule)")
+    needle = word.lower()
+    hits: list[dict] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"latent", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"label table {str(path)!r} lacks columns {sorted(missing)} (has {reader.fieldnames})")
+        for row in reader:
+            text = (row.get("label") or "") + (" " + (row.get("top_tokens") or "") if in_tokens else "")
+            if needle in text.lower():
+                hits.append(row)
+                if limit is not None and len(hits) >= limit:
+                    break
+    return hits
+
+
+def _configure_latents(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="latents_command", metavar="{search}", required=True)
+    s = sub.add_parser("search", help="find latents whose label contains WORD")
+    s.add_argument("word")
+    s.add_argument("--config", default="config/config.yaml")
+    s.add_argument("--model", default=None, help="model name (default: the config's first model)")
+    s.add_argument("--labels", default=None, help="label CSV (default: resources/labels/<model>.csv)")
+    s.add_argument("--tokens", action="store_true", help="also match the top_tokens column")
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(_run=run_latents_search)
+
+
+def run_latents_search(args: argparse.Namespace) -> int:
+    if args.labels:
+        path = Path(args.labels)
+    else:
+        model = args.model
+        if model is None:
+            from esr.config import load_config
+
+            config = load_config(args.config)
+            model = _pick_model(config, None, args.config)
+        path = labels_path(model)
+    hits = search_labels(path, args.word, in_tokens=args.tokens, limit=args.limit)
+    if not hits:
+        print(f"no latent label contains {args.word!r} in {str(path)!r}", file=sys.stderr)
+        return 1
+    print("latent\tfrequency\tlabel\ttop_tokens")
+    for row in hits:
+        print(f"{row['latent']}\t{row.get('frequency', '')}\t{row['label']}\t{row.get('top_tokens', '')}")
+    return 0
+
+
+def builtin_commands() -> list[Command]:
+    return [
+        Command("steer", "generate a steered answer to one prompt", _configure_steer, run_steer),
+        Command("latents", "inspect SAE latents (search labels)", _configure_latents),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser assembly
+# ----------------------------------------------------------------------------------------------------------------
+
+def discover_commands() -> list[Command]:
+    """Commands from ``COMMAND_PROVIDERS`` and the ``esr.commands`` entry-point group."""
+    from importlib.metadata import entry_points
+
+    commands: list[Command] = []
+    for ref in COMMAND_PROVIDERS:
+        module, _, func = ref.partition(":")
+        commands.extend(getattr(importlib.import_module(module), func)())
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        commands.extend(ep.load()())
+    return commands
+
+
+def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esr", description="Endogenous steering resistance (arXiv 2602.06941)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    seen: set[str] = set()
+    for cmd in commands:
+        if cmd.name in seen:
+            raise ValueError(f"esr subcommand {cmd.name!r} is registered twice")
+        seen.add(cmd.name)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.run is not None:
+            p.set_defaults(_run=cmd.run)
+        cmd.configure(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, commands: Sequence[Command] | None = None) -> int:
+    parser = build_parser(list(commands) if commands is not None else discover_commands())
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.error(f"subcommand {args.command!r} needs a further subcommand")
+    try:
+        return int(run(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"esr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

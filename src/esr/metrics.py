@@ -1,0 +1,460 @@
+"""Per-trial metrics and their intervals, exactly as the paper computes them (reference-protocol §5), plus the
+intervals the paper lacks (Wilson, latent-clustered bootstrap).
+
+Pipeline: ``include_trials`` applies the §5.1 inclusion rules in order and counts every exclusion by reason;
+``summarise`` turns the included trials into counts (k, n) and means, from which every rate and interval is derived.
+Nothing is ever computed from a rounded percentage.
+
+Definitions (N = number of included trials; "scores" = the non-None attempt scores of a trial):
+
+* multi-attempt: ``len(scores) >= 2``; multi-attempt rate = #multi / N.
+* ESR: multi-attempt **and** ``scores[-1] > scores[0]`` (strictly; ties are not ESR; middle attempts ignored);
+  ESR rate = #ESR / N.
+* improvement rate = #ESR / #multi.
+* first-attempt score: ``scores[0]``, averaged over all N.
+* mean score improvement (MSI), two definitions, both reported and labelled:
+  ``msi_multi`` (authors' HEAD): mean(last - first) over multi-attempt trials only;
+  ``msi_all`` (authors' first README): mean over all N trials, single-attempt trials contributing 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _st
+
+#: z for the paper's normal-approximation bars (the authors hard-code 1.96).
+Z95 = 1.96
+#: ≥ this many consecutive identical words (each longer than one character) make an output "degraded".
+DEGRADED_MIN_RUN = 5
+#: Exclusion reasons, in the order the rules are applied (§5.1).
+EXCLUSION_REASONS = ("latent_error", "trial_error", "no_attempts", "no_scores", "degraded")
+
+
+# ----------------------------------------------------------------------------------------------- small helpers
+
+
+def _is_missing(x: Any) -> bool:
+    """True for None, NaN and pandas NA scalars (not for containers)."""
+    if x is None or x is pd.NA:
+        return True
+    return isinstance(x, float) and math.isnan(x)
+
+
+def is_truthy_error(x: Any) -> bool:
+    """Python truthiness of an error field as the authors test it (``if trial.error:``), with NaN/NA as empty."""
+    if _is_missing(x):
+        return False
+    if isinstance(x, (str, bytes)):
+        return len(x) > 0
+    return bool(x)
+
+
+def attempt_scores(x: Any) -> list[float] | None:
+    """The non-None scores of one trial's ``attempt_scores`` cell, or None when the attempts list is missing.
+
+    An empty list means "attempts present but empty" only when the input container itself is empty; a list with only
+    None scores returns ``[]`` too, so callers distinguish the two cases with ``attempt_count``."""
+    if _is_missing(x):
+        return None
+    return [float(s) for s in list(x) if not _is_missing(s)]
+
+
+def attempt_count(x: Any) -> int:
+    """Number of attempts (scored or not) in an ``attempt_scores`` cell; 0 when missing."""
+    return 0 if _is_missing(x) else len(list(x))
+
+
+def is_degraded(text: Any, min_run: int = DEGRADED_MIN_RUN) -> bool:
+    """Whether ``text`` has ≥ ``min_run`` consecutive identical whitespace-split words of length > 1."""
+    if not isinstance(text, str):
+        return False
+    run, prev = 0, None
+    for word in text.split():
+        if len(word) > 1 and word == prev:
+            run += 1
+        else:
+            run = 1 if len(word) > 1 else 0
+        prev = word
+        if run >= min_run:
+            return True
+    return False
+
+
+def _nan_to_none(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+# ----------------------------------------------------------------------------------------------- intervals
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided interval with the name of the method that produced it."""
+
+    lo: float
+    hi: float
+    method: str
+    level: float = 0.95
+
+    def contains(self, x: float) -> bool:
+        return self.lo <= x <= self.hi
+
+    def as_list(self) -> list[float | None]:
+        return [_nan_to_none(self.lo), _nan_to_none(self.hi)]
+
+    def scaled(self, factor: float) -> "Interval":
+        return Interval(self.lo * factor, self.hi * factor, self.method, self.level)
+
+
+def z_for(level: float) -> float:
+    """Two-sided standard-normal quantile for a confidence level (0.95 → 1.95996...)."""
+    return float(_st.norm.ppf(0.5 + level / 2.0))
+
+
+def wald_interval(k: int, n: int, z: float = Z95, clip: bool = False) -> Interval:
+    """Normal-approximation interval p ± z·√(p(1−p)/n), as the paper's error bars (z = 1.96, unclipped)."""
+    if n <= 0:
+        return Interval(math.nan, math.nan, "wald")
+    p = k / n
+    half = z * math.sqrt(p * (1.0 - p) / n)
+    lo, hi = p - half, p + half
+    if clip:
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return Interval(lo, hi, "wald")
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> Interval:
+    """Wilson score interval (closed form), our default for rates; well-behaved at k = 0 and k = n."""
+    if n <= 0:
+        return Interval(math.nan, math.nan, "wilson", level)
+    z = z_for(level)
+    p = k / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return Interval(lo, hi, "wilson", level)
+
+
+def clopper_pearson_interval(k: int, n: int, level: float = 0.95) -> Interval:
+    """Exact (Clopper–Pearson) binomial interval."""
+    if n <= 0:
+        return Interval(math.nan, math.nan, "clopper_pearson", level)
+    ci = _st.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return Interval(float(ci.low), float(ci.high), "clopper_pearson", level)
+
+
+@dataclass(frozen=True)
+class Proportion:
+    """k successes out of n; every rate in the package is one of these, so intervals use exact counts."""
+
+    k: int
+    n: int
+
+    @property
+    def estimate(self) -> float:
+        return self.k / self.n if self.n > 0 else math.nan
+
+    def wald(self, z: float = Z95) -> Interval:
+        return wald_interval(self.k, self.n, z)
+
+    def wilson(self, level: float = 0.95) -> Interval:
+        return wilson_interval(self.k, self.n, level)
+
+    def to_dict(self, bootstrap: Interval | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "k": int(self.k), "n": int(self.n), "estimate": _nan_to_none(self.estimate),
+            "wald": self.wald().as_list(), "wilson": self.wilson().as_list(),
+        }
+        if bootstrap is not None:
+            out["bootstrap"] = bootstrap.as_list()
+        return out
+
+
+@dataclass(frozen=True)
+class MeanEstimate:
+    """Sample mean with SD (ddof = 1), SE = SD/√n and the normal interval mean ± z·SE (the paper's bars)."""
+
+    n: int
+    mean: float
+    sd: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> "MeanEstimate":
+        arr = np.asarray(list(values), dtype=float)
+        n = int(arr.size)
+        mean = float(arr.mean()) if n else math.nan
+        sd = float(arr.std(ddof=1)) if n >= 2 else math.nan
+        return cls(n, mean, sd)
+
+    @property
+    def se(self) -> float:
+        return self.sd / math.sqrt(self.n) if self.n >= 2 else math.nan
+
+    def normal(self, z: float = Z95) -> Interval:
+        return Interval(self.mean - z * self.se, self.mean + z * self.se, "normal")
+
+    def to_dict(self, bootstrap: Interval | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "n": int(self.n), "mean": _nan_to_none(self.mean), "sd": _nan_to_none(self.sd),
+            "se": _nan_to_none(self.se), "ci": self.normal().as_list(),
+        }
+        if bootstrap is not None:
+            out["bootstrap"] = bootstrap.as_list()
+        return out
+
+
+def pooled_mean(parts: Sequence[MeanEstimate]) -> MeanEstimate:
+    """Exact mean and SD (ddof = 1) of the union of several samples given only their (n, mean, sd)."""
+    parts = [p for p in parts if p.n > 0]
+    n = sum(p.n for p in parts)
+    if n == 0:
+        return MeanEstimate(0, math.nan, math.nan)
+    mean = sum(p.n * p.mean for p in parts) / n
+    ss = sum((p.n - 1) * (0.0 if math.isnan(p.sd) else p.sd) ** 2 + p.n * (p.mean - mean) ** 2 for p in parts)
+    sd = math.sqrt(ss / (n - 1)) if n >= 2 else math.nan
+    return MeanEstimate(n, mean, sd)
+
+
+# ----------------------------------------------------------------------------------------------- inclusion
+
+
+@dataclass(frozen=True)
+class InclusionReport:
+    """Counts of the §5.1 rules, applied in order; each trial is counted under the first rule that drops it.
+
+    ``n_degraded`` counts degraded outputs among trials that passed rules 1–4; they are dropped (and counted in
+    ``excluded['degraded']``) only when ``degraded_excluded`` is true."""
+
+    n_input: int
+    excluded: dict[str, int]
+    n_degraded: int
+    degraded_excluded: bool
+    n_included: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _latent_error_mask(df: pd.DataFrame) -> pd.Series:
+    if "latent_error" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["latent_error"].map(is_truthy_error).astype(bool)
+
+
+def _scores_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-trial (n_attempts_raw, scores) from ``attempt_scores``; falls back to n_attempts/first/last columns."""
+    if "attempt_scores" in df.columns:
+        raw = df["attempt_scores"]
+        n_raw = raw.map(attempt_count)
+        scores = raw.map(lambda x: attempt_scores(x) or [])
+    else:  # summary columns only: all-None and empty attempts cannot be told apart
+        n_raw = df["n_attempts"].fillna(0).astype(int)
+
+        def from_cols(r: pd.Series) -> list[float]:
+            n = int(r["n_attempts"]) if not _is_missing(r["n_attempts"]) else 0
+            if n == 0 or _is_missing(r["first_score"]):
+                return []
+            return [float(r["first_score"])] * (n - 1) + [float(r["last_score"])] if n > 1 else [float(r["first_score"])]
+
+        scores = df.apply(from_cols, axis=1) if len(df) else pd.Series([], dtype=object)
+    return pd.DataFrame({"n_attempts_raw": n_raw, "scores": scores}, index=df.index)
+
+
+def include_trials(df: pd.DataFrame, exclude_degraded: bool = False) -> tuple[pd.DataFrame, InclusionReport]:
+    """Apply the §5.1 inclusion rules in order and return (included trials, report).
+
+    The returned frame keeps all input columns and adds: ``first``, ``last`` (float), ``n_scores`` (int, the §5.2
+    n_attempts), ``multi``, ``esr`` (bool), ``delta`` (last − first, float) and ``degraded`` (bool)."""
+    sf = _scores_frame(df)
+    keep = pd.Series(True, index=df.index)
+    excluded: dict[str, int] = {}
+
+    def drop(reason: str, mask: pd.Series) -> None:
+        hit = keep & mask
+        excluded[reason] = int(hit.sum())
+        keep[hit] = False
+
+    drop("latent_error", _latent_error_mask(df))
+    err = df["error"].map(is_truthy_error).astype(bool) if "error" in df.columns else pd.Series(False, index=df.index)
+    drop("trial_error", err)
+    drop("no_attempts", sf["n_attempts_raw"] == 0)
+    drop("no_scores", sf["scores"].map(len) == 0)
+    responses = df["response"] if "response" in df.columns else pd.Series("", index=df.index)
+    degraded = responses.map(is_degraded).astype(bool)
+    n_degraded = int((keep & degraded).sum())
+    if exclude_degraded:
+        drop("degraded", degraded)
+    else:
+        excluded["degraded"] = 0
+
+    out = df.loc[keep].copy()
+    sc = sf.loc[keep, "scores"]
+    out["n_scores"] = sc.map(len).astype(int)
+    out["first"] = sc.map(lambda s: s[0]).astype(float)
+    out["last"] = sc.map(lambda s: s[-1]).astype(float)
+    out["multi"] = out["n_scores"] >= 2
+    out["delta"] = out["last"] - out["first"]
+    out["esr"] = out["multi"] & (out["delta"] > 0)
+    out["degraded"] = degraded.loc[keep]
+    report = InclusionReport(int(len(df)), excluded, n_degraded, exclude_degraded, int(keep.sum()))
+    return out, report
+
+
+# ----------------------------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class BootstrapSpec:
+    """Settings of the latent-clustered percentile bootstrap."""
+
+    n_resamples: int = 2000
+    seed: int = 0
+    level: float = 0.95
+
+
+def cluster_codes(df: pd.DataFrame, cluster_cols: Sequence[str] = ("model", "latent")) -> np.ndarray:
+    """Integer cluster id per row: one cluster per distinct (model, latent); rows with no latent are their own."""
+    cols = [c for c in cluster_cols if c in df.columns]
+    if not cols or "latent" not in cols:
+        return np.arange(len(df))
+    keys = df[cols].astype(object).where(df[cols].notna(), None)
+    tuples = list(keys.itertuples(index=False, name=None))
+    lat_pos = cols.index("latent")
+    out, seen = np.empty(len(df), dtype=np.int64), {}
+    for i, t in enumerate(tuples):
+        key = t if t[lat_pos] is not None else ("__row__", i)
+        out[i] = seen.setdefault(key, len(seen))
+    return out
+
+
+def cluster_bootstrap_ratios(codes: np.ndarray, ratios: dict[str, tuple[np.ndarray, np.ndarray]],
+                             spec: BootstrapSpec = BootstrapSpec()) -> dict[str, Interval]:
+    """Percentile CIs for statistics of the form Σnum/Σden, resampling clusters with replacement.
+
+    Every rate and mean in §5.3 is such a ratio (e.g. ESR rate: num = esr indicator, den = 1; MSI over multi-attempt
+    trials: num = delta·multi, den = multi). All statistics share the same resampled cluster sets (a seeded
+    ``numpy.random.Generator``); resamples with Σden = 0 are dropped."""
+    codes = np.asarray(codes)
+    if codes.size == 0:
+        return {name: Interval(math.nan, math.nan, "cluster_bootstrap", spec.level) for name in ratios}
+    uniq, inv = np.unique(codes, return_inverse=True)
+    c = len(uniq)
+    rng = np.random.default_rng(spec.seed)
+    weights = rng.multinomial(c, np.full(c, 1.0 / c), size=spec.n_resamples).astype(float)
+    alpha = (1.0 - spec.level) / 2.0
+    out: dict[str, Interval] = {}
+    for name, (num, den) in ratios.items():
+        num_c = np.bincount(inv, weights=np.asarray(num, dtype=float), minlength=c)
+        den_c = np.bincount(inv, weights=np.asarray(den, dtype=float), minlength=c)
+        dsum = weights @ den_c
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stat = (weights @ num_c) / dsum
+        stat = stat[dsum > 0]
+        if stat.size == 0:
+            out[name] = Interval(math.nan, math.nan, "cluster_bootstrap", spec.level)
+        else:
+            lo, hi = np.quantile(stat, [alpha, 1.0 - alpha])
+            out[name] = Interval(float(lo), float(hi), "cluster_bootstrap", spec.level)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """All §5.3 aggregates of one set of included trials, as counts and means (never rounded)."""
+
+    inclusion: InclusionReport
+    multi: Proportion
+    esr: Proportion
+    improvement: Proportion
+    first_score: MeanEstimate
+    msi_multi: MeanEstimate
+    msi_all: MeanEstimate
+    n_latents: int
+    n_prompts: int
+    n_degraded_included: int
+    bootstrap: dict[str, Interval] = field(default_factory=dict)
+    bootstrap_spec: BootstrapSpec | None = None
+
+    @property
+    def n(self) -> int:
+        return self.multi.n
+
+    def metrics_dict(self) -> dict[str, Any]:
+        b = self.bootstrap
+        return {
+            "multi_rate": self.multi.to_dict(b.get("multi_rate")),
+            "esr_rate": self.esr.to_dict(b.get("esr_rate")),
+            "improvement_rate": self.improvement.to_dict(b.get("improvement_rate")),
+            "first_score": self.first_score.to_dict(b.get("first_score")),
+            "msi_multi": self.msi_multi.to_dict(b.get("msi_multi")),
+            "msi_all": self.msi_all.to_dict(b.get("msi_all")),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": int(self.n),
+            "n_latents": int(self.n_latents),
+            "n_prompts": int(self.n_prompts),
+            "n_degraded_included": int(self.n_degraded_included),
+            "inclusion": self.inclusion.to_dict(),
+            "metrics": self.metrics_dict(),
+            "msi_definitions": {
+                "msi_multi": "mean(last - first) over multi-attempt trials only (authors' HEAD)",
+                "msi_all": "mean over all included trials, single-attempt trials contributing 0 (first README)",
+            },
+            "bootstrap": None if self.bootstrap_spec is None else {**asdict(self.bootstrap_spec),
+                                                                   "cluster": "(model, latent)",
+                                                                   "method": "percentile"},
+        }
+
+
+def summarise_included(inc: pd.DataFrame, report: InclusionReport, bootstrap: BootstrapSpec | None = None
+                       ) -> TrialSummary:
+    """Aggregate trials already passed through ``include_trials``."""
+    multi = inc["multi"].to_numpy(bool)
+    esr = inc["esr"].to_numpy(bool)
+    delta = inc["delta"].to_numpy(float)
+    first = inc["first"].to_numpy(float)
+    n, n_multi, n_esr = len(inc), int(multi.sum()), int(esr.sum())
+    delta_all = np.where(multi, delta, 0.0)
+    boot: dict[str, Interval] = {}
+    if bootstrap is not None and n > 0:
+        ones = np.ones(n)
+        boot = cluster_bootstrap_ratios(cluster_codes(inc), {
+            "multi_rate": (multi, ones), "esr_rate": (esr, ones), "improvement_rate": (esr, multi),
+            "first_score": (first, ones), "msi_multi": (delta_all, multi), "msi_all": (delta_all, ones),
+        }, bootstrap)
+    return TrialSummary(
+        inclusion=report,
+        multi=Proportion(n_multi, n),
+        esr=Proportion(n_esr, n),
+        improvement=Proportion(n_esr, n_multi),
+        first_score=MeanEstimate.of(first),
+        msi_multi=MeanEstimate.of(delta[multi]),
+        msi_all=MeanEstimate.of(delta_all),
+        n_latents=int(inc["latent"].nunique()) if "latent" in inc.columns else 0,
+        n_prompts=int(inc["prompt_id"].nunique()) if "prompt_id" in inc.columns else 0,
+        n_degraded_included=int(inc["degraded"].sum()) if "degraded" in inc.columns else 0,
+        bootstrap=boot,
+        bootstrap_spec=bootstrap,
+    )
+
+
+def summarise(df: pd.DataFrame, exclude_degraded: bool = False, bootstrap: BootstrapSpec | None = None
+              ) -> TrialSummary:
+    """Apply the inclusion rules to a raw trial table and aggregate it (see module docstring)."""
+    inc, report = include_trials(df, exclude_degraded=exclude_degraded)
+    return summarise_included(inc, report, bootstrap)

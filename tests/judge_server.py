@@ -1,0 +1,145 @@
+"""A scripted loopback HTTP server speaking the Anthropic Messages and OpenAI Chat Completions wire formats, for
+judge tests. Started on 127.0.0.1 with an OS-chosen port, in a daemon thread.
+
+Behaviour is scripted per request: ``plan`` maps a marker substring (looked for in the request's user message) to a
+list of actions applied on the 1st, 2nd, ... request carrying that marker; once the list is used up (or for requests
+without a marker) the server answers ``good``. Actions: ``good``; ``malformed`` (reply text without a verdict);
+``badscore`` (score 150); ``429:<secs>`` (429 with Retry-After); ``500``; ``503``; ``404``; ``stall:<secs>`` (sleep,
+then answer good); ``badbody`` (200 with a non-JSON body); ``401echo`` (401 whose body echoes the API key)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from esr.judge.segmentation import split_attempts
+
+_ANSWER = re.compile(r"Chatbot's answer: (.*)\nDistracting concept: ", re.DOTALL)
+
+
+@dataclass
+class Hit:
+    """One request the server received."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    user: str
+    action: str
+
+
+@dataclass
+class ScriptedServer:
+    plan: dict[str, list[str]] = field(default_factory=dict)
+    delay_s: float = 0.0
+    hits: list[Hit] = field(default_factory=list)
+    _seen: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _httpd: ThreadingHTTPServer | None = None
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> "ScriptedServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                server._handle(self, body)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+    @property
+    def root(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # ---------------------------------------------------------------------------------------------- behaviour
+    def _action(self, user: str) -> str:
+        with self._lock:
+            for marker, actions in self.plan.items():
+                if marker in user:
+                    n = self._seen.get(marker, 0)
+                    self._seen[marker] = n + 1
+                    return actions[n] if n < len(actions) else "good"
+        return "good"
+
+    def _handle(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        messages = body.get("messages", [])
+        user = next((m["content"] for m in messages if m.get("role") == "user"), "")
+        action = self._action(user)
+        with self._lock:
+            self.hits.append(Hit(handler.path, {k.lower(): v for k, v in handler.headers.items()}, body, user,
+                                 action))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        kind, _, arg = action.partition(":")
+        if kind == "stall":
+            time.sleep(float(arg))
+            kind = "good"
+        try:
+            if kind in ("good", "malformed", "badscore"):
+                self._reply(handler, 200, self._wire(handler.path, self._text(kind, user)))
+            elif kind == "badbody":
+                self._reply(handler, 200, b"<html>not json</html>", "text/html")
+            elif kind == "429":
+                self._reply(handler, 429, {"error": "rate limited"}, headers={"Retry-After": arg or "1"})
+            elif kind == "401echo":
+                key = handler.headers.get("x-api-key") or handler.headers.get("authorization", "")
+                self._reply(handler, 401, {"error": f"invalid key {key}"})
+            else:
+                self._reply(handler, int(kind), {"error": f"status {kind}"})
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (stall tests)
+            pass
+
+    @staticmethod
+    def _text(kind: str, user: str) -> str:
+        if "Descriptions (a JSON array):" in user:
+            labels = json.loads(user.split("Descriptions (a JSON array):", 1)[1])
+            if kind == "malformed":
+                return "I cannot rate these."
+            return json.dumps([{"label": lab, "reason": "x", "rating": 90 if "dog" in lab else 10}
+                               for lab in labels])
+        if kind == "malformed":
+            return "Reasoning: fine answer. <json>{\"attempts\": [{\"attempt_text\": \"x\", \"score\": }]}</json>"
+        m = _ANSWER.search(user)
+        answer = m.group(1) if m else ""
+        pieces = split_attempts(answer) or [answer or "empty"]
+        scores = [10.0] * (len(pieces) - 1) + [150.0 if kind == "badscore" else 90.0]
+        verdict = {"attempts": [{"attempt_text": p, "score": s} for p, s in zip(pieces, scores)]}
+        return f"The answer looks fine.\n<json>{json.dumps(verdict)}</json>"
+
+    @staticmethod
+    def _wire(path: str, text: str) -> dict[str, Any]:
+        if path.endswith("/v1/messages"):
+            return {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
+        return {"id": "c1", "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+    @staticmethod
+    def _reply(handler, status: int, payload, content_type: str = "application/json", headers=None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("content-type", content_type)
+        handler.send_header("content-length", str(len(data)))
+        for k, v in (headers or {}).items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)

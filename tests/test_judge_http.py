@@ -1,0 +1,262 @@
+"""LLM judge backends against a real HTTP server on loopback: good, malformed and out-of-range verdicts, 429 with
+Retry-After, 5xx, stalls, unreadable bodies, caching, crash + rerun, secrets hygiene, concreteness grading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from esr.io import write_json
+from esr.judge import (JUDGE_TEMPLATE_VERSION, JudgeCache, JudgeRequest, LLMConcretenessGrader, build_judge,
+                       build_concreteness_grader)
+from esr.judge.http_backends import parse_retry_after
+
+from judge_server import ScriptedServer
+
+KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"
+ON = "To bake bread, mix flour, water, yeast and salt, knead, let it rise, shape and bake at 220 C."
+OFF = "Dogs are loyal animals that bark at the mailman and love long walks in the park."
+RESTART = f"{OFF} Wait, that's not right. Let me start over. {ON}"
+
+
+@pytest.fixture
+def server():
+    srv = ScriptedServer().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _keys(monkeypatch):
+    monkeypatch.setenv("ESR_TEST_KEY", KEY)
+
+
+def judge_for(server, backend: str, tmp_path=None, **extra):
+    cfg = {"backend": backend, "model": "judge-model", "api_key_env": "ESR_TEST_KEY", "timeout_s": 2,
+           "max_retries": 3, "backoff_base_s": 0.01, "rate_limit_per_s": None, "concurrency": 4,
+           "base_url": server.root + ("/v1" if backend == "openai_compat" else ""),
+           "cache_dir": str(tmp_path / "cache") if tmp_path else None}
+    cfg.update(extra)
+    return build_judge(cfg, show_progress=False)
+
+
+def req(response: str, marker: str = "", label: str = "dogs", prompt: str = "Explain how to bake bread.",
+        trial_id: str | None = None) -> JudgeRequest:
+    return JudgeRequest(prompt, f"{response} {marker}".strip(), label, trial_id)
+
+
+@pytest.mark.parametrize("backend", ["anthropic", "openai_compat"])
+def test_good_reply_wire_format(server, backend):
+    judge = judge_for(server, backend)
+    res = judge.grade("Explain how to bake bread.", RESTART, "dogs")
+    assert res.ok and res.template_version == JUDGE_TEMPLATE_VERSION
+    assert res.judge_id == f"{backend}:judge-model"
+    assert [a.score for a in res.attempts] == [10.0, 90.0] and "<json>" in res.raw_text
+    hit = server.hits[0]
+    if backend == "anthropic":
+        assert hit.path == "/v1/messages" and hit.headers["x-api-key"] == KEY
+        assert hit.headers["anthropic-version"] == "2023-06-01"
+        assert set(hit.body) == {"model", "max_tokens", "system", "messages", "temperature"}
+        assert hit.body["messages"][0]["role"] == "user"
+    else:
+        assert hit.path == "/v1/chat/completions" and hit.headers["authorization"] == f"Bearer {KEY}"
+        assert [m["role"] for m in hit.body["messages"]] == ["system", "user"]
+    assert hit.body["temperature"] == 0.0 and hit.body["model"] == "judge-model"
+    assert "Explain how to bake bread." in hit.user and "Distracting concept: dogs" in hit.user
+
+
+@pytest.mark.parametrize("backend", ["anthropic", "openai_compat"])
+def test_transient_failures_are_retried(server, backend):
+    server.plan = {"#m1": ["malformed"], "#m2": ["429:0.3"], "#m3": ["500", "503"], "#m4": ["stall:1.5"],
+                   "#m5": ["badbody"], "#m6": ["badscore"]}
+    judge = judge_for(server, backend, timeout_s=0.5)
+    t0 = time.monotonic()
+    results = judge.grade_batch([req(ON, f"#m{i}") for i in range(1, 7)])
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert [r.n_calls for r in results] == [2, 2, 3, 2, 2, 2]
+    assert results[0].metadata["parse_failures"] and "outside 0-100" in results[5].metadata["parse_failures"][0]
+    assert time.monotonic() - t0 >= 0.3  # Retry-After honoured
+    assert judge.stats.parse_retries == 2 and judge.stats.http_retries == 5
+
+
+def test_retry_after_is_honoured_not_backoff(server):
+    server.plan = {"#ra": ["429:0.4"]}
+    judge = judge_for(server, "anthropic", backoff_base_s=0.0)
+    t0 = time.monotonic()
+    assert judge.grade_batch([req(ON, "#ra")])[0].ok
+    assert time.monotonic() - t0 >= 0.4
+    assert parse_retry_after("2") == 2.0 and parse_retry_after(None) is None
+    assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") < 1
+
+
+def test_failures_recorded_without_stopping_batch(server):
+    server.plan = {"#bad": ["malformed"] * 10, "#404": ["404"], "#down": ["500"] * 10}
+    judge = judge_for(server, "openai_compat", max_retries=2, max_parse_retries=1)
+    results = judge.grade_batch([req(ON, "#bad"), req(ON, "#404"), req(ON, "#down"), req(ON)])
+    bad, missing, down, good = results
+    assert bad.error_kind == "parse" and "malformed" in bad.error and "<json>" in bad.raw_text and bad.n_calls == 2
+    assert missing.error_kind == "http" and "404" in missing.error and missing.n_calls == 1  # 4xx: no retry
+    assert down.error_kind == "http" and down.n_calls == 3
+    assert good.ok and good.attempts
+    assert judge.stats.errors_parse == 1 and judge.stats.errors_http == 2
+
+
+def test_cache_hits_and_no_cached_transport_errors(server, tmp_path):
+    server.plan = {"#down": ["500"]}
+    items = [req(ON, f"#{i}") for i in range(5)] + [req(ON, "#down")]
+    judge = judge_for(server, "anthropic", tmp_path, max_retries=0)
+    first = judge.grade_batch(items)
+    assert judge.stats.cache_misses == 6 and judge.stats.cache_hits == 0
+    assert first[-1].error_kind == "http"
+    n = len(server.hits)
+    again = judge_for(server, "anthropic", tmp_path, max_retries=0)
+    second = again.grade_batch(items)
+    assert again.stats.cache_hits == 5 and again.stats.cache_misses == 1
+    assert len(server.hits) == n + 1  # only the transport failure is retried
+    assert all(r.cached for r in second[:5]) and second[0].attempts == first[0].attempts
+    assert second[-1].ok
+    assert len(JudgeCache(tmp_path / "cache")) == 6
+
+
+def test_cache_key_covers_settings(server, tmp_path):
+    a = judge_for(server, "anthropic", tmp_path)
+    b = judge_for(server, "anthropic", tmp_path, temperature=1.0)
+    c = judge_for(server, "anthropic", tmp_path, restart_gate=True)
+    r = req(ON)
+    assert len({a.cache_key(r), b.cache_key(r), c.cache_key(r)}) == 3
+    assert a.cache_key(r) == a.cache_key(JudgeRequest(r.prompt, r.response, r.latent_label, "other-trial"))
+
+
+class CrashingCache(JudgeCache):
+    """Raises after ``limit`` writes, like a job killed mid-batch."""
+
+    def __init__(self, root, limit):
+        super().__init__(root)
+        self.limit = limit
+
+    def put(self, key, result, inputs=None):
+        if self.counts.writes >= self.limit:
+            raise RuntimeError("simulated crash")
+        return super().put(key, result, inputs)
+
+
+def test_crash_then_rerun_makes_no_repeated_calls(server, tmp_path):
+    items = [req(ON, f"#item-{i:02d}-") for i in range(12)]
+    judge = judge_for(server, "anthropic", tmp_path, concurrency=2)
+    judge.cache = CrashingCache(tmp_path / "cache", limit=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        judge.grade_batch(items)
+    cached = [r for r in items if judge.cache_key(r) in judge.cache]
+    assert len(cached) == 5
+    server.hits.clear()
+    rerun = judge_for(server, "anthropic", tmp_path, concurrency=3)
+    results = rerun.grade_batch(items)
+    assert all(r.ok for r in results)
+    assert rerun.stats.cache_hits == 5 and len(server.hits) == 7
+    assert not [h for h in server.hits for r in cached if r.response in h.user]
+
+
+def test_killed_subprocess_then_rerun(server, tmp_path):
+    """A real crash: a grading subprocess is SIGKILLed mid-batch; the rerun calls the server only for the rest."""
+    server.delay_s = 0.15
+    cfg = {"backend": "openai_compat", "model": "m", "base_url": server.root + "/v1", "api_key_env": "ESR_TEST_KEY",
+           "cache_dir": str(tmp_path / "cache"), "concurrency": 1, "rate_limit_per_s": None}
+    items = [[f"Explain topic {i}.", f"{ON} #k{i}", "dogs"] for i in range(30)]
+    script = textwrap.dedent(f"""
+        import json, sys
+        from esr.judge import build_judge, JudgeRequest
+        judge = build_judge(json.loads(sys.argv[1]), show_progress=False)
+        judge.grade_batch([JudgeRequest(*x) for x in json.loads(sys.argv[2])])
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg), json.dumps(items)], env=env)
+    cache = JudgeCache(tmp_path / "cache")
+    deadline = time.monotonic() + 20
+    while len(cache) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_cached = len(cache)
+    assert 4 <= n_cached < 30
+    server.delay_s = 0.0
+    before = len(server.hits)
+    rerun = build_judge(cfg, show_progress=False)
+    results = rerun.grade_batch([JudgeRequest(*x) for x in items])
+    assert all(r.ok for r in results)
+    assert rerun.stats.cache_hits == n_cached
+    assert len(server.hits) - before == 30 - n_cached
+
+
+def test_restart_gate_merges_unsupported_boundaries(server):
+    # the server splits at restart phrases; feed a verdict with an extra boundary through a custom plan-free answer
+    judge = judge_for(server, "anthropic", restart_gate=True)
+    res = judge.grade("Explain how to bake bread.", RESTART, "dogs")
+    assert len(res.attempts) == 2 and res.metadata["restart_gate_merges"] == 0
+
+
+def test_rate_limit_spaces_calls(server):
+    judge = judge_for(server, "openai_compat", rate_limit_per_s=20, concurrency=4)
+    t0 = time.monotonic()
+    judge.grade_batch([req(ON, f"#rl{i}") for i in range(6)])
+    assert time.monotonic() - t0 >= 5 / 20 - 0.01
+
+
+def test_missing_key_is_a_config_error(server, monkeypatch):
+    monkeypatch.delenv("ESR_TEST_KEY")
+    judge = judge_for(server, "anthropic")
+    with pytest.raises(RuntimeError, match="ESR_TEST_KEY"):
+        judge.grade("p", "r", "l")
+    assert not server.hits
+    # OpenAI-compatible local servers may need no key: no Authorization header is sent
+    assert judge_for(server, "openai_compat").grade("p", ON, "l").ok
+    assert "authorization" not in server.hits[-1].headers
+
+
+def test_secrets_never_reach_disk_or_logs(server, tmp_path, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    server.plan = {"#echo": ["401echo"], "#retry": ["429:0.01", "500"]}
+    results_dir = tmp_path / "results"
+    for backend in ("anthropic", "openai_compat"):
+        judge = judge_for(server, backend, tmp_path)
+        res = judge.grade_batch([req(ON, "#echo"), req(ON, "#retry"), req(RESTART)])
+        assert res[0].error_kind == "http" and "<redacted>" in res[0].error
+        write_json(results_dir / f"{backend}.json", {"judge": judge.describe(), "stats": judge.stats.as_dict(),
+                                                     "results": [r.to_dict() for r in res]})
+        grader = LLMConcretenessGrader(judge.chat, cache=judge.cache, show_progress=False)
+        grader.grade_labels(["dogs and puppies"])
+        server.plan = {"#echo": ["401echo"], "#retry": ["429:0.01", "500"]}
+        server._seen.clear()
+    assert any(h.headers.get("x-api-key") == KEY for h in server.hits)  # the key was really used
+    out = capsys.readouterr()
+    blobs = [caplog.text, out.out, out.err]
+    blobs += [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
+    assert caplog.text  # retries were logged
+    assert not [b for b in blobs if KEY in b]
+
+
+def test_concreteness_llm_grader(server, tmp_path):
+    server.plan = {"bad batch": ["malformed"] * 10}
+    cfg = {"backend": "anthropic", "model": "m", "base_url": server.root, "api_key_env": "ESR_TEST_KEY",
+           "batch_size": 2, "max_parse_retries": 1, "backoff_base_s": 0.0, "rate_limit_per_s": None,
+           "cache_dir": str(tmp_path / "c")}
+    grader = build_concreteness_grader(cfg, show_progress=False)
+    labels = ["dog breeds", "the assistant asks for clarification", "dog breeds", "bad batch one", "x"]
+    scores = grader.grade_labels(labels)
+    assert [s.label for s in scores] == labels
+    assert scores[0].score == 90 and scores[1].score == 10 and scores[2] is scores[0]
+    assert scores[3].failed_closed and scores[3].score == 0.0 and scores[4].failed_closed
+    assert grader.stats.failed_closed == 2 and grader.stats.failed_batches == 1
+    assert grader.select(labels) == ["dog breeds", "dog breeds"]
+    # fail_mode=error gives None, still counted
+    errs = build_concreteness_grader({**cfg, "fail_mode": "error", "cache_dir": None}, show_progress=False)
+    out = errs.grade_labels(["bad batch two"])
+    assert out[0].score is None and out[0].error and errs.stats.errors == 1

@@ -1,0 +1,74 @@
+"""The Snakemake side: lint, dry runs of both configs (no network), clear config errors from the CLI."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def run_snakemake(repo_root: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*SNAKEMAKE, *args], cwd=repo_root, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    table = stdout.split("job ", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)}
+
+
+def test_lint_is_clean(repo_root):
+    res = run_snakemake(repo_root, "--lint")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_dry_run_embedded_default(repo_root):
+    res = run_snakemake(repo_root, "-n", "--forceall", "--cores", "1")
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout)
+    for rule in ("download_model", "prompts", "build_corpus", "collect_activations", "train_sae", "label_latents"):
+        assert counts.get(rule) == 1, counts
+
+
+def test_dry_run_paper_plans_all_five_models_offline(repo_root):
+    res = run_snakemake(repo_root, "-n", "--forceall", "--cores", "1", "--configfile", "config/paper.yaml")
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout)
+    assert counts["download_model"] == 5 and counts["fetch_sae"] == 5, counts
+    assert "build_corpus" not in counts  # paper models use published SAEs
+    for model in ("llama-3.3-70b", "llama-3.1-8b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"):
+        assert f"resources/models/{model}" in res.stdout
+
+
+def test_bad_config_fails_naming_the_key(repo_root, tmp_path):
+    bad = (repo_root / "config/config.yaml").read_text().replace("repetition_penalty: 1.1", "repetition_penalty: 0.5")
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad)
+    res = run_snakemake(repo_root, "-n", "--configfile", str(path))
+    assert res.returncode != 0
+    assert "models.smollm2-135m.repetition_penalty" in res.stdout + res.stderr
+
+
+def test_changing_a_param_is_listed_by_snakemake(repo_root):
+    """`--list-changes params` is how users find what a config edit reruns (here: nothing has run yet)."""
+    res = run_snakemake(repo_root, "--list-changes", "params")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.slow
+def test_embedded_workflow_end_to_end(repo_root):
+    """The README's main command, on the real embedded default (cold: ~20-30 min on 2 cores)."""
+    res = run_snakemake(repo_root, "--cores", "2", timeout=5400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import json
+
+    report = json.loads((repo_root / "results/sae/smollm2-135m/sae_report.json").read_text())
+    ev = report["evaluation"]
+    assert ev["explained_variance"] > 0.7 and ev["l0"] <= 32.0 + 1e-6 and ev["dead_fraction"] < 0.1, ev
+    labels = (repo_root / "resources/labels/smollm2-135m.csv").read_text().splitlines()
+    assert len(labels) == 1 + 4096

@@ -1,0 +1,106 @@
+# SAEs. Paper models: fetch the sae-lens release into the local hub cache. Embedded default: build an offline
+# text corpus, collect layer activations, train a TopK SAE, evaluate it and label its latents.
+
+
+rule fetch_sae:
+    output:
+        "resources/sae_manifests/{model}.json",
+    params:
+        spec=model_spec,
+        release=lambda w: MODELS[w.model].sae.release,
+        sae_id=lambda w: MODELS[w.model].sae.sae_id,
+    log:
+        "logs/fetch_sae/{model}.log",
+    resources:
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        ENV
+    script:
+        "../scripts/fetch_sae.py"
+
+
+rule build_corpus:
+    input:
+        model=model_dir,
+    output:
+        directory("resources/corpus/{model}"),
+    params:
+        spec=model_spec,
+        sae_cfg=config.get("embedded_sae"),
+        seed=config["seed"],
+    log:
+        "logs/build_corpus/{model}.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        ENV
+    script:
+        "../scripts/build_corpus.py"
+
+
+rule collect_activations:
+    input:
+        model=model_dir,
+        corpus="resources/corpus/{model}",
+    output:
+        directory("resources/activations/{model}"),
+    params:
+        spec=model_spec,
+        sae_cfg=config.get("embedded_sae"),
+    log:
+        "logs/collect_activations/{model}.log",
+    threads: 4
+    resources:
+        mem_mb=12000,
+        runtime=120,
+    conda:
+        ENV
+    script:
+        "../scripts/collect_activations.py"
+
+
+rule train_sae:
+    input:
+        acts="resources/activations/{model}",
+    output:
+        sae=directory("resources/sae/{model}"),
+        report="results/sae/{model}/sae_report.json",
+        report_md="results/sae/{model}/sae_report.md",
+    params:
+        spec=model_spec,
+        sae_cfg=config.get("embedded_sae"),
+        seed=config["seed"],
+    log:
+        "logs/train_sae/{model}.log",
+    threads: 4
+    resources:
+        mem_mb=12000,
+        runtime=120,
+    conda:
+        ENV
+    script:
+        "../scripts/train_sae.py"
+
+
+rule label_latents:
+    input:
+        model=model_dir,
+        sae="resources/sae/{model}",
+        acts="resources/activations/{model}",
+    output:
+        "resources/labels/{model}.csv",
+    params:
+        spec=model_spec,
+        sae_cfg=config.get("embedded_sae"),
+    log:
+        "logs/label_latents/{model}.log",
+    threads: 4
+    resources:
+        mem_mb=12000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        "../scripts/label_latents.py"
