@@ -14,8 +14,16 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    model="|".join(re.escape(m) for m in MODELS),
+    shard=r"\d+",
+
+
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/sae.smk"
+include: "workflow/rules/experiments.smk"
 
 
 rule all:

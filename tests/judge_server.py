@@ -4,7 +4,7 @@ judge tests. Started on 127.0.0.1 with an OS-chosen port, in a daemon thread.
 Behaviour is scripted per request: ``plan`` maps a marker substring (looked for in the request's user message) to a
 list of actions applied on the 1st, 2nd, ... request carrying that marker; once the list is used up (or for requests
 without a marker) the server answers ``good``. Actions: ``good``; ``malformed`` (reply text without a verdict);
-``badscore`` (score 150); ``429:<secs>`` (429 with Retry-After); ``500``; ``503``; ``404``; ``stall:<secs>`` (sleep,
+``badscore`` (score 150); ``oversplit`` (an attempt per sentence); ``429:<secs>`` (429 with Retry-After); ``500``; ``503``; ``404``; ``stall:<secs>`` (sleep,
 then answer good); ``badbody`` (200 with a non-JSON body); ``401echo`` (401 whose body echoes the API key)."""
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class ScriptedServer:
             time.sleep(float(arg))
             kind = "good"
         try:
-            if kind in ("good", "malformed", "badscore"):
+            if kind in ("good", "malformed", "badscore", "oversplit"):
                 self._reply(handler, 200, self._wire(handler.path, self._text(kind, user)))
             elif kind == "badbody":
                 self._reply(handler, 200, b"<html>not json</html>", "text/html")
@@ -121,6 +121,8 @@ class ScriptedServer:
         m = _ANSWER.search(user)
         answer = m.group(1) if m else ""
         pieces = split_attempts(answer) or [answer or "empty"]
+        if kind == "oversplit":  # a judge that splits at every sentence, restart language or not
+            pieces = [p.strip() + "." for p in answer.split(". ") if p.strip()]
         scores = [10.0] * (len(pieces) - 1) + [150.0 if kind == "badscore" else 90.0]
         verdict = {"attempts": [{"attempt_text": p, "score": s} for p, s in zip(pieces, scores)]}
         return f"The answer looks fine.\n<json>{json.dumps(verdict)}</json>"

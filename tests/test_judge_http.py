@@ -197,10 +197,25 @@ def test_killed_subprocess_then_rerun(server, tmp_path):
 
 
 def test_restart_gate_merges_unsupported_boundaries(server):
-    # the server splits at restart phrases; feed a verdict with an extra boundary through a custom plan-free answer
-    judge = judge_for(server, "anthropic", restart_gate=True)
-    res = judge.grade("Explain how to bake bread.", RESTART, "dogs")
-    assert len(res.attempts) == 2 and res.metadata["restart_gate_merges"] == 0
+    text = "Dogs bark at night. Cats purr all day. Wait, that's not right. Bread needs flour and yeast #split."
+    server.plan = {"#split": ["oversplit", "oversplit"]}
+    plain = judge_for(server, "anthropic").grade("Explain how to bake bread.", text, "dogs")
+    assert len(plain.attempts) == 4  # paper fidelity: the judge's split is kept
+    gated_judge = judge_for(server, "anthropic", restart_gate=True)
+    gated = gated_judge.grade("Explain how to bake bread.", text, "dogs")
+    assert len(gated.attempts) == 2 and gated.metadata["restart_gate_merges"] == 2
+    assert gated.attempts[1].text.startswith("Wait, that's not right.") and gated.scores[-1] == 90
+    assert gated_judge.stats.gate_merges == 2
+    unsplit = judge_for(server, "anthropic", restart_gate=True).grade("Explain how to bake bread.", RESTART, "dogs")
+    assert len(unsplit.attempts) == 2 and unsplit.metadata["restart_gate_merges"] == 0
+
+
+def test_rate_limit_holds_across_single_calls(server):
+    judge = judge_for(server, "anthropic", rate_limit_per_s=10)
+    t0 = time.monotonic()
+    for i in range(3):
+        judge.grade("p", f"{ON} #single{i}", "dogs")
+    assert time.monotonic() - t0 >= 0.2 - 0.01
 
 
 def test_rate_limit_spaces_calls(server):

@@ -173,3 +173,9 @@ def test_summary_bootstrap_fields():
         lo, hi = d["metrics"][key]["bootstrap"]
         assert lo <= hi
     assert d["bootstrap"]["n_resamples"] == 200
+
+
+def test_summary_dict_roundtrip():
+    s = summarise(crafted_table(), bootstrap=BootstrapSpec(100, 0))
+    back = type(s).from_dict(s.to_dict())
+    assert back.to_dict() == s.to_dict()

@@ -11,7 +11,7 @@ Summary JSON (``esr.summary/1``)::
 
     {"schema": "esr.summary/1", "provenance": {...}, "settings": {...},
      "cells": [
-       {"experiment": "esr", "model": "llama-3.3-70b", "condition": "baseline",
+       {"experiment": "exp1", "model": "llama-3.3-70b", "condition": "baseline",
         "n": 4877, "n_latents": ..., "n_prompts": ..., "n_degraded_included": ...,
         "inclusion": {"n_input", "excluded": {latent_error, trial_error, no_attempts, no_scores, degraded},
                       "n_degraded", "degraded_excluded", "n_included"},
@@ -24,9 +24,10 @@ Summary JSON (``esr.summary/1``)::
         "judge_pairs": [...]}                                                          # cross_judge only
      ]}
 
-Rates are fractions in the JSON (0–1); the audit shows percent. Conditions: ``baseline``;
-``ablation_set=<name>``; ``prompt_variant=<name>`` (joined with "," when both); ``boost=<value>`` for per-level
-experiments; ``all`` / ``judge=<id>`` for cross-judge. Producers of other quantities (exp9 activation statistics,
+Rates are fractions in the JSON (0–1); the audit shows percent. Experiments follow the paper's numbering
+(``exp1`` … ``exp10``, as ``esr.experiments``). Conditions: ``baseline``; ``ablation_set=<name>``;
+``prompt_variant=<name>`` (joined with "," when both); ``level=<boost_level>`` for exp2 (``level=global:<s>sd``,
+``level=relative:<r>``, see ``level_label``); ``all`` / ``judge=<id>`` for exp7. Producers of other quantities (exp9 activation statistics,
 exp6 example, exp4 fine-tuning) add cells with a ``values`` dict under the experiment names of the paper-numbers
 table (``esr/data/paper_numbers.yaml``).
 """
@@ -46,7 +47,7 @@ import pandas as pd
 import yaml
 
 from esr import io
-from esr.metrics import (BootstrapSpec, Interval, MeanEstimate, Proportion, include_trials, is_truthy_error,
+from esr.metrics import (BootstrapSpec, MeanEstimate, Proportion, include_trials, is_truthy_error,
                          pooled_mean, summarise_included, wilson_interval)
 from esr.stats import (PAIR_KEYS, ComparisonFamily, fisher_test, paired_comparison, pairwise_judge_agreement,
                        relative_change, size_trend)
@@ -92,14 +93,36 @@ def load_trials(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _fmt_boost(b: float) -> str:
-    return format(float(b), ".6g")
+def level_label(row: Mapping[str, Any], sweep_stats: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """Boost-sweep level of a trial: its ``boost_level`` (``global:<s>sd`` / ``relative:<r>``) when recorded;
+    otherwise ``global:<s>sd`` from the model's ``sweep_stats`` {mean, std}, or ``boost:<value>``."""
+    lvl = row.get("boost_level")
+    if is_truthy_error(lvl):
+        return str(lvl)
+    b = float(row.get("boost", 0.0))
+    st = (sweep_stats or {}).get(str(row.get("model")))
+    if st and st.get("std"):
+        return f"global:{(b - st['mean']) / st['std']:+.2f}sd"
+    return f"boost:{b:.6g}"
 
 
-def condition_of(row: Mapping[str, Any], per_level_experiments: Sequence[str] = ("boost_sweep",)) -> str:
+def parse_level(label: str) -> tuple[float | None, float | None]:
+    """(σ units, relative-to-threshold units) encoded in a level label; None where the label has no such unit."""
+    try:
+        if label.startswith("global:") and label.endswith("sd"):
+            return float(label[len("global:"):-2]), None
+        if label.startswith("relative:"):
+            return None, float(label[len("relative:"):])
+    except ValueError:
+        pass
+    return None, None
+
+
+def condition_of(row: Mapping[str, Any], per_level_experiments: Sequence[str] = ("exp2",),
+                 sweep_stats: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """Condition label of one trial row (see module docstring)."""
     if row.get("experiment") in per_level_experiments:
-        return f"boost={_fmt_boost(row.get('boost', 0.0))}"
+        return f"level={level_label(row, sweep_stats)}"
     parts = []
     for col in ("ablation_set", "prompt_variant"):
         v = row.get(col)
@@ -115,34 +138,28 @@ def _cell(experiment: str, model: str, condition: str, summary, extra: Mapping[s
 
 def summarise_table(trials: pd.DataFrame, *, exclude_degraded: bool = False,
                     bootstrap: BootstrapSpec | None = BootstrapSpec(),
-                    per_level_experiments: Sequence[str] = ("boost_sweep",),
+                    per_level_experiments: Sequence[str] = ("exp2",),
                     sweep_stats: Mapping[str, Mapping[str, float]] | None = None,
                     thresholds: Mapping[str, Mapping[Any, float]] | None = None,
                     ablation_sets: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
     """One summary cell per (experiment, model, condition) of a raw trial table.
 
-    ``sweep_stats``: model → {"mean", "std"} of the global threshold distribution (σ units of boost levels);
-    ``thresholds``: model → {latent: calibrated threshold} (relative-to-threshold units);
-    ``ablation_sets``: set name → latent list (adds ``extra.n_ablated_latents``)."""
+    Boost-sweep levels come from the trials' ``boost_level`` column when present (see ``level_label``);
+    ``sweep_stats``: model → {"mean", "std"} of the global threshold distribution (σ units when trials carry no
+    ``boost_level``); ``thresholds``: model → {latent: calibrated threshold} (relative-to-threshold units when the
+    trials carry no ``threshold`` column); ``ablation_sets``: set name → latent list (adds
+    ``extra.n_ablated_latents``)."""
     if trials.empty:
         return []
     df = trials.copy()
-    df["condition"] = [condition_of(r, per_level_experiments) for r in df.to_dict("records")]
+    df["condition"] = [condition_of(r, per_level_experiments, sweep_stats) for r in df.to_dict("records")]
     cells = []
     for (exp, model, cond), g in df.groupby(["experiment", "model", "condition"], sort=True, dropna=False):
         inc, report = include_trials(g, exclude_degraded)
         summary = summarise_included(inc, report, bootstrap)
         extra: dict[str, Any] = {}
         if exp in per_level_experiments:
-            b = float(g["boost"].iloc[0])
-            extra["boost"] = b
-            st = (sweep_stats or {}).get(model)
-            extra["boost_sigma"] = (b - st["mean"]) / st["std"] if st and st.get("std") else None
-            th = (thresholds or {}).get(model)
-            if th:
-                t = inc["latent"].map(th).astype(float)
-                rel = (inc["boost"] / t).replace([np.inf, -np.inf], np.nan).dropna()
-                extra["boost_rel"] = float(rel.median()) if len(rel) else None
+            extra.update(_level_extra(g, str(model), cond, sweep_stats, thresholds))
         if "ablation_set" in g.columns and ablation_sets:
             names = {str(v) for v in g["ablation_set"].dropna().unique()}
             if len(names) == 1 and (name := names.pop()) in ablation_sets:
@@ -152,10 +169,30 @@ def summarise_table(trials: pd.DataFrame, *, exclude_degraded: bool = False,
     return cells
 
 
+def _level_extra(g: pd.DataFrame, model: str, cond: str, sweep_stats, thresholds) -> dict[str, Any]:
+    """extra fields of one boost-sweep level: boost (mean over trials), boost_sigma, boost_rel (median)."""
+    sigma, rel = parse_level(cond.split("=", 1)[1])
+    boost = float(g["boost"].astype(float).mean())
+    if sigma is None and not cond.startswith("level=relative:"):
+        st = (sweep_stats or {}).get(model)
+        sigma = (boost - st["mean"]) / st["std"] if st and st.get("std") else None
+    if rel is None:
+        if "threshold" in g.columns and g["threshold"].notna().any():
+            t = g["threshold"].astype(float)
+        elif (thresholds or {}).get(model):
+            t = g["latent"].map(thresholds[model]).astype(float)
+        else:
+            t = None
+        if t is not None:
+            r = (g["boost"].astype(float) / t).replace([np.inf, -np.inf], np.nan).dropna()
+            rel = float(r.median()) if len(r) else None
+    return {"boost": boost, "boost_sigma": sigma, "boost_rel": rel}
+
+
 def summarise_experiment(trials_parquet_paths: Sequence[str | os.PathLike], out_json: str | os.PathLike, *,
                          config: Mapping[str, Any] | None = None, exclude_degraded: bool = False,
                          n_boot: int = 2000, seed: int = 0,
-                         per_level_experiments: Sequence[str] = ("boost_sweep",),
+                         per_level_experiments: Sequence[str] = ("exp2",),
                          sweep_stats: Mapping[str, Mapping[str, float]] | None = None,
                          thresholds: Mapping[str, Mapping[Any, float]] | None = None,
                          ablation_sets: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
@@ -182,8 +219,8 @@ def summarise_experiment(trials_parquet_paths: Sequence[str | os.PathLike], out_
 
 def summarise_cross_judge(trials_parquet_paths: Sequence[str | os.PathLike], out_json: str | os.PathLike, *,
                           keys: Sequence[str] = ("trial_id",), judge_col: str = "judge_id",
-                          exclude_degraded: bool = False, config: Mapping[str, Any] | None = None
-                          ) -> dict[str, Any]:
+                          exclude_degraded: bool = False, config: Mapping[str, Any] | None = None,
+                          experiment: str = "exp7") -> dict[str, Any]:
     """Cross-judge summary: per-judge × model cells (``condition = judge=<id>``; enriched sample, not population
     rates) and one ``cross_judge/all/all`` cell with every judge pair's agreement.
 
@@ -195,9 +232,9 @@ def summarise_cross_judge(trials_parquet_paths: Sequence[str | os.PathLike], out
     if not trials.empty:
         inc, report = include_trials(trials, exclude_degraded)
         for (judge, model), g in inc.groupby([judge_col, "model"], sort=True):
-            cells.append(_cell("cross_judge", str(model), f"judge={judge}", summarise_included(g, report, None), {}))
+            cells.append(_cell(experiment, str(model), f"judge={judge}", summarise_included(g, report, None), {}))
         pairs = pairwise_judge_agreement(inc, judge_col, keys)
-        all_cell = _cell("cross_judge", "all", "all", summarise_included(inc, report, None),
+        all_cell = _cell(experiment, "all", "all", summarise_included(inc, report, None),
                          {"n_judges": int(inc[judge_col].nunique()),
                           "n_samples": int(trials.drop_duplicates(list(keys)).shape[0])})
         all_cell["judge_pairs"] = [p.to_dict() for p in pairs]
@@ -216,9 +253,9 @@ def _select(df: pd.DataFrame, experiment: str, condition: str) -> pd.DataFrame:
 
 
 def compare_experiments(trials_parquet_paths: Sequence[str | os.PathLike], out_json: str | os.PathLike, *,
-                        baseline: Mapping[str, str] = {"experiment": "esr", "condition": "baseline"},
-                        others: Sequence[Mapping[str, str]] = ({"experiment": "ablation", "condition": "*"},
-                                                               {"experiment": "random_ablation", "condition": "*"}),
+                        baseline: Mapping[str, str] = {"experiment": "exp1", "condition": "baseline"},
+                        others: Sequence[Mapping[str, str]] = ({"experiment": "exp3", "condition": "*"},
+                                                               {"experiment": "exp10", "condition": "*"}),
                         paired_keys: Sequence[str] = PAIR_KEYS, exclude_degraded: bool = False,
                         n_boot: int = 2000, seed: int = 0, n_params: Mapping[str, float] | None = None,
                         family: str = "comparisons", config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -247,8 +284,10 @@ def compare_experiments(trials_parquet_paths: Sequence[str | os.PathLike], out_j
                     pc = paired_comparison(base, g, label, paired_keys, spec)
                     if pc.n_pairs > 0:
                         fam.paired.append(pc)
-                except ValueError:
-                    pass
+                    else:
+                        fam.notes.append(f"{label}: no pairs under keys {list(paired_keys)}; unpaired tests only")
+                except ValueError as exc:
+                    fam.notes.append(f"{label}: not paired ({exc}); unpaired tests only")
                 fam.unpaired[label] = {m: fisher_test(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
                                        for m, c in (("multi_rate", "multi"), ("esr_rate", "esr"))}
                 fam.relative[label] = {m: relative_change(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
@@ -351,9 +390,10 @@ class AuditContext:
     base_dir: Path
 
 
-def _get_path(obj: Any, path: str) -> Any:
+def _get_path(obj: Any, path: str | Sequence[str]) -> Any:
+    """Follow a dotted path (or a list of keys, for keys that contain dots such as model names)."""
     cur = obj
-    for part in path.split("."):
+    for part in (path.split(".") if isinstance(path, str) else path):
         if isinstance(cur, Mapping) and part in cur:
             cur = cur[part]
         else:
@@ -435,11 +475,12 @@ def _f_mean(ctx, e, src):
 
 
 def _f_pooled_mean(ctx, e, src):
+    def nan_if_none(x: Any) -> float:
+        return math.nan if x is None else float(x)
+
     cells = _pooled_cells(ctx, src)
-    parts = [MeanEstimate(int(c["metrics"][src["metric"]]["n"]), float(c["metrics"][src["metric"]]["mean"] or math.nan),
-                          float(c["metrics"][src["metric"]]["sd"] if c["metrics"][src["metric"]]["sd"] is not None
-                                else math.nan)) for c in cells]
-    pm = pooled_mean(parts)
+    ms = [c["metrics"][src["metric"]] for c in cells]
+    pm = pooled_mean([MeanEstimate(int(m["n"]), nan_if_none(m["mean"]), nan_if_none(m["sd"])) for m in ms])
     ci = pm.normal()
     return [Obs(pm.mean, (ci.lo, ci.hi), pm.n, f"pooled over {len(cells)}")]
 
@@ -499,13 +540,12 @@ def _f_rel_change(ctx, e, src):
 def _f_sweep_peak(ctx, e, src):
     from scipy.ndimage import gaussian_filter1d
 
-    cells = sorted(_cells(ctx, {**src, "condition": "boost=*"}), key=lambda c: c["extra"]["boost"])
+    cells = [c for c in _cells(ctx, {**src, "condition": src.get("condition", "level=*")})
+             if (c.get("extra") or {}).get("boost_sigma") is not None]
+    cells.sort(key=lambda c: c["extra"]["boost_sigma"])
     if len(cells) < 2:
-        raise NotRun("fewer than two boost levels summarised")
-    xs = [c["extra"].get("boost_sigma") for c in cells]
-    if any(x is None for x in xs):
-        raise NotRun("boost levels lack σ units (summarise_experiment needs sweep_stats)")
-    x = np.asarray(xs, dtype=float)
+        raise NotRun("fewer than two boost levels in σ units summarised (global levels, or sweep_stats)")
+    x = np.asarray([c["extra"]["boost_sigma"] for c in cells], dtype=float)
     ms = [c["metrics"][src["metric"]] for c in cells]
     est = np.array([m["estimate"] if m["estimate"] is not None else 0.0 for m in ms], dtype=float)
     lo = np.array([m["wilson"][0] if m["wilson"][0] is not None else 0.0 for m in ms], dtype=float)
@@ -560,11 +600,13 @@ def _f_value(ctx, e, src):
 def _f_config(ctx, e, src):
     if ctx.config is None:
         raise NotRun("no config given to the audit")
-    path = src["path"]
-    if "{model}" in path:
-        path = path.replace("{model}", _resolve_model(ctx, src["model"]))
+    parts = src["path"].split(".")
+    if "{model}" in parts:
+        model = _resolve_model(ctx, src["model"])
+        parts = [model if p == "{model}" else p for p in parts]
+    path = ".".join(parts)
     try:
-        v = _get_path(ctx.config, path)
+        v = _get_path(ctx.config, parts)
     except KeyError:
         raise NotRun(f"config has no key {path!r}")
     if src.get("len"):
@@ -700,6 +742,8 @@ def evaluate_entry(entry: Mapping[str, Any], ctx: AuditContext) -> AuditRow:
     row.observations = [{"label": o.label, "value": o.value, "ci": list(o.ci) if o.ci else None, "n": o.n,
                          **({"spacing": o.spacing} if o.spacing is not None else {}), **o.details} for o in obs]
     ok = all(check(o, entry.get("paper_value"), tol, entry.get("decimals")) for o in obs)
+    if any(o.value is None and o.ci is None for o in obs):
+        row.reason = "no estimate (no included trials in the denominator)"
     if not ok and entry.get("on_mismatch") == "not_run":
         row.verdict = NOT_RUN
         row.reason = f"this configuration uses {_fmt_values(obs)} (paper design: {row.paper_text})"
@@ -735,17 +779,19 @@ def render_markdown(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.verdict] = counts.get(r.verdict, 0) + 1
-    lines = [f"# Paper numbers audit ({header.get('run_name', '')})".rstrip(" ()"), "",
+    run = header.get("run_name") or ""
+    lines = [f"# Paper numbers audit{f' ({run})' if run else ''}", "",
              f"Paper: {header.get('paper', '')}. Table: `{header.get('table', '')}`; every row of reference-protocol "
              "§8. Rates in percent; intervals are 95 %.", "", CONSISTENCY_DEFINITION,
-             "**Summary:** " + ", ".join(f"{v}: {k}" for k, v in sorted(counts.items())), "",
+             "**Summary:** " + ", ".join(f"{verdict}: {count}" for verdict, count in sorted(counts.items())), "",
              "| id | number | paper | ours | 95% CI | n | rule | verdict | reason / notes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         obs = r.observations
         ours = "; ".join(_fmt_num(o["value"]) + (f" ({o['label']})" if len(obs) > 1 and o["label"] else "")
                          for o in obs) or "—"
-        ci = "; ".join(f"[{_fmt_num(o['ci'][0])}, {_fmt_num(o['ci'][1])}]" if o.get("ci") else "—" for o in obs) or "—"
+        ci = "; ".join(f"[{_fmt_num(o['ci'][0])}, {_fmt_num(o['ci'][1])}]" if o.get("ci") else "—"
+                       for o in obs) or "—"
         n = "; ".join(_fmt_num(o.get("n")) for o in obs) or "—"
         note = " ".join(x for x in (r.reason, r.notes) if x).replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {r.id} | {r.description} | {r.paper_text} | {ours} | {ci} | {n} | {r.rule} | "

@@ -56,12 +56,14 @@ class ModelSpec:
     chat_template: str = "model"
     path: str | None = None
     labels: dict[str, Any] = field(default_factory=lambda: {"source": "auto"})
+    paper_detector_sets: tuple[str, ...] = ()
     resources: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, name: str, entry: dict[str, Any]) -> "ModelSpec":
         fields = dict(entry)
         fields["sae"] = SAESpec(**entry["sae"])
+        fields["paper_detector_sets"] = tuple(entry.get("paper_detector_sets") or ())
         return cls(name=name, **fields)
 
     @property
@@ -71,8 +73,14 @@ class ModelSpec:
 
 
 def load_schema() -> dict[str, Any]:
+    """The workflow schema with the judge and concreteness blocks filled in from ``esr.judge`` (one source)."""
+    from esr.judge.factory import CONCRETENESS_CONFIG_SCHEMA, JUDGE_CONFIG_SCHEMA
+
     with open(SCHEMA_PATH, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        schema = yaml.safe_load(f)
+    schema["properties"]["judge"] = JUDGE_CONFIG_SCHEMA
+    schema["properties"]["concreteness"] = CONCRETENESS_CONFIG_SCHEMA
+    return schema
 
 
 def _key_path(parts) -> str:
@@ -116,6 +124,15 @@ def _with_defaults(validator_cls):
 
 
 def check_semantics(config: dict[str, Any]) -> None:
+    from esr.calibration import CalibrationSettings
+    from esr.latents import SelectionSettings
+
+    for key, cls in (("calibration", CalibrationSettings), ("selection", SelectionSettings)):
+        if key in config:
+            try:
+                cls.from_config(config[key])
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"config key '{key}': {err}") from None
     prompts = config["prompts"]
     if prompts["source"] == "url" and not (prompts.get("url") and prompts.get("sha256")):
         raise ConfigError("config key 'prompts.url' and 'prompts.sha256' are both required when prompts.source is 'url'")

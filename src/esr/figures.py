@@ -53,11 +53,11 @@ def _err(points: Sequence[dict[str, Any]]) -> np.ndarray:
 
 def figure_esr_by_model(trials: pd.DataFrame, out_png: str | Path, model_order: Sequence[str] | None = None,
                         interval: str = "wilson", exclude_degraded: bool = False) -> dict[str, Any]:
-    """Fig 2: per model, (left) density histogram of last − first over multi-attempt trials (30 bins over
-    [−100, 100] shifted half a bin so 0 is centred), (middle) multi-attempt %, (right) ESR %, with CIs."""
+    """Fig 2: per model, (left) density histogram of last − first over multi-attempt trials (bin width 200/30,
+    shifted half a bin so 0 is centred), (middle) multi-attempt %, (right) ESR %, with CIs."""
     models = list(model_order) if model_order else sorted(trials["model"].unique())
-    width = 200 / 30
-    edges = np.linspace(-100 - width / 2, 100 + width / 2, 31)
+    width = 200 / 30                                     # the paper's bin width; bins centred on k·width so that
+    edges = -100 - width / 2 + width * np.arange(32)     # 0 and ±100 are bin centres (31 bins span [−100, 100])
     per_model: list[dict[str, Any]] = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 1.2 + 0.6 * max(len(models), 1)))
     for m in models:
@@ -91,36 +91,39 @@ def figure_esr_by_model(trials: pd.DataFrame, out_png: str | Path, model_order: 
 
 def sweep_table(trials: pd.DataFrame, mu: float | None = None, sigma: float | None = None,
                 thresholds: Mapping[Any, float] | None = None, exclude_degraded: bool = False) -> pd.DataFrame:
-    """Per boost level: counts and means for the boost-sweep curves.
+    """Per boost level of one model's sweep: counts and means for the boost-sweep curves.
 
-    Columns: boost, boost_sigma ((b − μ)/σ when μ, σ given), boost_rel (median over trials of boost / the latent's
-    own calibrated threshold, when ``thresholds`` maps latent → threshold), n, multi_k, esr_k, n_multi,
-    first_mean, first_se."""
+    Levels are the trials' ``boost_level`` labels when recorded (``global:<s>sd``, ``relative:<r>``), otherwise
+    the distinct boost values. Columns: level, boost (mean), boost_sigma (from the label, or (b − μ)/σ when μ, σ
+    given), boost_rel (from the label, or the median over trials of boost / the latent's threshold, taken from a
+    ``threshold`` column or ``thresholds``: latent → threshold), n, multi_k, esr_k, n_multi, first_mean, first_se."""
+    from esr.audit import level_label, parse_level
+
     inc, report = include_trials(trials, exclude_degraded)
+    stats = {str(m): {"mean": mu, "std": sigma} for m in inc["model"].unique()} if mu is not None and sigma else {}
+    inc = inc.assign(level=[level_label(r, stats) for r in inc.to_dict("records")])
     rows = []
-    for b, g in inc.groupby("boost", sort=True):
+    for level, g in inc.groupby("level", sort=False):
         s = summarise_included(g, report)
-        rel = math.nan
-        if thresholds:
-            t = g["latent"].map(thresholds).astype(float)
-            r = (g["boost"] / t).replace([np.inf, -np.inf], np.nan).dropna()
-            rel = float(r.median()) if len(r) else math.nan
-        rows.append({"boost": float(b),
-                     "boost_sigma": (float(b) - mu) / sigma if mu is not None and sigma else math.nan,
-                     "boost_rel": rel, "n": s.n, "multi_k": s.multi.k, "esr_k": s.esr.k, "n_multi": s.multi.k,
+        sig, rel = parse_level(str(level))
+        if rel is None:
+            t = (g["threshold"].astype(float) if "threshold" in g.columns and g["threshold"].notna().any()
+                 else g["latent"].map(thresholds).astype(float) if thresholds else None)
+            if t is not None:
+                r = (g["boost"].astype(float) / t).replace([np.inf, -np.inf], np.nan).dropna()
+                rel = float(r.median()) if len(r) else None
+        rows.append({"level": str(level), "boost": float(g["boost"].astype(float).mean()),
+                     "boost_sigma": math.nan if sig is None else sig, "boost_rel": math.nan if rel is None else rel,
+                     "n": s.n, "multi_k": s.multi.k, "esr_k": s.esr.k, "n_multi": s.multi.k,
                      "first_mean": s.first_score.mean, "first_se": s.first_score.se})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values("boost", kind="stable").reset_index(drop=True)
 
 
 def figure_boost_sweep(table: pd.DataFrame, out_png: str | Path, model: str = "", interval: str = "wilson"
                        ) -> dict[str, Any]:
     """Fig 3: multi-attempt %, improvement % (ESR/multi), ESR % and mean first score vs boost level, in σ units
-    (top row) and relative-to-threshold units (bottom row; skipped when ``boost_rel`` is all NaN). Unsmoothed
-    points with interval bars (the paper smooths over the level index; we plot the raw levels)."""
-    xs = {"sigma": table["boost_sigma"].to_numpy(float), "rel": table["boost_rel"].to_numpy(float)}
-    if np.all(np.isnan(xs["sigma"])):
-        xs["sigma"] = table["boost"].to_numpy(float)
-    units = [u for u in ("sigma", "rel") if not np.all(np.isnan(xs[u]))]
+    (top row) and relative-to-threshold units (bottom row); a row is drawn for each unit some level has.
+    Unsmoothed points with interval bars (the paper smooths over the level index; we plot the raw levels)."""
     curves: dict[str, list[dict[str, Any]]] = {"multi": [], "improvement": [], "esr": [], "first_score": []}
     for _, r in table.iterrows():
         curves["multi"].append(_rate_point(Proportion(int(r["multi_k"]), int(r["n"])), interval))
@@ -129,24 +132,29 @@ def figure_boost_sweep(table: pd.DataFrame, out_png: str | Path, model: str = ""
         m, se = float(r["first_mean"]), float(r["first_se"])
         curves["first_score"].append({"mean": m, "ci": [m - 1.96 * se, m + 1.96 * se] if not math.isnan(se)
                                       else [None, None], "n": int(r["n"])})
+    xs = {"sigma": table["boost_sigma"].to_numpy(float), "rel": table["boost_rel"].to_numpy(float)}
+    units = [u for u in ("sigma", "rel") if not np.all(np.isnan(xs[u]))]
+    if not units:
+        xs["boost"], units = table["boost"].to_numpy(float), ["boost"]
+    xlabels = {"sigma": "boost (SD from the mean threshold)", "rel": "boost / latent threshold", "boost": "boost"}
     fig, axes = plt.subplots(len(units), 4, figsize=(16, 3.4 * len(units)), squeeze=False)
     for row, unit in enumerate(units):
-        x = xs[unit]
+        idx = [i for i in np.argsort(xs[unit], kind="stable") if not np.isnan(xs[unit][i])]
+        x = xs[unit][idx]
         for col, key in enumerate(("multi", "improvement", "esr")):
-            pts = curves[key]
+            pts = [curves[key][i] for i in idx]
             axes[row, col].errorbar(x, [p["pct"] if p["pct"] is not None else np.nan for p in pts],
                                     yerr=_err(pts), marker="o", capsize=3)
-            axes[row, col].set(title=f"{key} %", xlabel="boost (σ from mean)" if unit == "sigma"
-                               else "boost / latent threshold")
-        fs = curves["first_score"]
-        axes[row, 3].errorbar(x, [p["mean"] for p in fs],
-                              yerr=np.array([[p["mean"] - (p["ci"][0] if p["ci"][0] is not None else p["mean"])
-                                              for p in fs],
-                                             [(p["ci"][1] if p["ci"][1] is not None else p["mean"]) - p["mean"]
-                                              for p in fs]]), marker="o", capsize=3)
-        axes[row, 3].set(title="mean first-attempt score", xlabel=axes[row, 0].get_xlabel())
+            axes[row, col].set(title=f"{key} % (95% {interval})", xlabel=xlabels[unit])
+        fs = [curves["first_score"][i] for i in idx]
+        yerr = np.array([[p["mean"] - (p["ci"][0] if p["ci"][0] is not None else p["mean"]) for p in fs],
+                         [(p["ci"][1] if p["ci"][1] is not None else p["mean"]) - p["mean"] for p in fs]])
+        axes[row, 3].errorbar(x, [p["mean"] for p in fs], yerr=yerr, marker="o", capsize=3)
+        axes[row, 3].set(title="mean first-attempt score", xlabel=xlabels[unit])
     fig.suptitle(f"Boost sweep {model}".strip())
+    fig.tight_layout()
     return _save(fig, out_png, {"kind": "fig3_boost_sweep", "model": model, "interval": interval,
+                                "level": table["level"].tolist() if "level" in table else None,
                                 "boost": table["boost"].tolist(),
                                 "boost_sigma": [None if math.isnan(v) else v for v in table["boost_sigma"]],
                                 "boost_rel": [None if math.isnan(v) else v for v in table["boost_rel"]],
@@ -185,7 +193,7 @@ def _condition_bars(conditions: Sequence[tuple[str, TrialSummary]], out_png: str
                 ax.annotate(f"{p['k']}/{p['n']}", (xi, p["ci_pct"][1] or 0), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
         data[panel] = [{"condition": lab, **p} for lab, p in zip(labels, pts)]
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     return _save(fig, out_png, {"kind": kind, "interval": interval, "conditions": labels, "panels": data})
 
 

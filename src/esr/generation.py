@@ -41,6 +41,7 @@ class GenerationSettings:
     max_new_tokens: int = 512
     chat_template: str = "model"
     batch_size: int = 16
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -208,7 +209,7 @@ class SteeredGenerator:
         prompts = [encode_prompt(tok, r.prompt, s.chat_template) for r in requests]
         ids, mask = left_pad(prompts, tok.pad_token_id, device)
         B, V = len(requests), int(model.config.vocab_size)
-        eos = torch.tensor(lm.eos_token_ids(), dtype=torch.long, device=device)
+        eos = torch.tensor([] if s.ignore_eos else lm.eos_token_ids(), dtype=torch.long, device=device)
         generators = [row_generator(r.seed, device) for r in requests]
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask.bool())

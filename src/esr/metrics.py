@@ -85,7 +85,7 @@ def is_degraded(text: Any, min_run: int = DEGRADED_MIN_RUN) -> bool:
     return False
 
 
-def _nan_to_none(x: float | None) -> float | None:
+def nan_to_none(x: float | None) -> float | None:
     if x is None:
         return None
     x = float(x)
@@ -108,7 +108,7 @@ class Interval:
         return self.lo <= x <= self.hi
 
     def as_list(self) -> list[float | None]:
-        return [_nan_to_none(self.lo), _nan_to_none(self.hi)]
+        return [nan_to_none(self.lo), nan_to_none(self.hi)]
 
     def scaled(self, factor: float) -> "Interval":
         return Interval(self.lo * factor, self.hi * factor, self.method, self.level)
@@ -160,6 +160,10 @@ class Proportion:
     k: int
     n: int
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.k <= self.n:
+            raise ValueError(f"a proportion needs 0 <= k <= n (got k={self.k}, n={self.n})")
+
     @property
     def estimate(self) -> float:
         return self.k / self.n if self.n > 0 else math.nan
@@ -172,7 +176,7 @@ class Proportion:
 
     def to_dict(self, bootstrap: Interval | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "k": int(self.k), "n": int(self.n), "estimate": _nan_to_none(self.estimate),
+            "k": int(self.k), "n": int(self.n), "estimate": nan_to_none(self.estimate),
             "wald": self.wald().as_list(), "wilson": self.wilson().as_list(),
         }
         if bootstrap is not None:
@@ -205,8 +209,8 @@ class MeanEstimate:
 
     def to_dict(self, bootstrap: Interval | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "n": int(self.n), "mean": _nan_to_none(self.mean), "sd": _nan_to_none(self.sd),
-            "se": _nan_to_none(self.se), "ci": self.normal().as_list(),
+            "n": int(self.n), "mean": nan_to_none(self.mean), "sd": nan_to_none(self.sd),
+            "se": nan_to_none(self.se), "ci": self.normal().as_list(),
         }
         if bootstrap is not None:
             out["bootstrap"] = bootstrap.as_list()
@@ -264,7 +268,8 @@ def _scores_frame(df: pd.DataFrame) -> pd.DataFrame:
             n = int(r["n_attempts"]) if not _is_missing(r["n_attempts"]) else 0
             if n == 0 or _is_missing(r["first_score"]):
                 return []
-            return [float(r["first_score"])] * (n - 1) + [float(r["last_score"])] if n > 1 else [float(r["first_score"])]
+            first, last = float(r["first_score"]), float(r["last_score"])
+            return [first] * (n - 1) + [last] if n > 1 else [first]
 
         scores = df.apply(from_cols, axis=1) if len(df) else pd.Series([], dtype=object)
     return pd.DataFrame({"n_attempts_raw": n_raw, "scores": scores}, index=df.index)
@@ -402,6 +407,31 @@ class TrialSummary:
             "msi_multi": self.msi_multi.to_dict(b.get("msi_multi")),
             "msi_all": self.msi_all.to_dict(b.get("msi_all")),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialSummary":
+        """Rebuild a summary from its ``to_dict`` form (e.g. a cell of a summary JSON); bootstrap CIs kept."""
+        m = d["metrics"]
+
+        def prop(key: str) -> Proportion:
+            return Proportion(int(m[key]["k"]), int(m[key]["n"]))
+
+        def mean(key: str) -> MeanEstimate:
+            x = m[key]
+            return MeanEstimate(int(x["n"]), math.nan if x["mean"] is None else float(x["mean"]),
+                                math.nan if x["sd"] is None else float(x["sd"]))
+
+        inc = d.get("inclusion") or {}
+        report = InclusionReport(int(inc.get("n_input", d["n"])), dict(inc.get("excluded", {})),
+                                 int(inc.get("n_degraded", 0)), bool(inc.get("degraded_excluded", False)),
+                                 int(inc.get("n_included", d["n"])))
+        boot = {k: Interval(v["bootstrap"][0], v["bootstrap"][1], "cluster_bootstrap") for k, v in m.items()
+                if v.get("bootstrap") and v["bootstrap"][0] is not None}
+        spec = d.get("bootstrap")
+        return cls(report, prop("multi_rate"), prop("esr_rate"), prop("improvement_rate"), mean("first_score"),
+                   mean("msi_multi"), mean("msi_all"), int(d.get("n_latents", 0)), int(d.get("n_prompts", 0)),
+                   int(d.get("n_degraded_included", 0)), boot,
+                   BootstrapSpec(spec["n_resamples"], spec["seed"], spec["level"]) if spec else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {

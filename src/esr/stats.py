@@ -21,7 +21,7 @@ import pandas as pd
 from scipy import stats as _st
 
 from esr.metrics import (BootstrapSpec, Interval, Proportion, cluster_bootstrap_ratios, cluster_codes, z_for,
-                         _nan_to_none)
+                         nan_to_none)
 
 #: Keys that identify the same trial across a baseline run and its replay (ablation, random ablation).
 PAIR_KEYS = ("model", "latent", "prompt_id", "seed")
@@ -84,7 +84,7 @@ class PairedDifference:
     ci: Interval
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_pairs": self.n_pairs, "n_clusters": self.n_clusters, "mean": _nan_to_none(self.mean),
+        return {"n_pairs": self.n_pairs, "n_clusters": self.n_clusters, "mean": nan_to_none(self.mean),
                 "ci": self.ci.as_list(), "ci_method": self.ci.method}
 
 
@@ -193,8 +193,8 @@ class FisherResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"k1": self.k1, "n1": self.n1, "k2": self.k2, "n2": self.n2,
-                "odds_ratio": _nan_to_none(self.odds_ratio), "pvalue": self.pvalue,
-                "difference": _nan_to_none(self.difference), "difference_ci": self.difference_ci.as_list(),
+                "odds_ratio": nan_to_none(self.odds_ratio), "pvalue": self.pvalue,
+                "difference": nan_to_none(self.difference), "difference_ci": self.difference_ci.as_list(),
                 "test": "Fisher exact, two-sided; difference CI Newcombe hybrid score"}
 
 
@@ -243,13 +243,14 @@ class RelativeChange:
 
     def to_dict(self) -> dict[str, Any]:
         return {"k_base": self.k_base, "n_base": self.n_base, "k_other": self.k_other, "n_other": self.n_other,
-                "ratio": _nan_to_none(self.ratio), "ratio_ci": self.ratio_ci.as_list(),
-                "relative_change": _nan_to_none(self.relative_change),
+                "ratio": nan_to_none(self.ratio), "ratio_ci": self.ratio_ci.as_list(),
+                "relative_change": nan_to_none(self.relative_change),
                 "relative_change_ci": self.relative_change_ci.as_list()}
 
 
 def relative_change(k_base: int, n_base: int, k_other: int, n_other: int, level: float = 0.95) -> RelativeChange:
-    """(k_other/n_other) / (k_base/n_base) from unrounded counts; Katz CI exp(log RR ± z·√(1/k2−1/n2+1/k1−1/n1)).
+    """(k_other/n_other) / (k_base/n_base) from unrounded counts, with the Katz CI
+    exp(log RR ± z·√(1/k2 − 1/n2 + 1/k1 − 1/n1)).
 
     With a zero count the CI is undefined (NaN); the point ratio is 0 or inf as appropriate."""
     if n_base == 0 or n_other == 0:
@@ -313,9 +314,9 @@ class TrendResult:
         return math.exp(self.slope * math.log(10.0)) if not math.isnan(self.slope) else math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in asdict(self).items() if k != "ci"}
+        d = {k: (nan_to_none(v) if isinstance(v, float) else v) for k, v in asdict(self).items() if k != "ci"}
         d["ci"] = self.ci.as_list()
-        d["odds_ratio_per_10x"] = _nan_to_none(self.odds_ratio_per_10x)
+        d["odds_ratio_per_10x"] = nan_to_none(self.odds_ratio_per_10x)
         d["method"] = "GLM Binomial (logit) ~ log(n_params), cov_type='cluster' by (model, latent)"
         return d
 
@@ -387,10 +388,10 @@ class JudgeAgreement:
 
     def to_dict(self) -> dict[str, Any]:
         return {"judge_a": self.judge_a, "judge_b": self.judge_b, "n_common": self.n_common,
-                "multi_agreement": self.multi_agreement.to_dict(), "multi_kappa": _nan_to_none(self.multi_kappa),
+                "multi_agreement": self.multi_agreement.to_dict(), "multi_kappa": nan_to_none(self.multi_kappa),
                 "esr_direction_agreement": self.esr_direction_agreement.to_dict(),
-                "pearson_first": _nan_to_none(self.pearson_first), "pearson_p": _nan_to_none(self.pearson_p),
-                "spearman_first": _nan_to_none(self.spearman_first), "spearman_p": _nan_to_none(self.spearman_p)}
+                "pearson_first": nan_to_none(self.pearson_first), "pearson_p": nan_to_none(self.pearson_p),
+                "spearman_first": nan_to_none(self.spearman_first), "spearman_p": nan_to_none(self.spearman_p)}
 
 
 def judge_agreement(a: pd.DataFrame, b: pd.DataFrame, judge_a: str = "a", judge_b: str = "b",
@@ -444,6 +445,7 @@ class ComparisonFamily:
     paired: list[PairedComparison] = field(default_factory=list)
     unpaired: dict[str, dict[str, FisherResult]] = field(default_factory=dict)
     relative: dict[str, dict[str, RelativeChange]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     alpha: float = 0.05
 
     def pvalues(self) -> dict[str, float]:
@@ -463,4 +465,5 @@ class ComparisonFamily:
             "unpaired": {lab: {m: t.to_dict() for m, t in tests.items()} for lab, tests in self.unpaired.items()},
             "relative_change": {lab: {m: r.to_dict() for m, r in rr.items()} for lab, rr in self.relative.items()},
             "holm": {k: asdict(v) for k, v in adj.items()},
+            "notes": list(self.notes),
         }

@@ -77,9 +77,13 @@ def ablation_delta(sae, h: torch.Tensor, latents: torch.Tensor, row_mask: torch.
     return (f @ sae.W_dec[latents]).to(h.dtype)
 
 
-def steer_rows(h: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor, positions: Positions) -> torch.Tensor:
+def steer_rows(h: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor, positions: Positions,
+               all_rows: bool = False) -> torch.Tensor:
     """``h`` with ``vectors[k]`` added to row ``rows[k]`` (all positions, or only the last one of a multi-token
-    forward when ``positions == 'generated'``). Returns a new tensor; other rows are untouched."""
+    forward when ``positions == 'generated'``). Returns a new tensor; other rows are untouched.
+    ``all_rows``: the caller guarantees ``rows == arange(B)`` (fast path, no indexing)."""
+    if all_rows and positions == "all":
+        return h + vectors[:, None, :]
     out = h.clone()
     if positions == "generated" and h.shape[1] > 1:
         out[rows, -1:] = h[rows, -1:] + vectors[:, None, :]
@@ -104,6 +108,8 @@ class BatchInterventions:
     capture_rows: torch.Tensor  # [Rc]
     capture_latents: torch.Tensor  # [C] union, in order of first appearance
     capture_columns: list[list[int]]  # per batch row: columns into capture_latents (empty if none)
+    n_rows: int = 0  # batch size the interventions were built for
+    steer_all: bool = False  # every row of the batch is steered (steer_rows == arange(B))
 
     @classmethod
     def build(cls, interventions: Sequence[Intervention | None], directions: SteeringDirections | None,
@@ -149,6 +155,7 @@ class BatchInterventions:
                            else torch.zeros(0, d, device=device, dtype=dtype)),
             ablate_rows=idx(ablate_idx), ablate_latents=idx(ablate_union), ablate_mask=mask,
             capture_rows=idx(capture_idx), capture_latents=idx(capture_union), capture_columns=capture_columns,
+            n_rows=len(rows), steer_all=steer_idx == list(range(len(rows))) and len(rows) > 0,
         )
 
     @property
@@ -201,13 +208,15 @@ class InterventionHooks:
 
         def hook(module, args, output):
             h = _hidden(output)
+            if h.shape[0] != b.n_rows:
+                raise ValueError(f"forward batch has {h.shape[0]} rows but {b.n_rows} interventions were given")
             new = h
             if ablate:
                 delta = ablation_delta(self.sae, h[b.ablate_rows], b.ablate_latents, b.ablate_mask)
                 new = new.clone()
                 new[b.ablate_rows] = new[b.ablate_rows] - delta
             if steer:
-                new = steer_rows(new, b.steer_rows, b.steer_vectors, plan.positions)
+                new = steer_rows(new, b.steer_rows, b.steer_vectors, plan.positions, b.steer_all)
             if capture:
                 f = encode(self.sae, new[b.capture_rows])[..., b.capture_latents]
                 full = torch.zeros(h.shape[0], h.shape[1], f.shape[-1], dtype=f.dtype, device=f.device)

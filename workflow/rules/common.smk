@@ -20,10 +20,6 @@ MODELS = model_specs(config)
 ENV = "../../envs/esr.yaml"
 
 
-wildcard_constraints:
-    model="|".join(re.escape(m) for m in MODELS),
-
-
 def model_spec(wildcards):
     return MODELS[wildcards.model]
 
@@ -35,6 +31,11 @@ def model_dir(wildcards):
 
 def embedded_sae_models():
     return [m for m, s in MODELS.items() if s.sae.source == "embedded"]
+
+
+def download_label_models():
+    """Models whose latent labels are downloaded (Neuronpedia / Goodfire / file) rather than made here."""
+    return [m for m, s in MODELS.items() if s.labels.get("source", "auto") != "auto"]
 
 
 def sae_lens_models():
@@ -52,4 +53,87 @@ def all_outputs():
     out += [f"resources/sae_manifests/{m}.json" for m in sae_lens_models()]
     for m in embedded_sae_models():
         out += [f"results/sae/{m}/sae_report.json", f"resources/labels/{m}.csv"]
+    if "experiments" in config:
+        out += experiment_outputs()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+EXP = config.get("experiments", {})
+N_SHARDS = config.get("latent_shards", 1)
+SHARDS = list(range(N_SHARDS))
+
+
+def sae_input(wildcards):
+    """The model's SAE as an input: the embedded SAE folder, or the sae-lens fetch manifest."""
+    spec = MODELS[wildcards.model]
+    if spec.sae.source == "embedded":
+        return f"resources/sae/{wildcards.model}"
+    if spec.sae.source == "sae_lens":
+        return f"resources/sae_manifests/{wildcards.model}.json"
+    return spec.sae.path
+
+
+def labels_input(wildcards):
+    return f"resources/labels/{wildcards.model}.csv"
+
+
+def judge_config(model):
+    """The judge block for one model: the offline judge's 'auto' calibration becomes this model's anchor file."""
+    cfg = dict(config["judge"])
+    if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
+        cfg["calibration"] = f"results/judge/{model}/offline_calibration.json"
+    return cfg
+
+
+def judge_calibration_input(wildcards):
+    cfg = config["judge"]
+    if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
+        return f"results/judge/{wildcards.model}/offline_calibration.json"
+    return []
+
+
+def conditions(model, experiment):
+    """The conditions an experiment runs for a model (e.g. the detector sets ablated in exp3)."""
+    spec = MODELS[model]
+    if experiment == "exp1":
+        return ["steered"]
+    if experiment == "exp8":
+        return ["no_steering"] if EXP.get("no_steering", True) else []
+    if experiment == "exp3":
+        return list(EXP.get("ablation", [])) + list(spec.paper_detector_sets)
+    if experiment == "exp10":
+        n = config["detectors"]["random_control"]["n_sets"] if EXP.get("random_control", True) else 0
+        return [f"random_{i}" for i in range(n)]
+    if experiment == "exp2":
+        return ["sweep"] if EXP.get("boost_sweep", {}).get("enabled", False) else []
+    if experiment == "exp5":
+        return list(EXP.get("meta_prompts", {}).get("variants", []))
+    if experiment == "planted":
+        return ["restart"] if EXP.get("planted_control", {}).get("enabled", False) else []
+    raise ValueError(f"unknown experiment {experiment}")
+
+
+EXPERIMENTS = ["exp1", "exp8", "exp3", "exp10", "exp2", "exp5", "planted"]
+
+
+def experiments_for(model):
+    return [e for e in EXPERIMENTS if conditions(model, e)]
+
+
+def graded_shards(wildcards):
+    return [f"results/{wildcards.experiment}/{wildcards.model}/shards/{c}/graded-{s}.parquet"
+            for c in conditions(wildcards.model, wildcards.experiment) for s in SHARDS]
+
+
+def detectors_input(wildcards):
+    return f"results/detectors/{wildcards.model}/detectors.json"
+
+
+def experiment_outputs():
+    out = []
+    for m in MODELS:
+        out += [f"results/selection/{m}/selection.json", f"results/calibration/{m}/thresholds.parquet",
+                f"results/activations/{m}/exp1.zarr"]
+        out += [f"results/{e}/{m}/trials.parquet" for e in experiments_for(m)]
     return out

@@ -85,6 +85,8 @@ rule train_sae:
 
 
 rule label_latents:
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in embedded_sae_models()) or "^$",
     input:
         model=model_dir,
         sae="resources/sae/{model}",
@@ -104,3 +106,25 @@ rule label_latents:
         ENV
     script:
         "../scripts/label_latents.py"
+
+
+rule download_labels:
+    # Latent labels for published SAEs: Neuronpedia exports (GemmaScope) or a user-supplied CSV (Goodfire, file).
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in download_label_models()) or "^$",
+    input:
+        sae_manifest=sae_input,
+    output:
+        csv="resources/labels/{model}.csv",
+        manifest="resources/labels/{model}.manifest.json",
+    params:
+        labels=lambda w: MODELS[w.model].labels,
+    log:
+        "logs/download_labels/{model}.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        "../scripts/download_labels.py"

@@ -59,6 +59,10 @@ class JudgeResult:
     def scores(self) -> list[float]:
         return [a.score for a in self.attempts if a.score is not None]
 
+    def trial_fields(self) -> dict[str, Any]:
+        """The fields of ``esr.records.Trial`` this result fills: ``trial.__dict__.update(result.trial_fields())``."""
+        return {"judge_id": self.judge_id, "attempts": list(self.attempts), "error": self.error}
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (attempts as ``{"text", "score"}`` objects)."""
         return dataclasses.asdict(self)
@@ -180,10 +184,10 @@ class Judge:
         return [r for r in results if r is not None]
 
     async def _grade_misses(self, todo, results, show_progress) -> None:
+        ctx = await self._open()
         bar = _progress(len(todo), f"judge {self.judge_id}",
                         self.show_progress if show_progress is None else show_progress)
         sem = asyncio.Semaphore(self.concurrency)
-        ctx = await self._open()
         try:
             async def one(i: int, req: JudgeRequest, key: str) -> None:
                 async with sem:

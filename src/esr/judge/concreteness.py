@@ -175,6 +175,7 @@ class LLMConcretenessGrader(_Grader):
         self.concurrency = max(1, concurrency)
         self.cache = cache
         self.show_progress = show_progress
+        self.limiter = RateLimiter(chat.settings.rate_limit_per_s)
 
     @property
     def grader_id(self) -> str:  # type: ignore[override]
@@ -210,7 +211,7 @@ class LLMConcretenessGrader(_Grader):
             key = self.chat.api_key()
             sem = asyncio.Semaphore(self.concurrency)
             async with httpx.AsyncClient() as client:
-                limiter = RateLimiter(self.chat.settings.rate_limit_per_s)
+                limiter = self.limiter
 
                 async def run(batch: list[str]) -> None:
                     async with sem:

@@ -53,20 +53,20 @@ class MissingAPIKey(RuntimeError):
 
 
 class RateLimiter:
-    """Spaces call starts at least ``1/rate`` seconds apart (async; one per batch, so no global state)."""
+    """Spaces call starts at least ``1/rate`` seconds apart. One per judge (no global state); it keeps its schedule
+    across batches and event loops, so repeated ``grade()`` calls are limited too."""
 
     def __init__(self, rate_per_s: float | None) -> None:
         self.interval = 1.0 / rate_per_s if rate_per_s and rate_per_s > 0 else 0.0
         self._next = 0.0
-        self._lock = asyncio.Lock()
 
     async def wait(self) -> None:
         if self.interval <= 0:
             return
-        async with self._lock:
-            now = time.monotonic()
-            delay = self._next - now
-            self._next = max(now, self._next) + self.interval
+        # no await between reading and updating the schedule, so one event loop needs no lock
+        now = time.monotonic()
+        delay = self._next - now
+        self._next = max(now, self._next) + self.interval
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -250,6 +250,7 @@ class LLMJudge(Judge):
                  cache=None, concurrency: int = 4, show_progress: bool = True) -> None:
         super().__init__(cache=cache, concurrency=concurrency, show_progress=show_progress)
         self.chat = chat
+        self.limiter = RateLimiter(chat.settings.rate_limit_per_s)
         self.backend = chat.name
         self.model = chat.settings.model
         self.restart_gate = restart_gate
@@ -263,7 +264,7 @@ class LLMJudge(Judge):
     async def _open(self) -> _BatchContext:
         key = self.chat.api_key()
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        return _BatchContext(httpx.AsyncClient(limits=limits), RateLimiter(self.chat.settings.rate_limit_per_s), key)
+        return _BatchContext(httpx.AsyncClient(limits=limits), self.limiter, key)
 
     async def _close(self, ctx: _BatchContext) -> None:
         await ctx.client.aclose()

@@ -114,16 +114,18 @@ def _boundary_has_restart(response: str, prev: Attempt, cur: Attempt, window: in
 
 def restart_gate(response: str, attempts: Sequence[Attempt]) -> tuple[list[Attempt], int]:
     """Keep a judge's attempt boundary only where restart language occurs in the response; merge the attempts on
-    either side of any other boundary. A merged attempt's score is the length-weighted mean of the parts (None if
-    any part has none). Returns (attempts, number of merges)."""
+    either side of any other boundary. An attempt made only of restart words joins the attempt after it. A merged
+    attempt's score is the mean of its parts weighted by their word counts, restart words excluded (None if any
+    part has none). Returns (attempts, number of merges)."""
     if len(attempts) <= 1:
         return list(attempts), 0
     groups: list[list[Attempt]] = [[attempts[0]]]
     merges = 0
     for prev, cur in zip(attempts, attempts[1:]):
-        if _boundary_has_restart(response, prev, cur):
+        only_restart = n_words(strip_restarts(groups[-1][-1].text)) == 0
+        if _boundary_has_restart(response, prev, cur) and not only_restart:
             groups.append([cur])
-        else:
+        else:  # no restart language here, or the previous "attempt" is nothing but restart words
             groups[-1].append(cur)
             merges += 1
     return [_merge(g) for g in groups], merges
@@ -135,6 +137,8 @@ def _merge(group: list[Attempt]) -> Attempt:
     text = " ".join(a.text.strip() for a in group)
     if any(a.score is None for a in group):
         return Attempt(text=text, score=None)
-    weights = [max(1, len(a.text)) for a in group]
+    weights = [n_words(strip_restarts(a.text)) for a in group]  # restart words alone carry no weight
+    if not any(weights):
+        weights = [1] * len(group)
     score = sum(w * a.score for w, a in zip(weights, group)) / sum(weights)
     return Attempt(text=text, score=round(score, 4))

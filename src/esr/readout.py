@@ -1,0 +1,106 @@
+"""Read SAE latent activations off a model without generating: one forward pass over given texts.
+
+Used by latent selection (relevance filter: max over the prompt's tokens), off-topic-detector discovery (max over a
+user+assistant conversation) and the sequential-activation analysis (per-token activations of an existing answer,
+"replay", optionally with the same steering active as during generation)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from esr.models import LoadedModel
+from esr.records import Intervention
+from esr.sae import SteeringDirections
+from esr.steering import SteeringPlan, apply_interventions
+
+
+def user_turn_ids(tokenizer, prompt: str) -> list[int]:
+    """The user turn alone in the chat template, without a generation prompt (the authors' relevance read-out)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=False,
+                                         tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def conversation_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """User prompt + assistant answer in the chat template; also the index of the first answer token."""
+    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(head):
+        raise ValueError("the chat template does not extend the generation prompt with the answer; cannot locate "
+                         "the answer's tokens")
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    return list(ids), len(head_ids)
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def per_token_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[Sequence[int]],
+                      latents: Sequence[int] | None = None, batch_size: int = 8,
+                      interventions: Sequence[Intervention | None] | None = None,
+                      directions: SteeringDirections | None = None, plan: SteeringPlan | None = None,
+                      desc: str = "reading latents") -> list[torch.Tensor]:
+    """SAE activations at the output of decoder block ``layer`` for every token of every sequence:
+    a list of [len(seq), n_latents] float32 tensors (all latents when ``latents`` is None).
+
+    With ``interventions`` (one per sequence) the forward pass runs under them (e.g. replay with steering)."""
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    device = next(loaded.model.parameters()).device
+    cols = torch.tensor(list(latents), dtype=torch.long) if latents is not None else None
+    captured: list[torch.Tensor] = []
+
+    def hook(_m, _i, output):
+        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+
+    out: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch", disable=len(sequences) < 64):
+        chunk = sequences[start:start + batch_size]
+        ids, mask = _left_pad(chunk, pad)
+        captured.clear()
+        with contextlib.ExitStack() as stack:
+            if interventions is not None:
+                if plan is None:
+                    raise ValueError("replay with interventions needs a SteeringPlan")
+                stack.enter_context(apply_interventions(loaded.model, interventions[start:start + batch_size],
+                                                        directions, plan))
+            # registered after the intervention hooks: on a shared layer it reads the steered stream
+            handle = loaded.layers[layer].register_forward_hook(hook)
+            stack.callback(handle.remove)
+            loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        f = sae.encode(captured[-1].to(sae.W_dec.dtype)).float().cpu()
+        if cols is not None:
+            f = f[..., cols]
+        width = ids.shape[1]
+        for i, s in enumerate(chunk):
+            out.append(f[i, width - len(s):].clone())
+    return out
+
+
+def max_pooled_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[Sequence[int]],
+                       batch_size: int = 8, desc: str = "max-pooling latents") -> np.ndarray:
+    """[n_sequences, d_sae]: each latent's maximum activation over each sequence's tokens."""
+    per_tok = per_token_latents(loaded, sae, layer, sequences, None, batch_size, desc=desc)
+    return np.stack([t.max(dim=0).values.numpy() for t in per_tok])
+
+
+def prompt_relevance_activations(loaded: LoadedModel, sae, layer: int, prompts: Sequence[str],
+                                 batch_size: int = 8) -> np.ndarray:
+    """The relevance-filter input: [n_prompts, d_sae] max over each prompt's user-turn tokens."""
+    seqs = [user_turn_ids(loaded.tokenizer, p) for p in prompts]
+    return max_pooled_latents(loaded, sae, layer, seqs, batch_size, desc="prompt read-out")

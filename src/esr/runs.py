@@ -1,0 +1,422 @@
+"""Experiment stages: one function per Snakemake rule body of the experiment DAG (selection, detector discovery,
+judge calibration, boost calibration, generation, grading, gathering). Plans come from ``esr.experiments``; the
+model, SAE and judge are loaded once per job. Outputs are written atomically; long stages checkpoint their progress
+(generation in per-batch files next to the output, grading and calibration in content-addressed caches) so a
+killed job resumes without redoing finished work."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from esr.config import ModelSpec
+from esr.experiments import TrialSpec
+from esr.io import read_json, stable_hash, write_json, write_parquet
+from esr.provenance import provenance
+from esr.records import Intervention
+
+log = logging.getLogger("esr.runs")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def load_generator_for(spec: ModelSpec, model_dir: str | Path, gen_cfg: dict[str, Any], max_new_tokens: int | None = None):
+    """The model, its SAE and steering directions, wrapped as a ``SteeredGenerator`` with the config's settings."""
+    from esr.generation import load_generator
+
+    return load_generator(spec, model_dir=str(model_dir), temperature=gen_cfg["temperature"],
+                          max_new_tokens=max_new_tokens or gen_cfg["max_new_tokens"],
+                          batch_size=gen_cfg["batch_size"], positions=gen_cfg["steer_positions"], progress=False)
+
+
+def read_prompt_list(path: str | Path) -> list[str]:
+    from esr.assets import read_prompts
+
+    return read_prompts(path)
+
+
+def concreteness_callable(grader):
+    """Adapt a judge concreteness grader to the selection's ``labels -> scores (None on failure)`` interface."""
+    def grade(labels: Sequence[str]) -> list[float | None]:
+        return [None if (s.score is None or s.failed_closed) else float(s.score) for s in grader.grade_labels(labels)]
+    return grade
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+def select_latents_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: str | Path, labels_csv: str | Path,
+                         selection_cfg: dict[str, Any], concreteness_cfg: dict[str, Any], seed: int,
+                         out_json: str | Path) -> None:
+    from esr.judge import build_concreteness_grader
+    from esr.latents import SelectionSettings, firing_frequency, read_labels, select_latents, write_selection
+    from esr.models import load_model
+    from esr.readout import prompt_relevance_activations
+    from esr.sae import load_sae
+
+    prompts = read_prompt_list(prompts_path)
+    settings = SelectionSettings.from_config(selection_cfg)
+    loaded = load_model(spec, path=str(model_dir))
+    sae = load_sae(spec.sae, device=loaded.device)
+    d_sae = int(sae.cfg.d_sae)
+    prompt_acts = (prompt_relevance_activations(loaded, sae, spec.sae_layer, prompts)
+                   if settings.relevance_filter != "none" else None)
+    labels = read_labels(labels_csv)
+    freq = firing_frequency(labels, d_sae) if "frequency" in labels.columns else None
+    grader = build_concreteness_grader(concreteness_cfg, show_progress=False)
+    sel = select_latents(model=spec.name, seed=seed, settings=settings, d_sae=d_sae, labels=labels,
+                         grader=concreteness_callable(grader), prompt_acts=prompt_acts, n_prompts=len(prompts),
+                         firing_freq=freq, progress=True)
+    log.info("selected %d latents; filter counts %s", len(sel.latents), sel.counts)
+    write_selection(out_json, sel, provenance(selection=selection_cfg, concreteness=grader.describe(),
+                                              model=spec.name, sae=spec.sae.ident, seed=seed))
+
+
+# ------------------------------------------------------------------------------------------------ unsteered answers, detectors
+
+def unsteered_answers(generator, prompts: list[str], seed: int, n_per_prompt: int = 1) -> pd.DataFrame:
+    from esr.generation import TrialRequest
+    from esr.sae_training import derived_seed
+
+    reqs = [TrialRequest(prompt=p, seed=derived_seed(seed, "normal", str(i), str(k)), trial_id=f"normal|P{i}|{k}")
+            for i, p in enumerate(prompts) for k in range(n_per_prompt)]
+    res = generator.generate(reqs)
+    return pd.DataFrame([{"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response,
+                          "n_tokens": r.n_tokens} for (i, _), r in zip(
+                              [(i, k) for i in range(len(prompts)) for k in range(n_per_prompt)], res)])
+
+
+def discover_detectors_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: str | Path,
+                             gen_cfg: dict[str, Any], det_cfg: dict[str, Any], seed: int, out_json: str | Path,
+                             answers_parquet: str | Path) -> None:
+    """Unsteered answers to every prompt, then OTD discovery (separability and frequency methods) on
+    own-answer vs deranged-answer conversations, then matched random control sets."""
+    from esr.detectors import (PAPER_SETS, derangement, frequency_detectors, match_quality, matched_random_sets,
+                               separability_detectors)
+    from esr.readout import conversation_ids, max_pooled_latents
+    from esr.sae_training import derived_seed
+
+    prompts = read_prompt_list(prompts_path)
+    gen = load_generator_for(spec, model_dir, gen_cfg)
+    answers = unsteered_answers(gen, prompts, seed)
+    write_parquet(answers_parquet, answers)
+    tok, sae = gen.loaded.tokenizer, gen.directions.sae
+    perm = derangement(len(prompts), derived_seed(seed, spec.name, "derangement"))
+    normal_seqs = [conversation_ids(tok, prompts[i], answers.response[i])[0] for i in range(len(prompts))]
+    shuffled_seqs = [conversation_ids(tok, prompts[i], answers.response[perm[i]])[0] for i in range(len(prompts))]
+    normal = max_pooled_latents(gen.loaded, sae, spec.sae_layer, normal_seqs, desc="normal pairs")
+    shuffled = max_pooled_latents(gen.loaded, sae, spec.sae_layer, shuffled_seqs, desc="shuffled pairs")
+    freq = (normal > 0).mean(axis=0)
+    mean_act = normal.mean(axis=0)
+    sets: dict[str, dict[str, Any]] = {}
+    sep = separability_detectors(normal, shuffled, alive=(np.maximum(normal, shuffled).max(axis=0) > 0))
+    fq = frequency_detectors(normal, shuffled, det_cfg["min_shuffled_rate"], max_latents=det_cfg["max_latents"])
+    for ds in (sep, fq):
+        latents = ds.latents[: det_cfg["max_latents"]]
+        sets[ds.name] = {"method": ds.method, "latents": latents, "params": ds.params,
+                         "stats": {str(k): v for k, v in ds.stats.items() if k in latents}}
+    for name in det_cfg.get("paper_sets", []):
+        if max(PAPER_SETS[name]) >= sae.cfg.d_sae:
+            raise ValueError(f"detectors.paper_sets names {name!r}, whose latent ids exceed this SAE's "
+                             f"{sae.cfg.d_sae} latents (the paper's sets belong to the 70B Goodfire SAE)")
+        sets[name] = {"method": "paper", "latents": list(PAPER_SETS[name])}
+    target = det_cfg["random_control"]["match_to"]
+    controls: dict[str, dict[str, Any]] = {}
+    if target in sets and sets[target]["latents"]:
+        rand = matched_random_sets(sets[target]["latents"], freq, mean_act, det_cfg["random_control"]["n_sets"],
+                                   derived_seed(seed, spec.name, "random_control"))
+        for i, latents in enumerate(rand):
+            controls[f"random_{i}"] = {"method": "matched_random", "matched_to": target, "latents": latents,
+                                       "match": match_quality(sets[target]["latents"], latents, freq, mean_act)}
+    else:
+        log.warning("detector set %r is empty: no random control sets", target)
+    write_json(out_json, {"model": spec.name, "n_prompts": len(prompts), "derangement": perm.tolist(),
+                          "detector_sets": sets, "random_sets": controls,
+                          "provenance": provenance(detectors=det_cfg, model=spec.name, sae=spec.sae.ident,
+                                                   seed=seed)})
+    log.info("detector sets: %s; random sets: %s", {k: len(v["latents"]) for k, v in sets.items()},
+             {k: len(v["latents"]) for k, v in controls.items()})
+
+
+def calibrate_judge_stage(answers_parquet: str | Path, out_json: str | Path) -> None:
+    """Anchor the offline MiniLM judge on this model's own unsteered answers (on-topic: a prompt vs its own
+    answer; off-topic: vs the other prompts' answers)."""
+    from esr.judge import calibrate_offline
+
+    answers = pd.read_parquet(answers_parquet)
+    cal = calibrate_offline(list(answers.prompt), list(answers.response))
+    cal.save(out_json)
+    log.info("offline judge calibration: %s", cal)
+
+
+# ------------------------------------------------------------------------------------------------ boost calibration
+
+def judge_for(judge_cfg: dict[str, Any], show_progress: bool = False):
+    from esr.judge import build_judge
+
+    return build_judge(judge_cfg, show_progress=show_progress)
+
+
+def calibrate_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: str | Path, selection_json: str | Path,
+                    gen_cfg: dict[str, Any], cal_cfg: dict[str, Any], judge_cfg: dict[str, Any], seed: int,
+                    n_shards: int, shard: int, cache_dir: str | Path, out_json: str | Path) -> None:
+    from esr.calibration import (BoostPrior, CalibrationCache, CalibrationContext, CalibrationSettings, make_keys,
+                                 run_calibration_shard, sample_plan)
+    from esr.experiments import shard_of
+    from esr.generation import TrialRequest
+    from esr.judge import JudgeRequest
+
+    prompts = read_prompt_list(prompts_path)
+    selection = read_json(selection_json)
+    settings = CalibrationSettings.from_config(cal_cfg)
+    labels = {int(x["latent"]): x.get("label") or "" for x in selection["latents"]}
+    latents = [lat for lat in labels if shard_of(lat, n_shards) == shard]
+    judge = judge_for(judge_cfg)
+    gen = load_generator_for(spec, model_dir, gen_cfg, max_new_tokens=settings.max_new_tokens)
+    context = CalibrationContext.from_spec(spec, judge_id=judge.judge_id, template_version=judge.template_version,
+                                           seed=seed, extra={"temperature": gen_cfg["temperature"],
+                                                             "median_resid_norm": gen.directions.median_resid_norm})
+    keys = make_keys(context, settings, BoostPrior.from_spec(spec), latents)
+
+    def score_batch(requests):
+        reqs, owners = [], []
+        for k, r in enumerate(requests):
+            for pid, s in sample_plan(r, len(prompts)):
+                reqs.append(TrialRequest(prompt=prompts[pid], seed=s, intervention=Intervention(
+                    steer_latent=r.latent, boost=float(r.boost))))
+                owners.append((k, pid))
+        answers = gen.generate(reqs)
+        graded = judge.grade_batch([JudgeRequest(prompts[pid], a.response, labels[requests[k].latent])
+                                    for (k, pid), a in zip(owners, answers)], show_progress=False)
+        per: dict[int, list[float]] = {}
+        for (k, _), g in zip(owners, graded):
+            if g.ok and g.scores:
+                per.setdefault(k, []).append(g.scores[0] / 100.0)
+        # a request whose answers all failed grading (or had no attempt) fails that latent, never loops forever
+        return [float(np.mean(per[k])) if per.get(k) else None for k in range(len(requests))]
+
+    results = run_calibration_shard(keys, score_batch, CalibrationCache(cache_dir), batch_size=gen_cfg["batch_size"],
+                                    out_path=out_json, provenance=provenance(
+                                        calibration=cal_cfg, judge=judge.describe(), model=spec.name,
+                                        sae=spec.sae.ident, seed=seed, shard=shard, n_shards=n_shards))
+    log.info("calibrated %d latents (%d failed); judge %s", len(results), sum(r.error is not None for r in results),
+             judge.stats.as_dict())
+
+
+def gather_calibration_stage(shard_jsons: Sequence[str | Path], out_parquet: str | Path,
+                             summary_json: str | Path) -> None:
+    from esr.calibration import calibration_table, read_shard_results, summarize_thresholds, write_table
+
+    results = [r for p in shard_jsons for r in read_shard_results(p)]
+    table = calibration_table(results)
+    write_table(table, out_parquet)
+    summary = summarize_thresholds(table)
+    write_json(summary_json, {"summary": json.loads(summary.to_json(orient="records")) if hasattr(summary, "to_json")
+                              else summary, "n_latents": len(table), "provenance": provenance()})
+
+
+def thresholds_from(table_parquet: str | Path) -> dict[int, float | None]:
+    df = pd.read_parquet(table_parquet)
+    return {int(r.latent): (None if (r.error if "error" in df.columns else None) or pd.isna(r.threshold)
+                            else float(r.threshold)) for r in df.itertuples()}
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+def build_plan(experiment: str, condition: str, model: str, selection_json: str | Path,
+               thresholds_parquet: str | Path, prompts_path: str | Path, detectors_json: str | Path | None,
+               exp_cfg: dict[str, Any]) -> list[TrialSpec]:
+    """The trials of one (experiment, condition) for one model, recomputed from the upstream files."""
+    from esr import experiments as ex
+
+    prompts = read_prompt_list(prompts_path)
+    plans = ex.latent_plans(read_json(selection_json), thresholds_from(thresholds_parquet))
+    if experiment == "exp1":
+        return ex.plan_steered(model, plans, prompts)
+    if experiment == "exp8":
+        return ex.plan_no_steering(model, plans, prompts)
+    if experiment in ("exp3", "exp10"):
+        det = read_json(detectors_json)
+        group = det["detector_sets"] if experiment == "exp3" else det["random_sets"]
+        if condition not in group:
+            raise ValueError(f"{experiment}: no latent set named {condition!r} in {detectors_json}")
+        return ex.plan_ablation(model, plans, prompts, condition, group[condition]["latents"], experiment)
+    if experiment == "exp2":
+        c = exp_cfg["boost_sweep"]
+        return ex.plan_boost_sweep(model, plans, prompts, c["n_latents"], c["prompts_per_latent"], c["n_levels"],
+                                   c["sd_range"], c["relative_levels"])
+    if experiment == "exp5":
+        c = exp_cfg["meta_prompts"]
+        return [t for t in ex.plan_meta_prompts(model, plans, prompts, [condition], c["judge_sees_variant"])]
+    raise ValueError(f"unknown experiment {experiment!r}")
+
+
+def capture_latents_for(detectors_json: str | Path | None) -> tuple[list[int], dict[str, list[int]]]:
+    """Latents whose per-token activations are stored: every detector and random-control set."""
+    if not detectors_json:
+        return [], {}
+    det = read_json(detectors_json)
+    groups = {name: list(v["latents"]) for name, v in {**det["detector_sets"], **det["random_sets"]}.items()}
+    return sorted({int(j) for v in groups.values() for j in v}), groups
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+GEN_COLUMNS = ("response", "n_tokens", "finish_reason", "boost_unit", "steer_coefficient", "steer_residual_norm")
+
+
+def generate_stage(spec: ModelSpec, model_dir: str | Path, trials: list[TrialSpec], gen_cfg: dict[str, Any],
+                   out_parquet: str | Path, capture: tuple[list[int], dict[str, list[int]]] | None = None,
+                   acts_store: str | Path | None = None, run_provenance: dict[str, Any] | None = None) -> None:
+    """Generate ``trials`` in batches; each finished batch is checkpointed in ``<out>.partial/`` (keyed by the plan
+    and settings hash) so a killed job resumes where it stopped. With ``capture`` the per-token SAE activations of
+    the stored latents are written to the Zarr store ``acts_store``."""
+    from esr.generation import TrialRequest
+
+    out_parquet = Path(out_parquet)
+    store_latents, groups = capture or ([], {})
+    plan_hash = stable_hash([t.to_dict() for t in trials] + [gen_cfg, spec.name, store_latents])[:16]
+    partial = out_parquet.with_name(out_parquet.name + ".partial") / plan_hash
+    partial.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    done_acts: dict[str, torch.Tensor] = {}
+    for f in sorted(partial.glob("batch-*.pt")):
+        blob = torch.load(f, weights_only=False)
+        done.update({r["trial_id"]: r for r in blob["rows"]})
+        done_acts.update(blob["acts"])
+    todo = [t for t in trials if t.trial_id not in done]
+    log.info("%d trials planned, %d already generated (resuming), %d to generate", len(trials), len(done), len(todo))
+    rows_acts: dict[str, torch.Tensor] = dict(done_acts)
+    settings_record: dict[str, Any] = {}
+    if todo:
+        gen = load_generator_for(spec, model_dir, gen_cfg)
+        settings_record = gen.settings_record()
+        bs = gen_cfg["batch_size"]
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, len(todo), bs), desc=f"generate {out_parquet.parent.name}", unit="batch"):
+            chunk = todo[start:start + bs]
+            reqs = []
+            for t in chunk:
+                cap = tuple(sorted(set(store_latents) | ({t.latent} if t.latent is not None else set())))
+                iv = Intervention(steer_latent=t.latent if t.steer else None, boost=t.boost if t.steer else 0.0,
+                                  ablate=t.ablate, capture=cap if store_latents else ())
+                reqs.append(TrialRequest(prompt=t.prompt, seed=t.seed, intervention=iv, trial_id=t.trial_id))
+            results = gen.generate_batch(reqs)
+            batch_rows, batch_acts = [], {}
+            for t, r in zip(chunk, results):
+                row = {**t.to_dict(), "response": r.response, "n_tokens": r.n_tokens,
+                       "finish_reason": r.finish_reason, "token_ids": list(r.token_ids),
+                       "boost_unit": r.steering.get("boost_unit"),
+                       "steer_coefficient": r.steering.get("steer_coefficient"),
+                       "steer_residual_norm": r.steering.get("steer_residual_norm"),
+                       "settings": json.dumps(r.settings, sort_keys=True, default=str)}
+                batch_rows.append(row)
+                if r.activations is not None:
+                    batch_acts[t.trial_id] = r.activations
+            torch.save({"rows": batch_rows, "acts": batch_acts}, partial / f"batch-{start:06d}.pt")
+            done.update({row["trial_id"]: row for row in batch_rows})
+            rows_acts.update(batch_acts)
+    rows = [done[t.trial_id] for t in trials]
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(TrialSpec.__dataclass_fields__) + list(GEN_COLUMNS))
+    df["provenance"] = json.dumps({**(run_provenance or {}), "generation": settings_record or None}, default=str)
+    if acts_store is not None:
+        _write_capture_store(spec, model_dir, trials, done, rows_acts, store_latents, groups, acts_store,
+                             run_provenance)
+    write_parquet(out_parquet, df)
+    import shutil
+
+    shutil.rmtree(partial.parent, ignore_errors=True)
+
+
+def _write_capture_store(spec, model_dir, trials, rows, acts, store_latents, groups, path, run_provenance) -> None:
+    from transformers import AutoTokenizer
+
+    from esr.activations import record_from_capture, write_store
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    records = []
+    for t in trials:
+        row = rows[t.trial_id]
+        if t.trial_id not in acts or row["n_tokens"] == 0:
+            continue
+        cap = sorted(set(store_latents) | ({t.latent} if t.latent is not None else set()))
+        texts = [tok.decode([i]) for i in row["token_ids"]]
+        records.append(record_from_capture(t.trial_id, acts[t.trial_id], cap, store_latents, texts,
+                                           steered_latent=t.latent))
+    if not records:
+        raise ValueError(f"no activations were captured for {path}")
+    write_store(path, records, store_latents, latent_groups=groups, dtype="float32",
+                provenance={**(run_provenance or {}), "model": spec.name, "sae": spec.sae.ident,
+                            "layer": spec.sae_layer, "capture": "during generation (steered, as generated)"},
+                overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------------ grading
+
+def grade_stage(gen_parquet: str | Path, judge_cfg: dict[str, Any], out_parquet: str | Path,
+                stats_json: str | Path) -> None:
+    """Grade every generated answer (content-addressed cache: a rerun after a crash makes no repeated calls)."""
+    from esr.judge import JudgeRequest
+
+    gen = pd.read_parquet(gen_parquet)
+    judge = judge_for(judge_cfg, show_progress=True)
+    reqs = [JudgeRequest(r.judge_prompt, r.response, r.label or "", r.trial_id) for r in gen.itertuples()]
+    results = judge.grade_batch(reqs)
+    out = gen.copy()
+    out["judge_id"] = [g.judge_id for g in results]
+    out["judge_template_version"] = [g.template_version for g in results]
+    out["attempt_texts"] = [[a.text for a in g.attempts] for g in results]
+    out["attempt_scores"] = [[a.score for a in g.attempts] for g in results]
+    scores = [[a.score for a in g.attempts if a.score is not None] for g in results]
+    out["n_attempts"] = [len(s) for s in scores]
+    out["first_score"] = [s[0] if s else None for s in scores]
+    out["last_score"] = [s[-1] if s else None for s in scores]
+    out["error"] = [g.error for g in results]
+    out["error_kind"] = [g.error_kind for g in results]
+    out["judge_raw"] = [g.raw_text for g in results]
+    out["judge_metadata"] = [json.dumps(g.metadata, default=str) for g in results]
+    write_parquet(out_parquet, out)
+    write_json(stats_json, {"judge": judge.describe(), "stats": judge.stats.as_dict(), "n_trials": len(out),
+                            "provenance": provenance(judge=judge.describe())})
+    log.info("graded %d answers: %s", len(out), judge.stats.as_dict())
+
+
+def gather_trials_stage(graded_parquets: Sequence[str | Path], out_parquet: str | Path) -> None:
+    frames = [pd.read_parquet(p) for p in graded_parquets]
+    frames = [f for f in frames if len(f)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(df) and df.trial_id.duplicated().any():
+        raise ValueError(f"duplicate trial ids while gathering {out_parquet}")
+    write_parquet(out_parquet, df)
+
+
+def plant_restarts_stage(steered_parquet: str | Path, unsteered_parquet: str | Path, fraction: float, seed: int,
+                         out_parquet: str | Path) -> None:
+    """POSITIVE CONTROL (embedded default only; SmolLM2 never restarts on its own): a seeded fraction of exp1's
+    steered answers get an explicit restart phrase and the unsteered answer to the same prompt and seed appended,
+    so the ESR metrics and statistics can be seen to fire. Clearly labelled ``planted`` everywhere."""
+    from esr.sae_training import derived_seed
+
+    steered = pd.read_parquet(steered_parquet)
+    unsteered = pd.read_parquet(unsteered_parquet).set_index(["latent", "prompt_id", "seed"])
+    rng = np.random.default_rng(derived_seed(seed, "planted"))
+    pick = rng.random(len(steered)) < fraction
+    rows = []
+    for flag, r in zip(pick, steered.to_dict("records")):
+        if not flag:
+            continue
+        base = unsteered.loc[(r["latent"], r["prompt_id"], r["seed"])]
+        r = dict(r)
+        r["response"] = f"{r['response'].rstrip()} Wait, that's not right. Let me start over. {base['response']}"
+        r["experiment"], r["condition"] = "planted", "restart"
+        r["trial_id"] = r["trial_id"].replace("exp1|steered", "planted|restart")
+        rows.append(r)
+    write_parquet(out_parquet, pd.DataFrame(rows, columns=steered.columns))
+    log.info("planted restarts into %d of %d steered answers", len(rows), len(steered))

@@ -1,0 +1,229 @@
+"""Summary JSONs and the audit of paper numbers (reference-protocol §8)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from esr.audit import (CONSISTENT, FORMULAS, INCONSISTENT, NOT_RUN, NOT_TESTABLE, CellIndex, audit, build_audit,
+                       check, compare_experiments, load_paper_table, paper_interval, printed_decimals,
+                       summarise_cross_judge, summarise_experiment, Obs)
+from esr.metrics import MeanEstimate, Proportion
+from esr.records import Attempt, Trial
+
+PAPER_MODELS = ["llama-3.3-70b", "llama-3.1-8b", "gemma-2-27b", "gemma-2-9b", "gemma-2-2b"]
+
+
+def cell(experiment, model, condition, n, k_multi, k_esr, first=(26.3, 20.0), extra=None, **more):
+    """A summary cell shaped like ``summarise_experiment`` output (only the fields the audit reads)."""
+    first_m = MeanEstimate(n, first[0], first[1])
+    return {"experiment": experiment, "model": model, "condition": condition, "n": n,
+            "metrics": {"multi_rate": Proportion(k_multi, n).to_dict(), "esr_rate": Proportion(k_esr, n).to_dict(),
+                        "improvement_rate": Proportion(k_esr, k_multi).to_dict(),
+                        "first_score": first_m.to_dict()},
+            "extra": extra or {}, **more}
+
+
+def config(models=PAPER_MODELS, **over):
+    cfg = {"run_name": "t", "prompts": {"path": "prompts.txt"},
+           "models": {m: {"injection_layer": 33, "repetition_penalty": 1.2} for m in models}}
+    cfg.update(over)
+    return cfg
+
+
+def rows_by_id(rows):
+    return {r.id: r for r in rows}
+
+
+# --------------------------------------------------------------------------------------- table
+
+def test_table_covers_every_section8_row_with_known_formulas():
+    t = load_paper_table()
+    assert sorted({e["ref"] for e in t["numbers"]}) == list(range(1, 47))
+    ids = [e["id"] for e in t["numbers"]]
+    assert len(ids) == len(set(ids))
+    rules = {"ci", "upper_bound", "lower_bound", "range", "exact", "rel_tol", "abs_tol", "level_spacing"}
+    for e in t["numbers"]:
+        assert e["formula"] in FORMULAS, e["id"]
+        assert e["formula"] == "not_testable" or e["tolerance"]["rule"] in rules, e["id"]
+
+
+def test_printed_precision():
+    assert printed_decimals(3.8) == 1 and printed_decimals(0.0119) == 4 and printed_decimals(26) == 0
+    assert paper_interval(3.8) == pytest.approx((3.75, 3.85))
+    assert paper_interval(0) == pytest.approx((-0.5, 0.5))
+
+
+def test_check_rules():
+    assert check(Obs(3.79, (3.29, 4.37)), 3.8, {"rule": "ci"})
+    assert not check(Obs(2.05, (1.69, 2.49)), 3.8, {"rule": "ci"})
+    assert check(Obs(0.66, (0.45, 0.95)), 1.0, {"rule": "upper_bound"})
+    assert not check(Obs(1.77, (1.43, 2.2)), 1.0, {"rule": "upper_bound"})
+    assert check(Obs(1.1, (1.0, 1.1)), 1.0, {"rule": "upper_bound", "inclusive": True})
+    assert check(Obs(94, (92.0, 95.5)), 95, {"rule": "lower_bound"})
+    assert not check(Obs(90, (88.0, 91.6)), 95, {"rule": "lower_bound"})
+    assert check(Obs(87, (86.0, 88.2)), [88, 92], {"rule": "range"})
+    assert check(Obs(4700), 4877, {"rule": "rel_tol", "tol": 0.05})
+    assert not check(Obs(4000), 4877, {"rule": "rel_tol", "tol": 0.05})
+    assert check(Obs(30.000000000000004), 30, {"rule": "exact"})
+    assert check(Obs(-0.5, spacing=0.67), -1.0, {"rule": "level_spacing"})
+    assert not check(Obs(0.5, spacing=0.67), -1.0, {"rule": "level_spacing"})
+
+
+# --------------------------------------------------------------------------------------- verdicts
+
+def _paper_like_cells():
+    cells = [cell("exp1", "llama-3.3-70b", "baseline", 4877, 361, 185, first=(26.3, 20.0)),
+             cell("exp1", "llama-3.1-8b", "baseline", 4512, 85, 80),            # ESR 1.77 %: violates "< 1 %"
+             cell("exp3", "llama-3.3-70b", "ablation_set=otd_paper_26", 4875, 268, 137, first=(27.4, 20.0),
+                  extra={"n_ablated_latents": 26}),
+             cell("exp7", "all", "all", 1000, 100, 50, extra={"n_judges": 5, "n_samples": 1000},
+                  judge_pairs=[
+                      {"judge_a": "a", "judge_b": "b", "multi_agreement": Proportion(990, 1000).to_dict(),
+                       "esr_direction_agreement": Proportion(95, 100).to_dict()},
+                      {"judge_a": "a", "judge_b": "c", "multi_agreement": Proportion(900, 1000).to_dict(),
+                       "esr_direction_agreement": Proportion(94, 100).to_dict()}])]
+    for m in PAPER_MODELS:
+        cells.append(cell("exp8", m, "baseline", 2600, 0, 0, first=(90.0, 10.0)))
+    return cells
+
+
+def test_verdicts_on_crafted_summaries(tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n".join(f"prompt {i}" for i in range(38)) + "\n\n")
+    rows = rows_by_id(audit(CellIndex(_paper_like_cells()), config(), base_dir=tmp_path))
+    assert rows["3"].verdict == CONSISTENT and rows["4"].verdict == CONSISTENT
+    assert rows["3"].observations[0]["k"] == 185
+    assert rows["5.8b"].verdict == INCONSISTENT
+    assert rows["6.8b"].verdict == INCONSISTENT                  # 85/4512 = 1.88 %, Wilson lower 1.53 % > 1.1 %
+    assert rows["5.g27"].verdict == NOT_RUN and "no summary" in rows["5.g27"].reason
+    assert rows["7.70b"].verdict == CONSISTENT
+    assert rows["23.change"].verdict == CONSISTENT              # −25.7 % from counts, CI covers −25 %
+    assert rows["23.change"].observations[0]["value"] == pytest.approx(-25.7313, abs=1e-3)
+    assert rows["22.abl"].verdict == CONSISTENT and rows["20"].verdict == CONSISTENT
+    assert rows["11.rate"].verdict == CONSISTENT and rows["11.n"].verdict == CONSISTENT   # 13,000 vs 13,118
+    assert rows["10.8b"].verdict == INCONSISTENT                 # 90 ± 0.38 vs 87.8
+    assert rows["10.70b"].verdict == CONSISTENT                  # inside 88–92
+    assert rows["39"].verdict == INCONSISTENT                    # pair a–c: 90 % (Wilson upper < 95 %)
+    assert rows["40"].verdict == CONSISTENT
+    assert rows["38.judges"].verdict == CONSISTENT
+    assert rows["1"].verdict == CONSISTENT and rows["9"].verdict == CONSISTENT
+    assert rows["2.70b"].verdict == CONSISTENT
+    assert rows["43"].verdict == INCONSISTENT                    # paper text 1.1, code/config 1.2
+    assert rows["44"].verdict == NOT_TESTABLE and rows["45"].verdict == NOT_TESTABLE
+    assert rows["14"].verdict == NOT_RUN and "calibration.target_score" in rows["14"].reason
+    assert rows["25"].verdict == NOT_RUN
+    assert rows["46"].verdict == CONSISTENT
+
+
+def test_not_run_for_models_outside_the_configuration():
+    rows = rows_by_id(audit(CellIndex([cell("exp1", "smollm2-135m", "baseline", 500, 10, 5)]),
+                            config(models=["smollm2-135m"])))
+    assert rows["3"].verdict == NOT_RUN and "llama-3.3-70b is not in this configuration" in rows["3"].reason
+    assert rows["1"].verdict == NOT_RUN and "1" in rows["1"].reason        # design differs: 1 model, not 5
+    mapped = rows_by_id(audit(CellIndex([cell("exp1", "smollm2-135m", "baseline", 500, 40, 19)]),
+                              config(models=["smollm2-135m"]), model_map={"llama-3.3-70b": "smollm2-135m"}))
+    assert mapped["3"].verdict == CONSISTENT and "stand-in" in mapped["3"].notes
+
+
+def test_sweep_peak():
+    levels = [(-1.5, 0.0), (-0.83, 2.0), (-0.17, 4.0), (0.5, 6.0), (1.17, 8.0)]
+    multi = [5, 12, 14, 8, 3]
+    cells = [cell("exp2", "llama-3.3-70b", f"level=global:{s:+.2f}sd", 500, k, 3, extra={"boost": b, "boost_sigma": s})
+             for (s, b), k in zip(levels, multi)]
+    rows = rows_by_id(audit(CellIndex(cells), config()))
+    assert rows["15.location"].observations[0]["value"] == pytest.approx(-0.17)
+    assert rows["15.location"].verdict == CONSISTENT            # |−0.17 − (−0.3)| ≤ spacing 0.67
+    assert rows["12"].observations[0]["value"] == 5 and rows["12"].verdict == INCONSISTENT
+    assert rows["13.a"].verdict == CONSISTENT
+
+
+# --------------------------------------------------------------------------------------- end to end
+
+def _trials(experiment, model, n_latents, multi_every, esr_every, **extra):
+    rows = []
+    for lat in range(n_latents):
+        for j in range(5):
+            i = lat * 5 + j
+            scores = [20.0, 60.0] if i % esr_every == 0 else ([50.0, 40.0] if i % multi_every == 0 else [30.0])
+            rows.append(Trial(f"{experiment}-{model}-{i}", experiment, model, lat, "l", 1.0, j, "p", 100 + i,
+                              attempts=[Attempt("x", s) for s in scores], response="ok", **extra).to_row())
+    return pd.DataFrame(rows)
+
+
+def test_summarise_compare_and_build_audit(tmp_path):
+    base = _trials("exp1", "llama-3.3-70b", 200, 20, 25)           # 1000 trials: ESR 40, multi 40 + 50 - 10
+    abl = _trials("exp3", "llama-3.3-70b", 200, 30, 50, ablation_set="otd_paper_26")
+    abl["seed"] = base["seed"]
+    base.to_parquet(tmp_path / "base.parquet", index=False)
+    abl.to_parquet(tmp_path / "abl.parquet", index=False)
+    paths = [tmp_path / "base.parquet", tmp_path / "abl.parquet"]
+    summ = summarise_experiment(paths, tmp_path / "summary.json", n_boot=200,
+                                ablation_sets={"otd_paper_26": list(range(26))})
+    cells = {(c["experiment"], c["condition"]): c for c in summ["cells"]}
+    b = cells[("exp1", "baseline")]
+    assert b["n"] == 1000 and b["metrics"]["esr_rate"]["k"] == 40
+    assert b["metrics"]["multi_rate"]["k"] == 40 + 50 - 10
+    assert cells[("exp3", "ablation_set=otd_paper_26")]["extra"]["n_ablated_latents"] == 26
+    assert json.loads((tmp_path / "summary.json").read_text())["schema"] == "esr.summary/1"
+
+    comp = compare_experiments(paths, tmp_path / "comp.json", others=[{"experiment": "exp3", "condition": "*"}],
+                               n_boot=200)
+    fam = comp["families"][0]
+    assert fam["paired"][0]["n_pairs"] == 1000
+    assert set(fam["holm"]) >= {"paired:exp3/ablation_set=otd_paper_26:esr_rate"}
+
+    rows = build_audit([tmp_path / "summary.json"], tmp_path / "paper_numbers.json", tmp_path / "paper_numbers.md",
+                       config(models=["llama-3.3-70b"]))
+    out = json.loads((tmp_path / "paper_numbers.json").read_text())
+    by = {r["id"]: r for r in out["numbers"]}
+    assert by["3"]["verdict"] == CONSISTENT                         # 4.0 %, Wilson [2.95, 5.41] covers 3.8
+    assert by["24.rate"]["verdict"] == CONSISTENT                   # 2.0 %, Wilson [1.30, 3.07] covers 2.8
+    assert by["22.base"]["verdict"] == INCONSISTENT                 # every first score is 20 or 30 or 50
+    assert by["5.8b"]["verdict"] == NOT_RUN
+    md = (tmp_path / "paper_numbers.md").read_text()
+    assert "consistent" in md and "Wilson" in md and all(f"| {r.id} |" in md for r in rows)
+    assert sum(out["verdict_counts"].values()) == len(rows)
+
+
+def test_summarise_cross_judge(tmp_path):
+    a = _trials("exp7", "m", 20, 4, 8)
+    a["judge_id"] = "haiku"
+    b = a.copy()
+    b["judge_id"] = "gpt"
+    b.loc[b.index[:5], "attempt_scores"] = pd.Series([[30.0]] * 5, index=b.index[:5])
+    a.to_parquet(tmp_path / "a.parquet", index=False)
+    b.to_parquet(tmp_path / "b.parquet", index=False)
+    out = summarise_cross_judge([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "cj.json")
+    allc = [c for c in out["cells"] if c["condition"] == "all"][0]
+    assert allc["extra"] == {"n_judges": 2, "n_samples": 100}
+    pair = allc["judge_pairs"][0]
+    assert pair["n_common"] == 100
+    n_changed_multi = sum(1 for i in range(5) if i % 4 == 0 or i % 8 == 0)     # trials 0 and 4 were multi
+    assert pair["multi_agreement"]["k"] == 100 - n_changed_multi
+
+
+def test_summarise_table_per_boost_level():
+    from esr.audit import summarise_table
+
+    frames = []
+    for b in (0.0, 2.5, 5.0):
+        t = _trials("exp2", "llama-3.3-70b", 4, 3, 7)
+        t["boost"] = b
+        t["trial_id"] = t["trial_id"] + f"-{b}"
+        frames.append(t)
+    df = pd.concat(frames, ignore_index=True)
+    cells = summarise_table(df, bootstrap=None, sweep_stats={"llama-3.3-70b": {"mean": 2.5, "std": 2.5}},
+                            thresholds={"llama-3.3-70b": {lat: 5.0 for lat in range(4)}})
+    assert [c["condition"] for c in cells] == ["level=global:+0.00sd", "level=global:+1.00sd",
+                                               "level=global:-1.00sd"]
+    assert [c["extra"]["boost_sigma"] for c in cells] == [0.0, 1.0, -1.0]
+    assert [c["extra"]["boost_rel"] for c in cells] == [0.5, 1.0, 0.0]
+    assert all(c["n"] == 20 for c in cells)
+    # recorded labels (esr.experiments): global levels in SD units, relative levels in threshold multiples
+    df["boost_level"] = ["global:-1.00sd"] * 20 + ["relative:0.5"] * 20 + ["global:+1.00sd"] * 20
+    df["threshold"] = 5.0
+    cells = {c["condition"]: c["extra"] for c in summarise_table(df, bootstrap=None)}
+    assert cells["level=relative:0.5"] == {"boost": 2.5, "boost_sigma": None, "boost_rel": 0.5}
+    assert cells["level=global:+1.00sd"] == {"boost": 5.0, "boost_sigma": 1.0, "boost_rel": 1.0}

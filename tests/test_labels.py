@@ -1,0 +1,268 @@
+"""Label download: a real HTTP server on loopback serves a fake Neuronpedia export and a labels CSV."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from esr.io import read_json
+from esr.labels import (LabelsError, download_labels_stage, fetch_csv_labels, fetch_neuronpedia_labels,
+                        label_counts)
+from esr.latents import read_labels
+
+MODEL, LAYER = "gemma-2-2b", "16-gemmascope-res-16k"
+PREFIX = f"/v1/{MODEL}/{LAYER}/explanations"
+
+
+def _batch(records: list[dict]) -> bytes:
+    return gzip.compress("\n".join(json.dumps(r) for r in records).encode() + b"\n", mtime=0)
+
+
+def _rec(index, description, **kw):
+    return {"modelId": MODEL, "layer": LAYER, "index": index, "description": description,
+            "explanationModelName": kw.pop("model", "gpt-4o-mini"), "typeName": "oai_token-act-pair", **kw}
+
+
+BATCH0 = _batch([_rec("0", " references to cats "), _rec("1", ""), _rec("2", "legal documents"),
+                 _rec("2", "law texts", model="claude")])  # latent 2 has two explanations
+BATCH1 = _batch([_rec(3, "Python code"), _rec("4", None), _rec("5", "sports\nteams"), _rec("1", "")])
+
+
+class _Server:
+    """Serves ``files`` (path -> bytes); ``fail`` maps a path to a list of status codes returned (one per request)
+    before the file is served. Logs every request path."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.fail: dict[str, list[int]] = {}
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.requests.append(self.path)
+                codes = outer.fail.get(self.path)
+                if codes:
+                    code = codes.pop(0)
+                    self.send_response(code)
+                    self.end_headers()
+                    return
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    s.files[f"{PREFIX}/batch-0.jsonl.gz"] = BATCH0
+    s.files[f"{PREFIX}/batch-1.jsonl.gz"] = BATCH1
+    yield s
+    s.close()
+
+
+def _fetch(server, out: Path, **kw):
+    kw.setdefault("retries", 0)
+    kw.setdefault("backoff_s", 0.0)
+    kw.setdefault("timeout", 5.0)
+    return fetch_neuronpedia_labels(MODEL, LAYER, out, base_url=server.base + "/v1", **kw)
+
+
+def test_neuronpedia_two_batches_then_404(server, tmp_path):
+    out, man = tmp_path / "labels" / "gemma.csv", tmp_path / "labels" / "gemma.manifest.json"
+    manifest = _fetch(server, out, manifest_json=man, d_sae=8)
+    # batch-2 was asked for once (404 = end of export), nothing after it
+    assert server.requests == [f"{PREFIX}/batch-{i}.jsonl.gz" for i in range(3)]
+    df = read_labels(out)  # readable by the selection code
+    assert df["latent"].tolist() == [0, 1, 2, 3, 4, 5]
+    labels = dict(zip(df["latent"], df["label"]))
+    assert labels[0] == "references to cats" and labels[5] == "sports teams"
+    assert labels[1] is None and labels[4] is None
+    assert labels[2] == "legal documents"  # first non-empty explanation wins
+    raw = pd.read_csv(out, keep_default_na=False)
+    assert raw.set_index("latent").loc[2, "n_explanations"] == 2
+    assert raw.set_index("latent").loc[1, "n_explanations"] == 2
+
+    on_disk = read_json(man)
+    assert on_disk["files"] == manifest["files"]
+    assert [f["sha256"] for f in on_disk["files"]] == [hashlib.sha256(b).hexdigest() for b in (BATCH0, BATCH1)]
+    assert [f["size_bytes"] for f in on_disk["files"]] == [len(BATCH0), len(BATCH1)]
+    assert [f["n_records"] for f in on_disk["files"]] == [4, 4]
+    assert on_disk["files"][0]["url"] == f"{server.base}{PREFIX}/batch-0.jsonl.gz"
+    c = on_disk["counts"]
+    assert (c["n_records"], c["n_latents"], c["n_labelled"], c["n_empty"]) == (8, 6, 4, 2)
+    assert (c["n_duplicate_records"], c["n_conflicting_latents"]) == (2, 1)
+    lc = on_disk["label_counts"]
+    assert (lc["labelled"], lc["empty"], lc["missing"], lc["unlabeled"]) == (4, 2, 2, 4)
+    assert on_disk["output"]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert "provenance" in on_disk
+    assert not list(out.parent.glob(".*"))  # cache and temporaries removed
+
+
+def test_neuronpedia_fixed_batch_count(server, tmp_path):
+    out = tmp_path / "a.csv"
+    m = _fetch(server, out, n_batches=1)
+    assert server.requests == [f"{PREFIX}/batch-0.jsonl.gz"]
+    assert m["counts"]["n_latents"] == 3
+    with pytest.raises(LabelsError, match="batch 2 of 3 missing"):
+        _fetch(server, tmp_path / "b.csv", n_batches=3)
+    assert not (tmp_path / "b.csv").exists()
+
+
+def test_neuronpedia_nothing_there(server, tmp_path):
+    with pytest.raises(LabelsError, match="no explanation batches"):
+        fetch_neuronpedia_labels(MODEL, "99-nope", tmp_path / "x.csv", base_url=server.base + "/v1", retries=0)
+    server.fail[f"{PREFIX}/batch-0.jsonl.gz"] = [403]  # S3's answer for a missing key
+    with pytest.raises(LabelsError, match="HTTP 403"):
+        _fetch(server, tmp_path / "x.csv")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_neuronpedia_retries_transient_errors(server, tmp_path):
+    server.fail[f"{PREFIX}/batch-1.jsonl.gz"] = [503, 500]
+    m = _fetch(server, tmp_path / "a.csv", retries=2)
+    assert m["counts"]["n_latents"] == 6
+    assert server.requests.count(f"{PREFIX}/batch-1.jsonl.gz") == 3
+
+
+def test_failure_leaves_no_output_and_resume_reuses_cache(server, tmp_path):
+    out, man = tmp_path / "gemma.csv", tmp_path / "gemma.manifest.json"
+    out.write_text("old,content\n")  # an existing output is untouched by a failed run
+    server.fail[f"{PREFIX}/batch-1.jsonl.gz"] = [500, 500]
+    with pytest.raises(LabelsError, match="after 2 attempt"):
+        _fetch(server, out, manifest_json=man, retries=1)
+    assert out.read_text() == "old,content\n" and not man.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("gemma.csv",)]
+    assert leftovers == [".gemma.csv.download"]  # only the resume cache, no temporary CSV/JSON
+    assert sorted(p.name for p in (tmp_path / ".gemma.csv.download").iterdir()) == ["batch-0.jsonl.gz"]
+
+    out.unlink()
+    server.requests.clear()
+    m = _fetch(server, out, manifest_json=man)
+    assert f"{PREFIX}/batch-0.jsonl.gz" not in server.requests  # resumed from the cache
+    assert [f["cached"] for f in m["files"]] == [True, False]
+    assert m["files"][0]["sha256"] == hashlib.sha256(BATCH0).hexdigest()
+    assert read_labels(out).shape[0] == 6
+    assert not (tmp_path / ".gemma.csv.download").exists()
+
+
+def test_bad_records_are_errors(server, tmp_path):
+    server.files[f"{PREFIX}/batch-1.jsonl.gz"] = _batch([{"modelId": MODEL, "layer": "20-other", "index": 1,
+                                                          "description": "x"}])
+    with pytest.raises(LabelsError, match="another model/source"):
+        _fetch(server, tmp_path / "a.csv")
+    server.files[f"{PREFIX}/batch-1.jsonl.gz"] = _batch([{"description": "no index"}])
+    with pytest.raises(LabelsError, match="batch-1.jsonl.gz line 1: no integer latent index"):
+        _fetch(server, tmp_path / "b.csv")
+    assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
+
+
+def test_expected_batch_hash(server, tmp_path):
+    good = hashlib.sha256(BATCH0).hexdigest()
+    _fetch(server, tmp_path / "a.csv", expected_sha256={"batch-0.jsonl.gz": good})
+    with pytest.raises(LabelsError, match=f"has sha256 {good}, expected {'0' * 64}"):
+        _fetch(server, tmp_path / "b.csv", expected_sha256={"batch-0.jsonl.gz": "0" * 64})
+    assert not (tmp_path / "b.csv").exists()
+
+
+GOODFIRE = b"index_in_sae,label,frequency\n2,Formal legal language,0.01\n0,  The assistant apologises ,0.2\n1,,0\n" \
+           b"3,feature_3,0\n2,duplicate text,0.01\n"
+
+
+def test_csv_labels_file_url_and_hash(tmp_path):
+    src = tmp_path / "goodfire.csv"
+    src.write_bytes(GOODFIRE)
+    digest = hashlib.sha256(GOODFIRE).hexdigest()
+    out, man = tmp_path / "out" / "llama.csv", tmp_path / "out" / "llama.manifest.json"
+    m = fetch_csv_labels(src.as_uri(), out, manifest_json=man, d_sae=6, source="goodfire")  # no hash: recorded
+    assert m["files"][0]["sha256"] == digest and m["files"][0]["sha256_verified"] is False
+    assert read_json(man)["files"][0]["sha256"] == digest
+    raw = pd.read_csv(out, keep_default_na=False)
+    assert list(raw.columns) == ["latent", "label", "frequency"]
+    assert raw["latent"].tolist() == [0, 1, 2, 3]
+    assert raw["label"].tolist() == ["The assistant apologises", "", "Formal legal language", "feature_3"]
+    c, lc = m["counts"], m["label_counts"]
+    assert (c["n_records"], c["n_latents"], c["n_labelled"], c["n_empty"], c["n_duplicate_records"]) == (5, 4, 2, 2, 1)
+    assert (lc["labelled"], lc["empty"], lc["missing"], lc["unlabeled"]) == (2, 2, 2, 4)
+    assert read_labels(out)["label"].tolist() == ["The assistant apologises", None, "Formal legal language", None]
+
+    # verified hash, plain local path
+    m2 = fetch_csv_labels(str(src), tmp_path / "b.csv", sha256=digest)
+    assert m2["files"][0]["sha256_verified"] is True
+
+    # mismatch: a clear error naming both hashes, nothing written
+    with pytest.raises(LabelsError, match=f"sha256 {digest}, expected {'a' * 64}"):
+        fetch_csv_labels(src.as_uri(), tmp_path / "c.csv", sha256="a" * 64)
+    assert not (tmp_path / "c.csv").exists() and not list(tmp_path.glob(".c.csv*"))
+
+    with pytest.raises(LabelsError, match="not found"):
+        fetch_csv_labels((tmp_path / "nope.csv").as_uri(), tmp_path / "d.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,text\n1,x\n")
+    with pytest.raises(LabelsError, match="needs a latent column"):
+        fetch_csv_labels(str(bad), tmp_path / "e.csv")
+
+
+def test_csv_labels_over_http(server, tmp_path):
+    server.files["/goodfire.csv"] = GOODFIRE
+    m = fetch_csv_labels(server.base + "/goodfire.csv", tmp_path / "x.csv", retries=0)
+    assert m["files"][0]["url"].endswith("/goodfire.csv") and m["counts"]["n_latents"] == 4
+
+
+def test_label_counts():
+    df = pd.DataFrame({"latent": [0, 1, 2, 2, 9, 4], "label": ["a", "", "feature_2", "b", "c", None]})
+    assert label_counts(df, 6) == {"d_sae": 6, "rows": 6, "labelled": 1, "empty": 3, "missing": 2, "unlabeled": 5,
+                                   "out_of_range": 1, "duplicate_rows": 1}
+    df2 = df.rename(columns={"latent": "index_in_sae"})
+    c = label_counts(df2, None)
+    assert (c["labelled"], c["empty"], c["missing"], c["unlabeled"], c["out_of_range"]) == (2, 3, None, None, 0)
+
+
+def test_stage_dispatch(server, tmp_path):
+    out, man = tmp_path / "l.csv", tmp_path / "l.manifest.json"
+    with pytest.raises(LabelsError, match="nothing to download"):
+        download_labels_stage({"source": "auto"}, "smollm2", out, man)
+    with pytest.raises(LabelsError, match="did not publish"):
+        download_labels_stage({"source": "goodfire"}, "llama-3.1-8b", out, man)
+    with pytest.raises(LabelsError, match="no default for model 'mystery'"):
+        download_labels_stage({"source": "neuronpedia"}, "mystery", out, man)
+    with pytest.raises(LabelsError, match="must be one of"):
+        download_labels_stage({"source": "magic"}, "x", out, man)
+    assert not out.exists() and not man.exists()
+
+    # neuronpedia: default ids for the paper model name, base URL from labels.url
+    m = download_labels_stage({"source": "neuronpedia", "url": server.base + "/v1", "retries": 0}, "gemma-2-2b",
+                              out, man, d_sae=16384)
+    assert m["neuronpedia_layer_id"] == LAYER and read_json(man)["label_counts"]["missing"] == 16384 - 6
+
+    src = tmp_path / "g.csv"
+    src.write_bytes(GOODFIRE)
+    m = download_labels_stage({"source": "file", "path": str(src),
+                               "sha256": hashlib.sha256(GOODFIRE).hexdigest()}, "llama-3.1-8b", out, man)
+    assert m["source"] == "file" and read_json(man)["files"][0]["sha256_verified"] is True
