@@ -7,6 +7,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+report: "workflow/report/workflow.rst"
+
+
 # The embedded default, unless --configfile names another config (which then replaces it, not merges into it).
 if not workflow.overwrite_configfiles:
 
@@ -24,6 +27,7 @@ wildcard_constraints:
 include: "workflow/rules/assets.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/experiments.smk"
+include: "workflow/rules/stats.smk"
 
 
 rule all:

@@ -174,3 +174,10 @@ def test_settings_validation():
         GenerationSettings(temperature=-1)
     with pytest.raises(ValueError, match="'weird'"):
         GenerationSettings(chat_template="weird")
+
+
+def test_repetition_penalty_ignores_padding(loaded, directions):
+    gen = make(loaded, directions, repetition_penalty=2.0)
+    target = TrialRequest("the dog <pad> and the cat", 3, Intervention(steer_latent=2, boost=1.0))
+    assert 0 in encode_prompt(loaded.tokenizer, target.prompt)  # the pad id occurs inside the prompt
+    assert gen.generate([target])[0].token_ids == gen.generate(mixed_batch(target))[1].token_ids

@@ -133,6 +133,8 @@ def check_semantics(config: dict[str, Any]) -> None:
                 cls.from_config(config[key])
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"config key '{key}': {err}") from None
+    for name, jcfg in config.get("cross_judge", {}).get("judges", {}).items():
+        _validate_block(jcfg, "judge", f"cross_judge.judges.{name}")
     prompts = config["prompts"]
     if prompts["source"] == "url" and not (prompts.get("url") and prompts.get("sha256")):
         raise ConfigError("config key 'prompts.url' and 'prompts.sha256' are both required when prompts.source is 'url'")
@@ -161,6 +163,16 @@ def check_semantics(config: dict[str, Any]) -> None:
                               "(pinned revision) for hub models")
         if m.get("engine") == "transformers" and m.get("tensor_parallel", 1) > 1:
             raise ConfigError(f"config key '{where}.tensor_parallel' > 1 needs engine: deepspeed")
+
+
+def _validate_block(block: dict[str, Any], schema_key: str, where: str) -> None:
+    import jsonschema
+
+    sub = load_schema()["properties"][schema_key]
+    err = next(iter(jsonschema.Draft202012Validator(sub).iter_errors(block)), None)
+    if err is not None:
+        path = ".".join([where, *map(str, err.absolute_path)])
+        raise ConfigError(f"config key {path!r}: {err.message}")
 
 
 def _is_commit(rev: str) -> bool:

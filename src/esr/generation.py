@@ -212,7 +212,8 @@ class SteeredGenerator:
         eos = torch.tensor([] if s.ignore_eos else lm.eos_token_ids(), dtype=torch.long, device=device)
         generators = [row_generator(r.seed, device) for r in requests]
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, mask.bool())
+        real = mask.bool()  # pad positions must not mark the pad id as seen (it may also occur in the prompt)
+        seen[torch.arange(B, device=device)[:, None].expand_as(ids)[real], ids[real]] = True
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         n_tokens = torch.zeros(B, dtype=torch.long, device=device)
         steps: list[torch.Tensor] = []

@@ -257,12 +257,16 @@ def build_plan(experiment: str, condition: str, model: str, selection_json: str 
     raise ValueError(f"unknown experiment {experiment!r}")
 
 
-def capture_latents_for(detectors_json: str | Path | None) -> tuple[list[int], dict[str, list[int]]]:
-    """Latents whose per-token activations are stored: every detector and random-control set."""
-    if not detectors_json:
-        return [], {}
-    det = read_json(detectors_json)
-    groups = {name: list(v["latents"]) for name, v in {**det["detector_sets"], **det["random_sets"]}.items()}
+def capture_latents_for(detectors_json: str | Path | None, selection_json: str | Path | None = None
+                        ) -> tuple[list[int], dict[str, list[int]]]:
+    """Latents whose per-token activations are stored densely: every detector and random-control set, and the
+    selected (steered) latents as group ``selected``."""
+    groups: dict[str, list[int]] = {}
+    if detectors_json:
+        det = read_json(detectors_json)
+        groups = {name: list(v["latents"]) for name, v in {**det["detector_sets"], **det["random_sets"]}.items()}
+    if selection_json:
+        groups["selected"] = sorted(int(x["latent"]) for x in read_json(selection_json)["latents"])
     return sorted({int(j) for v in groups.values() for j in v}), groups
 
 
@@ -420,3 +424,182 @@ def plant_restarts_stage(steered_parquet: str | Path, unsteered_parquet: str | P
         rows.append(r)
     write_parquet(out_parquet, pd.DataFrame(rows, columns=steered.columns))
     log.info("planted restarts into %d of %d steered answers", len(rows), len(steered))
+
+
+# ------------------------------------------------------------------------------------------------ exp9: sequential activations
+
+def _episode_sequence(tok, prompt: str, response: str) -> tuple[list[int], list[tuple[int, int]], int, int, str]:
+    """Token ids of the user+assistant conversation, the answer's response-relative token spans, and the
+    [first, stop) token range of the answer inside the sequence."""
+    from esr.episodes import response_token_spans
+
+    text = response.strip()
+    full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": text}],
+                                   tokenize=False)
+    head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    start = full.find(text, len(head) - 1 if len(head) else 0)
+    if start < 0:
+        raise ValueError("the answer text does not appear in its rendered conversation")
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    first, stop, spans = response_token_spans(enc["offset_mapping"], start, start + len(text))
+    return list(enc["input_ids"]), spans, first, stop, text
+
+
+def sequential_stage(spec: ModelSpec, model_dir: str | Path, trials_parquets: Sequence[str | Path],
+                     baseline_parquet: str | Path, detectors_json: str | Path, seq_cfg: dict[str, Any], seed: int,
+                     out_store: str | Path, out_baseline_store: str | Path, out_json: str | Path,
+                     summary_json: str | Path, fig_window: str | Path, fig_regions: str | Path) -> None:
+    """exp9: self-correction episodes (exactly two attempts, last > first) located in tokens by restart-phrase
+    alignment, replayed through the model (unsteered by default, as the authors' exp9; ``replay_steering`` for
+    exp6's steered replay), per-token activations of every detector and control set stored in Zarr, then the
+    region analysis, ratios to unsteered baseline answers, and the aligned +/-150-token window in 50 bins."""
+    from esr.activations import ActivationRecord, open_store, write_store
+    from esr.episodes import make_episode, select_baseline, select_self_correction
+    from esr.models import load_model
+    from esr.readout import per_token_latents
+    from esr.sae import load_sae, steering_directions
+    from esr.sequential import (aligned_window, analyze, correction_starts, plot_aligned_window, plot_region_bars,
+                                token_group_series, write_analysis)
+    from esr.steering import SteeringPlan
+
+    store_latents, groups = capture_latents_for(detectors_json)
+    groups = {k: v for k, v in groups.items() if v}
+    trials = pd.concat([pd.read_parquet(p) for p in trials_parquets], ignore_index=True).to_dict("records")
+    episodes_src = select_self_correction(trials, exclude_ablation=True)
+    baseline_src = select_baseline(pd.read_parquet(baseline_parquet).to_dict("records"), source="unsteered",
+                                   n=seq_cfg["n_baseline"], seed=seed)
+    prov = provenance(sequential=seq_cfg, model=spec.name, sae=spec.sae.ident, seed=seed)
+    if not episodes_src or not store_latents:
+        log.warning("no self-correction episodes (%d) or no detector latents (%d): exp9 has nothing to analyse",
+                    len(episodes_src), len(store_latents))
+        write_json(out_json, {"n_episodes": len(episodes_src), "skipped": True, "provenance": prov})
+        write_json(summary_json, {"schema": "esr.summary/1", "provenance": prov, "cells": []})
+        for f in (fig_window, fig_regions):
+            _empty_figure(f, "no self-correction episodes")
+        for s in (out_store, out_baseline_store):
+            Path(s).mkdir(parents=True, exist_ok=True)
+        return
+    loaded = load_model(spec, path=str(model_dir))
+    sae = load_sae(spec.sae, device=loaded.device)
+    tok = loaded.tokenizer
+    plan = SteeringPlan(spec.injection_layer, spec.sae_layer)
+    directions = steering_directions(spec, sae) if seq_cfg["replay_steering"] else None
+
+    def replay(rows, kind):
+        records, skipped = [], 0
+        for k, t in enumerate(rows):
+            ids, spans, first, stop, text = _episode_sequence(tok, t["prompt"], t["response"])
+            if kind == "episode":
+                ep = make_episode({**t, "response": text}, f"ep_{k:04d}", method="restart_phrase", spans=spans)
+                if ep is None or ep.tokens is None:
+                    skipped += 1
+                    continue
+                regions = ep.tokens.region_labels()
+            else:
+                regions = ["baseline"] * (stop - first)
+            iv = ([Intervention(steer_latent=t["latent"], boost=float(t["boost"]))]
+                  if directions is not None and kind == "episode" else None)
+            acts = per_token_latents(loaded, sae, spec.sae_layer, [ids], store_latents, interventions=iv,
+                                     directions=directions, plan=plan if iv else None)[0][first:stop]
+            records.append(ActivationRecord(t["trial_id"], acts.numpy(), [tok.decode([i]) for i in ids[first:stop]],
+                                            regions))
+        return records, skipped
+
+    ep_records, n_skipped = replay(episodes_src, "episode")
+    base_records, _ = replay(baseline_src, "baseline")
+    meta = {**prov, "replay": "steered" if directions is not None else "unsteered",
+            "boundaries": "restart-phrase alignment", "baseline_source": "unsteered (exp8 answers)"}
+    write_store(out_store, ep_records, store_latents, latent_groups=groups, dtype="float32", provenance=meta,
+                overwrite=True)
+    write_store(out_baseline_store, base_records, store_latents, latent_groups=groups, dtype="float32",
+                provenance=meta, overwrite=True)
+    sc_ds, base_ds = open_store(out_store), open_store(out_baseline_store)
+    result = analyze(sc_ds, base_ds, groups, seed=seed, n_boot=seq_cfg["n_boot"])
+    result["n_episodes_without_boundaries"] = n_skipped
+    result["planted_episodes"] = sum(1 for t in episodes_src if t.get("experiment") == "planted")
+    write_analysis(out_json, result, meta)
+    anchors, n_valid = correction_starts(sc_ds), np.asarray(sc_ds.n_tokens.values)
+    windows = {name: aligned_window(token_group_series(sc_ds, lat), anchors, n_valid) for name, lat in groups.items()}
+    plot_aligned_window(windows, fig_window, title=f"{spec.name}: detector activation around the correction",
+                        provenance=meta)
+    primary = seq_cfg["primary_group"] if seq_cfg["primary_group"] in result["groups"] else next(iter(result["groups"]))
+    plot_region_bars(result["groups"][primary]["regions"], fig_regions,
+                     title=f"{spec.name}: {primary} mean activation by region", provenance=meta)
+    write_json(summary_json, {"schema": "esr.summary/1", "provenance": meta,
+                              "cells": [_exp9_cell(spec.name, primary, result)]})
+
+
+def _exp9_cell(model: str, group: str, result: dict[str, Any]) -> dict[str, Any]:
+    g = result["groups"][group]
+    ratios, regions = g["ratios"], g["regions"]
+    d_values = [v.get("cohens_d_pooled") for v in g["latent_tests"].values()
+                if isinstance(v, dict) and v.get("cohens_d_pooled") is not None]
+
+    def val(estimate, ci=None, n=None):
+        return {"estimate": estimate, "ci": ci, "n": n}
+
+    def ratio(name):
+        r = ratios.get(name)
+        return val(r["estimate"], [r["ci_low"], r["ci_high"]], r.get("n_numerator")) if r else val(None)
+
+    return {"experiment": "exp9", "model": model, "condition": f"group={group}", "n": result["n_episodes"],
+            "values": {"offtopic_baseline_ratio": ratio("off_topic"), "ontopic_baseline_ratio": ratio("on_topic"),
+                       "otd_mean_off_topic": val(regions["off_topic"]["mean"], n=regions["off_topic"]["n"]),
+                       "otd_mean_on_topic": val(regions["on_topic"]["mean"], n=regions["on_topic"]["n"]),
+                       "otd_mean_baseline": val(regions["baseline"]["mean"], n=regions["baseline"]["n"]),
+                       "d_max": val(max(d_values) if d_values else None),
+                       "d_min": val(min(d_values) if d_values else None),
+                       "frac_d_positive": val(float(np.mean([d > 0 for d in d_values])) if d_values else None),
+                       "n_episodes": val(result["n_episodes"]), "n_baseline_episodes": val(result["n_baseline"]),
+                       "n_bins": val(result["window"]["n_bins"])}}
+
+
+def _empty_figure(path: str | Path, message: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from esr.io import atomic_path
+
+    fig = Figure(figsize=(5, 2))
+    FigureCanvasAgg(fig)
+    fig.text(0.5, 0.5, message, ha="center", va="center")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+# ------------------------------------------------------------------------------------------------ exp7: cross-judge
+
+def cross_judge_stage(trials_parquet: str | Path, judges: dict[str, dict[str, Any]], n_samples: int, seed: int,
+                      out_parquet: str | Path) -> None:
+    """Regrade a sample of exp1 trials with other judges: all trials the original judge called multi-attempt plus a
+    seeded random fill to ``n_samples`` (so per-judge rates are NOT population rates; agreement is the point).
+    Each row keeps the original ``trial_id``; ``judge_id`` names the judge (the original is ``original``)."""
+    from esr.judge import JudgeRequest
+    from esr.sae_training import derived_seed
+
+    df = pd.read_parquet(trials_parquet)
+    ok = df[df.error.isna() & (df.response.str.len() > 0)] if len(df) else df
+    multi = ok[ok.n_attempts >= 2]
+    rest = ok.drop(multi.index)
+    n_fill = max(0, n_samples - len(multi))
+    fill = rest.sample(n=min(n_fill, len(rest)), random_state=derived_seed(seed, "cross_judge")) if len(rest) else rest
+    sample = pd.concat([multi, fill]).sort_values("trial_id")
+    frames = [sample.assign(judge_id="original", sample_reason=np.where(sample.n_attempts >= 2, "multi", "fill"))]
+    for name, cfg in judges.items():
+        judge = judge_for(cfg)
+        res = judge.grade_batch([JudgeRequest(r.judge_prompt, r.response, r.label or "", r.trial_id)
+                                 for r in sample.itertuples()])
+        regraded = sample.copy()
+        scores = [[a.score for a in g.attempts if a.score is not None] for g in res]
+        regraded["judge_id"] = name
+        regraded["judge_model"] = judge.judge_id
+        regraded["attempt_texts"] = [[a.text for a in g.attempts] for g in res]
+        regraded["attempt_scores"] = [[a.score for a in g.attempts] for g in res]
+        regraded["n_attempts"] = [len(s) for s in scores]
+        regraded["first_score"] = [s[0] if s else None for s in scores]
+        regraded["last_score"] = [s[-1] if s else None for s in scores]
+        regraded["error"] = [g.error for g in res]
+        regraded["sample_reason"] = frames[0]["sample_reason"].values
+        frames.append(regraded)
+        log.info("cross-judge %s (%s): %s", name, judge.judge_id, judge.stats.as_dict())
+    write_parquet(out_parquet, pd.concat(frames, ignore_index=True).assign(experiment="exp7"))

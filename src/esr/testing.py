@@ -86,3 +86,63 @@ def save_tiny_model_dir(model, tokenizer, path: str | Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+TINY_PROMPTS = ("how do you bake bread", "explain how to make water", "how do you explain a dog",
+                "explain how the car and the tire", "how do you make a budget letter", "explain how to answer first")
+TINY_LABELS = ("dog, cat", "bread, water", "car, tire", "letter, budget", "", "feature_5")
+
+
+def write_tiny_workflow(root: str | Path, *, judge_backend: str = "fake", d_sae: int = 64, n_latents: int = 4,
+                        trials_per_latent: int = 2, max_new_tokens: int = 8) -> Path:
+    """Write a complete tiny-model workflow config (tiny Llama + tokenizer, a local sae-lens SAE, a label CSV, a
+    prompt list) under ``root`` and return the config path. Every experiment is switched on, with tiny sizes;
+    used by the DAG tests (dry run and full run) and by in-process stage tests."""
+    import yaml
+
+    root = Path(root)
+    model_dir = save_tiny_model_dir(tiny_llama(vocab_size=len(tiny_tokenizer())), tiny_tokenizer(),
+                                    root / "tiny_model")
+    sae = tiny_sae(d_in=64, d_sae=d_sae, kind="standard", layer=2)
+    sae.save_model(str(root / "tiny_sae"))
+    labels = "latent,label,frequency\n" + "".join(
+        f"{j},\"{TINY_LABELS[j % len(TINY_LABELS)]}\",{0.0 if j % 9 == 8 else 0.01}\n" for j in range(d_sae))
+    (root / "labels.csv").write_text(labels)
+    (root / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
+    judge = {"backend": judge_backend, "cache_dir": str(root / "judge_cache")}
+    if judge_backend == "offline_minilm":
+        judge["calibration"] = "auto"
+    config = {
+        "run_name": "tiny", "seed": 7,
+        "prompts": {"source": "file", "path": str(root / "prompts.txt")},
+        "models": {"tiny-llama": {
+            "hf_id": "esr-test/tiny-llama", "source": "local", "path": str(model_dir), "revision": "local",
+            "family": "llama", "n_layers": 4, "n_params": 1.0e5, "dtype": "float32", "injection_layer": 1,
+            "sae_layer": 2, "repetition_penalty": 1.1,
+            "sae": {"source": "local", "path": str(root / "tiny_sae"), "boost_unit": "raw"},
+            "boost": {"prior_mean": 4.0, "prior_std": 3.0, "lower": 0.0, "upper": 12.0},
+            "labels": {"source": "file", "path": str(root / "labels.csv")}}},
+        "judge": judge,
+        "concreteness": {"backend": "wordnet", "threshold": 0},
+        "generation": {"temperature": 0.6, "max_new_tokens": max_new_tokens, "batch_size": 8},
+        "selection": {"n_latents": n_latents, "trials_per_latent": trials_per_latent, "concreteness_threshold": 0,
+                      "relevance_filter": "none"},
+        "calibration": {"target": 0.3, "n_steps": 3, "samples_per_step": 2, "max_new_tokens": max_new_tokens},
+        "latent_shards": 2,
+        "detectors": {"min_shuffled_rate": 0.5, "max_latents": 6,
+                      "random_control": {"n_sets": 2, "match_to": "discovered_separability"}},
+        "experiments": {"no_steering": True, "ablation": ["discovered_separability", "discovered_frequency"],
+                        "random_control": True,
+                        "boost_sweep": {"enabled": True, "n_latents": 2, "prompts_per_latent": 1, "n_levels": 3,
+                                        "sd_range": 2.0, "relative_levels": [0.5, 1.0]},
+                        "meta_prompts": {"variants": ["self_monitor", "ignore_latent_label"]},
+                        "planted_control": {"enabled": True, "fraction": 1.0}},
+        "cross_judge": {"n_samples": 4, "judges": {"fake_gated": {"backend": "fake", "restart_gate": True,
+                                                                  "cache_dir": str(root / "judge_cache")}}},
+        "sequential": {"n_baseline": 4, "replay_steering": False, "primary_group": "discovered_separability",
+                       "n_boot": 50},
+        "audit": {"model_map": {"llama-3.3-70b": "tiny-llama"}},
+    }
+    path = root / "tiny_config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
 # Start a throwaway single-node SLURM cluster (slurmctld + slurmd + munge) on localhost, for the CI test of the
-# Snakemake SLURM executor (tests/test_slurm.py). Debian 12, run as root; no systemd and no slurmdbd needed.
-# Idempotent: installs the Debian packages if missing, (re)writes /etc/slurm/slurm.conf, starts only what is not
-# running, and waits until the node is idle. ~10 s cold (install included), <1 s warm.
-#   SLURM_CI_STATE  state dir (pid files, spool, logs); default /tmp/esr-slurm-ci
+# Snakemake SLURM executor (tests/test_slurm.py). Debian/Ubuntu, run as root; needs neither systemd nor slurmdbd.
+# Idempotent: installs the Debian packages if missing, (re)writes the config, starts only what is not running,
+# then waits until the node is idle. ~10-20 s cold (apt install included), <1 s when already up.
+#
+#   SLURM_CI_STATE  state dir: pid files, spool, logs, a copy of slurm.conf (default /tmp/esr-slurm-ci)
+#
+# The config goes to /etc/slurm/slurm.conf: the nested `srun` that Snakemake's slurm-jobstep plugin runs inside
+# each job drops every SLURM_* variable (SLURM_CONF included), so a private config path would not reach it.
+# An /etc/slurm/slurm.conf that this script did not write (a real SLURM set-up) is never touched: exit 3.
 # Without slurmdbd, `sacct` does not work: Snakemake must use `slurm-status-command: squeue` (tests/slurm/profile),
-# otherwise the plugin treats every job as running forever. Finished jobs stay visible to squeue for MinJobAge.
+# or the plugin waits forever. Finished jobs stay visible to squeue for MinJobAge (300 s).
+# Exit codes: 0 up; 1 failed to start; 2 unsupported here (not root / no apt); 3 another SLURM set-up is here.
 set -euo pipefail
 STATE=${SLURM_CI_STATE:-/tmp/esr-slurm-ci}
+CONF_FILE=/etc/slurm/slurm.conf
+MARKER='# Written by tests/slurm/slurm-up.sh (esr CI)'
 
 [ "$(id -u)" -eq 0 ] || { echo "slurm-up.sh: must run as root" >&2; exit 2; }
 
+if [ -f "$CONF_FILE" ] && [ "$(head -n1 "$CONF_FILE")" != "$MARKER" ]; then
+  echo "slurm-up.sh: $CONF_FILE exists and was not written by this script (a real SLURM set-up?); not touching it" >&2
+  exit 3
+fi
+
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
     || ! command -v munged >/dev/null; then
-  command -v apt-get >/dev/null || { echo "slurm-up.sh: no apt-get (needs Debian/Ubuntu)" >&2; exit 2; }
+  command -v apt-get >/dev/null || { echo "slurm-up.sh: SLURM is not installed and there is no apt-get" >&2; exit 2; }
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
@@ -21,14 +34,27 @@ fi
 
 mkdir -p "$STATE"/run "$STATE"/spool/ctld "$STATE"/spool/d "$STATE"/log
 
-# The node line from the real hardware (CPUs, sockets, RealMemory), renamed to localhost so that it does not
-# depend on the hostname; slurmd is started with -N localhost.
-NODE_LINE=$(slurmd -C | head -n1 | sed -E 's/^NodeName=[^ ]+/NodeName=localhost NodeAddr=127.0.0.1/')
-case "$NODE_LINE" in NodeName=localhost*CPUs=*) ;; *) echo "slurm-up.sh: bad slurmd -C output: $NODE_LINE" >&2; exit 1;; esac
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Refuse to start a second slurmctld/slurmd next to one we did not start.
+for d in slurmctld slurmd; do
+  if pgrep -x "$d" >/dev/null && ! alive "$STATE/run/$d.pid"; then
+    echo "slurm-up.sh: a $d not started with this state dir ($STATE) is already running; not touching it" >&2
+    exit 3
+  fi
+done
 
-mkdir -p /etc/slurm
+# The node line from the real hardware (CPUs, sockets, RealMemory), renamed to localhost so that it does not
+# depend on the hostname (slurmd is started with -N localhost). A hand-written line with more CPUs or memory
+# than the machine has makes the node INVAL/drained.
+NODE_LINE=$(slurmd -C | head -n1 | sed -E 's/^NodeName=[^ ]+/NodeName=localhost NodeAddr=127.0.0.1/')
+case "$NODE_LINE" in
+  NodeName=localhost*CPUs=*) ;;
+  *) echo "slurm-up.sh: unexpected 'slurmd -C' output: $NODE_LINE" >&2; exit 1 ;;
+esac
+
 CONF=$(cat <<CONF_EOF
-# Written by tests/slurm/slurm-up.sh (esr CI): single node, no accounting.
+$MARKER
+# One node, no accounting; state in $STATE. Removed by tests/slurm/slurm-down.sh.
 ClusterName=esrci
 SlurmctldHost=localhost
 SlurmUser=root
@@ -48,13 +74,14 @@ SlurmdLogFile=$STATE/log/slurmd.log
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-# jobs without --mem would otherwise take the whole node's memory and run one at a time
+# Jobs without --mem would otherwise take the whole node's memory and run one at a time.
 DefMemPerCPU=512
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.txt
-# squeue must still list finished jobs when the plugin polls (>= 3 x slurm-init-seconds-before-status-checks)
+# squeue must still list finished jobs when the plugin polls (>= 3 x slurm-init-seconds-before-status-checks,
+# else the plugin switches back to sacct, which fails without slurmdbd).
 MinJobAge=300
 InactiveLimit=0
 KillWait=5
@@ -64,12 +91,14 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF_EOF
 )
 conf_changed=0
-if [ ! -f /etc/slurm/slurm.conf ] || [ "$(cat /etc/slurm/slurm.conf)" != "$CONF" ]; then
-  printf '%s\n' "$CONF" > /etc/slurm/slurm.conf
+mkdir -p /etc/slurm
+if [ ! -f "$CONF_FILE" ] || [ "$(cat "$CONF_FILE")" != "$CONF" ]; then
+  printf '%s\n' "$CONF" > "$CONF_FILE"
   conf_changed=1
 fi
+cp "$CONF_FILE" "$STATE/slurm.conf"
 
-# munge: Debian's postinst creates the key; /run/munge must be made by hand without systemd.
+# munge: Debian's postinst creates the key; without systemd /run/munge must be made by hand.
 if [ ! -s /etc/munge/munge.key ]; then
   mkdir -p /etc/munge
   mungekey --create --force
@@ -78,10 +107,10 @@ fi
 mkdir -p /run/munge && chown munge:munge /run/munge
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   runuser -u munge -- /usr/sbin/munged
+  touch "$STATE/run/munged.ours"   # slurm-down.sh stops munged only if this script started it
   for _ in $(seq 1 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.25; done
 fi
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if alive "$STATE/run/slurmctld.pid"; then
   [ "$conf_changed" -eq 0 ] || scontrol reconfigure
 else
@@ -92,10 +121,12 @@ alive "$STATE/run/slurmd.pid" || slurmd -N localhost
 state=""
 for _ in $(seq 1 120); do
   state=$(sinfo -h -n localhost -o '%T' 2>/dev/null || true)
-  case "$state" in idle|mixed|allocated) break;; esac
+  case "$state" in idle|mixed|allocated) break ;; esac
   sleep 0.5
 done
 case "$state" in
-  idle|mixed|allocated) sinfo ;;
+  idle|mixed|allocated) ;;
   *) echo "slurm-up.sh: node not ready (state '$state')" >&2; tail -n 30 "$STATE"/log/*.log >&2 || true; exit 1 ;;
 esac
+sinfo
+echo "SLURM is up (config $CONF_FILE, state $STATE)"

@@ -54,7 +54,7 @@ def all_outputs():
     for m in embedded_sae_models():
         out += [f"results/sae/{m}/sae_report.json", f"resources/labels/{m}.csv"]
     if "experiments" in config:
-        out += experiment_outputs()
+        out += experiment_outputs() + stats_outputs()
     return out
 
 
@@ -136,4 +136,56 @@ def experiment_outputs():
         out += [f"results/selection/{m}/selection.json", f"results/calibration/{m}/thresholds.parquet",
                 f"results/activations/{m}/exp1.zarr"]
         out += [f"results/{e}/{m}/trials.parquet" for e in experiments_for(m)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def cross_judges(model):
+    """The exp7 judges for one model ('auto' offline anchors become this model's anchor file)."""
+    out = {}
+    for name, cfg in config.get("cross_judge", {}).get("judges", {}).items():
+        cfg = dict(cfg)
+        if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
+            cfg["calibration"] = f"results/judge/{model}/offline_calibration.json"
+        out[name] = cfg
+    return out
+
+
+def sequential_trials(wildcards):
+    """exp9's episode pool: exp1 trials (+ the labelled planted positive control where enabled)."""
+    out = [f"results/exp1/{wildcards.model}/trials.parquet"]
+    if conditions(wildcards.model, "planted"):
+        out.append(f"results/planted/{wildcards.model}/trials.parquet")
+    return out
+
+
+def comparison_inputs(wildcards):
+    exps = [e for e in ("exp1", "exp3", "exp10", "exp5", "exp8", "planted") if conditions(wildcards.model, e)]
+    return [f"results/{e}/{wildcards.model}/trials.parquet" for e in exps]
+
+
+def model_figure_inputs(wildcards):
+    m = wildcards.model
+    out = {"exp1": f"results/exp1/{m}/trials.parquet"}
+    for e in ("exp3", "exp10", "exp5", "exp2"):
+        if conditions(m, e):
+            out[e] = f"results/{e}/{m}/trials.parquet"
+    return out
+
+
+def stats_outputs():
+    out = ["results/audit/paper_numbers.json", "results/figures/fig2_esr_by_model.png"]
+    for m in MODELS:
+        out += [f"results/comparisons/{m}.json", f"results/figures/{m}/fig5_ablation.png",
+                f"results/exp9/{m}/analysis.json"]
+    return out
+
+
+def audit_inputs():
+    out = []
+    for m in MODELS:
+        out += [f"results/{e}/{m}/summary.json" for e in experiments_for(m)]
+        if config.get("cross_judge", {}).get("judges"):
+            out.append(f"results/exp7/{m}/summary.json")
+        out += [f"results/exp9/{m}/summary.json", f"results/comparisons/{m}.json"]
     return out

@@ -10,7 +10,7 @@ with stage_logging(snakemake.log[0], snakemake.threads):
     trials = build_plan(experiment, condition, w.model, i.selection, i.thresholds, i.prompts, i.detectors,
                         p.experiments)
     trials = shard_trials(trials, p.n_shards, int(w.shard))
-    capture = capture_latents_for(i.detectors) if experiment == "exp1" else None
+    capture = capture_latents_for(i.detectors, i.selection) if experiment == "exp1" else None
     generate_stage(p.spec, i.model, trials, p.generation, snakemake.output.gen, capture=capture,
                    acts_store=snakemake.output.get("acts"),
                    run_provenance=provenance(generation=p.generation, experiments=p.experiments, model=w.model,
