@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow test-all lint dry-run-paper install-profile clean-results
+.PHONY: setup run test test-slow test-slurm test-all lint dry-run-paper report install-profile clean-results
 
 setup: $(STAMP)
 
@@ -37,11 +37,17 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow or slurm" -q
 
+test-slurm: setup
+	$(BIN)/python -m pytest -m slurm -q
+
 test-all: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/snakemake --lint
+
+report: setup
+	$(BIN)/snakemake --report results/report.html
 
 dry-run-paper: setup
 	$(BIN)/snakemake -n --configfile config/paper.yaml

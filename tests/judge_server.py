@@ -4,8 +4,9 @@ judge tests. Started on 127.0.0.1 with an OS-chosen port, in a daemon thread.
 Behaviour is scripted per request: ``plan`` maps a marker substring (looked for in the request's user message) to a
 list of actions applied on the 1st, 2nd, ... request carrying that marker; once the list is used up (or for requests
 without a marker) the server answers ``good``. Actions: ``good``; ``malformed`` (reply text without a verdict);
-``badscore`` (score 150); ``oversplit`` (an attempt per sentence); ``429:<secs>`` (429 with Retry-After); ``500``; ``503``; ``404``; ``stall:<secs>`` (sleep,
-then answer good); ``badbody`` (200 with a non-JSON body); ``401echo`` (401 whose body echoes the API key)."""
+``badscore`` (score 150); ``oversplit`` (an attempt per sentence); ``429:<secs>`` (429 with Retry-After);
+``500``; ``503``; ``404``; ``stall:<secs>`` (sleep, then answer good); ``badbody`` (200 with a non-JSON body);
+``401echo`` (401 whose body echoes the API key)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ OFF = "Dogs are loyal animals that bark at the mailman and love long walks in th
 
 # ------------------------------------------------------------------------------------------------------- parsing
 def test_parse_good_and_last_block():
-    text = 'Thinking... <json>{"attempts": []}</json> final: <json>{"attempts": [{"attempt_text": "a b", "score": 55}]}</json>'
+    text = ('Thinking... <json>{"attempts": []}</json> final: '
+            '<json>{"attempts": [{"attempt_text": "a b", "score": 55}]}</json>')
     assert parse_attempts(text) == [Attempt("a b", 55.0)]
     assert parse_attempts('<json>```json\n{"attempts": []}\n```</json>') == []
     assert parse_attempts('no tags {"attempts": [{"attempt_text": "x", "score": 0}]} bye') == [Attempt("x", 0.0)]
@@ -57,6 +58,13 @@ def test_parse_concreteness():
     with pytest.raises(MalformedJudgeOutput):
         parse_concreteness('[{"label": "a", "rating": 800}]', ["a"])
     assert extract_json_block('x {"a": 1} y') == {"a": 1}
+
+
+def test_scrub_only_real_keys():
+    from esr.judge.http_backends import scrub
+
+    assert scrub("max x", "x") == "max x"
+    assert scrub("key sk-abcdef123456 end", "sk-abcdef123456") == "key <redacted> end" and scrub(None, "k") is None
 
 
 def test_prompt_is_ours_and_complete():

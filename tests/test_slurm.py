@@ -154,3 +154,4 @@ def test_workflow_through_slurm(slurm_cluster, tmp_path):
     # download_model finished before build_corpus was submitted (the dependency chain).
     by_rule = {rule: int(job_id) for job_id, rule in submitted.items()}
     assert by_rule["download_model"] < by_rule["build_corpus"]
+    shutil.rmtree(work / "resources/models", ignore_errors=True)  # 0.5 GB; kept only when the test fails

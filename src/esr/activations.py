@@ -320,6 +320,9 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
     return attrs
 
 
+IGNORED_FILES = (".snakemake_timestamp",)
+
+
 def verify_store(path: str | os.PathLike, verify: str = "size") -> dict[str, Any]:
     """Check the store against its manifest: every listed file present with its size (``verify="size"``) or also
     its sha256 (``"hash"``), and no unlisted file. Returns the marker attributes; raises a StoreError otherwise."""
@@ -332,7 +335,8 @@ def verify_store(path: str | os.PathLike, verify: str = "size") -> dict[str, Any
     missing = sorted(set(listed) - set(present))
     if missing:
         raise CorruptStoreError(f"{path}: {len(missing)} file(s) missing from the store, e.g. {missing[:3]}")
-    extra = sorted(set(present) - set(listed))
+    # Snakemake marks directory() outputs with a timestamp file; it is not store content
+    extra = sorted(set(present) - set(listed) - set(IGNORED_FILES))
     if extra:
         raise CorruptStoreError(f"{path}: {len(extra)} file(s) not in the manifest, e.g. {extra[:3]}")
     for rel, (size, digest) in listed.items():

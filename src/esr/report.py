@@ -111,7 +111,7 @@ def fidelity_notes(config: Mapping[str, Any]) -> list[str]:
     cal = config.get("calibration", {})
     notes.append(f"Calibration: target {cal.get('target')}, {cal.get('n_steps')} bisection steps x "
                  f"{cal.get('samples_per_step')} samples, {cal.get('max_new_tokens')} tokens, confidence "
-                 f"{cal.get('confidence')} (authors: their Beta flip, 'authors_beta'). Cache keyed on the full "
+                 f"{cal.get('confidence', 'beta')} (authors: their Beta flip, 'authors_beta'). Cache keyed on the full "
                  "configuration (the authors keyed on the latent only).")
     gen = config.get("generation", {})
     notes.append(f"Generation: temperature {gen.get('temperature')}, max {gen.get('max_new_tokens')} new tokens "

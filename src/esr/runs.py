@@ -244,8 +244,11 @@ def build_plan(experiment: str, condition: str, model: str, selection_json: str 
     if experiment in ("exp3", "exp10"):
         det = read_json(detectors_json)
         group = det["detector_sets"] if experiment == "exp3" else det["random_sets"]
-        if condition not in group:
-            raise ValueError(f"{experiment}: no latent set named {condition!r} in {detectors_json}")
+        if condition not in group or not group[condition]["latents"]:
+            # a discovery that found no detectors (or no control matched to them) leaves this condition empty:
+            # it is run as zero trials and reported as empty, never silently replaced by another set
+            log.warning("%s: latent set %r is empty or absent in %s: no trials", experiment, condition, detectors_json)
+            return []
         return ex.plan_ablation(model, plans, prompts, condition, group[condition]["latents"], experiment)
     if experiment == "exp2":
         c = exp_cfg["boost_sweep"]

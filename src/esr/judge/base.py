@@ -35,8 +35,10 @@ class JudgeResult:
     attempt). ``raw_text``: the judge's full reply (kept on parse errors too; None for judges without text output).
     ``judge_id``: backend and model (e.g. ``anthropic:claude-haiku-4-5-20251001``). ``template_version``: the judge
     prompt version. ``error``: None on success, else a message; ``error_kind`` is ``parse`` (the judge answered but
-    never in a valid format), ``http`` (transport/API failure) or ``config``. ``cached``: served from the cache.
-    ``n_calls``: backend calls spent on it in this run (0 when cached). ``metadata``: backend specifics (e.g.
+    never in a valid format), ``http`` (transport/API failure) or ``other`` (an unexpected exception). Only
+    successes and ``parse`` errors are cached; ``http``/``other`` errors are retried on the next run. ``cached``:
+    served from the cache. ``n_calls``: backend calls spent on it in this run (0 when cached). ``metadata``:
+    backend specifics (e.g.
     ``approximation: true`` and the calibration for the offline judge; merges done by the restart gate)."""
 
     attempts: list[Attempt]

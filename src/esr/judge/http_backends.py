@@ -90,8 +90,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def scrub(text: str | None, secret: str | None) -> str | None:
-    """``text`` with every occurrence of ``secret`` replaced (defence in depth: keys must never reach disk)."""
-    if text is None or not secret:
+    """``text`` with every occurrence of ``secret`` replaced (defence in depth: keys must never reach disk).
+    Secrets shorter than 8 characters (dummy keys for local servers) are left alone: replacing them would mangle
+    ordinary text."""
+    if text is None or not secret or len(secret) < 8:
         return text
     return text.replace(secret, "<redacted>")
 

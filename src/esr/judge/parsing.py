@@ -108,5 +108,6 @@ def parse_concreteness(text: str, labels: Sequence[str]) -> list[LabelRating]:
     for i, label in enumerate(labels):
         item = by_label.get(label.strip(), items[i])
         rating = _score(item.get("rating"), f"label {i}")
-        out.append(LabelRating(label=label, rating=rating, reason=str(item.get("reason", item.get("justification", "")))))
+        reason = str(item.get("reason", item.get("justification", "")))
+        out.append(LabelRating(label=label, rating=rating, reason=reason))
     return out
