@@ -61,3 +61,15 @@ def test_matched_random_sets_match_and_exclude_dead_and_detectors():
         assert abs(q["control_log10_freq"] - q["detector_log10_freq"]) < abs(qu["control_log10_freq"]
                                                                              - qu["detector_log10_freq"])
     assert sets == matched_random_sets(detectors, freq, mean_act, n_sets=3, seed=5)
+
+
+def test_top_auc_ranks_even_without_separation():
+    from esr.detectors import top_auc_detectors
+
+    rng = np.random.default_rng(2)
+    normal = rng.random((12, 30))
+    shuffled = rng.random((12, 30))
+    shuffled[:, 4] += 0.3  # better than the rest, not fully separated
+    ds = top_auc_detectors(normal, shuffled, k=3)
+    assert ds.latents[0] == 4 and len(ds.latents) == 3
+    assert ds.stats[4]["auc"] < 1.0 and ds.method == "top_auc"

@@ -75,12 +75,38 @@ def test_topk_sae_trains_saves_reloads_and_labels(tmp_path):
     assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48), rtol=1e-4, atol=1e-4)
 
-    tok = tiny_tokenizer()
-    rows = torch.randint(6, 60, (100, 61), dtype=torch.int32)
+    rows = torch.randint(0, 6, (100, 61), dtype=torch.int32)
     index = torch.stack([torch.arange(6000) // 60, torch.arange(6000) % 60 + 1], 1).to(torch.int32)
-    labels = label_latents(sae, acts, index, rows, tok, top_k=8)
+    labels = label_latents(sae, acts, index, rows, _PiecesTokenizer(), top_k=8, min_whole_word_share=0.0)
     assert len(labels) == 48
-    live = [l for l in labels if l.label]
-    assert live and all(l.frequency > 0 and len(l.contexts) <= 8 and "[[" in l.contexts[0] for l in live)
-    dead = [l for l in labels if not l.label]
-    assert all(l.frequency == 0 for l in dead)
+    fired = [l for l in labels if l.frequency > 0]
+    assert fired and all(len(l.contexts) <= 8 and "[[" in l.contexts[0] for l in fired)
+    for l in fired:  # labels hold whole words only: never the piece "ass" (from " ass|istant") or punctuation
+        assert set(l.label.split(", ")) <= {"dog", "cat", "ass", ""}
+    dead = [l for l in labels if l.frequency == 0]
+    assert all(not l.label for l in dead)
+
+
+class _PiecesTokenizer:
+    """decode() like a BPE tokenizer: ids 0-5 are ' dog', 's', ' cat', '.', ' ass', 'istant'."""
+
+    pieces = [" dog", "s", " cat", ".", " ass", "istant"]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_whole_word_labels_drop_word_pieces():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=2, d_sae=2))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.b_enc.zero_()
+    # latent 0 fires on " dog" followed by " cat" (a whole word); latent 1 on " ass" followed by "istant" (a piece)
+    rows = torch.tensor([[3, 0, 2, 4, 5, 3]], dtype=torch.int32)
+    index = torch.tensor([[0, 1], [0, 3]], dtype=torch.int32)
+    acts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    labels = label_latents(sae, acts, index, rows, _PiecesTokenizer(), top_k=1)
+    assert labels[0].label == "dog" and labels[0].whole_word_share == 1.0
+    assert labels[1].label == "" and labels[1].top_tokens == ["ass"]

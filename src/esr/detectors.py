@@ -6,6 +6,7 @@ The SAE read-out is max-pooled over the whole user+assistant conversation. Two m
 
 - ``separability`` (the authors' shipped 25-latent set, method B): latents whose ROC-AUC for shuffled-vs-normal is
   exactly 1.0 (full separation) on one derangement;
+- ``top_auc`` (ours, for small models where nothing separates): the k latents with the highest AUC, a ranking;
 - ``frequency`` (the authors' README script, method C): latents silent (< eps) on every normal pair and active on at
   least ``min_shuffled_rate`` of the shuffled pairs, ranked by that rate then by mean activation.
 
@@ -77,6 +78,20 @@ def separability_detectors(normal: np.ndarray, shuffled: np.ndarray, alive: np.n
                  "shuffled_mean": float(shuffled[:, j].mean()),
                  "normal_active_rate": float((normal[:, j] > 0).mean())} for j in latents}
     return DetectorSet("discovered_separability", "separability", latents, stats, {"min_auc": min_auc})
+
+
+def top_auc_detectors(normal: np.ndarray, shuffled: np.ndarray, k: int, alive: np.ndarray | None = None
+                      ) -> DetectorSet:
+    """The ``k`` live latents with the highest shuffled-vs-normal AUC, whatever its value: a *ranking* for models
+    where no latent separates fully (e.g. the embedded SmolLM2, max AUC ~0.67 on 36 pairs). Their AUCs are
+    recorded so nobody mistakes them for the paper's detectors."""
+    auc = auc_shuffled_vs_normal(normal, shuffled)
+    ok = np.ones(auc.shape, bool) if alive is None else alive.copy()
+    ok &= shuffled.max(axis=0) > 0
+    order = [int(j) for j in np.argsort(-auc, kind="stable") if ok[j]][:k]
+    stats = {j: {"auc": float(auc[j]), "normal_mean": float(normal[:, j].mean()),
+                 "shuffled_mean": float(shuffled[:, j].mean())} for j in order}
+    return DetectorSet("discovered_top_auc", "top_auc", order, stats, {"k": k})
 
 
 def frequency_detectors(normal: np.ndarray, shuffled: np.ndarray, min_shuffled_rate: float = 0.8,

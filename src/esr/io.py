@@ -93,3 +93,12 @@ def stable_hash(obj: Any) -> str:
     """sha256 of a canonical JSON encoding: the content address used by caches (judge, calibration)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+SEED_HIGH = 2**31 - 1
+
+
+def derive_seed(*parts: Any) -> int:
+    """A seed in ``[0, 2**31 - 1)`` from a stable hash of ``parts`` (e.g. ``(seed, model, purpose)``): every random
+    choice in the package is derived this way from the config seed, so nothing depends on global RNG state."""
+    return int(stable_hash(list(parts))[:16], 16) % SEED_HIGH

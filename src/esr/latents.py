@@ -38,11 +38,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from esr.io import read_json, stable_hash, write_json, write_text
+from esr.io import SEED_HIGH, derive_seed, read_json, stable_hash, write_json, write_text
 
 RELEVANCE_FILTERS = ("zero_on_prompts", "top100_per_prompt", "none")
 FILTER_ORDER = ("unlabeled", "dead", "relevance_fail", "concreteness_error", "concreteness_fail")
-SEED_HIGH = 2**31 - 1  # trial seeds lie in [0, SEED_HIGH): valid for numpy, torch and vLLM alike
 _PLACEHOLDER = re.compile(r"^feature_\d+$")
 
 ConcretenessGrader = Callable[[Sequence[str]], Sequence["float | None"]]
@@ -54,11 +53,6 @@ class SelectionError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Seeds
-
-
-def derive_seed(*parts: Any) -> int:
-    """A seed in ``[0, 2**31 - 1)`` from a stable hash of ``parts`` (e.g. ``(seed, model, purpose)``)."""
-    return int(stable_hash(list(parts))[:16], 16) % SEED_HIGH
 
 
 def derive_rng(seed: int, model: str, purpose: str) -> np.random.Generator:

@@ -121,6 +121,14 @@ def init_deepspeed(model, dtype: torch.dtype, tp_size: int = 1):
                                     replace_with_kernel_inject=False)
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN has native bf16 on this CPU (AVX512-BF16 / AMX); without it bf16 matmuls are emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def load_model_dir(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
                    engine: str = "transformers", tp_size: int = 1, family: str | None = None) -> LoadedModel:
     """Load model + tokenizer from a local HF directory (config.json, weights, tokenizer files)."""
@@ -134,6 +142,13 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = "float32", devic
     if engine == "transformers" and tp_size != 1:
         raise ValueError(f"tensor_parallel {tp_size} > 1 needs engine 'deepspeed'")
     torch_dtype = resolve_dtype(dtype)
+    if torch_dtype == torch.bfloat16 and (device is None or torch.device(device).type == "cpu") \
+            and not torch.cuda.is_available() and not cpu_supports_bf16():
+        import logging
+
+        logging.getLogger("esr.models").warning("this CPU has no bf16 units: loading %s in float32 instead of "
+                                                "bfloat16 (slower, same results up to rounding)", path)
+        torch_dtype = torch.float32
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)))
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     model_type = _model_type(path)

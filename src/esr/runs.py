@@ -82,9 +82,9 @@ def select_latents_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: s
 
 def unsteered_answers(generator, prompts: list[str], seed: int, n_per_prompt: int = 1) -> pd.DataFrame:
     from esr.generation import TrialRequest
-    from esr.sae_training import derived_seed
+    from esr.io import derive_seed
 
-    reqs = [TrialRequest(prompt=p, seed=derived_seed(seed, "normal", str(i), str(k)), trial_id=f"normal|P{i}|{k}")
+    reqs = [TrialRequest(prompt=p, seed=derive_seed(seed, "normal", str(i), str(k)), trial_id=f"normal|P{i}|{k}")
             for i, p in enumerate(prompts) for k in range(n_per_prompt)]
     res = generator.generate(reqs)
     return pd.DataFrame([{"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response,
@@ -98,16 +98,16 @@ def discover_detectors_stage(spec: ModelSpec, model_dir: str | Path, prompts_pat
     """Unsteered answers to every prompt, then OTD discovery (separability and frequency methods) on
     own-answer vs deranged-answer conversations, then matched random control sets."""
     from esr.detectors import (PAPER_SETS, derangement, frequency_detectors, match_quality, matched_random_sets,
-                               separability_detectors)
+                               separability_detectors, top_auc_detectors)
     from esr.readout import conversation_ids, max_pooled_latents
-    from esr.sae_training import derived_seed
+    from esr.io import derive_seed
 
     prompts = read_prompt_list(prompts_path)
     gen = load_generator_for(spec, model_dir, gen_cfg)
     answers = unsteered_answers(gen, prompts, seed)
     write_parquet(answers_parquet, answers)
     tok, sae = gen.loaded.tokenizer, gen.directions.sae
-    perm = derangement(len(prompts), derived_seed(seed, spec.name, "derangement"))
+    perm = derangement(len(prompts), derive_seed(seed, spec.name, "derangement"))
     normal_seqs = [conversation_ids(tok, prompts[i], answers.response[i])[0] for i in range(len(prompts))]
     shuffled_seqs = [conversation_ids(tok, prompts[i], answers.response[perm[i]])[0] for i in range(len(prompts))]
     normal = max_pooled_latents(gen.loaded, sae, spec.sae_layer, normal_seqs, desc="normal pairs")
@@ -115,13 +115,18 @@ def discover_detectors_stage(spec: ModelSpec, model_dir: str | Path, prompts_pat
     freq = (normal > 0).mean(axis=0)
     mean_act = normal.mean(axis=0)
     sets: dict[str, dict[str, Any]] = {}
-    sep = separability_detectors(normal, shuffled, alive=(np.maximum(normal, shuffled).max(axis=0) > 0))
+    sep = separability_detectors(normal, shuffled, alive=(np.maximum(normal, shuffled).max(axis=0) > 0),
+                                 min_auc=det_cfg.get("min_auc", 1.0))
     fq = frequency_detectors(normal, shuffled, det_cfg["min_shuffled_rate"], max_latents=det_cfg["max_latents"])
-    for ds in (sep, fq):
+    found = [sep, fq]
+    if det_cfg.get("top_auc_k"):
+        found.append(top_auc_detectors(normal, shuffled, det_cfg["top_auc_k"],
+                                       alive=(np.maximum(normal, shuffled).max(axis=0) > 0)))
+    for ds in found:
         latents = ds.latents[: det_cfg["max_latents"]]
         sets[ds.name] = {"method": ds.method, "latents": latents, "params": ds.params,
                          "stats": {str(k): v for k, v in ds.stats.items() if k in latents}}
-    for name in det_cfg.get("paper_sets", []):
+    for name in spec.paper_detector_sets:
         if max(PAPER_SETS[name]) >= sae.cfg.d_sae:
             raise ValueError(f"detectors.paper_sets names {name!r}, whose latent ids exceed this SAE's "
                              f"{sae.cfg.d_sae} latents (the paper's sets belong to the 70B Goodfire SAE)")
@@ -130,7 +135,7 @@ def discover_detectors_stage(spec: ModelSpec, model_dir: str | Path, prompts_pat
     controls: dict[str, dict[str, Any]] = {}
     if target in sets and sets[target]["latents"]:
         rand = matched_random_sets(sets[target]["latents"], freq, mean_act, det_cfg["random_control"]["n_sets"],
-                                   derived_seed(seed, spec.name, "random_control"))
+                                   derive_seed(seed, spec.name, "random_control"))
         for i, latents in enumerate(rand):
             controls[f"random_{i}"] = {"method": "matched_random", "matched_to": target, "latents": latents,
                                        "match": match_quality(sets[target]["latents"], latents, freq, mean_act)}
@@ -409,11 +414,11 @@ def plant_restarts_stage(steered_parquet: str | Path, unsteered_parquet: str | P
     """POSITIVE CONTROL (embedded default only; SmolLM2 never restarts on its own): a seeded fraction of exp1's
     steered answers get an explicit restart phrase and the unsteered answer to the same prompt and seed appended,
     so the ESR metrics and statistics can be seen to fire. Clearly labelled ``planted`` everywhere."""
-    from esr.sae_training import derived_seed
+    from esr.io import derive_seed
 
     steered = pd.read_parquet(steered_parquet)
     unsteered = pd.read_parquet(unsteered_parquet).set_index(["latent", "prompt_id", "seed"])
-    rng = np.random.default_rng(derived_seed(seed, "planted"))
+    rng = np.random.default_rng(derive_seed(seed, "planted"))
     pick = rng.random(len(steered)) < fraction
     rows = []
     for flag, r in zip(pick, steered.to_dict("records")):
@@ -578,14 +583,14 @@ def cross_judge_stage(trials_parquet: str | Path, judges: dict[str, dict[str, An
     seeded random fill to ``n_samples`` (so per-judge rates are NOT population rates; agreement is the point).
     Each row keeps the original ``trial_id``; ``judge_id`` names the judge (the original is ``original``)."""
     from esr.judge import JudgeRequest
-    from esr.sae_training import derived_seed
+    from esr.io import derive_seed
 
     df = pd.read_parquet(trials_parquet)
     ok = df[df.error.isna() & (df.response.str.len() > 0)] if len(df) else df
     multi = ok[ok.n_attempts >= 2]
     rest = ok.drop(multi.index)
     n_fill = max(0, n_samples - len(multi))
-    fill = rest.sample(n=min(n_fill, len(rest)), random_state=derived_seed(seed, "cross_judge")) if len(rest) else rest
+    fill = rest.sample(n=min(n_fill, len(rest)), random_state=derive_seed(seed, "cross_judge")) if len(rest) else rest
     sample = pd.concat([multi, fill]).sort_values("trial_id")
     frames = [sample.assign(judge_id="original", sample_reason=np.where(sample.n_attempts >= 2, "multi", "fill"))]
     for name, cfg in judges.items():

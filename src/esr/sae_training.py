@@ -28,18 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from esr.corpus import available_mix, source_documents
-from esr.io import atomic_path, write_json
+from esr.io import atomic_path, derive_seed, write_json
 
 log = logging.getLogger(__name__)
 ACTS_FILE = "acts.safetensors"
 SAE_STATS_FILE = "esr_stats.json"
-
-
-def derived_seed(seed: int, *parts: str) -> int:
-    """A 31-bit seed derived from the master seed and a purpose string (stable across runs and machines)."""
-    from esr.io import stable_hash
-
-    return int(stable_hash([seed, *parts])[:8], 16) & 0x7FFFFFFF
 
 
 def bf16_supported() -> bool:
@@ -288,6 +281,7 @@ class LatentLabel:
     max_activation: float
     top_tokens: list[str]
     contexts: list[str]
+    whole_word_share: float = 0.0
 
 
 @torch.no_grad()
@@ -312,9 +306,14 @@ def top_activations(sae, acts: torch.Tensor, top_k: int, chunk: int = 16384) -> 
 
 
 def label_latents(sae, acts: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, tokenizer, top_k: int = 32,
-                  n_label_tokens: int = 6, n_contexts: int = 8) -> list[LatentLabel]:
-    """Automatic labels: the most common token strings among each latent's top activations, with contexts
-    (8 tokens before, the token in [[...]], 2 after). Dead latents get an empty label."""
+                  n_label_tokens: int = 6, n_contexts: int = 8, min_whole_word_share: float = 0.5) -> list[LatentLabel]:
+    """Automatic labels from each latent's top activations over ``acts``.
+
+    A top activation counts as a *whole word* when its token starts a word (leading space) and the next token does
+    not continue it. The label is the ``n_label_tokens`` most common whole words; a latent whose top activations are
+    mostly word pieces, digits or punctuation (whole-word share below ``min_whole_word_share``) gets an empty label
+    (counted as unlabeled downstream: we cannot name it in words). ``top_tokens`` keeps every top token either way,
+    with contexts (8 tokens before, the token in [[...]], 2 after). Dead latents get an empty label."""
     values, idx, fires = top_activations(sae, acts, top_k)
     n_tok = acts.shape[0]
     vocab_cache: dict[int, str] = {}
@@ -324,22 +323,34 @@ def label_latents(sae, acts: torch.Tensor, index: torch.Tensor, rows: torch.Tens
             vocab_cache[tid] = tokenizer.decode([tid])
         return vocab_cache[tid]
 
+    def whole_word(row: int, pos: int) -> bool:
+        t = tok_str(int(rows[row, pos]))
+        if not (t.startswith(" ") and t.strip().isalpha()):
+            return False
+        nxt = tok_str(int(rows[row, pos + 1])) if pos + 1 < rows.shape[1] else " "
+        return not (nxt[:1].isalpha())
+
     labels = []
     for j in range(sae.cfg.d_sae):
         live = values[:, j] > 0
         if fires[j] == 0 or not bool(live.any()):
             labels.append(LatentLabel(j, "", 0.0, 0.0, [], []))
             continue
-        toks, ctxs = [], []
+        toks, words, ctxs = [], [], []
         for r in idx[live, j].tolist():
             row, pos = index[r].tolist()
             toks.append(tok_str(int(rows[row, pos])))
+            if whole_word(row, pos):
+                words.append(toks[-1].strip())
             if len(ctxs) < n_contexts:
                 before = "".join(tok_str(int(t)) for t in rows[row, max(0, pos - 8):pos])
                 after = "".join(tok_str(int(t)) for t in rows[row, pos + 1:pos + 3])
                 ctxs.append(f"{before}[[{toks[-1]}]]{after}")
-        common = [t.strip() for t, _ in Counter(t.strip() for t in toks if t.strip()).most_common(n_label_tokens)]
-        labels.append(LatentLabel(j, ", ".join(common), float(fires[j] / n_tok), float(values[0, j]), common, ctxs))
+        common_tokens = [t for t, _ in Counter(t.strip() for t in toks if t.strip()).most_common(n_label_tokens)]
+        share = len(words) / len(toks)
+        label = ", ".join(w for w, _ in Counter(words).most_common(n_label_tokens)) if share >= min_whole_word_share else ""
+        labels.append(LatentLabel(j, label, float(fires[j] / n_tok), float(values[0, j]), common_tokens, ctxs,
+                                  round(share, 3)))
     return labels
 
 

@@ -93,13 +93,14 @@ def corpus_stage(spec: ModelSpec, model_dir: str | Path, sae_cfg: dict[str, Any]
                  out_dir: str | Path) -> None:
     from safetensors.torch import save_file
 
-    from esr.sae_training import build_token_rows, derived_seed
+    from esr.io import derive_seed
+    from esr.sae_training import build_token_rows
 
     tok = _load_tokenizer(model_dir)
     total = int((sae_cfg["train_tokens"] + sae_cfg["heldout_tokens"]) * sae_cfg["seq_len"]
                 / (sae_cfg["seq_len"] - 1) * 1.02)
     rows, manifest = build_token_rows(tok, sae_cfg["corpus_mix"], total, sae_cfg["seq_len"],
-                                      derived_seed(seed, spec.name, "corpus"), _chat_formatter(tok))
+                                      derive_seed(seed, spec.name, "corpus"), _chat_formatter(tok))
     log.info("corpus: %d rows x %d tokens; by source %s; missing %s", manifest.n_rows, manifest.seq_len,
              manifest.tokens_by_source, manifest.missing_sources or "none")
     with atomic_path(out_dir) as tmp:
@@ -137,7 +138,8 @@ def train_sae_stage(spec: ModelSpec, acts_dir: str | Path, sae_cfg: dict[str, An
                     out_dir: str | Path, report_json: str | Path, report_md: str | Path) -> None:
     from sae_lens import SAE
 
-    from esr.sae_training import (SAE_STATS_FILE, derived_seed, evaluate_sae, load_activations,
+    from esr.io import derive_seed
+    from esr.sae_training import (SAE_STATS_FILE, evaluate_sae, load_activations,
                                   sae_report_markdown, train_topk_sae)
 
     acts, _index, _rows, act_stats = load_activations(acts_dir)
@@ -147,7 +149,7 @@ def train_sae_stage(spec: ModelSpec, acts_dir: str | Path, sae_cfg: dict[str, An
     train = acts[: min(acts.shape[0] - n_held, sae_cfg["train_tokens"])]
     heldout = acts[-n_held:]
     t0 = time.time()
-    sae_seed = derived_seed(seed, spec.name, "sae")
+    sae_seed = derive_seed(seed, spec.name, "sae")
     trained = train_topk_sae(train, sae_cfg["d_sae"], sae_cfg["k"], sae_cfg["lr"], sae_cfg["train_batch_tokens"],
                              sae_seed, spec.sae_layer, spec.hf_id)
     train_seconds = time.time() - t0

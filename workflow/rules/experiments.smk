@@ -206,6 +206,8 @@ rule grade:
     output:
         graded="results/{experiment}/{model}/shards/{condition}/graded-{shard}.parquet",
         stats="results/{experiment}/{model}/shards/{condition}/judge-stats-{shard}.json",
+    wildcard_constraints:
+        experiment="exp1|exp8|exp2|exp3|exp5|exp10|planted",
     params:
         judge=lambda w: judge_config(w.model),
     log:
@@ -225,6 +227,8 @@ rule gather_trials:
         graded_shards,
     output:
         "results/{experiment}/{model}/trials.parquet",
+    wildcard_constraints:
+        experiment="exp1|exp8|exp2|exp3|exp5|exp10|planted",
     log:
         "logs/gather_trials/{experiment}/{model}.log",
     resources:
