@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -355,7 +356,9 @@ def open_store(path: str | os.PathLike, verify: str = "size"):
 
     path = Path(path)
     attrs = verify_store(path, verify)
-    ds = xr.open_zarr(path, consolidated=False, chunks=None, zarr_format=3)
+    with warnings.catch_warnings():  # Snakemake's timestamp file inside directory() outputs is not a Zarr node
+        warnings.filterwarnings("ignore", message=r".*\.snakemake_timestamp.*")
+        ds = xr.open_zarr(path, consolidated=False, chunks=None, zarr_format=3)
     if ds.attrs.get("esr_format") != FORMAT:
         raise CorruptStoreError(f"{path}: root attribute esr_format is {ds.attrs.get('esr_format')!r}, not {FORMAT!r}")
     if ds.sizes.get("trial") != attrs["n_trials"]:

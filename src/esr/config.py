@@ -79,6 +79,7 @@ def load_schema() -> dict[str, Any]:
     with open(SCHEMA_PATH, encoding="utf-8") as f:
         schema = yaml.safe_load(f)
     schema["properties"]["judge"] = JUDGE_CONFIG_SCHEMA
+    schema["properties"]["calibration_judge"] = JUDGE_CONFIG_SCHEMA
     schema["properties"]["concreteness"] = CONCRETENESS_CONFIG_SCHEMA
     return schema
 

@@ -103,6 +103,10 @@ def fidelity_notes(config: Mapping[str, Any]) -> list[str]:
     if judge.get("backend") == "offline_minilm":
         notes.append("Judge: offline MiniLM relevance judge with restart-phrase segmentation, an APPROXIMATION of "
                      "the paper's Claude Haiku 4.5 judge.")
+    cal_judge = config.get("calibration_judge") or judge
+    if cal_judge != judge:
+        notes.append(f"Boost calibration was scored by a different judge ({cal_judge.get('backend')}:"
+                     f"{cal_judge.get('model')}) than the trials ({judge.get('backend')}:{judge.get('model')}).")
     if config.get("concreteness", {}).get("backend") == "wordnet":
         notes.append("Concreteness: WordNet heuristic, an APPROXIMATION of the paper's Claude Sonnet 4.5 grader.")
     sel = config.get("selection", {})

@@ -78,16 +78,18 @@ def labels_input(wildcards):
     return f"resources/labels/{wildcards.model}.csv"
 
 
-def judge_config(model):
-    """The judge block for one model: the offline judge's 'auto' calibration becomes this model's anchor file."""
-    cfg = dict(config["judge"])
+def judge_config(model, key="judge"):
+    """A judge block for one model (``judge``: grades trials; ``calibration_judge``: scores the boost search,
+    defaulting to ``judge``). The offline judge's 'auto' calibration becomes this model's anchor file."""
+    cfg = dict(config.get(key) or config["judge"])
     if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
         cfg["calibration"] = f"results/judge/{model}/offline_calibration.json"
     return cfg
 
 
-def judge_calibration_input(wildcards):
-    cfg = config["judge"]
+def judge_calibration_input(wildcards, key="judge"):
+    """The offline judge's anchor file, when that judge (``judge`` or ``calibration_judge``) uses 'auto'."""
+    cfg = config.get(key) or config["judge"]
     if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
         return f"results/judge/{wildcards.model}/offline_calibration.json"
     return []

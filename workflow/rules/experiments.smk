@@ -77,14 +77,14 @@ rule calibrate_boosts:
         sae=sae_input,
         prompts="resources/prompts/prompts.txt",
         selection="results/selection/{model}/selection.json",
-        judge_calibration=judge_calibration_input,
+        judge_calibration=lambda w: judge_calibration_input(w, "calibration_judge"),
     output:
         "results/calibration/{model}/shard-{shard}.json",
     params:
         spec=model_spec,
         generation=config.get("generation"),
         calibration=config.get("calibration"),
-        judge=lambda w: judge_config(w.model),
+        judge=lambda w: judge_config(w.model, "calibration_judge"),
         seed=config["seed"],
         n_shards=N_SHARDS,
         cache_dir="resources/calibration_cache",
