@@ -60,7 +60,8 @@ def test_selection_counts_and_determinism(tiny):
 
 def test_detectors_and_matched_controls(tiny):
     det = read_json(tiny["detectors"])
-    assert set(det["detector_sets"]) == {"discovered_separability", "discovered_frequency"}
+    assert set(det["detector_sets"]) == {"discovered_separability", "discovered_frequency", "discovered_top_auc"}
+    assert len(det["detector_sets"]["discovered_top_auc"]["latents"]) == 4
     for rs in det["random_sets"].values():
         assert not set(rs["latents"]) & set(det["detector_sets"]["discovered_separability"]["latents"])
     assert len(pd.read_parquet(tiny["answers"])) == 6
@@ -76,10 +77,16 @@ def test_thresholds_are_within_bounds_and_cached(tiny):
 
 def test_generation_is_paired_resumable_and_captures(tiny, tmp_path):
     exp1 = _plan(tiny, "exp1", "steered")
-    abl = _plan(tiny, "exp3", "discovered_separability")
-    assert [(t.latent, t.prompt_id, t.seed) for t in exp1] == [(t.latent, t.prompt_id, t.seed) for t in abl]
-    assert all(t.ablate for t in abl) or not read_json(tiny["detectors"])["detector_sets"][
-        "discovered_separability"]["latents"]
+    abl = _plan(tiny, "exp3", "discovered_top_auc")
+    ctl = _plan(tiny, "exp10", "random_0")
+    key = [(t.latent, t.prompt_id, t.seed) for t in exp1]
+    assert key == [(t.latent, t.prompt_id, t.seed) for t in abl] == [(t.latent, t.prompt_id, t.seed) for t in ctl]
+    det = read_json(tiny["detectors"])
+    assert all(t.ablate == tuple(sorted(det["detector_sets"]["discovered_top_auc"]["latents"])) for t in abl)
+    assert all(t.ablate == tuple(det["random_sets"]["random_0"]["latents"]) for t in ctl)
+    # an empty discovered set runs as zero trials, never as another set
+    if not det["detector_sets"]["discovered_frequency"]["latents"]:
+        assert _plan(tiny, "exp3", "discovered_frequency") == []
     trials = shard_trials(exp1, 2, 0) + shard_trials(exp1, 2, 1)
     assert sorted(t.trial_id for t in trials) == sorted(t.trial_id for t in exp1)
     capture = runs.capture_latents_for(tiny["detectors"], tiny["selection"])

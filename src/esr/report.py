@@ -63,35 +63,80 @@ def sweep_figure(model: str, exp2: str | Path, out_png: str | Path) -> None:
     figure_boost_sweep(sweep_table(df), out_png, model=model)
 
 
+def _inline(text: str) -> str:
+    import html
+    import re
+
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    out = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
 def audit_markdown_to_html(md_path: str | Path, out_html: str | Path, title: str) -> None:
-    """A small self-contained HTML rendering of the audit table for the Snakemake report."""
+    """A small self-contained HTML rendering of the audit markdown (headings, paragraphs, nested bullet lists,
+    bold/italic/code, tables) for the Snakemake report."""
     import html
 
     lines = Path(md_path).read_text(encoding="utf-8").splitlines()
-    body, in_table = [], False
+    body: list[str] = []
+    block: list[str] = []   # the paragraph or list item being collected
+    list_depth = 0
+    in_table = False
+
+    def flush() -> None:
+        if block:
+            text = _inline(" ".join(x.strip() for x in block))
+            body.append(f"<li>{text}</li>" if list_depth else f"<p>{text}</p>")
+            block.clear()
+
+    def set_depth(depth: int) -> None:
+        nonlocal list_depth
+        while list_depth < depth:
+            body.append("<ul>")
+            list_depth += 1
+        while list_depth > depth:
+            body.append("</ul>")
+            list_depth -= 1
+
     for line in lines:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            flush()
+            set_depth(0)
+            cells = [c.strip() for c in stripped.strip("|").split("|")]
             if set("".join(cells)) <= set("-: "):
                 continue
-            tag = "th" if not in_table else "td"
+            tag = "td" if in_table else "th"
             if not in_table:
                 body.append("<table>")
                 in_table = True
-            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
             continue
         if in_table:
             body.append("</table>")
             in_table = False
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 4)
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+        if not stripped:
+            flush()
+            set_depth(0)
+        elif stripped.startswith("#"):
+            flush()
+            set_depth(0)
+            level = min(len(stripped) - len(stripped.lstrip("#")), 4)
+            body.append(f"<h{level}>{html.escape(stripped.lstrip('#').strip())}</h{level}>")
+        elif stripped[:2] in ("* ", "- "):
+            flush()
+            set_depth(1 + (len(line) - len(line.lstrip())) // 2)
+            block.append(stripped[2:])
+        else:
+            block.append(stripped)
+    flush()
+    set_depth(0)
     if in_table:
         body.append("</table>")
-    style = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 5px;vertical-align:top}th{background:#eee}")
+    style = ("body{font-family:sans-serif;margin:1em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 5px;vertical-align:top}th{background:#eee}"
+             "code{background:#f4f4f4}")
     write_text(out_html, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                          f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
