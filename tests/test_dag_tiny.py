@@ -49,8 +49,11 @@ def test_tiny_dag_runs_end_to_end_and_reruns_only_grading_after_a_judge_change(r
     tiny_config.write_text(cfg)
     changes = _snakemake(repo_root, work, tiny_config, "--list-changes", "params")
     assert changes.returncode == 0, changes.stderr[-2000:]
-    changed = changes.stdout.split()
-    assert any("graded-" in c for c in changed) and not any("/gen-" in c for c in changed), changes.stdout
-    plan = _snakemake(repo_root, work, tiny_config, "-n", "--cores", "1")
-    assert "rule grade:" in plan.stdout and "rule generate:" not in plan.stdout and "rule generate_exp1:" not in \
-        plan.stdout, plan.stdout[-3000:]
+    # --list-changes params names the regraded shards. (Snakemake 9.27.1 also lists outputs whose params did not
+    # change: ParamsChange.__or__ returns an empty change that still carries its files. The dry run below is exact.)
+    assert any("graded-" in c for c in changes.stdout.split()), changes.stdout
+    plan = _snakemake(repo_root, work, tiny_config, "-n", "--cores", "1", "--rerun-triggers", "params")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "rule grade:" in plan.stdout and "Params have changed" in plan.stdout
+    for rule in ("generate", "generate_exp1", "calibrate_boosts", "select_latents", "discover_detectors"):
+        assert f"rule {rule}:" not in plan.stdout, rule
