@@ -283,14 +283,88 @@ def capture_latents_for(detectors_json: str | Path | None, selection_json: str |
 GEN_COLUMNS = ("response", "n_tokens", "finish_reason", "boost_unit", "steer_coefficient", "steer_residual_norm")
 
 
-def generate_stage(spec: ModelSpec, model_dir: str | Path, trials: list[TrialSpec], gen_cfg: dict[str, Any],
-                   out_parquet: str | Path, capture: tuple[list[int], dict[str, list[int]]] | None = None,
-                   acts_store: str | Path | None = None, run_provenance: dict[str, Any] | None = None) -> None:
-    """Generate ``trials`` in batches; each finished batch is checkpointed in ``<out>.partial/`` (keyed by the plan
-    and settings hash) so a killed job resumes where it stopped. With ``capture`` the per-token SAE activations of
-    the stored latents are written to the Zarr store ``acts_store``."""
+def _request(t: TrialSpec, store_latents: Sequence[int]):
     from esr.generation import TrialRequest
 
+    cap = tuple(sorted(set(store_latents) | ({t.latent} if t.latent is not None else set())))
+    iv = Intervention(steer_latent=t.latent if t.steer else None, boost=t.boost if t.steer else 0.0,
+                      ablate=t.ablate, capture=cap if store_latents else ())
+    return TrialRequest(prompt=t.prompt, seed=t.seed, intervention=iv, trial_id=t.trial_id)
+
+
+def _rows_from_results(trials: Sequence[TrialSpec], results) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    rows, acts = [], {}
+    for t, r in zip(trials, results):
+        if r.trial_id != t.trial_id:
+            raise RuntimeError(f"generation returned trial {r.trial_id!r} where {t.trial_id!r} was expected")
+        rows.append({**t.to_dict(), "response": r.response, "n_tokens": r.n_tokens, "finish_reason": r.finish_reason,
+                     "token_ids": list(r.token_ids), "boost_unit": r.steering.get("boost_unit"),
+                     "steer_coefficient": r.steering.get("steer_coefficient"),
+                     "steer_residual_norm": r.steering.get("steer_residual_norm"),
+                     "settings": json.dumps(r.settings, sort_keys=True, default=str)})
+        if r.activations is not None:
+            acts[t.trial_id] = r.activations
+    return rows, acts
+
+
+def _generate_tensor_parallel(spec: ModelSpec, model_dir: str | Path, trials: Sequence[TrialSpec],
+                              store_latents: Sequence[int], gen_cfg: dict[str, Any], workdir: Path,
+                              run_config: dict[str, Any] | None):
+    """Run ``esr.generation_worker`` under ``torchrun --nproc_per_node <tensor_parallel>`` (DeepSpeed AutoTP) and
+    read rank 0's results back as ``GenerationResult`` objects."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from esr.generation import GenerationResult
+
+    import yaml
+
+    if run_config is None:
+        raise ValueError(f"model {spec.name!r} has tensor_parallel {spec.tensor_parallel}: the generation stage "
+                         "needs the run's config to launch the worker ranks")
+    configfile = workdir / "run_config.yaml"
+    configfile.write_text(yaml.safe_dump(run_config, sort_keys=False))
+    req_path, out_path, acts_path = workdir / "requests.jsonl", workdir / "results.jsonl", workdir / "acts.safetensors"
+    with open(req_path, "w", encoding="utf-8") as f:
+        for t in trials:
+            r = _request(t, store_latents)
+            f.write(json.dumps({"trial_id": r.trial_id, "prompt": r.prompt, "seed": r.seed,
+                                "intervention": dataclasses.asdict(r.intervention)}) + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.tensor_parallel}",
+           "-m", "esr.generation_worker", "--config", str(configfile), "--model", spec.name, "--model-dir",
+           str(model_dir), "--requests", str(req_path), "--out", str(out_path), "--engine", "deepspeed",
+           "--tp", str(spec.tensor_parallel), "--temperature", str(gen_cfg["temperature"]),
+           "--max-new-tokens", str(gen_cfg["max_new_tokens"]), "--batch-size", str(gen_cfg["batch_size"]),
+           "--positions", gen_cfg.get("steer_positions", "all"), "--no-progress"]
+    if store_latents:
+        cmd += ["--activations", str(acts_path)]
+    log.info("launching %d tensor-parallel ranks: %s", spec.tensor_parallel, " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    acts = load_file(str(acts_path)) if store_latents and acts_path.exists() else {}
+    fields = {f.name for f in dataclasses.fields(GenerationResult)}
+    results = []
+    for line in out_path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        iv = rec.get("intervention")
+        rec["intervention"] = None if iv is None else Intervention(
+            steer_latent=iv["steer_latent"], boost=iv["boost"], ablate=tuple(iv["ablate"]), capture=tuple(iv["capture"]))
+        rec = {k: v for k, v in rec.items() if k in fields}
+        rec["activations"] = acts.get(rec["trial_id"])
+        results.append(GenerationResult(**rec))
+    return results
+
+
+def generate_stage(spec: ModelSpec, model_dir: str | Path, trials: list[TrialSpec], gen_cfg: dict[str, Any],
+                   out_parquet: str | Path, capture: tuple[list[int], dict[str, list[int]]] | None = None,
+                   acts_store: str | Path | None = None, run_provenance: dict[str, Any] | None = None,
+                   run_config: dict[str, Any] | None = None) -> None:
+    """Generate ``trials`` in batches; each finished batch is checkpointed in ``<out>.partial/`` (keyed by the plan
+    and settings hash) so a killed job resumes where it stopped. With ``capture`` the per-token SAE activations of
+    the stored latents are written to the Zarr store ``acts_store``. Models with ``tensor_parallel`` > 1 run as
+    DeepSpeed ranks under torchrun (``run_config``, the run's config, is written for them to load)."""
     out_parquet = Path(out_parquet)
     store_latents, groups = capture or ([], {})
     plan_hash = stable_hash([t.to_dict() for t in trials] + [gen_cfg, spec.name, store_latents])[:16]
@@ -306,7 +380,15 @@ def generate_stage(spec: ModelSpec, model_dir: str | Path, trials: list[TrialSpe
     log.info("%d trials planned, %d already generated (resuming), %d to generate", len(trials), len(done), len(todo))
     rows_acts: dict[str, torch.Tensor] = dict(done_acts)
     settings_record: dict[str, Any] = {}
-    if todo:
+    if todo and spec.tensor_parallel > 1:
+        # tensor parallel: every rank runs the same requests under torchrun; rank 0 writes (esr.generation_worker)
+        results = _generate_tensor_parallel(spec, model_dir, todo, store_latents, gen_cfg, partial, run_config)
+        rows_batch, acts_batch = _rows_from_results(todo, results)
+        torch.save({"rows": rows_batch, "acts": acts_batch}, partial / "batch-tp.pt")
+        done.update({r["trial_id"]: r for r in rows_batch})
+        rows_acts.update(acts_batch)
+        settings_record = results[0].settings if results else {}
+    elif todo:
         gen = load_generator_for(spec, model_dir, gen_cfg)
         settings_record = gen.settings_record()
         bs = gen_cfg["batch_size"]
@@ -314,24 +396,8 @@ def generate_stage(spec: ModelSpec, model_dir: str | Path, trials: list[TrialSpe
 
         for start in tqdm(range(0, len(todo), bs), desc=f"generate {out_parquet.parent.name}", unit="batch"):
             chunk = todo[start:start + bs]
-            reqs = []
-            for t in chunk:
-                cap = tuple(sorted(set(store_latents) | ({t.latent} if t.latent is not None else set())))
-                iv = Intervention(steer_latent=t.latent if t.steer else None, boost=t.boost if t.steer else 0.0,
-                                  ablate=t.ablate, capture=cap if store_latents else ())
-                reqs.append(TrialRequest(prompt=t.prompt, seed=t.seed, intervention=iv, trial_id=t.trial_id))
-            results = gen.generate_batch(reqs)
-            batch_rows, batch_acts = [], {}
-            for t, r in zip(chunk, results):
-                row = {**t.to_dict(), "response": r.response, "n_tokens": r.n_tokens,
-                       "finish_reason": r.finish_reason, "token_ids": list(r.token_ids),
-                       "boost_unit": r.steering.get("boost_unit"),
-                       "steer_coefficient": r.steering.get("steer_coefficient"),
-                       "steer_residual_norm": r.steering.get("steer_residual_norm"),
-                       "settings": json.dumps(r.settings, sort_keys=True, default=str)}
-                batch_rows.append(row)
-                if r.activations is not None:
-                    batch_acts[t.trial_id] = r.activations
+            results = gen.generate_batch([_request(t, store_latents) for t in chunk])
+            batch_rows, batch_acts = _rows_from_results(chunk, results)
             torch.save({"rows": batch_rows, "acts": batch_acts}, partial / f"batch-{start:06d}.pt")
             done.update({row["trial_id"]: row for row in batch_rows})
             rows_acts.update(batch_acts)

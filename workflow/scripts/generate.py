@@ -12,7 +12,7 @@ with stage_logging(snakemake.log[0], snakemake.threads):
     trials = shard_trials(trials, p.n_shards, int(w.shard))
     capture = capture_latents_for(i.detectors, i.selection) if experiment == "exp1" else None
     generate_stage(p.spec, i.model, trials, p.generation, snakemake.output.gen, capture=capture,
-                   acts_store=snakemake.output.get("acts"),
+                   acts_store=snakemake.output.get("acts"), run_config=dict(snakemake.config),
                    run_provenance=provenance(generation=p.generation, experiments=p.experiments, model=w.model,
                                              sae=p.spec.sae.ident, revision=p.spec.revision, seed=p.seed,
                                              experiment=experiment, condition=condition, shard=int(w.shard)))
