@@ -80,16 +80,15 @@ def select_latents_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: s
 
 # ------------------------------------------------------------------------------------------------ unsteered answers, detectors
 
-def unsteered_answers(generator, prompts: list[str], seed: int, n_per_prompt: int = 1) -> pd.DataFrame:
+def unsteered_answers(generator, prompts: list[str], seed: int) -> pd.DataFrame:
+    """One seeded unsteered answer per prompt (detector discovery's "normal" pairs and the judge's anchors)."""
     from esr.generation import TrialRequest
     from esr.io import derive_seed
 
-    reqs = [TrialRequest(prompt=p, seed=derive_seed(seed, "normal", str(i), str(k)), trial_id=f"normal|P{i}|{k}")
-            for i, p in enumerate(prompts) for k in range(n_per_prompt)]
-    res = generator.generate(reqs)
+    reqs = [TrialRequest(prompt=p, seed=derive_seed(seed, "normal", str(i)), trial_id=f"normal|P{i}")
+            for i, p in enumerate(prompts)]
     return pd.DataFrame([{"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response,
-                          "n_tokens": r.n_tokens} for (i, _), r in zip(
-                              [(i, k) for i in range(len(prompts)) for k in range(n_per_prompt)], res)])
+                          "n_tokens": r.n_tokens} for i, r in enumerate(generator.generate(reqs))])
 
 
 def discover_detectors_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: str | Path,
@@ -222,14 +221,16 @@ def gather_calibration_stage(shard_jsons: Sequence[str | Path], out_parquet: str
     table = calibration_table(results)
     write_table(table, out_parquet)
     summary = summarize_thresholds(table)
-    write_json(summary_json, {"summary": json.loads(summary.to_json(orient="records")) if hasattr(summary, "to_json")
-                              else summary, "n_latents": len(table), "provenance": provenance()})
+    write_json(summary_json, {"summary": json.loads(summary.to_json(orient="records")), "n_latents": len(table),
+                              "provenance": provenance()})
 
 
 def thresholds_from(table_parquet: str | Path) -> dict[int, float | None]:
+    """latent -> calibrated threshold, None where the calibration failed (those latents run no trials)."""
     df = pd.read_parquet(table_parquet)
-    return {int(r.latent): (None if (r.error if "error" in df.columns else None) or pd.isna(r.threshold)
-                            else float(r.threshold)) for r in df.itertuples()}
+    failed = df["error"].notna() if "error" in df.columns else pd.Series(False, index=df.index)
+    return {int(lat): None if bad or pd.isna(thr) else float(thr)
+            for lat, thr, bad in zip(df["latent"], df["threshold"], failed)}
 
 
 # ------------------------------------------------------------------------------------------------ plans
