@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from esr.generation import left_pad
 from esr.models import LoadedModel
 from esr.records import Intervention
 from esr.sae import SteeringDirections
@@ -40,16 +41,6 @@ def conversation_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], 
     return list(ids), len(head_ids)
 
 
-def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def per_token_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[Sequence[int]],
                       latents: Sequence[int] | None = None, batch_size: int = 8,
@@ -71,7 +62,7 @@ def per_token_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[
     out: list[torch.Tensor] = []
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch", disable=len(sequences) < 64):
         chunk = sequences[start:start + batch_size]
-        ids, mask = _left_pad(chunk, pad)
+        ids, mask = left_pad(chunk, pad, torch.device("cpu"))
         captured.clear()
         with contextlib.ExitStack() as stack:
             if interventions is not None:

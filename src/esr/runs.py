@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -442,29 +441,31 @@ def _write_capture_store(spec, model_dir, trials, rows, acts, store_latents, gro
 def grade_stage(gen_parquet: str | Path, judge_cfg: dict[str, Any], out_parquet: str | Path,
                 stats_json: str | Path) -> None:
     """Grade every generated answer (content-addressed cache: a rerun after a crash makes no repeated calls)."""
-    from esr.judge import JudgeRequest
-
     gen = pd.read_parquet(gen_parquet)
     judge = judge_for(judge_cfg, show_progress=True)
-    reqs = [JudgeRequest(r.judge_prompt, r.response, r.label or "", r.trial_id) for r in gen.itertuples()]
-    results = judge.grade_batch(reqs)
-    out = gen.copy()
-    out["judge_id"] = [g.judge_id for g in results]
-    out["judge_template_version"] = [g.template_version for g in results]
-    out["attempt_texts"] = [[a.text for a in g.attempts] for g in results]
-    out["attempt_scores"] = [[a.score for a in g.attempts] for g in results]
-    scores = [[a.score for a in g.attempts if a.score is not None] for g in results]
-    out["n_attempts"] = [len(s) for s in scores]
-    out["first_score"] = [s[0] if s else None for s in scores]
-    out["last_score"] = [s[-1] if s else None for s in scores]
-    out["error"] = [g.error for g in results]
-    out["error_kind"] = [g.error_kind for g in results]
-    out["judge_raw"] = [g.raw_text for g in results]
-    out["judge_metadata"] = [json.dumps(g.metadata, default=str) for g in results]
+    out = graded_frame(gen, judge)
     write_parquet(out_parquet, out)
     write_json(stats_json, {"judge": judge.describe(), "stats": judge.stats.as_dict(), "n_trials": len(out),
                             "provenance": provenance(judge=judge.describe())})
     log.info("graded %d answers: %s", len(out), judge.stats.as_dict())
+
+
+def graded_frame(trials: pd.DataFrame, judge) -> pd.DataFrame:
+    """``trials`` (needs judge_prompt, response, label, trial_id) graded by ``judge``: a copy with the judge's
+    attempts, scores, first/last score, error and raw text as columns (the trials-table grading columns)."""
+    from esr.judge import JudgeRequest
+
+    results = judge.grade_batch([JudgeRequest(r.judge_prompt, r.response, r.label or "", r.trial_id)
+                                 for r in trials.itertuples()])
+    scores = [[a.score for a in g.attempts if a.score is not None] for g in results]
+    return trials.assign(
+        judge_id=[g.judge_id for g in results], judge_template_version=[g.template_version for g in results],
+        attempt_texts=[[a.text for a in g.attempts] for g in results],
+        attempt_scores=[[a.score for a in g.attempts] for g in results], n_attempts=[len(x) for x in scores],
+        first_score=[x[0] if x else None for x in scores], last_score=[x[-1] if x else None for x in scores],
+        error=[g.error for g in results], error_kind=[g.error_kind for g in results],
+        judge_raw=[g.raw_text for g in results],
+        judge_metadata=[json.dumps(g.metadata, default=str) for g in results])
 
 
 def gather_trials_stage(graded_parquets: Sequence[str | Path], out_parquet: str | Path) -> None:
@@ -649,7 +650,6 @@ def cross_judge_stage(trials_parquet: str | Path, judges: dict[str, dict[str, An
     """Regrade a sample of exp1 trials with other judges: all trials the original judge called multi-attempt plus a
     seeded random fill to ``n_samples`` (so per-judge rates are NOT population rates; agreement is the point).
     Each row keeps the original ``trial_id``; ``judge_id`` names the judge (the original is ``original``)."""
-    from esr.judge import JudgeRequest
     from esr.io import derive_seed
 
     df = pd.read_parquet(trials_parquet)
@@ -662,19 +662,8 @@ def cross_judge_stage(trials_parquet: str | Path, judges: dict[str, dict[str, An
     frames = [sample.assign(judge_id="original", sample_reason=np.where(sample.n_attempts >= 2, "multi", "fill"))]
     for name, cfg in judges.items():
         judge = judge_for(cfg)
-        res = judge.grade_batch([JudgeRequest(r.judge_prompt, r.response, r.label or "", r.trial_id)
-                                 for r in sample.itertuples()])
-        regraded = sample.copy()
-        scores = [[a.score for a in g.attempts if a.score is not None] for g in res]
-        regraded["judge_id"] = name
-        regraded["judge_model"] = judge.judge_id
-        regraded["attempt_texts"] = [[a.text for a in g.attempts] for g in res]
-        regraded["attempt_scores"] = [[a.score for a in g.attempts] for g in res]
-        regraded["n_attempts"] = [len(s) for s in scores]
-        regraded["first_score"] = [s[0] if s else None for s in scores]
-        regraded["last_score"] = [s[-1] if s else None for s in scores]
-        regraded["error"] = [g.error for g in res]
-        regraded["sample_reason"] = frames[0]["sample_reason"].values
+        regraded = graded_frame(sample, judge).assign(judge_id=name, judge_model=judge.judge_id,
+                                                      sample_reason=frames[0]["sample_reason"].values)
         frames.append(regraded)
         log.info("cross-judge %s (%s): %s", name, judge.judge_id, judge.stats.as_dict())
     write_parquet(out_parquet, pd.concat(frames, ignore_index=True).assign(experiment="exp7"))

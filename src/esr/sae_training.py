@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 from collections import Counter
@@ -23,23 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from esr.corpus import available_mix, source_documents
-from esr.io import atomic_path, derive_seed, write_json
+from esr.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 ACTS_FILE = "acts.safetensors"
 SAE_STATS_FILE = "esr_stats.json"
-
-
-def bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------- corpus -> rows
@@ -222,7 +213,9 @@ def train_topk_sae(train_acts: torch.Tensor, d_sae: int, k: int, lr: float, batc
     sae.cfg.metadata.hook_name = f"blocks.{hook_layer}.hook_resid_post"
     sae.cfg.metadata.model_name = model_name
     if autocast is None:
-        autocast = bf16_supported()
+        from esr.models import cpu_supports_bf16
+
+        autocast = cpu_supports_bf16()
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch_tokens, train_batch_size_samples=batch_tokens, lr=lr, lr_end=lr / 10,
         lr_scheduler_name="constant", lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=max(1, steps // 5),

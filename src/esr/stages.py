@@ -115,11 +115,12 @@ def collect_stage(spec: ModelSpec, model_dir: str | Path, corpus_dir: str | Path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from esr.sae_training import (ActivationStats, bf16_supported, collect_layer_activations, filter_activations,
+    from esr.models import cpu_supports_bf16
+    from esr.sae_training import (ActivationStats, collect_layer_activations, filter_activations,
                                   save_activations, truncate_after_layer)
 
     rows = load_file(str(Path(corpus_dir) / "rows.safetensors"))["rows"]
-    dtype = torch.bfloat16 if sae_cfg["collect_dtype"] == "bfloat16" and bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if sae_cfg["collect_dtype"] == "bfloat16" and cpu_supports_bf16() else torch.float32
     if sae_cfg["collect_dtype"] == "bfloat16" and dtype != torch.bfloat16:
         log.warning("this CPU has no bf16 units: collecting in float32 (slower, same result up to rounding)")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
