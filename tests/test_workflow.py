@@ -74,7 +74,13 @@ def test_embedded_workflow_end_to_end(repo_root):
     # steering at the calibrated threshold derails the answers the offline judge sees as on-topic unsteered
     assert unsteered.first_score.mean() > steered.first_score.mean() + 20
     planted = pd.read_parquet(repo_root / f"results/planted/{m}/trials.parquet")
-    assert len(planted) > 0 and (planted.n_attempts == 2).all()
+    # the planted restart is always found; SmolLM2's own text may carry restart language too ("let me try again")
+    from esr.judge.segmentation import find_restarts, n_words
+
+    n_restarts = planted.response.map(lambda t: len(find_restarts(t)))
+    assert len(planted) > 0 and (n_restarts >= 1).all() and (planted.n_attempts >= 2).all()
+    only_planted = (n_restarts == 1) & planted.response.map(lambda t: n_words(t[:find_restarts(t)[0].start]) >= 3)
+    assert (planted.n_attempts[only_planted] == 2).all()
     audit = json.loads((repo_root / "results/audit/paper_numbers.json").read_text())
     assert sum(audit["verdict_counts"].values()) == len(audit["numbers"]) > 40
     assert (repo_root / f"results/exp9/{m}/aligned_window.png").exists()
