@@ -59,6 +59,13 @@ def test_hub_models_need_a_pinned_commit(paper):
         validate_config(cfg)
 
 
+def test_tensor_parallel_needs_a_gpu_per_rank(paper):
+    cfg = copy.deepcopy(paper)
+    cfg["models"]["llama-3.3-70b"]["resources"]["gpu"] = cfg["models"]["llama-3.3-70b"]["tensor_parallel"] - 1
+    with pytest.raises(ConfigError, match=r"models\.llama-3\.3-70b\.resources\.gpu"):
+        validate_config(cfg)
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -543,10 +543,12 @@ def make_keys(context: CalibrationContext, settings: CalibrationSettings, prior:
 
 class CalibrationCache:
     """One JSON file per key under ``root`` (``<sha256 of the key>.json``), written atomically. A file whose stored
-    key is not exactly the requested key is a miss (it is never returned)."""
+    key is not exactly the requested key is a miss (it is never returned). A ``read_only`` cache (the non-writer
+    ranks of a tensor-parallel stage) reads but never writes."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, read_only: bool = False) -> None:
         self.root = Path(root)
+        self.read_only = read_only
 
     def path_for(self, key: CalibrationKey) -> Path:
         return self.root / f"{key.digest()}.json"
@@ -577,6 +579,8 @@ class CalibrationCache:
         result = dataclasses.replace(result, key=key.as_dict(), key_digest=key.digest())
         blob = {"key": key.as_dict(), "key_digest": key.digest(), "result": result.to_dict(),
                 "provenance": dict(provenance or {})}
+        if self.read_only:
+            return self.path_for(key)
         return write_json(self.path_for(key), blob)
 
 

@@ -164,6 +164,10 @@ def check_semantics(config: dict[str, Any]) -> None:
                               "(pinned revision) for hub models")
         if m.get("engine") == "transformers" and m.get("tensor_parallel", 1) > 1:
             raise ConfigError(f"config key '{where}.tensor_parallel' > 1 needs engine: deepspeed")
+        gpus = (m.get("resources") or {}).get("gpu")
+        if gpus is not None and gpus > 0 and gpus < m.get("tensor_parallel", 1):
+            raise ConfigError(f"config key '{where}.resources.gpu' = {gpus} is fewer than its tensor_parallel "
+                              f"{m['tensor_parallel']} (one GPU per rank)")
 
 
 def _validate_block(block: dict[str, Any], schema_key: str, where: str) -> None:

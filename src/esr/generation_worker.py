@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
+from esr.distributed import init_distributed, rank
 from esr.records import Intervention
 
 
@@ -47,26 +45,6 @@ def read_requests(path: str | Path):
             except (KeyError, ValueError, TypeError, AttributeError) as e:
                 raise ValueError(f"{str(path)!r} line {n}: bad request ({type(e).__name__}: {e})") from e
     return requests
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def init_distributed() -> int:
-    """Initialise torch.distributed when launched with several processes; returns the world size."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import deepspeed
-
-        from esr.models import disable_deepspeed_shm_allreduce
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            disable_deepspeed_shm_allreduce()  # must precede init_distributed (the op is built there)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return world
 
 
 def build_parser() -> argparse.ArgumentParser:

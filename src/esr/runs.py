@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from esr.config import ModelSpec
+from esr.distributed import from_writer, is_writer, share
 from esr.experiments import TrialSpec
 from esr.io import read_json, stable_hash, write_json, write_parquet
 from esr.provenance import provenance
@@ -66,6 +67,8 @@ def select_latents_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: s
     d_sae = int(sae.cfg.d_sae)
     prompt_acts = (prompt_relevance_activations(loaded, sae, spec.sae_layer, prompts)
                    if settings.relevance_filter != "none" else None)
+    if not is_writer():  # tensor parallel: the model work is done; the writer grades labels and writes
+        return
     labels = read_labels(labels_csv)
     freq = firing_frequency(labels, d_sae) if "frequency" in labels.columns else None
     grader = build_concreteness_grader(concreteness_cfg, show_progress=False)
@@ -102,14 +105,17 @@ def discover_detectors_stage(spec: ModelSpec, model_dir: str | Path, prompts_pat
 
     prompts = read_prompt_list(prompts_path)
     gen = load_generator_for(spec, model_dir, gen_cfg)
-    answers = unsteered_answers(gen, prompts, seed)
-    write_parquet(answers_parquet, answers)
+    answers = share(unsteered_answers(gen, prompts, seed))  # tensor parallel: every rank reads out rank 0's text
+    if is_writer():
+        write_parquet(answers_parquet, answers)
     tok, sae = gen.loaded.tokenizer, gen.directions.sae
     perm = derangement(len(prompts), derive_seed(seed, spec.name, "derangement"))
     normal_seqs = [conversation_ids(tok, prompts[i], answers.response[i])[0] for i in range(len(prompts))]
     shuffled_seqs = [conversation_ids(tok, prompts[i], answers.response[perm[i]])[0] for i in range(len(prompts))]
     normal = max_pooled_latents(gen.loaded, sae, spec.sae_layer, normal_seqs, desc="normal pairs")
     shuffled = max_pooled_latents(gen.loaded, sae, spec.sae_layer, shuffled_seqs, desc="shuffled pairs")
+    if not is_writer():
+        return
     freq = (normal > 0).mean(axis=0)
     mean_act = normal.mean(axis=0)
     sets: dict[str, dict[str, Any]] = {}
@@ -195,21 +201,28 @@ def calibrate_stage(spec: ModelSpec, model_dir: str | Path, prompts_path: str | 
                     steer_latent=r.latent, boost=float(r.boost))))
                 owners.append((k, pid))
         answers = gen.generate(reqs)
-        graded = judge.grade_batch([JudgeRequest(prompts[pid], a.response, labels[requests[k].latent])
-                                    for (k, pid), a in zip(owners, answers)], show_progress=False)
-        per: dict[int, list[float]] = {}
-        for (k, _), g in zip(owners, graded):
-            if g.ok and g.scores:
-                per.setdefault(k, []).append(g.scores[0] / 100.0)
-        # a request whose answers all failed grading (or had no attempt) fails that latent, never loops forever
-        return [float(np.mean(per[k])) if per.get(k) else None for k in range(len(requests))]
 
-    results = run_calibration_shard(keys, score_batch, CalibrationCache(cache_dir), batch_size=gen_cfg["batch_size"],
-                                    out_path=out_json, provenance=provenance(
+        def grade() -> list[float | None]:
+            graded = judge.grade_batch([JudgeRequest(prompts[pid], a.response, labels[requests[k].latent])
+                                        for (k, pid), a in zip(owners, answers)], show_progress=False)
+            per: dict[int, list[float]] = {}
+            for (k, _), g in zip(owners, graded):
+                if g.ok and g.scores:
+                    per.setdefault(k, []).append(g.scores[0] / 100.0)
+            # a request whose answers all failed grading (or had no attempt) fails that latent, never loops forever
+            return [float(np.mean(per[k])) if per.get(k) else None for k in range(len(requests))]
+
+        return from_writer(grade)  # tensor parallel: the writer calls the judge, every rank steps the same search
+
+    writer = is_writer()
+    results = run_calibration_shard(keys, score_batch, CalibrationCache(cache_dir, read_only=not writer),
+                                    batch_size=gen_cfg["batch_size"], progress=writer,
+                                    out_path=out_json if writer else None, provenance=provenance(
                                         calibration=cal_cfg, judge=judge.describe(), model=spec.name,
                                         sae=spec.sae.ident, seed=seed, shard=shard, n_shards=n_shards))
-    log.info("calibrated %d latents (%d failed); judge %s", len(results), sum(r.error is not None for r in results),
-             judge.stats.as_dict())
+    if writer:
+        log.info("calibrated %d latents (%d failed); judge %s", len(results),
+                 sum(r.error is not None for r in results), judge.stats.as_dict())
 
 
 def gather_calibration_stage(shard_jsons: Sequence[str | Path], out_parquet: str | Path,
@@ -546,6 +559,8 @@ def sequential_stage(spec: ModelSpec, model_dir: str | Path, trials_parquets: Se
                                    n=seq_cfg["n_baseline"], seed=seed)
     prov = provenance(sequential=seq_cfg, model=spec.name, sae=spec.sae.ident, seed=seed)
     if not episodes_src or not store_latents:
+        if not is_writer():
+            return
         log.warning("no self-correction episodes (%d) or no detector latents (%d): exp9 has nothing to analyse",
                     len(episodes_src), len(store_latents))
         write_json(out_json, {"n_episodes": len(episodes_src), "skipped": True, "provenance": prov})
@@ -583,6 +598,8 @@ def sequential_stage(spec: ModelSpec, model_dir: str | Path, trials_parquets: Se
 
     ep_records, n_skipped = replay(episodes_src, "episode")
     base_records, _ = replay(baseline_src, "baseline")
+    if not is_writer():  # tensor parallel: the replay is done; the writer stores and analyses
+        return
     meta = {**prov, "replay": "steered" if directions is not None else "unsteered",
             "boundaries": "restart-phrase alignment", "baseline_source": "unsteered (exp8 answers)"}
     write_store(out_store, ep_records, store_latents, latent_groups=groups, dtype="float32", provenance=meta,

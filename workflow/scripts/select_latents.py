@@ -1,7 +1,11 @@
-from esr.runs import select_latents_stage
+from pathlib import Path
+
+from esr.distributed import run_stage
 from esr.stages import stage_logging
 
 with stage_logging(snakemake.log[0], snakemake.threads):
     p = snakemake.params
-    select_latents_stage(p.spec, snakemake.input.model, snakemake.input.prompts, snakemake.input.labels, p.selection,
-                         p.concreteness, p.seed, snakemake.output[0])
+    run_stage("select_latents_stage", dict(
+        spec=p.spec, model_dir=snakemake.input.model, prompts_path=snakemake.input.prompts,
+        labels_csv=snakemake.input.labels, selection_cfg=p.selection, concreteness_cfg=p.concreteness, seed=p.seed,
+        out_json=snakemake.output[0]), p.spec.tensor_parallel, scratch_dir=Path(snakemake.output[0]).parent)
