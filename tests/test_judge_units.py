@@ -191,6 +191,9 @@ def wordnet_grader():
     ("erm, spherical, Ferm, philos, rab", False),
     ("pret, Leh, administrative, managed", False),
     ("middle, Middle", False),
+    ("etc, forth", False),  # "forth" is a noun only as the River Forth; SemCor has it only as an adverb
+    ("until, till", False),
+    ("shoes, boots", True),  # "shoes" is listed itself ("in his shoes"): the better-attested base form "shoe" wins
 ])
 def test_wordnet_concreteness(wordnet_grader, label, concrete):
     score = wordnet_grader.grade_labels([label])[0]

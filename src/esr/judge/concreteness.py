@@ -33,7 +33,7 @@ from esr.judge.wordnet import DEFAULT_WORDNET_DIR, WordNet
 PAPER_CONCRETENESS_MODEL = "claude-sonnet-4-5-20250929"
 PAPER_THRESHOLD = 65.0
 WORDNET_GRADER_ID = "offline-wordnet-concreteness (approximation)"
-WORDNET_TEMPLATE_VERSION = "wordnet-concreteness-v1"
+WORDNET_TEMPLATE_VERSION = "wordnet-concreteness-v2"
 
 CONCRETE_SUPERSENSES = frozenset({"noun.animal", "noun.food", "noun.plant", "noun.artifact", "noun.body",
                                   "noun.location", "noun.object", "noun.substance"})
@@ -44,6 +44,7 @@ hers him his how i if in into is it its itself just may me might more most my no
 other our out over own same she should so some such than that the their them then there these they this those
 through to too under until up upon very via was we were what when where which while who whom why will with would
 you your
+till unto amid amidst whilst whereas hence thus forth versus towards toward within without onto among
 """.split())
 # words that describe the label rather than its topic ("mentions of ...", "tokens related to ...")
 META_WORDS = frozenset("""
@@ -131,6 +132,9 @@ class WordNetConcreteness(_Grader):
         lexnames = self.wordnet.noun_lexnames(word)
         if not lexnames or lexnames[0] not in CONCRETE_SUPERSENSES:
             return False
+        if self.wordnet.tagged_senses(word, "n") == 0 and any(self.wordnet.tagged_senses(word, pos)
+                                                              for pos in ("v", "a", "r")):
+            return False  # used only as a verb/adjective/adverb in running text ("forth": the River Forth aside)
         concrete = sum(name in CONCRETE_SUPERSENSES for name in lexnames)
         return concrete / max(1, self.wordnet.n_senses(word)) >= self.min_sense_ratio
 
