@@ -4,7 +4,8 @@
     python tests/benchmarks/bench_generation.py --tiny --sizes 1,8,32 --new-tokens 32
 
 Targets: hook overhead (steered / unsteered time - 1) <= 5 %; batch-32 tokens/s >= 8x batch-1 tokens/s.
-Every row generates exactly ``--new-tokens`` tokens (EOS ignored). Steered = every row steered with a random
+Every row generates exactly ``--new-tokens`` tokens (EOS ignored, so no row leaves the batch early as finished
+rows do in real runs: this is the full-batch decode speed). Steered = every row steered with a random
 latent (plus capture of it with ``--capture``); unsteered = no hooks at all. Runs are interleaved and the best of
 ``--repeats`` is kept, which matters on a shared machine.
 """
