@@ -193,7 +193,9 @@ def wordnet_grader():
     ("middle, Middle", False),
     ("etc, forth", False),  # "forth" is a noun only as the River Forth; SemCor has it only as an adverb
     ("until, till", False),
-    ("shoes, boots", True),  # "shoes" is listed itself ("in his shoes"): the better-attested base form "shoe" wins
+    ("shoes, boots", True),
+    ("which, to, boundary, will, can, a", False),  # a function-word latent with one concrete noun
+    ("that, as, system", False),  # "shoes" is listed itself ("in his shoes"): the better-attested base form "shoe" wins
 ])
 def test_wordnet_concreteness(wordnet_grader, label, concrete):
     score = wordnet_grader.grade_labels([label])[0]

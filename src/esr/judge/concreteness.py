@@ -11,7 +11,8 @@ Two graders with one interface (``grade_labels(labels) -> list[ConcretenessScore
   word is concrete when its most frequent noun sense is in a concrete WordNet supersense (animal, food, plant,
   artifact, body, location, object, substance) and at least a quarter of all its senses are concrete nouns. Score =
   100 * concrete lemmas / content lemmas, capped at 50 unless the label is coherent (>= 2 distinct concrete lemmas,
-  or at least half its content lemmas concrete)."""
+  or at least half its content lemmas concrete, and no more function words than content lemmas). A noun that the
+  SemCor corpus only ever tags as another part of speech ("forth") is not concrete."""
 
 from __future__ import annotations
 
@@ -140,20 +141,23 @@ class WordNetConcreteness(_Grader):
 
     def score_label(self, label: str) -> ConcretenessScore:
         lemmas: dict[str, bool] = {}
+        n_function = 0
         for word in _WORD.findall(label):
             low = word.lower()
+            n_function += low in STOPWORDS
             if len(low) < 3 or low in STOPWORDS or low in META_WORDS:
                 continue
             lemma = self.wordnet.base_form(low, "n") or low
             lemmas[lemma] = lemmas.get(lemma, False) or self.word_is_concrete(low)
         concrete = sorted(lemma for lemma, is_concrete in lemmas.items() if is_concrete)
         frac = len(concrete) / len(lemmas) if lemmas else 0.0
-        coherent = len(concrete) >= 2 or frac >= 0.5
+        # a label made mostly of function words ("which, to, boundary, will, can, a") names a syntactic latent
+        coherent = (len(concrete) >= 2 or frac >= 0.5) and n_function <= len(lemmas)
         score = 100.0 * frac if coherent else min(100.0 * frac, 50.0)
         return ConcretenessScore(label=label, score=round(score, 2), grader_id=self.grader_id,
                                  template_version=self.template_version, approximation=True,
                                  details={"content_lemmas": sorted(lemmas), "concrete_lemmas": concrete,
-                                          "coherent": coherent})
+                                          "function_words": n_function, "coherent": coherent})
 
     def grade_labels(self, labels: Sequence[str]) -> list[ConcretenessScore]:
         self.stats.labels += len(labels)
