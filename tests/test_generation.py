@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esr.generation import (GenerationSettings, SteeredGenerator, TrialRequest, apply_repetition_penalty,
+from esr.generation import (GenerationSettings, SteeredGenerator, TrialRequest, penalise_history,
                             encode_prompt, reference_llama_suffix_ids, sample_rows)
 from esr.models import wrap_model
 from esr.records import Intervention
@@ -121,11 +121,11 @@ def test_eos_stops_rows_independently(loaded, directions):
 
 
 def test_repetition_penalty_semantics():
-    logits = torch.tensor([[2.0, -2.0, 1.0]])
-    seen = torch.tensor([[True, True, False]])
-    out = apply_repetition_penalty(logits, seen, 2.0)
-    assert out.tolist() == [[1.0, -4.0, 1.0]]
-    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+    logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]])
+    history = torch.tensor([[0, 1, 1], [2, 2, 2]])  # repeats count once
+    out = penalise_history(logits.clone(), history, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.5]]
+    assert torch.equal(penalise_history(logits.clone(), history, 1.0), logits)
 
 
 def test_sample_rows_uses_row_generators():

@@ -144,18 +144,10 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
 # Sampling
 # ----------------------------------------------------------------------------------------------------------------
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Tokens marked in ``seen`` [B, V]: logit / penalty if positive, logit * penalty otherwise."""
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
 def penalise_history(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """``apply_repetition_penalty`` with the seen tokens given as ids: ``history`` [B, H] lists every seen token of
-    each row (repeats allowed: they write the same value). In place on ``logits``; touches B*H entries instead of
-    the whole [B, V] (same values: the same elementwise ops on the same logits)."""
+    """Repetition penalty on every token a row has seen: logit / penalty if positive, logit * penalty otherwise.
+    ``history`` [B, H] lists each row's seen token ids (repeats allowed: they write the same value). In place on
+    ``logits``; touches B*H entries instead of a [B, V] mask."""
     if penalty == 1.0 or history.shape[1] == 0:
         return logits
     v = logits.gather(1, history)
