@@ -23,8 +23,8 @@ def test_share_and_from_writer_are_plain_calls_in_one_process():
 
 
 def test_run_stage_rejects_unknown_stage_and_bad_size():
-    with pytest.raises(ValueError, match="unknown tensor-parallel stage 'generate_stage'"):
-        distributed.run_stage("generate_stage", {}, 1)
+    with pytest.raises(ValueError, match="unknown tensor-parallel stage 'grade_stage'"):
+        distributed.run_stage("grade_stage", {}, 1)
     with pytest.raises(ValueError, match="tensor_parallel = 0"):
         distributed.run_stage("calibrate_stage", {}, 0)
 

@@ -1,4 +1,4 @@
-"""The generation stage of a tensor-parallel model launches DeepSpeed ranks under torchrun (CPU, gloo here) and
+"""The generation stage of a tensor-parallel model runs as DeepSpeed ranks under torchrun (CPU, gloo here) and
 gives the same answers and activations as the single-process engine."""
 
 import dataclasses
@@ -9,6 +9,7 @@ import torch
 
 from esr.activations import open_store
 from esr.config import load_config, model_specs
+from esr.distributed import run_stage
 from esr.experiments import TrialSpec
 from esr.runs import generate_stage
 from esr.testing import TINY_PROMPTS, write_tiny_workflow
@@ -25,10 +26,10 @@ def test_tensor_parallel_generation_matches_single_process(tmp_path):
     single = tmp_path / "single.parquet"
     generate_stage(spec, spec.path, trials, cfg["generation"], single, capture=capture, acts_store=tmp_path / "s.zarr")
     tp_spec = dataclasses.replace(spec, engine="deepspeed", tensor_parallel=2)
-    tp_cfg = {**cfg, "models": {spec.name: {**cfg["models"][spec.name], "engine": "deepspeed", "tensor_parallel": 2}}}
     multi = tmp_path / "tp.parquet"
-    generate_stage(tp_spec, spec.path, trials, cfg["generation"], multi, capture=capture,
-                   acts_store=tmp_path / "tp.zarr", run_config=tp_cfg)
+    run_stage("generate_stage", dict(spec=tp_spec, model_dir=spec.path, trials=trials, gen_cfg=cfg["generation"],
+                                     out_parquet=multi, capture=capture, acts_store=tmp_path / "tp.zarr"),
+              tp_spec.tensor_parallel, scratch_dir=tmp_path)
     a, b = pd.read_parquet(single), pd.read_parquet(multi)
     assert list(a.response) == list(b.response) and list(a.n_tokens) == list(b.n_tokens)
     sa, sb = open_store(tmp_path / "s.zarr"), open_store(tmp_path / "tp.zarr")

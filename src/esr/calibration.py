@@ -576,11 +576,11 @@ class CalibrationCache:
             raise CalibrationError(f"latent {key.latent}: refusing to cache a failed calibration ({result.error})")
         if result.latent != key.latent:
             raise CalibrationError(f"result for latent {result.latent} stored under a key for latent {key.latent}")
+        if self.read_only:
+            return self.path_for(key)
         result = dataclasses.replace(result, key=key.as_dict(), key_digest=key.digest())
         blob = {"key": key.as_dict(), "key_digest": key.digest(), "result": result.to_dict(),
                 "provenance": dict(provenance or {})}
-        if self.read_only:
-            return self.path_for(key)
         return write_json(self.path_for(key), blob)
 
 

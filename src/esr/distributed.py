@@ -1,7 +1,7 @@
 """Stages of tensor-parallel models: the same stage code on every rank (SPMD), rank 0 the only writer.
 
 A model with ``tensor_parallel`` N > 1 (the 70B: DeepSpeed AutoTP over N GPUs) cannot be loaded by one process. Its
-stages (selection, detector discovery, boost calibration, exp9 replay) therefore run as N ranks under torchrun:
+stages (selection, detector discovery, boost calibration, generation, exp9 replay) therefore run as N ranks under torchrun:
 :func:`run_stage` pickles the stage's arguments and launches ``python -m esr.distributed`` N times; every rank loads
 its shard of the model and calls the same ``esr.runs`` stage function, so the model calls (generation, read-out
 forward passes) happen in the same order on every rank, as AutoTP's collectives require.
@@ -91,7 +91,8 @@ def from_writer(fn: Callable[[], T]) -> T:
 
 # ------------------------------------------------------------------------------------------------ launching
 
-STAGES = ("select_latents_stage", "discover_detectors_stage", "calibrate_stage", "sequential_stage")
+STAGES = ("select_latents_stage", "discover_detectors_stage", "calibrate_stage", "generate_stage",
+          "sequential_stage")
 
 
 def run_stage(stage: str, kwargs: dict[str, Any], tensor_parallel: int, scratch_dir: str | Path | None = None,

@@ -320,100 +320,45 @@ def _rows_from_results(trials: Sequence[TrialSpec], results) -> tuple[list[dict[
     return rows, acts
 
 
-def _generate_tensor_parallel(spec: ModelSpec, model_dir: str | Path, trials: Sequence[TrialSpec],
-                              store_latents: Sequence[int], gen_cfg: dict[str, Any], workdir: Path,
-                              run_config: dict[str, Any] | None):
-    """Run ``esr.generation_worker`` under ``torchrun --nproc_per_node <tensor_parallel>`` (DeepSpeed AutoTP) and
-    read rank 0's results back as ``GenerationResult`` objects."""
-    import dataclasses
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    from esr.generation import GenerationResult
-
-    import yaml
-
-    if run_config is None:
-        raise ValueError(f"model {spec.name!r} has tensor_parallel {spec.tensor_parallel}: the generation stage "
-                         "needs the run's config to launch the worker ranks")
-    configfile = workdir / "run_config.yaml"
-    configfile.write_text(yaml.safe_dump(run_config, sort_keys=False))
-    req_path, out_path, acts_path = workdir / "requests.jsonl", workdir / "results.jsonl", workdir / "acts.safetensors"
-    with open(req_path, "w", encoding="utf-8") as f:
-        for t in trials:
-            r = _request(t, store_latents)
-            f.write(json.dumps({"trial_id": r.trial_id, "prompt": r.prompt, "seed": r.seed,
-                                "intervention": dataclasses.asdict(r.intervention)}) + "\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.tensor_parallel}",
-           "-m", "esr.generation_worker", "--config", str(configfile), "--model", spec.name, "--model-dir",
-           str(model_dir), "--requests", str(req_path), "--out", str(out_path), "--engine", "deepspeed",
-           "--tp", str(spec.tensor_parallel), "--temperature", str(gen_cfg["temperature"]),
-           "--max-new-tokens", str(gen_cfg["max_new_tokens"]), "--batch-size", str(gen_cfg["batch_size"]),
-           "--positions", gen_cfg.get("steer_positions", "all"), "--no-progress"]
-    if store_latents:
-        cmd += ["--activations", str(acts_path)]
-    log.info("launching %d tensor-parallel ranks: %s", spec.tensor_parallel, " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    acts = load_file(str(acts_path)) if store_latents and acts_path.exists() else {}
-    fields = {f.name for f in dataclasses.fields(GenerationResult)}
-    results = []
-    for line in out_path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        iv = rec.get("intervention")
-        rec["intervention"] = None if iv is None else Intervention(
-            steer_latent=iv["steer_latent"], boost=iv["boost"], ablate=tuple(iv["ablate"]), capture=tuple(iv["capture"]))
-        rec = {k: v for k, v in rec.items() if k in fields}
-        rec["activations"] = acts.get(rec["trial_id"])
-        results.append(GenerationResult(**rec))
-    return results
-
-
 def generate_stage(spec: ModelSpec, model_dir: str | Path, trials: list[TrialSpec], gen_cfg: dict[str, Any],
                    out_parquet: str | Path, capture: tuple[list[int], dict[str, list[int]]] | None = None,
-                   acts_store: str | Path | None = None, run_provenance: dict[str, Any] | None = None,
-                   run_config: dict[str, Any] | None = None) -> None:
+                   acts_store: str | Path | None = None, run_provenance: dict[str, Any] | None = None) -> None:
     """Generate ``trials`` in batches; each finished batch is checkpointed in ``<out>.partial/`` (keyed by the plan
     and settings hash) so a killed job resumes where it stopped. With ``capture`` the per-token SAE activations of
-    the stored latents are written to the Zarr store ``acts_store``. Models with ``tensor_parallel`` > 1 run as
-    DeepSpeed ranks under torchrun (``run_config``, the run's config, is written for them to load)."""
+    the stored latents are written to the Zarr store ``acts_store``. Models with ``tensor_parallel`` > 1 run this
+    stage on every rank (``esr.distributed.run_stage``): same batches everywhere, rank 0 writes."""
+    from tqdm.auto import tqdm
+
     out_parquet = Path(out_parquet)
     store_latents, groups = capture or ([], {})
     plan_hash = stable_hash([t.to_dict() for t in trials] + [gen_cfg, spec.name, store_latents])[:16]
     partial = out_parquet.with_name(out_parquet.name + ".partial") / plan_hash
     partial.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
-    done_acts: dict[str, torch.Tensor] = {}
-    for f in sorted(partial.glob("batch-*.pt")):
+    rows_acts: dict[str, torch.Tensor] = {}
+    for f in sorted(partial.glob("batch-*.pt")):  # read by every rank before the first batch: no writes yet
         blob = torch.load(f, weights_only=False)
         done.update({r["trial_id"]: r for r in blob["rows"]})
-        done_acts.update(blob["acts"])
+        rows_acts.update(blob["acts"])
     todo = [t for t in trials if t.trial_id not in done]
     log.info("%d trials planned, %d already generated (resuming), %d to generate", len(trials), len(done), len(todo))
-    rows_acts: dict[str, torch.Tensor] = dict(done_acts)
     settings_record: dict[str, Any] = {}
-    if todo and spec.tensor_parallel > 1:
-        # tensor parallel: every rank runs the same requests under torchrun; rank 0 writes (esr.generation_worker)
-        results = _generate_tensor_parallel(spec, model_dir, todo, store_latents, gen_cfg, partial, run_config)
-        rows_batch, acts_batch = _rows_from_results(todo, results)
-        torch.save({"rows": rows_batch, "acts": acts_batch}, partial / "batch-tp.pt")
-        done.update({r["trial_id"]: r for r in rows_batch})
-        rows_acts.update(acts_batch)
-        settings_record = results[0].settings if results else {}
-    elif todo:
+    writer = is_writer()
+    if todo:
         gen = load_generator_for(spec, model_dir, gen_cfg)
         settings_record = gen.settings_record()
         bs = gen_cfg["batch_size"]
-        from tqdm.auto import tqdm
-
-        for start in tqdm(range(0, len(todo), bs), desc=f"generate {out_parquet.parent.name}", unit="batch"):
+        for start in tqdm(range(0, len(todo), bs), desc=f"generate {out_parquet.parent.name}", unit="batch",
+                          disable=not writer):
             chunk = todo[start:start + bs]
             results = gen.generate_batch([_request(t, store_latents) for t in chunk])
             batch_rows, batch_acts = _rows_from_results(chunk, results)
-            torch.save({"rows": batch_rows, "acts": batch_acts}, partial / f"batch-{start:06d}.pt")
+            if writer:
+                torch.save({"rows": batch_rows, "acts": batch_acts}, partial / f"batch-{start:06d}.pt")
             done.update({row["trial_id"]: row for row in batch_rows})
             rows_acts.update(batch_acts)
+    if not writer:
+        return
     rows = [done[t.trial_id] for t in trials]
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=list(TrialSpec.__dataclass_fields__) + list(GEN_COLUMNS))
     df["provenance"] = json.dumps({**(run_provenance or {}), "generation": settings_record or None}, default=str)
