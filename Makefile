@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow test-slurm test-all lint dry-run-paper report install-profile clean-results
+.PHONY: setup run test test-slow test-slurm test-all lint format gpu-validate dry-run-paper report install-profile clean-results
 
 setup: $(STAMP)
 
@@ -44,7 +44,19 @@ test-all: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
+	$(BIN)/ruff check src tests workflow
+	$(BIN)/ruff format --check src tests workflow
+	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
+
+format: setup
+	$(BIN)/ruff check --fix src tests workflow
+	$(BIN)/ruff format src tests workflow
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+# On a GPU node (one CUDA device): throughput, DeepSpeed, bf16 batch invariance, memory; see tests/gpu/README.md
+gpu-validate: setup
+	DS_ACCELERATOR=cuda $(BIN)/python tests/gpu/validate.py --out results/gpu_validate.json
 
 report: setup
 	$(BIN)/snakemake --report results/report.html

@@ -1,25 +1,28 @@
-"""Summary JSONs and the audit of paper numbers (reference-protocol §8)."""
+"""The audit of the paper's numbers: the table, the tolerance rules, verdicts, and the JSON / Markdown / HTML."""
 
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
+from helpers import graded_row
 
-from esr.audit import (CONSISTENT, FORMULAS, INCONSISTENT, NOT_RUN, NOT_TESTABLE, CellIndex, audit, build_audit,
-                       check, compare_experiments, load_paper_table, paper_interval, printed_decimals,
-                       summarise_cross_judge, summarise_experiment, Obs)
+from esr.audit import (CONSISTENT, FORMULAS, INCONSISTENT, NOT_RUN, NOT_TESTABLE, AuditRow, CellIndex, Obs, audit,
+                       build_audit, check, load_paper_table, paper_interval, printed_decimals, render_html,
+                       verdict_counts)
 from esr.metrics import MeanEstimate, Proportion
-from esr.records import Attempt, Trial
+from esr.summaries import summarise_experiment
+from esr.trials import write_trials
 
 PAPER_MODELS = ["llama-3.3-70b", "llama-3.1-8b", "gemma-2-27b", "gemma-2-9b", "gemma-2-2b"]
 
 
-def cell(experiment, model, condition, n, k_multi, k_esr, first=(26.3, 20.0), extra=None, **more):
+def cell(experiment, model, label, n, k_multi, k_esr, first=(26.3, 20.0), extra=None, **more):
     """A summary cell shaped like ``summarise_experiment`` output (only the fields the audit reads)."""
     first_m = MeanEstimate(n, first[0], first[1])
-    return {"experiment": experiment, "model": model, "condition": condition, "n": n,
+    return {"experiment": experiment, "model": model, "cell": label, "n": n,
             "metrics": {"multi_rate": Proportion(k_multi, n).to_dict(), "esr_rate": Proportion(k_esr, n).to_dict(),
                         "improvement_rate": Proportion(k_esr, k_multi).to_dict(),
                         "first_score": first_m.to_dict()},
@@ -139,6 +142,23 @@ def test_sweep_peak():
     assert rows["13.a"].verdict == CONSISTENT
 
 
+def test_table_selects_cells_not_conditions():
+    for e in load_paper_table()["numbers"]:
+        src = e.get("source") or {}
+        for part in [src] + [v for v in src.values() if isinstance(v, dict)]:
+            assert "condition" not in part, e["id"]
+
+
+def test_exp9_values_come_from_the_group_cell():
+    c = {"experiment": "exp9", "model": "llama-3.3-70b", "cell": "group=otd_paper_26", "n": 146,
+         "values": {"offtopic_baseline_ratio": {"estimate": 4.3, "ci": [3.9, 4.8], "n": 146},
+                    "n_episodes": {"estimate": 146, "ci": None, "n": None}}}
+    rows = rows_by_id(audit(CellIndex([c]), config()))
+    assert rows["25"].verdict == CONSISTENT and rows["25"].observations[0]["label"] == "group=otd_paper_26"
+    assert rows["33"].verdict == CONSISTENT
+    assert rows["26"].verdict == NOT_RUN and "ontopic_baseline_ratio" in rows["26"].reason
+
+
 # --------------------------------------------------------------------------------------- end to end
 
 def _trials(experiment, model, n_latents, multi_every, esr_every, **extra):
@@ -147,83 +167,80 @@ def _trials(experiment, model, n_latents, multi_every, esr_every, **extra):
         for j in range(5):
             i = lat * 5 + j
             scores = [20.0, 60.0] if i % esr_every == 0 else ([50.0, 40.0] if i % multi_every == 0 else [30.0])
-            rows.append(Trial(f"{experiment}-{model}-{i}", experiment, model, lat, "l", 1.0, j, "p", 100 + i,
-                              attempts=[Attempt("x", s) for s in scores], response="ok", **extra).to_row())
+            rows.append(graded_row(f"{experiment}-{model}-{i}", experiment, model, lat, "l", 1.0, j, "p", 100 + i,
+                                   scores=scores, response="ok", **extra))
     return pd.DataFrame(rows)
 
 
-def test_summarise_compare_and_build_audit(tmp_path):
+class _Rows(HTMLParser):
+    """Counts the <tr> elements inside <tbody> and collects the text of the element with id ``verdict-counts``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body_rows, self.in_body, self.in_counts, self.counts = 0, False, False, ""
+
+    def handle_starttag(self, tag, attrs):
+        self.in_body |= tag == "tbody"
+        self.body_rows += tag == "tr" and self.in_body
+        self.in_counts |= dict(attrs).get("id") == "verdict-counts"
+
+    def handle_endtag(self, tag):
+        self.in_body &= tag != "tbody"
+        self.in_counts &= tag != "p"
+
+    def handle_data(self, data):
+        if self.in_counts:
+            self.counts += data
+
+
+def _parse(html):
+    p = _Rows()
+    p.feed(html)
+    return p
+
+
+def test_build_audit_writes_json_markdown_and_html(tmp_path):
     base = _trials("exp1", "llama-3.3-70b", 200, 20, 25)           # 1000 trials: ESR 40, multi 40 + 50 - 10
-    abl = _trials("exp3", "llama-3.3-70b", 200, 30, 50, ablation_set="otd_paper_26")
-    abl["seed"] = base["seed"]
-    base.to_parquet(tmp_path / "base.parquet", index=False)
-    abl.to_parquet(tmp_path / "abl.parquet", index=False)
+    abl = _trials("exp3", "llama-3.3-70b", 200, 30, 50, condition="otd_paper_26", ablation_set="otd_paper_26",
+                  ablate=tuple(range(26)))
     paths = [tmp_path / "base.parquet", tmp_path / "abl.parquet"]
-    summ = summarise_experiment(paths, tmp_path / "summary.json", n_boot=200,
-                                ablation_sets={"otd_paper_26": list(range(26))})
-    cells = {(c["experiment"], c["condition"]): c for c in summ["cells"]}
-    b = cells[("exp1", "baseline")]
-    assert b["n"] == 1000 and b["metrics"]["esr_rate"]["k"] == 40
-    assert b["metrics"]["multi_rate"]["k"] == 40 + 50 - 10
-    assert cells[("exp3", "ablation_set=otd_paper_26")]["extra"]["n_ablated_latents"] == 26
-    assert json.loads((tmp_path / "summary.json").read_text())["schema"] == "esr.summary/1"
+    write_trials(paths[0], base, "graded")
+    write_trials(paths[1], abl, "graded")
+    summarise_experiment(paths, tmp_path / "summary.json", n_boot=200)
 
-    comp = compare_experiments(paths, tmp_path / "comp.json", others=[{"experiment": "exp3", "condition": "*"}],
-                               n_boot=200)
-    fam = comp["families"][0]
-    assert fam["paired"][0]["n_pairs"] == 1000
-    assert set(fam["holm"]) >= {"paired:exp3/ablation_set=otd_paper_26:esr_rate"}
-
-    rows = build_audit([tmp_path / "summary.json"], tmp_path / "paper_numbers.json", tmp_path / "paper_numbers.md",
-                       config(models=["llama-3.3-70b"]))
-    out = json.loads((tmp_path / "paper_numbers.json").read_text())
+    out_json, out_md, out_html = tmp_path / "paper_numbers.json", tmp_path / "paper_numbers.md", tmp_path / "a.html"
+    rows = build_audit([tmp_path / "summary.json"], out_json=out_json, out_md=out_md, out_html=out_html,
+                       config=config(models=["llama-3.3-70b"]), model_map={})
+    out = json.loads(out_json.read_text())
     by = {r["id"]: r for r in out["numbers"]}
     assert by["3"]["verdict"] == CONSISTENT                         # 4.0 %, Wilson [2.95, 5.41] covers 3.8
     assert by["24.rate"]["verdict"] == CONSISTENT                   # 2.0 %, Wilson [1.30, 3.07] covers 2.8
     assert by["22.base"]["verdict"] == INCONSISTENT                 # every first score is 20 or 30 or 50
+    assert by["20"]["verdict"] == CONSISTENT                        # 26 distinct latents in the trials' `ablate`
     assert by["5.8b"]["verdict"] == NOT_RUN
-    md = (tmp_path / "paper_numbers.md").read_text()
+    assert sum(out["verdict_counts"].values()) == len(rows) and out["verdict_counts"] == verdict_counts(rows)
+    assert out["schema"] == "esr.paper_numbers/1" and "Wilson" in out["definition"]
+    md = out_md.read_text()
     assert "consistent" in md and "Wilson" in md and all(f"| {r.id} |" in md for r in rows)
-    assert sum(out["verdict_counts"].values()) == len(rows)
+
+    html = out_html.read_text()
+    parsed = _parse(html)
+    assert parsed.body_rows == len(rows)
+    for verdict, count in out["verdict_counts"].items():
+        assert f"{verdict}: {count}" in parsed.counts
+    assert "<title>esr audit: t</title>" in html and "Paper numbers audit (t)" in html
+    assert "<b>Wilson</b>" in html and "<code>level_spacing</code>" in html and "**" not in html
+    assert 'id="row-3" class="verdict-consistent"' in html
 
 
-def test_summarise_cross_judge(tmp_path):
-    a = _trials("exp7", "m", 20, 4, 8)
-    a["judge_id"] = "haiku"
-    b = a.copy()
-    b["judge_id"] = "gpt"
-    b.loc[b.index[:5], "attempt_scores"] = pd.Series([[30.0]] * 5, index=b.index[:5])
-    a.to_parquet(tmp_path / "a.parquet", index=False)
-    b.to_parquet(tmp_path / "b.parquet", index=False)
-    out = summarise_cross_judge([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "cj.json")
-    allc = [c for c in out["cells"] if c["condition"] == "all"][0]
-    assert allc["extra"] == {"n_judges": 2, "n_samples": 100}
-    pair = allc["judge_pairs"][0]
-    assert pair["n_common"] == 100
-    n_changed_multi = sum(1 for i in range(5) if i % 4 == 0 or i % 8 == 0)     # trials 0 and 4 were multi
-    assert pair["multi_agreement"]["k"] == 100 - n_changed_multi
-
-
-def test_summarise_table_per_boost_level():
-    from esr.audit import summarise_table
-
-    frames = []
-    for b in (0.0, 2.5, 5.0):
-        t = _trials("exp2", "llama-3.3-70b", 4, 3, 7)
-        t["boost"] = b
-        t["trial_id"] = t["trial_id"] + f"-{b}"
-        frames.append(t)
-    df = pd.concat(frames, ignore_index=True)
-    cells = summarise_table(df, bootstrap=None, sweep_stats={"llama-3.3-70b": {"mean": 2.5, "std": 2.5}},
-                            thresholds={"llama-3.3-70b": {lat: 5.0 for lat in range(4)}})
-    assert [c["condition"] for c in cells] == ["level=global:+0.00sd", "level=global:+1.00sd",
-                                               "level=global:-1.00sd"]
-    assert [c["extra"]["boost_sigma"] for c in cells] == [0.0, 1.0, -1.0]
-    assert [c["extra"]["boost_rel"] for c in cells] == [0.5, 1.0, 0.0]
-    assert all(c["n"] == 20 for c in cells)
-    # recorded labels (esr.experiments): global levels in SD units, relative levels in threshold multiples
-    df["boost_level"] = ["global:-1.00sd"] * 20 + ["relative:0.5"] * 20 + ["global:+1.00sd"] * 20
-    df["threshold"] = 5.0
-    cells = {c["condition"]: c["extra"] for c in summarise_table(df, bootstrap=None)}
-    assert cells["level=relative:0.5"] == {"boost": 2.5, "boost_sigma": None, "boost_rel": 0.5}
-    assert cells["level=global:+1.00sd"] == {"boost": 5.0, "boost_sigma": 1.0, "boost_rel": 1.0}
+def test_html_escapes_text_from_rows_and_config():
+    rows = [AuditRow(id="x", ref=1, description="a < b", paper_text="5", paper_value=5, unit="count",
+                     formula="constant", rule="exact", verdict=CONSISTENT, notes="<script>alert(1)</script>"),
+            AuditRow(id="y", ref=2, description="d", paper_text="6", paper_value=6, unit="count", formula="config",
+                     rule="exact", verdict=NOT_RUN, reason="no summary")]
+    html = render_html(rows, {"run_name": "<b>run</b>", "paper": "P", "table": "T"})
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "a &lt; b" in html and "<b>run</b>" not in html and "&lt;b&gt;run&lt;/b&gt;" in html
+    parsed = _parse(html)
+    assert parsed.body_rows == 2
+    assert "consistent: 1" in parsed.counts and "not run in this configuration: 1" in parsed.counts

@@ -177,10 +177,19 @@ def test_bound_flag_when_root_outside_bounds():
 def test_settings_validation_names_the_key():
     with pytest.raises(CalibrationError, match="calibration.confidence"):
         CalibrationSettings(confidence="flip")
-    with pytest.raises(CalibrationError, match="calibration.targt"):
-        CalibrationSettings.from_config({"targt": 0.3})
     with pytest.raises(CalibrationError, match="calibration.target"):
-        CalibrationSettings.from_config({"target": 30})
+        CalibrationSettings(target=30)
+
+
+def test_config_rejects_unknown_and_out_of_range_calibration_keys(tmp_path):
+    from esr.config import ConfigError, load_config
+    from esr.testing import write_tiny_workflow
+
+    path = write_tiny_workflow(tmp_path)
+    with pytest.raises(ConfigError, match="calibration.targt"):
+        load_config(path, {"calibration": {"targt": 0.3}})
+    with pytest.raises(ConfigError, match="calibration.target"):
+        load_config(path, {"calibration": {"target": 30}})
     with pytest.raises(CalibrationError, match="boost.prior_std"):
         BoostPrior.from_boost({"prior_mean": 1, "lower": 0, "upper": 2})
     assert BoostPrior.from_boost({"prior_mean": 0.45, "prior_std": 0.3, "lower": 0, "upper": 1.5}).upper == 1.5

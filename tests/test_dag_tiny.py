@@ -26,7 +26,7 @@ def tiny_config(tmp_path):
 def test_tiny_dag_plans_every_experiment(repo_root, tiny_config):
     res = _snakemake(repo_root, tiny_config.parent, tiny_config, "-n", "--cores", "1")
     assert res.returncode == 0, res.stderr[-2000:]
-    for rule in ("select_latents", "discover_detectors", "calibrate_boosts", "generate_exp1", "generate", "grade",
+    for rule in ("select_latents", "discover_detectors", "calibrate_boosts", "generate", "grade",
                  "plant_restarts", "cross_judge", "sequential", "summarise", "compare", "audit"):
         assert f"rule {rule}:" in res.stdout, rule
     assert "build_corpus" not in res.stdout  # a local SAE needs no embedded SAE build

@@ -7,41 +7,55 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from helpers import generate_kwargs, run_upstream
 
-from esr import distributed, runs
+from esr import distributed, ranks
 from esr.calibration import CalibrationCache
 from esr.config import load_config, model_specs
 from esr.io import read_json
+from esr.stages import experiments as st
+from esr.stages import model_stage
+from esr.stages import stats
 from esr.testing import write_tiny_workflow
+from esr.trials import score_columns
 
 
 def test_share_and_from_writer_are_plain_calls_in_one_process():
     calls = []
-    assert distributed.share({"a": 1}) == {"a": 1}
-    assert distributed.from_writer(lambda: calls.append(1) or 7) == 7 and calls == [1]
-    assert distributed.is_writer() and distributed.world_size() == 1
+    assert ranks.share({"a": 1}) == {"a": 1}
+    assert ranks.from_writer(lambda: calls.append(1) or 7) == 7 and calls == [1]
+    assert ranks.is_writer() and ranks.world_size() == 1
 
 
-def test_run_stage_rejects_unknown_stage_and_bad_size():
-    with pytest.raises(ValueError, match="unknown tensor-parallel stage 'grade_stage'"):
-        distributed.run_stage("grade_stage", {}, 1)
-    with pytest.raises(ValueError, match="tensor_parallel = 0"):
-        distributed.run_stage("calibrate_stage", {}, 0)
+def test_run_ranks_needs_two_or_more():
+    with pytest.raises(ValueError, match="tensor_parallel = 1"):
+        distributed.run_ranks(st.anchor_judge, {}, 1)
 
 
-def test_run_stage_in_process_for_tp1(monkeypatch):
+def test_model_stage_is_a_plain_call_for_tp1():
     seen = {}
-    monkeypatch.setattr(runs, "calibrate_stage", lambda **kw: seen.update(kw))
-    distributed.run_stage("calibrate_stage", {"shard": 3}, 1)
-    assert seen == {"shard": 3}
+
+    @model_stage
+    def stage(**kw):
+        seen.update(kw)
+        return "ran"
+
+    spec = dataclasses.replace(model_specs(load_config_for_spec())["tiny-llama"], tensor_parallel=1)
+    assert stage(spec=spec, shard=3) == "ran" and seen["shard"] == 3
 
 
-def test_a_launch_with_the_wrong_number_of_ranks_fails_clearly(tmp_path, capfd):
+def load_config_for_spec(tmp=None):
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="esr-spec-")
+    return load_config(write_tiny_workflow(root))
+
+
+def test_a_launch_with_the_wrong_number_of_ranks_fails_clearly(capfd):
     # launched as one plain process, the rank sees WORLD_SIZE 1 but the stage asks for 2
-    with pytest.raises(RuntimeError, match="calibrate_stage: the 2 tensor-parallel ranks failed"):
-        distributed.run_stage("calibrate_stage", {"shard": 0}, 2, scratch_dir=tmp_path, launcher=[sys.executable])
+    with pytest.raises(RuntimeError, match="esr.stages.experiments.anchor_judge: the 2 tensor-parallel ranks failed"):
+        distributed.run_ranks(st.anchor_judge, {"answers": "x"}, 2, launcher=[sys.executable])
     assert "launched with 1 processes, but the stage needs tensor_parallel 2" in capfd.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # the pickled arguments are removed
 
 
 def test_plain_turns_str_subclasses_into_str():
@@ -51,7 +65,7 @@ def test_plain_turns_str_subclasses_into_str():
     class Named(list):
         pass
 
-    out = distributed._plain({"a": IOFile("x"), "b": Named([IOFile("y")]), "c": (IOFile("z"), 1)})
+    out = distributed.plain({"a": IOFile("x"), "b": Named([IOFile("y")]), "c": (IOFile("z"), 1)})
     assert out == {"a": "x", "b": ["y"], "c": ("z", 1)}
     assert type(out["a"]) is str and type(out["b"]) is list and type(out["b"][0]) is str
 
@@ -83,25 +97,9 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
     cfg = load_config(write_tiny_workflow(tmp_path))
     spec = model_specs(cfg)["tiny-llama"]
     tp_spec = dataclasses.replace(spec, engine="deepspeed", tensor_parallel=2)
-    prompts, labels = cfg["prompts"]["path"], str(tmp_path / "labels.csv")
-    out = {}
-    for name, s in (("single", spec), ("tp", tp_spec)):
-        d = tmp_path / name
-        d.mkdir()
-        out[name] = d
-        common = dict(spec=s, model_dir=spec.path, prompts_path=prompts)
-        distributed.run_stage("select_latents_stage", dict(
-            common, labels_csv=labels, selection_cfg=cfg["selection"], concreteness_cfg=cfg["concreteness"],
-            seed=cfg["seed"], out_json=d / "selection.json"), s.tensor_parallel, scratch_dir=d)
-        distributed.run_stage("discover_detectors_stage", dict(
-            common, gen_cfg=cfg["generation"], det_cfg=cfg["detectors"], seed=cfg["seed"],
-            out_json=d / "detectors.json", answers_parquet=d / "answers.parquet"), s.tensor_parallel, scratch_dir=d)
-        distributed.run_stage("calibrate_stage", dict(
-            common, selection_json=d / "selection.json", gen_cfg=cfg["generation"], cal_cfg=cfg["calibration"],
-            judge_cfg={**cfg["judge"], "cache_dir": str(d / "judge_cache")}, seed=cfg["seed"], n_shards=1, shard=0,
-            cache_dir=d / "cache",
-            out_json=d / "cal.json"), s.tensor_parallel, scratch_dir=d)
-    a, b = out["single"], out["tp"]
+    out = {name: run_upstream(tmp_path / name, cfg, spec=s, n_shards=1)
+           for name, s in (("single", spec), ("tp", tp_spec))}
+    a, b = tmp_path / "single", tmp_path / "tp"
     assert read_json(a / "selection.json")["latents"] == read_json(b / "selection.json")["latents"]
     pd.testing.assert_frame_equal(pd.read_parquet(a / "answers.parquet"), pd.read_parquet(b / "answers.parquet"))
     da, db = read_json(a / "detectors.json"), read_json(b / "detectors.json")
@@ -115,36 +113,35 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
     for j in set(ta) & set(tb):
         for stat in ("normal_mean", "shuffled_mean"):
             assert abs(ta[j][stat] - tb[j][stat]) < 1e-4, (j, stat, ta[j], tb[j])
-    ca, cb = read_json(a / "cal.json")["results"], read_json(b / "cal.json")["results"]
+    ca, cb = read_json(a / "cal-0.json")["results"], read_json(b / "cal-0.json")["results"]
     assert [(r["latent"], r["threshold"], r["achieved_score"]) for r in ca] == \
         [(r["latent"], r["threshold"], r["achieved_score"]) for r in cb]
     # one cache file per successful latent: written once, by rank 0
-    assert len(list((b / "cache").glob("*.json"))) == sum(r["error"] is None for r in cb) > 0
-    assert not list(b.glob(".*-tp*"))  # scratch pickles removed
+    assert len(list((b / "cal_cache").glob("*.json"))) == sum(r["error"] is None for r in cb) > 0
 
     # exp9 replay of planted self-corrections, single process vs two ranks
     gen = {}
-    runs.gather_calibration_stage([a / "cal.json"], a / "thr.parquet", a / "cal_summary.json")
     for exp, cond in (("exp1", "steered"), ("exp8", "no_steering")):
-        plan = runs.build_plan(exp, cond, spec.name, a / "selection.json", a / "thr.parquet", prompts,
-                               a / "detectors.json", cfg["experiments"])
-        runs.generate_stage(spec, spec.path, plan, cfg["generation"], a / f"{exp}-gen.parquet")
-        gen[exp] = a / f"{exp}-gen.parquet"
-    runs.plant_restarts_stage(gen["exp1"], gen["exp8"], 1.0, cfg["seed"], a / "planted-gen.parquet")
+        kw = generate_kwargs(cfg, out["single"], exp, cond, a)
+        st.generate(**kw)
+        gen[exp] = kw["trials"]
+    st.plant_restarts(steered=gen["exp1"], unsteered=gen["exp8"], fraction=1.0, seed=cfg["seed"],
+                      trials=a / "planted-gen.parquet")
+    gen["planted"] = a / "planted-gen.parquet"
     for name in ("planted", "exp8"):
-        runs.grade_stage(a / f"{name}-gen.parquet", cfg["judge"], a / f"{name}.parquet", a / f"{name}-judge.json")
+        st.grade(generated=gen[name], judge=cfg["judge"], trials=a / f"{name}.parquet",
+                 judge_stats=a / f"{name}-judge.json")
     # the fake judge's scores are arbitrary: score every planted answer as a self-correction (20 -> 80)
     planted = pd.read_parquet(a / "planted.parquet")
     planted["attempt_scores"] = [[20.0, 80.0]] * len(planted)
+    planted[["n_attempts", "first_score", "last_score"]] = score_columns(planted["attempt_scores"]).values
     planted.to_parquet(a / "planted.parquet")
     for name, s in (("single", spec), ("tp", tp_spec)):
-        d = out[name]
-        distributed.run_stage("sequential_stage", dict(
-            spec=s, model_dir=spec.path, trials_parquets=[a / "planted.parquet"], baseline_parquet=a / "exp8.parquet",
-            detectors_json=a / "detectors.json", seq_cfg=cfg["sequential"], seed=cfg["seed"],
-            out_store=d / "eps.zarr", out_baseline_store=d / "base.zarr", out_json=d / "analysis.json",
-            summary_json=d / "summary9.json", fig_window=d / "w.png", fig_regions=d / "r.png"),
-            s.tensor_parallel, scratch_dir=d)
+        d = tmp_path / name
+        stats.sequential(spec=s, model_dir=spec.path, trials=[a / "planted.parquet"], baseline=a / "exp8.parquet",
+                         detectors=a / "detectors.json", settings=cfg["sequential"], seed=cfg["seed"],
+                         store=d / "eps.zarr", baseline_store=d / "base.zarr", analysis=d / "analysis.json",
+                         summary=d / "summary9.json", window=d / "w.png", regions=d / "r.png")
     from esr.activations import open_store
 
     sa, sb = open_store(a / "eps.zarr"), open_store(b / "eps.zarr")
@@ -152,3 +149,13 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
     torch.testing.assert_close(torch.from_numpy(sa.acts.values), torch.from_numpy(sb.acts.values), rtol=1e-4,
                                atol=1e-4, equal_nan=True)
     assert read_json(a / "analysis.json")["n_episodes"] == read_json(b / "analysis.json")["n_episodes"]
+
+    # generation: the same exp1 shard (with activation capture) as one process and as two ranks
+    kw_tp = generate_kwargs(cfg, out["single"], "exp1", "steered", b, spec=tp_spec)
+    st.generate(**kw_tp)
+    single, multi = pd.read_parquet(gen["exp1"]), pd.read_parquet(kw_tp["trials"])
+    assert list(single.response) == list(multi.response) and list(single.n_tokens) == list(multi.n_tokens)
+    sa = open_store(generate_kwargs(cfg, out["single"], "exp1", "steered", a)["activations"])
+    sb = open_store(kw_tp["activations"])
+    torch.testing.assert_close(torch.from_numpy(sa.acts.values), torch.from_numpy(sb.acts.values), rtol=1e-4,
+                               atol=1e-4, equal_nan=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
+from helpers import graded_row
 
 from esr import episodes as E
-from esr.records import Attempt, Trial
 
 OFF = "Bread is like a car tire. Tires need air. "
 PHRASE = "Wait, that's not right. "
@@ -20,24 +21,31 @@ def word_spans(text: str, base: int = 0) -> list[tuple[int, int]]:
     return [(base + m.start(), base + m.end()) for m in re.finditer(r"\s*(\w+|'\w+|[^\w\s])", text)]
 
 
-def trial(tid: str, scores: list[float | None], latent: int | None = 5, boost: float = 3.0, **kw) -> Trial:
-    return Trial(tid, "exp1", "m", latent, "x", boost, 0, "p", 0, response=kw.pop("response", RESPONSE),
-                 attempts=[Attempt("a", s) for s in scores], **kw)
+def trial(tid: str, scores: list[float | None], latent: int | None = 5, boost: float = 3.0, **kw) -> dict:
+    """A graded trials-table row (``helpers.graded_row``)."""
+    return graded_row(tid, "exp1", "m", latent, "x", boost, 0, "p", 0, response=kw.pop("response", RESPONSE),
+                      scores=scores, **kw)
 
 
-def test_select_self_correction_and_baseline():
+def ids(trials) -> list[str]:
+    return [t["trial_id"] for t in trials]
+
+
+def test_select_self_correction_and_baseline(tmp_path):
     ts = [trial("a", [10, 80]), trial("b", [80, 10]), trial("c", [10, 20, 90]), trial("d", [10, 80], error="x"),
           trial("e", [10, 80], ablation_set="otd"), trial("f", [30]), trial("g", [90]),
           trial("h", [90], latent=None, boost=0.0), trial("i", [10, None, 80])]
-    assert [t.trial_id for t in E.select_self_correction(ts)] == ["a", "i"]
-    assert [t.trial_id for t in E.select_self_correction(ts, exclude_ablation=False)] == ["a", "e", "i"]
-    assert [t.trial_id for t in E.select_baseline(ts)] == ["h"]
-    assert [t.trial_id for t in E.select_baseline(ts, "steered_on_topic")] == ["g"]
+    assert ids(E.select_self_correction(ts)) == ["a", "i"]
+    assert ids(E.select_self_correction(ts, exclude_ablation=False)) == ["a", "e", "i"]
+    assert ids(E.select_baseline(ts)) == ["h"]
+    assert ids(E.select_baseline(ts, "steered_on_topic")) == ["g"]
     many = [trial(f"u{i}", [90], latent=None, boost=0.0) for i in range(20)]
     s1, s2 = E.select_baseline(many, n=5, seed=1), E.select_baseline(many, n=5, seed=1)
-    assert [t.trial_id for t in s1] == [t.trial_id for t in s2] and len(s1) == 5
-    rows = [ts[0].to_row(), ts[1].to_row()]
-    assert [r["trial_id"] for r in E.select_self_correction(rows)] == ["a"]
+    assert ids(s1) == ids(s2) and len(s1) == 5
+    # rows read back from a parquet trials table (list columns come back as arrays)
+    pd.DataFrame(ts[:2]).to_parquet(tmp_path / "t.parquet", index=False)
+    rows = pd.read_parquet(tmp_path / "t.parquet").to_dict("records")
+    assert ids(E.select_self_correction(rows)) == ["a"]
     with pytest.raises(ValueError, match="baseline source"):
         E.select_baseline(ts, "steered")
 

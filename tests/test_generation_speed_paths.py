@@ -10,7 +10,7 @@ import torch
 
 from esr.generation import GenerationSettings, SteeredGenerator, TrialRequest, decode_cache, multinomial_rows
 from esr.models import wrap_model
-from esr.records import Intervention
+from esr.steering import Intervention
 from esr.sae import SteeringDirections
 from esr.steering import SteeringPlan
 from esr.testing import tiny_gemma2, tiny_llama, tiny_sae, tiny_tokenizer

@@ -8,8 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from esr.judge import (DEFAULT_CALIBRATION, OFFLINE_JUDGE_ID, Calibration, JudgeRequest, OfflineMiniLMJudge,
-                       build_judge, calibrate_offline)
+from esr.judge import (DEFAULT_ANCHORS, OFFLINE_JUDGE_ID, Anchors, JudgeRequest, OfflineMiniLMJudge,
+                       build_judge, fit_anchors)
 
 PROMPTS = [
     "Explain how to bake a loaf of bread.",
@@ -76,22 +76,22 @@ def test_restart_splits_into_low_then_high(encoder):
 
 
 def test_calibration_roundtrip_and_mapping(encoder, tmp_path):
-    cal = calibrate_offline(PROMPTS, ANSWERS, encoder=encoder)
+    cal = fit_anchors(PROMPTS, ANSWERS, encoder=encoder)
     assert cal.cos_on > cal.on_min - 1e-9 and cal.cos_on > cal.off_max > cal.cos_off
     assert cal.n_prompts == 4
     path = tmp_path / "cal.json"
     cal.save(path)
-    assert Calibration.load(path) == cal
-    assert DEFAULT_CALIBRATION.score(0.086) == 0 and DEFAULT_CALIBRATION.score(0.718) == 100
-    assert DEFAULT_CALIBRATION.score(-0.5) == 0 and DEFAULT_CALIBRATION.score(0.99) == 100
-    assert DEFAULT_CALIBRATION.score(0.402) == pytest.approx(50.0)
+    assert Anchors.load(path) == cal
+    assert DEFAULT_ANCHORS.score(0.086) == 0 and DEFAULT_ANCHORS.score(0.718) == 100
+    assert DEFAULT_ANCHORS.score(-0.5) == 0 and DEFAULT_ANCHORS.score(0.99) == 100
+    assert DEFAULT_ANCHORS.score(0.402) == pytest.approx(50.0)
     with pytest.raises(ValueError):
-        Calibration(cos_off=0.5, cos_on=0.4, source="bad")
-    judge = build_judge({"backend": "offline_minilm", "calibration": str(path), "cache_dir": None},
+        Anchors(cos_off=0.5, cos_on=0.4, source="bad")
+    judge = build_judge({"backend": "offline_minilm", "anchors": str(path), "cache_dir": None},
                         encoder=encoder, show_progress=False)
-    assert judge.calibration == cal and judge.describe()["calibration"]["cos_on"] == cal.cos_on
+    assert judge.anchors == cal and judge.describe()["anchors"]["cos_on"] == cal.cos_on
     # several answers per prompt are accepted
-    assert calibrate_offline(PROMPTS[:2], [[ANSWERS[0], ANSWERS[0]], [ANSWERS[1]]], encoder=encoder).n_prompts == 2
+    assert fit_anchors(PROMPTS[:2], [[ANSWERS[0], ANSWERS[0]], [ANSWERS[1]]], encoder=encoder).n_prompts == 2
 
 
 def test_offline_cache_rerun_skips_model(encoder, tmp_path):
@@ -104,8 +104,8 @@ def test_offline_cache_rerun_skips_model(encoder, tmp_path):
     assert encoder.calls == before and judge.stats.cache_hits == 4 and judge.stats.cache_misses == 0
     assert [r.scores for r in second] == [r.scores for r in first] and second[2].trial_id == "t2"
     assert second[0].metadata["approximation"] is True
-    # another calibration is another cache identity
+    # other anchors are another cache identity
     other = build_judge({**cfg}, encoder=encoder, show_progress=False)
-    other.calibration = Calibration(cos_off=0.0, cos_on=0.9, source="test")
+    other.anchors = Anchors(cos_off=0.0, cos_on=0.9, source="test")
     other.grade_batch(reqs[:1])
     assert other.stats.cache_misses == 1

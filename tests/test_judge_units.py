@@ -7,16 +7,18 @@ import threading
 from pathlib import Path
 
 import jsonschema
+
+from esr.config import load_schema
 import pytest
 
-from esr.judge import (CONCRETENESS_CONFIG_SCHEMA, JUDGE_CONFIG_SCHEMA, JudgeCache, JudgeRequest,
+from esr.judge import (JudgeCache, JudgeRequest,
                        MalformedJudgeOutput, build_concreteness_grader, build_judge, find_restarts, parse_attempts,
                        restart_gate, split_attempts)
 from esr.judge.fake import FakeJudge
 from esr.judge.http_backends import LLMJudge
 from esr.judge.parsing import extract_json_block, parse_concreteness
 from esr.judge.prompts import JUDGE_INSTRUCTIONS, judge_messages
-from esr.records import Attempt
+from esr.judge.base import Attempt
 
 ON = "To bake bread, mix flour, water, yeast and salt, knead, let it rise, shape and bake at 220 C."
 OFF = "Dogs are loyal animals that bark at the mailman and love long walks in the park."
@@ -143,9 +145,11 @@ def test_fake_judge_and_cache(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- factory
-def test_schema_fragments_are_valid_and_complete():
-    for schema in (JUDGE_CONFIG_SCHEMA, CONCRETENESS_CONFIG_SCHEMA):
-        jsonschema.Draft202012Validator.check_schema(schema)
+def test_judge_blocks_live_in_the_config_schema_and_reject_secrets():
+    defs = load_schema()["$defs"]
+    for name in ("judge", "concreteness"):
+        jsonschema.Draft202012Validator.check_schema(defs[name])
+    JUDGE_CONFIG_SCHEMA = defs["judge"]
     jsonschema.validate({"backend": "anthropic", "model": "claude-haiku-4-5-20251001", "temperature": 0.0,
                          "max_tokens": 2048, "concurrency": 4, "rate_limit_per_s": 3, "timeout_s": 120,
                          "max_retries": 4, "restart_gate": False, "cache_dir": "results/judge_cache",

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from esr.io import read_json
-from esr.labels import (LabelsError, download_labels_stage, fetch_csv_labels, fetch_neuronpedia_labels,
+from esr.labels import (LabelsError, fetch_labels, fetch_csv_labels, fetch_neuronpedia_labels,
                         label_counts)
 from esr.latents import read_labels
 
@@ -247,22 +247,22 @@ def test_label_counts():
 def test_stage_dispatch(server, tmp_path):
     out, man = tmp_path / "l.csv", tmp_path / "l.manifest.json"
     with pytest.raises(LabelsError, match="nothing to download"):
-        download_labels_stage({"source": "auto"}, "smollm2", out, man)
+        fetch_labels({"source": "auto"}, "smollm2", out, man)
     with pytest.raises(LabelsError, match="did not publish"):
-        download_labels_stage({"source": "goodfire"}, "llama-3.1-8b", out, man)
+        fetch_labels({"source": "goodfire"}, "llama-3.1-8b", out, man)
     with pytest.raises(LabelsError, match="no default for model 'mystery'"):
-        download_labels_stage({"source": "neuronpedia"}, "mystery", out, man)
+        fetch_labels({"source": "neuronpedia"}, "mystery", out, man)
     with pytest.raises(LabelsError, match="must be one of"):
-        download_labels_stage({"source": "magic"}, "x", out, man)
+        fetch_labels({"source": "magic"}, "x", out, man)
     assert not out.exists() and not man.exists()
 
     # neuronpedia: default ids for the paper model name, base URL from labels.url
-    m = download_labels_stage({"source": "neuronpedia", "url": server.base + "/v1", "retries": 0}, "gemma-2-2b",
+    m = fetch_labels({"source": "neuronpedia", "url": server.base + "/v1", "retries": 0}, "gemma-2-2b",
                               out, man, d_sae=16384)
     assert m["neuronpedia_layer_id"] == LAYER and read_json(man)["label_counts"]["missing"] == 16384 - 6
 
     src = tmp_path / "g.csv"
     src.write_bytes(GOODFIRE)
-    m = download_labels_stage({"source": "file", "path": str(src),
+    m = fetch_labels({"source": "file", "path": str(src),
                                "sha256": hashlib.sha256(GOODFIRE).hexdigest()}, "llama-3.1-8b", out, man)
     assert m["source"] == "file" and read_json(man)["files"][0]["sha256_verified"] is True

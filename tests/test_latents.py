@@ -213,7 +213,7 @@ def test_selection_file_roundtrip(tmp_path):
     assert isinstance(back.counts, FilterCounts) and back.latents[0].prompt_ids == sel.latents[0].prompt_ids
 
 
-def test_selection_input_errors():
+def test_selection_input_errors(tmp_path):
     settings = SelectionSettings(n_latents=2, trials_per_latent=5)
     with pytest.raises(SelectionError, match="trials_per_latent"):
         select_latents(model="m", seed=0, settings=settings, d_sae=4, labels={0: "dogs"},
@@ -226,8 +226,11 @@ def test_selection_input_errors():
                        grader=lambda labs: [], prompt_acts=np.zeros((2, 5)), n_prompts=10)
     with pytest.raises(SelectionError, match="selection.relevance_filter"):
         SelectionSettings(relevance_filter="top100")
-    with pytest.raises(SelectionError, match="selection.n_latent"):
-        SelectionSettings.from_config({"n_latent": 5})
+    from esr.config import ConfigError, load_config
+    from esr.testing import write_tiny_workflow
+
+    with pytest.raises(ConfigError, match="selection.n_latent"):
+        load_config(write_tiny_workflow(tmp_path), {"selection": {"n_latent": 5}})
 
 
 def test_seed_derivation():

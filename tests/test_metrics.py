@@ -7,22 +7,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import binomtest
+
+from helpers import graded_row
 
 from esr.metrics import (BootstrapSpec, MeanEstimate, Proportion, cluster_bootstrap_ratios, include_trials,
                          is_degraded, pooled_mean, summarise, wald_interval, wilson_interval)
-from esr.records import Attempt, Trial
 
 
 def _row(i: int, scores, response: str = "fine answer", error=None, latent_error=None, latent: int | None = None):
     """One per-trial table row; ``scores=None`` means the attempts list is missing altogether."""
-    t = Trial(f"t{i}", "esr", "m", i if latent is None else latent, "lbl", 1.0, i % 38, "p", 1000 + i,
-              response=response, error=error,
-              attempts=[Attempt(f"a{j}", s) for j, s in enumerate(scores or [])])
-    row = t.to_row()
-    if scores is None:
-        row["attempt_scores"] = None
-    row["latent_error"] = latent_error
-    return row
+    return graded_row(f"t{i}", "esr", "m", i if latent is None else latent, "lbl", 1.0, i % 38, "p", 1000 + i,
+                      scores=scores, response=response, error=error, latent_error=latent_error)
 
 
 def crafted_table() -> pd.DataFrame:
@@ -54,8 +50,8 @@ def test_inclusion_rules_in_order_with_counts():
     assert rep.n_included == 10
     assert list(inc["trial_id"]) == [f"t{i}" for i in range(6, 16)]
     by = inc.set_index("trial_id")
-    assert by.loc["t10", ["first", "last", "n_scores"]].tolist() == [10, 90, 2]
-    assert by.loc["t11", ["first", "last", "n_scores"]].tolist() == [30, 80, 3]
+    assert by.loc["t10", ["first_score", "last_score", "n_attempts"]].tolist() == [10, 90, 2]
+    assert by.loc["t11", ["first_score", "last_score", "n_attempts"]].tolist() == [30, 80, 3]
     assert bool(by.loc["t8", "multi"]) and not bool(by.loc["t8", "esr"])     # tie
     assert not bool(by.loc["t12", "esr"])                                    # intermediate attempts ignored
     assert bool(by.loc["t13", "degraded"]) and not bool(by.loc["t15", "degraded"])
@@ -121,7 +117,6 @@ def test_wald_and_wilson_on_paper_counts(k, n, wald, wilson):
     s = wilson_interval(k, n)
     assert (100 * s.lo, 100 * s.hi) == pytest.approx(wilson, abs=1e-4)
     assert (s.lo, s.hi) == pytest.approx(_hand_wilson(k, n), abs=1e-12)
-    from scipy.stats import binomtest
     ci = binomtest(k, n).proportion_ci(method="wilson")
     assert (s.lo, s.hi) == pytest.approx((ci.low, ci.high), abs=1e-12)
 

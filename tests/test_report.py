@@ -1,23 +1,33 @@
-from esr.report import audit_markdown_to_html, fidelity_notes
+"""The report's run overview and fidelity notes."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from esr.config import validate_config
+from esr.io import write_json
+from esr.report import fidelity_notes, run_overview
 
 
-def test_audit_markdown_renders_lists_tables_and_emphasis(tmp_path):
-    md = tmp_path / "a.md"
-    md.write_text("# Title\n\n**Verdicts.** text `code`\n\n* *Printed.* a\n  continued\n* top\n  - nested\n\n"
-                  "| id | verdict |\n|---|---|\n| 3 | **consistent** |\n")
-    out = tmp_path / "a.html"
-    audit_markdown_to_html(md, out, "t")
-    html = out.read_text()
-    assert "<h1>Title</h1>" in html and "<b>Verdicts.</b>" in html and "<code>code</code>" in html
-    assert "<li><i>Printed.</i> a continued</li>" in html and html.count("<ul>") == 2
-    assert "<th>verdict</th>" in html and "<td><b>consistent</b></td>" in html and "**" not in html
+def _config(repo_root):
+    return validate_config(yaml.safe_load((repo_root / "config/config.yaml").read_text()))
 
 
 def test_fidelity_notes_state_the_approximations(repo_root):
-    import yaml
-
-    from esr.config import validate_config
-
-    cfg = validate_config(yaml.safe_load((repo_root / "config/config.yaml").read_text()))
-    notes = " ".join(fidelity_notes(cfg))
+    notes = " ".join(fidelity_notes(_config(repo_root)))
     assert "APPROXIMATION" in notes and "Planted positive control" in notes and "layer 15" in notes
+
+
+def test_run_overview_lists_cells_and_verdicts(tmp_path, repo_root):
+    cfg = _config(repo_root)
+    cell = {"experiment": "exp1", "model": "m", "cell": "baseline", "n": 10,
+            "metrics": {"multi_rate": {"k": 3, "n": 10}, "esr_rate": {"k": 2, "n": 10}}}
+    write_json(tmp_path / "s.json", {"schema": "esr.summary/1", "cells": [cell]})
+    write_json(tmp_path / "a.json", {"verdict_counts": {"consistent": 4, "not testable": 2}})
+    run_overview(cfg, [tmp_path / "s.json"], tmp_path / "a.json", tmp_path / "overview.md")
+    md = (tmp_path / "overview.md").read_text()
+    assert "- exp1 / m / baseline: n=10, multi-attempt 3/10, ESR 2/10" in md
+    assert "- consistent: 4" in md and "- not testable: 2" in md
+    assert json.loads((tmp_path / "overview.json").read_text())["fidelity_notes"] == fidelity_notes(cfg)

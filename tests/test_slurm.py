@@ -2,7 +2,7 @@
 
 ``test_workflow_through_slurm`` (marker ``slurm``, run by ``make test-slow``) starts slurmctld + slurmd + munge with
 tests/slurm/slurm-up.sh (installing the Debian packages if needed; root only), then runs a representative part of
-the embedded workflow with ``--profile tests/slurm/profile``: ``prompts`` and the dependency chain
+the embedded workflow with ``--profile tests/slurm/profile``: ``fetch_prompts`` and the dependency chain
 ``download_model -> build_corpus`` (the real SmolLM2 conversion and the real corpus builder, at a small corpus size).
 It runs in a copy of the repo's git files, so the developer's resources/, results/ and .snakemake/ are untouched;
 the jobs use this interpreter (the plugin submits ``sys.executable -m snakemake``). ~2.5 min on 2 cores.
@@ -25,7 +25,7 @@ SLURM_DIR = REPO_ROOT / "tests" / "slurm"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 MODEL = "smollm2-135m"
 TARGETS = ["resources/prompts/prompts.txt", f"resources/corpus/{MODEL}"]
-RULES = ("prompts", "download_model", "build_corpus")
+RULES = ("fetch_prompts", "download_model", "build_corpus")
 RUN_TIMEOUT_S = 480  # the whole snakemake run (measured ~135 s on a busy 2-core machine)
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from statsmodels.stats.proportion import confint_proportions_2indep
 
 from esr.metrics import BootstrapSpec
 from esr.stats import (cohen_kappa, fisher_test, holm, judge_agreement, mcnemar_exact, mcnemar_from_pairs,
@@ -29,9 +30,10 @@ def test_mcnemar_from_crafted_pairs():
 
 
 def _included(rows):
-    df = pd.DataFrame(rows, columns=["model", "latent", "prompt_id", "seed", "first", "last", "n_scores"])
-    df["multi"] = df["n_scores"] >= 2
-    df["delta"] = df["last"] - df["first"]
+    df = pd.DataFrame(rows, columns=["model", "latent", "prompt_id", "seed", "first_score", "last_score",
+                                     "n_attempts"])
+    df["multi"] = df["n_attempts"] >= 2
+    df["delta"] = df["last_score"] - df["first_score"]
     df["esr"] = df["multi"] & (df["delta"] > 0)
     return df
 
@@ -67,7 +69,6 @@ def test_fisher_hand_value_and_newcombe():
     r = fisher_test(1, 4, 3, 4)
     assert r.pvalue == pytest.approx(34 / 70)
     assert r.odds_ratio == pytest.approx(1 / 9)
-    from statsmodels.stats.proportion import confint_proportions_2indep
     lo, hi = confint_proportions_2indep(30, 100, 20, 100, method="newcomb")     # p1 - p2 there
     ours = newcombe_difference(20, 100, 30, 100)                                # p2 - p1 here
     assert (ours.lo, ours.hi) == pytest.approx((lo, hi), abs=1e-9)
@@ -118,9 +119,9 @@ def test_judge_agreement():
     rows_b = [("t1", 15, 70, 2), ("t2", 55, 55, 1), ("t3", 25, 35, 2), ("t4", 60, 90, 2), ("t5", 0, 50, 2)]
 
     def frame(rows):
-        df = pd.DataFrame(rows, columns=["trial_id", "first", "last", "n_scores"])
-        df["multi"] = df["n_scores"] >= 2
-        df["delta"] = df["last"] - df["first"]
+        df = pd.DataFrame(rows, columns=["trial_id", "first_score", "last_score", "n_attempts"])
+        df["multi"] = df["n_attempts"] >= 2
+        df["delta"] = df["last_score"] - df["first_score"]
         return df
 
     ag = judge_agreement(frame(rows_a), frame(rows_b), "A", "B")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esr.records import Intervention
+from esr.steering import Intervention
 from esr.sae import SteeringDirections
 from esr.steering import BatchInterventions, SteeringPlan, apply_interventions, steer_rows
 from esr.testing import tiny_gemma2, tiny_llama, tiny_sae

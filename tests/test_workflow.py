@@ -31,7 +31,7 @@ def test_dry_run_embedded_default(repo_root):
     res = run_snakemake(repo_root, "-n", "--forceall", "--cores", "1")
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
-    for rule in ("download_model", "prompts", "build_corpus", "collect_activations", "train_sae", "label_latents"):
+    for rule in ("download_model", "fetch_prompts", "build_corpus", "collect_activations", "train_sae", "label_latents"):
         assert counts.get(rule) == 1, counts
 
 

@@ -1,35 +1,14 @@
-"""Summaries of trial tables (the inputs of the audit) and the audit table of paper numbers.
+"""The audit of the paper's numbers: every number printed in the paper (arXiv 2602.06941 v1: its methods and results,
+Sec. 2–3, and its appendix) against the summary cells of a run, with a verdict each.
 
-Entry points for the Snakemake ``stats`` rules:
-
-* ``summarise_experiment(trials_parquet_paths, out_json, ...)`` → a *summary JSON* (schema ``esr.summary/1``)
-* ``summarise_cross_judge(trials_parquet_paths, out_json, ...)`` → a summary JSON with judge-pair agreement
-* ``compare_experiments(trials_parquet_paths, out_json, ...)`` → ``esr.comparisons/1`` (tests, Holm, size trend)
-* ``build_audit(summary_jsons, out_json, out_md, config)`` → ``paper_numbers.json`` and ``paper_numbers.md``
-
-Summary JSON (``esr.summary/1``)::
-
-    {"schema": "esr.summary/1", "provenance": {...}, "settings": {...},
-     "cells": [
-       {"experiment": "exp1", "model": "llama-3.3-70b", "condition": "baseline",
-        "n": 4877, "n_latents": ..., "n_prompts": ..., "n_degraded_included": ...,
-        "inclusion": {"n_input", "excluded": {latent_error, trial_error, no_attempts, no_scores, degraded},
-                      "n_degraded", "degraded_excluded", "n_included"},
-        "metrics": {"multi_rate" | "esr_rate" | "improvement_rate":
-                        {"k", "n", "estimate", "wald": [lo, hi], "wilson": [lo, hi], "bootstrap": [lo, hi]},
-                    "first_score" | "msi_multi" | "msi_all":
-                        {"n", "mean", "sd", "se", "ci": [lo, hi], "bootstrap": [lo, hi]}},
-        "extra": {"boost", "boost_sigma", "boost_rel", "n_ablated_latents", "n_judges", "n_samples", ...},
-        "values": {"<key>": {"estimate": x, "ci": [lo, hi] | null, "n": n | null}},   # optional, other producers
-        "judge_pairs": [...]}                                                          # cross_judge only
-     ]}
-
-Rates are fractions in the JSON (0–1); the audit shows percent. Experiments follow the paper's numbering
-(``exp1`` … ``exp10``, as ``esr.experiments``). Conditions: ``baseline``; ``ablation_set=<name>``;
-``prompt_variant=<name>`` (joined with "," when both); ``level=<boost_level>`` for exp2 (``level=global:<s>sd``,
-``level=relative:<r>``, see ``level_label``); ``all`` / ``judge=<id>`` for exp7. Producers of other quantities (exp9 activation statistics,
-exp6 example, exp4 fine-tuning) add cells with a ``values`` dict under the experiment names of the paper-numbers
-table (``esr/data/paper_numbers.yaml``).
+The numbers are declared in ``esr/data/paper_numbers.yaml``: each entry names a *formula* (``FORMULAS``: a rate,
+pooled rate, mean, count, ratio, relative change, sweep peak, judge agreement, summary value or config value), the
+summary cells it reads (a ``source`` selecting experiment, model and ``cell`` label pattern, see
+``esr.summaries``) and a *tolerance rule*. :func:`audit` evaluates every entry over the cells of a run
+(:class:`CellIndex`) into :class:`AuditRow` s; :func:`check` applies the rules of ``CONSISTENCY_DEFINITION``.
+:func:`build_audit` (the Snakemake ``audit`` rule) writes the rows as ``paper_numbers.json`` (schema
+``esr.paper_numbers/1``), as a Markdown table for text readers and as an HTML page (Jinja2 template
+``esr/templates/audit.html.j2``).
 """
 
 from __future__ import annotations
@@ -42,275 +21,97 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jinja2
 import numpy as np
-import pandas as pd
 import yaml
+from scipy.ndimage import gaussian_filter1d
 
 from esr import io
-from esr.metrics import (BootstrapSpec, MeanEstimate, Proportion, include_trials, is_truthy_error,
-                         pooled_mean, summarise_included, wilson_interval)
-from esr.stats import (PAIR_KEYS, ComparisonFamily, fisher_test, paired_comparison, pairwise_judge_agreement,
-                       relative_change, size_trend)
+from esr.metrics import MeanEstimate, Proportion, pooled_mean, wilson_interval
+from esr.provenance import provenance
+from esr.stats import relative_change
 
-SUMMARY_SCHEMA = "esr.summary/1"
-COMPARISON_SCHEMA = "esr.comparisons/1"
 AUDIT_SCHEMA = "esr.paper_numbers/1"
+PAPER = "McKenzie et al., arXiv 2602.06941 v1"
+DEFAULT_TABLE = "esr/data/paper_numbers.yaml"
 
 CONSISTENT = "consistent"
 INCONSISTENT = "inconsistent"
 NOT_RUN = "not run in this configuration"
 NOT_TESTABLE = "not testable"
 
-CONSISTENCY_DEFINITION = """\
-**Verdicts.** Each paper number is compared with our estimate and its 95 % interval:
+# ----------------------------------------------------------------------------------------------- verdict definition
+# Rich text as runs of (style, text), style "" (plain), "b", "i" or "code": rendered to Markdown and to HTML alike.
 
-* *Printed precision.* A printed value stands for the interval of values that round to it (3.8 % means
-  [3.75, 3.85] %; 0 % means [0, 0.5] %).
-* **consistent** when the claim is compatible with our 95 % interval:
-  - rates (`ci` rule): the printed-precision interval of the paper value overlaps our **Wilson** 95 % interval;
-  - means (`ci` rule): it overlaps our mean ± 1.96·SE interval (SD with ddof = 1);
-  - ratios and relative changes (`ci` rule): it overlaps the Katz log-ratio 95 % interval computed from our
-    unrounded counts (independent-samples formula, conservative for paired replays);
-  - bounds ("< 1 %", "> 95 %"): our interval reaches the claimed side of the bound (the claim is not rejected);
-  - ranges ("88–92", "93–97 %"): our interval overlaps the range;
-  - constants and design values (`exact`): equal; design counts (`rel_tol`): within the stated relative tolerance;
-  - peak locations (`level_spacing`): within one boost-level spacing of the paper's location;
-  - claims over several cells (every judge pair, every random set) must hold for each of them.
-* **inconsistent** otherwise.
-* **not run in this configuration**: the run that would produce the number (model, experiment, condition or
-  config key) is not part of this configuration; the reason is given.
-* **not testable**: the paper's statement defines no quantity that can be computed (reason given).
-"""
+Runs = tuple[tuple[str, str], ...]
 
 
-# =============================================================================================== summaries
+def _runs(*parts: str | tuple[str, str]) -> Runs:
+    return tuple(p if isinstance(p, tuple) else ("", p) for p in parts)
 
 
-def load_trials(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate per-trial parquet tables (``records.Trial.to_row`` columns)."""
-    frames = [pd.read_parquet(p) for p in paths]
-    frames = [f for f in frames if len(f.columns)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+def _b(text: str) -> tuple[str, str]:
+    return "b", text
 
 
-def level_label(row: Mapping[str, Any], sweep_stats: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """Boost-sweep level of a trial: its ``boost_level`` (``global:<s>sd`` / ``relative:<r>``) when recorded;
-    otherwise ``global:<s>sd`` from the model's ``sweep_stats`` {mean, std}, or ``boost:<value>``."""
-    lvl = row.get("boost_level")
-    if is_truthy_error(lvl):
-        return str(lvl)
-    b = float(row.get("boost", 0.0))
-    st = (sweep_stats or {}).get(str(row.get("model")))
-    if st and st.get("std"):
-        return f"global:{(b - st['mean']) / st['std']:+.2f}sd"
-    return f"boost:{b:.6g}"
+def _i(text: str) -> tuple[str, str]:
+    return "i", text
 
 
-def parse_level(label: str) -> tuple[float | None, float | None]:
-    """(σ units, relative-to-threshold units) encoded in a level label; None where the label has no such unit."""
-    try:
-        if label.startswith("global:") and label.endswith("sd"):
-            return float(label[len("global:"):-2]), None
-        if label.startswith("relative:"):
-            return None, float(label[len("relative:"):])
-    except ValueError:
-        pass
-    return None, None
+def _code(text: str) -> tuple[str, str]:
+    return "code", text
 
 
-def condition_of(row: Mapping[str, Any], per_level_experiments: Sequence[str] = ("exp2",),
-                 sweep_stats: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """Condition label of one trial row (see module docstring)."""
-    if row.get("experiment") in per_level_experiments:
-        return f"level={level_label(row, sweep_stats)}"
-    parts = []
-    for col in ("ablation_set", "prompt_variant"):
-        v = row.get(col)
-        if is_truthy_error(v):
-            parts.append(f"{col}={v}")
-    return ",".join(parts) or "baseline"
+DEFINITION_INTRO: Runs = _runs(_b("Verdicts."), " Each paper number is compared with our estimate and its 95 % "
+                                                "interval:")
+#: (item, sub-items) of the verdict definition.
+DEFINITION_ITEMS: tuple[tuple[Runs, tuple[Runs, ...]], ...] = (
+    (_runs(_i("Printed precision."), " A printed value stands for the interval of values that round to it (3.8 % "
+                                     "means [3.75, 3.85] %; 0 % means [0, 0.5] %)."), ()),
+    (_runs(_b(CONSISTENT), " when the claim is compatible with our 95 % interval:"), (
+        _runs("rates (", _code("ci"), " rule): the printed-precision interval of the paper value overlaps our ",
+              _b("Wilson"), " 95 % interval;"),
+        _runs("means (", _code("ci"), " rule): it overlaps our mean ± 1.96·SE interval (SD with ddof = 1);"),
+        _runs("ratios and relative changes (", _code("ci"), " rule): it overlaps the Katz log-ratio 95 % interval "
+              "computed from our unrounded counts (independent-samples formula, conservative for paired replays);"),
+        _runs('bounds ("< 1 %", "> 95 %"): our interval reaches the claimed side of the bound (the claim is not '
+              'rejected);'),
+        _runs('ranges ("88–92", "93–97 %"): our interval overlaps the range;'),
+        _runs("constants and design values (", _code("exact"), "): equal; design counts (", _code("rel_tol"),
+              "): within the stated relative tolerance;"),
+        _runs("peak locations (", _code("level_spacing"), "): within one boost-level spacing of the paper's location;"),
+        _runs("claims over several cells (every judge pair, every random set) must hold for each of them."),
+    )),
+    (_runs(_b(INCONSISTENT), " otherwise."), ()),
+    (_runs(_b(NOT_RUN), ": the run that would produce the number (model, experiment, summary cell or config key) is "
+                        "not part of this configuration; the reason is given."), ()),
+    (_runs(_b(NOT_TESTABLE), ": the paper's statement defines no quantity that can be computed (reason given)."), ()),
+)
+
+_MARKDOWN_STYLE = {"": "{}", "b": "**{}**", "i": "*{}*", "code": "`{}`"}
 
 
-def _cell(experiment: str, model: str, condition: str, summary, extra: Mapping[str, Any]) -> dict[str, Any]:
-    return {"experiment": experiment, "model": model, "condition": condition, **summary.to_dict(),
-            "extra": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()}}
+def _markdown_runs(runs: Runs) -> str:
+    return "".join(_MARKDOWN_STYLE[style].format(text) for style, text in runs)
 
 
-def summarise_table(trials: pd.DataFrame, *, exclude_degraded: bool = False,
-                    bootstrap: BootstrapSpec | None = BootstrapSpec(),
-                    per_level_experiments: Sequence[str] = ("exp2",),
-                    sweep_stats: Mapping[str, Mapping[str, float]] | None = None,
-                    thresholds: Mapping[str, Mapping[Any, float]] | None = None,
-                    ablation_sets: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, Any]]:
-    """One summary cell per (experiment, model, condition) of a raw trial table.
-
-    Boost-sweep levels come from the trials' ``boost_level`` column when present (see ``level_label``);
-    ``sweep_stats``: model → {"mean", "std"} of the global threshold distribution (σ units when trials carry no
-    ``boost_level``); ``thresholds``: model → {latent: calibrated threshold} (relative-to-threshold units when the
-    trials carry no ``threshold`` column); ``ablation_sets``: set name → latent list (adds
-    ``extra.n_ablated_latents``)."""
-    if trials.empty:
-        return []
-    df = trials.copy()
-    df["condition"] = [condition_of(r, per_level_experiments, sweep_stats) for r in df.to_dict("records")]
-    cells = []
-    for (exp, model, cond), g in df.groupby(["experiment", "model", "condition"], sort=True, dropna=False):
-        inc, report = include_trials(g, exclude_degraded)
-        summary = summarise_included(inc, report, bootstrap)
-        extra: dict[str, Any] = {}
-        if exp in per_level_experiments:
-            extra.update(_level_extra(g, str(model), cond, sweep_stats, thresholds))
-        if "ablation_set" in g.columns and ablation_sets:
-            names = {str(v) for v in g["ablation_set"].dropna().unique()}
-            if len(names) == 1 and (name := names.pop()) in ablation_sets:
-                extra["ablation_set"] = name
-                extra["n_ablated_latents"] = len(set(ablation_sets[name]))
-        cells.append(_cell(str(exp), str(model), cond, summary, extra))
-    return cells
+def _definition_markdown() -> str:
+    lines = [_markdown_runs(DEFINITION_INTRO), ""]
+    for item, subs in DEFINITION_ITEMS:
+        lines.append("* " + _markdown_runs(item))
+        lines += ["  - " + _markdown_runs(s) for s in subs]
+    return "\n".join(lines) + "\n"
 
 
-def _level_extra(g: pd.DataFrame, model: str, cond: str, sweep_stats, thresholds) -> dict[str, Any]:
-    """extra fields of one boost-sweep level: boost (mean over trials), boost_sigma, boost_rel (median)."""
-    sigma, rel = parse_level(cond.split("=", 1)[1])
-    boost = float(g["boost"].astype(float).mean())
-    if sigma is None and not cond.startswith("level=relative:"):
-        st = (sweep_stats or {}).get(model)
-        sigma = (boost - st["mean"]) / st["std"] if st and st.get("std") else None
-    if rel is None:
-        if "threshold" in g.columns and g["threshold"].notna().any():
-            t = g["threshold"].astype(float)
-        elif (thresholds or {}).get(model):
-            t = g["latent"].map(thresholds[model]).astype(float)
-        else:
-            t = None
-        if t is not None:
-            r = (g["boost"].astype(float) / t).replace([np.inf, -np.inf], np.nan).dropna()
-            rel = float(r.median()) if len(r) else None
-    return {"boost": boost, "boost_sigma": sigma, "boost_rel": rel}
+#: The verdict rules in Markdown (also stored in ``paper_numbers.json``).
+CONSISTENCY_DEFINITION = _definition_markdown()
 
 
-def summarise_experiment(trials_parquet_paths: Sequence[str | os.PathLike], out_json: str | os.PathLike, *,
-                         config: Mapping[str, Any] | None = None, exclude_degraded: bool = False,
-                         n_boot: int = 2000, seed: int = 0,
-                         per_level_experiments: Sequence[str] = ("exp2",),
-                         sweep_stats: Mapping[str, Mapping[str, float]] | None = None,
-                         thresholds: Mapping[str, Mapping[Any, float]] | None = None,
-                         ablation_sets: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
-    """Snakemake ``stats`` entry: read trial parquets, write an ``esr.summary/1`` JSON, return it."""
-    from esr.provenance import provenance
-
-    spec = BootstrapSpec(n_boot, seed) if n_boot > 0 else None
-    cells = summarise_table(load_trials(trials_parquet_paths), exclude_degraded=exclude_degraded, bootstrap=spec,
-                            per_level_experiments=per_level_experiments, sweep_stats=sweep_stats,
-                            thresholds=thresholds, ablation_sets=ablation_sets)
-    out = {
-        "schema": SUMMARY_SCHEMA,
-        "provenance": provenance(dict(config) if config is not None else None,
-                                 inputs=[str(p) for p in trials_parquet_paths]),
-        "settings": {"exclude_degraded": exclude_degraded, "bootstrap": None if spec is None else asdict(spec),
-                     "rate_intervals": ["wald (paper, z=1.96, unclipped)", "wilson (primary)",
-                                        "bootstrap (percentile, clusters = (model, latent))"],
-                     "mean_interval": "mean ± 1.96·SD/√n (ddof = 1)"},
-        "cells": cells,
-    }
-    io.write_json(out_json, out)
-    return out
-
-
-def summarise_cross_judge(trials_parquet_paths: Sequence[str | os.PathLike], out_json: str | os.PathLike, *,
-                          keys: Sequence[str] = ("trial_id",), judge_col: str = "judge_id",
-                          exclude_degraded: bool = False, config: Mapping[str, Any] | None = None,
-                          experiment: str = "exp7") -> dict[str, Any]:
-    """Cross-judge summary: per-judge × model cells (``condition = judge=<id>``; enriched sample, not population
-    rates) and one ``cross_judge/all/all`` cell with every judge pair's agreement.
-
-    Each judge's trials must carry the same ``keys`` values for the same underlying response."""
-    from esr.provenance import provenance
-
-    trials = load_trials(trials_parquet_paths)
-    cells: list[dict[str, Any]] = []
-    if not trials.empty:
-        inc, report = include_trials(trials, exclude_degraded)
-        for (judge, model), g in inc.groupby([judge_col, "model"], sort=True):
-            cells.append(_cell(experiment, str(model), f"judge={judge}", summarise_included(g, report, None), {}))
-        pairs = pairwise_judge_agreement(inc, judge_col, keys)
-        all_cell = _cell(experiment, "all", "all", summarise_included(inc, report, None),
-                         {"n_judges": int(inc[judge_col].nunique()),
-                          "n_samples": int(trials.drop_duplicates(list(keys)).shape[0])})
-        all_cell["judge_pairs"] = [p.to_dict() for p in pairs]
-        cells.append(all_cell)
-    out = {"schema": SUMMARY_SCHEMA,
-           "provenance": provenance(dict(config) if config is not None else None,
-                                    inputs=[str(p) for p in trials_parquet_paths]),
-           "settings": {"exclude_degraded": exclude_degraded, "match_keys": list(keys)},
-           "cells": cells}
-    io.write_json(out_json, out)
-    return out
-
-
-def _select(df: pd.DataFrame, experiment: str, condition: str) -> pd.DataFrame:
-    return df[(df["experiment"] == experiment) & df["condition"].map(lambda c: fnmatch.fnmatchcase(c, condition))]
-
-
-def compare_experiments(trials_parquet_paths: Sequence[str | os.PathLike], out_json: str | os.PathLike, *,
-                        baseline: Mapping[str, str] = {"experiment": "exp1", "condition": "baseline"},
-                        others: Sequence[Mapping[str, str]] = ({"experiment": "exp3", "condition": "*"},
-                                                               {"experiment": "exp10", "condition": "*"}),
-                        paired_keys: Sequence[str] = PAIR_KEYS, exclude_degraded: bool = False,
-                        n_boot: int = 2000, seed: int = 0, n_params: Mapping[str, float] | None = None,
-                        family: str = "comparisons", config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Baseline vs each other (experiment, condition) cell, per model, as one Holm family per model.
-
-    For each other cell: paired comparison (McNemar exact + latent bootstrap) when pairs exist under
-    ``paired_keys``; always Fisher's exact test and the relative change (ratio from counts, Katz CI) for the
-    multi-attempt and ESR rates. With ``n_params`` (model → parameter count), also the ESR and multi-attempt
-    size trends over the baseline cells of all models."""
-    from esr.provenance import provenance
-
-    trials = load_trials(trials_parquet_paths)
-    trials["condition"] = [condition_of(r, ()) for r in trials.to_dict("records")] if len(trials) else []
-    inc, _ = include_trials(trials, exclude_degraded)
-    spec = BootstrapSpec(n_boot, seed)
-    families = []
-    base_all = _select(inc, baseline["experiment"], baseline["condition"])
-    for model in sorted(base_all["model"].unique()):
-        base = base_all[base_all["model"] == model]
-        fam = ComparisonFamily(f"{family}:{model}")
-        for o in others:
-            sel = _select(inc[inc["model"] == model], o["experiment"], o["condition"])
-            for cond, g in sel.groupby("condition", sort=True):
-                label = f"{o['experiment']}/{cond}"
-                try:
-                    pc = paired_comparison(base, g, label, paired_keys, spec)
-                    if pc.n_pairs > 0:
-                        fam.paired.append(pc)
-                    else:
-                        fam.notes.append(f"{label}: no pairs under keys {list(paired_keys)}; unpaired tests only")
-                except ValueError as exc:
-                    fam.notes.append(f"{label}: not paired ({exc}); unpaired tests only")
-                fam.unpaired[label] = {m: fisher_test(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
-                                       for m, c in (("multi_rate", "multi"), ("esr_rate", "esr"))}
-                fam.relative[label] = {m: relative_change(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
-                                       for m, c in (("multi_rate", "multi"), ("esr_rate", "esr"))}
-        families.append(fam.to_dict())
-    trends = {}
-    if n_params:
-        for outcome in ("esr", "multi"):
-            trends[outcome] = size_trend(base_all, n_params, outcome).to_dict()
-    out = {"schema": COMPARISON_SCHEMA,
-           "provenance": provenance(dict(config) if config is not None else None,
-                                    inputs=[str(p) for p in trials_parquet_paths]),
-           "baseline": dict(baseline), "others": [dict(o) for o in others], "paired_keys": list(paired_keys),
-           "families": families, "size_trend": trends}
-    io.write_json(out_json, out)
-    return out
-
-
-# =============================================================================================== audit
+# ----------------------------------------------------------------------------------------------- engine
 
 
 class NotRun(Exception):
-    """The number needs a run (model, experiment, condition, config key) this configuration did not do."""
+    """The number needs a run (model, experiment, summary cell, config key) this configuration did not do."""
 
 
 class NotTestable(Exception):
@@ -360,7 +161,7 @@ def load_paper_table(path: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 class CellIndex:
-    """All summary cells of a run, searchable by experiment, model and condition pattern."""
+    """All summary cells of a run, searchable by experiment, model and cell-label pattern (``fnmatch``)."""
 
     def __init__(self, cells: Sequence[Mapping[str, Any]]):
         self.cells = list(cells)
@@ -372,9 +173,9 @@ class CellIndex:
             cells.extend(io.read_json(p).get("cells", []))
         return cls(cells)
 
-    def find(self, experiment: str, model: str, condition: str = "*") -> list[Mapping[str, Any]]:
+    def find(self, experiment: str, model: str, cell: str = "*") -> list[Mapping[str, Any]]:
         return [c for c in self.cells if c.get("experiment") == experiment and c.get("model") == model
-                and fnmatch.fnmatchcase(str(c.get("condition")), condition)]
+                and fnmatch.fnmatchcase(str(c.get("cell")), cell)]
 
     @property
     def experiments(self) -> list[str]:
@@ -413,11 +214,11 @@ def _resolve_model(ctx: AuditContext, model: str) -> str:
 
 def _cells(ctx: AuditContext, src: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     model = _resolve_model(ctx, src["model"])
-    cond = src.get("condition", "baseline")
-    found = ctx.index.find(src["experiment"], model, cond)
+    cell = src.get("cell", "baseline")
+    found = ctx.index.find(src["experiment"], model, cell)
     if not found:
         exps = ", ".join(ctx.index.experiments) or "none"
-        raise NotRun(f"no summary for experiment={src['experiment']} model={model} condition={cond} "
+        raise NotRun(f"no summary for experiment={src['experiment']} model={model} cell={cell} "
                      f"(summaries cover experiments: {exps})")
     return found
 
@@ -426,23 +227,23 @@ def _scale(unit: str) -> float:
     return 100.0 if unit == "percent" else 1.0
 
 
-def _rate_obs(cell: Mapping[str, Any], metric: str, unit: str) -> Obs:
-    m = cell["metrics"][metric]
+def _rate_obs(c: Mapping[str, Any], metric: str, unit: str) -> Obs:
+    m = c["metrics"][metric]
     s = _scale(unit)
     est = m.get("estimate")
     ci = m.get("wilson")
     return Obs(None if est is None else est * s, None if not ci or ci[0] is None else (ci[0] * s, ci[1] * s),
-               m.get("n"), str(cell.get("condition")),
+               m.get("n"), str(c.get("cell")),
                details={"k": m.get("k"), "n": m.get("n"),
                         "wald": [None if v is None else v * s for v in m.get("wald", [None, None])],
                         "bootstrap": [None if v is None else v * s for v in (m.get("bootstrap") or [None, None])]})
 
 
-def _mean_obs(cell: Mapping[str, Any], metric: str) -> Obs:
-    m = cell["metrics"][metric]
+def _mean_obs(c: Mapping[str, Any], metric: str) -> Obs:
+    m = c["metrics"][metric]
     ci = m.get("ci")
     return Obs(m.get("mean"), None if not ci or ci[0] is None else (ci[0], ci[1]), m.get("n"),
-               str(cell.get("condition")), details={"sd": m.get("sd"), "bootstrap": m.get("bootstrap")})
+               str(c.get("cell")), details={"sd": m.get("sd"), "bootstrap": m.get("bootstrap")})
 
 
 def _models_list(ctx: AuditContext, src: Mapping[str, Any]) -> list[str]:
@@ -491,10 +292,10 @@ def _f_count(ctx, e, src):
         try:
             v = _get_path(c, src["field"])
         except KeyError:
-            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('condition')} has no field {src['field']}")
+            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('cell')} has no field {src['field']}")
         if v is None:
-            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('condition')} has no value for {src['field']}")
-        out.append(Obs(v, None, c.get("n"), str(c.get("condition"))))
+            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('cell')} has no value for {src['field']}")
+        out.append(Obs(v, None, c.get("n"), str(c.get("cell"))))
     return out
 
 
@@ -505,7 +306,7 @@ def _f_pooled_count(ctx, e, src):
 
 def _f_n_cells(ctx, e, src):
     cells = _cells(ctx, src)
-    return [Obs(len(cells), None, None, src.get("condition", ""))]
+    return [Obs(len(cells), None, None, src.get("cell", ""))]
 
 
 def _f_mean_n_per_cell(ctx, e, src):
@@ -538,13 +339,11 @@ def _f_rel_change(ctx, e, src):
 
 
 def _f_sweep_peak(ctx, e, src):
-    from scipy.ndimage import gaussian_filter1d
-
-    cells = [c for c in _cells(ctx, {**src, "condition": src.get("condition", "level=*")})
+    cells = [c for c in _cells(ctx, {**src, "cell": src.get("cell", "level=*")})
              if (c.get("extra") or {}).get("boost_sigma") is not None]
     cells.sort(key=lambda c: c["extra"]["boost_sigma"])
     if len(cells) < 2:
-        raise NotRun("fewer than two boost levels in σ units summarised (global levels, or sweep_stats)")
+        raise NotRun("fewer than two boost levels in σ units summarised (global levels)")
     x = np.asarray([c["extra"]["boost_sigma"] for c in cells], dtype=float)
     ms = [c["metrics"][src["metric"]] for c in cells]
     est = np.array([m["estimate"] if m["estimate"] is not None else 0.0 for m in ms], dtype=float)
@@ -591,9 +390,9 @@ def _f_value(ctx, e, src):
         if isinstance(v, Mapping):
             ci = v.get("ci")
             out.append(Obs(v.get("estimate"), tuple(ci) if ci and ci[0] is not None else None, v.get("n"),
-                           str(c.get("condition"))))
+                           str(c.get("cell"))))
         else:
-            out.append(Obs(v, None, None, str(c.get("condition"))))
+            out.append(Obs(v, None, None, str(c.get("cell"))))
     return out
 
 
@@ -752,6 +551,11 @@ def evaluate_entry(entry: Mapping[str, Any], ctx: AuditContext) -> AuditRow:
     return row
 
 
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
 def _fmt_num(v: Any) -> str:
     if v is None:
         return "—"
@@ -774,62 +578,89 @@ def _fmt_values(obs: Sequence[Obs]) -> str:
     return "; ".join(_fmt_num(o.value) for o in obs)
 
 
-def render_markdown(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
-    """The human-readable audit table."""
+def verdict_counts(rows: Sequence[AuditRow]) -> dict[str, int]:
+    """Number of rows per verdict, sorted by verdict."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.verdict] = counts.get(r.verdict, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def display_row(r: AuditRow) -> dict[str, str]:
+    """The table cells of one audit row as text (shared by the Markdown and the HTML rendering)."""
+    obs = r.observations
+    ours = "; ".join(_fmt_num(o["value"]) + (f" ({o['label']})" if len(obs) > 1 and o["label"] else "")
+                     for o in obs) or "—"
+    ci = "; ".join(f"[{_fmt_num(o['ci'][0])}, {_fmt_num(o['ci'][1])}]" if o.get("ci") else "—" for o in obs) or "—"
+    n = "; ".join(_fmt_num(o.get("n")) for o in obs) or "—"
+    note = " ".join(x for x in (r.reason, r.notes) if x).replace("\n", " ")
+    return {"id": r.id, "description": r.description, "paper": r.paper_text, "ours": ours, "ci": ci, "n": n,
+            "rule": r.rule, "verdict": r.verdict, "note": note}
+
+
+def _intro(header: Mapping[str, Any]) -> tuple[str, str]:
     run = header.get("run_name") or ""
-    lines = [f"# Paper numbers audit{f' ({run})' if run else ''}", "",
-             f"Paper: {header.get('paper', '')}. Table: `{header.get('table', '')}`; every row of reference-protocol "
-             "§8. Rates in percent; intervals are 95 %.", "", CONSISTENCY_DEFINITION,
-             "**Summary:** " + ", ".join(f"{verdict}: {count}" for verdict, count in sorted(counts.items())), "",
+    title = f"Paper numbers audit{f' ({run})' if run else ''}"
+    return title, (f"Paper: {header.get('paper', '')}. Table: `{header.get('table', '')}`, one row per printed "
+                   "number. Rates in percent; intervals are 95 %.")
+
+
+def render_markdown(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
+    """The audit table in Markdown (``paper_numbers.md``)."""
+    title, intro = _intro(header)
+    lines = [f"# {title}", "", intro, "", CONSISTENCY_DEFINITION,
+             "**Summary:** " + ", ".join(f"{verdict}: {count}" for verdict, count in verdict_counts(rows).items()), "",
              "| id | number | paper | ours | 95% CI | n | rule | verdict | reason / notes |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        obs = r.observations
-        ours = "; ".join(_fmt_num(o["value"]) + (f" ({o['label']})" if len(obs) > 1 and o["label"] else "")
-                         for o in obs) or "—"
-        ci = "; ".join(f"[{_fmt_num(o['ci'][0])}, {_fmt_num(o['ci'][1])}]" if o.get("ci") else "—"
-                       for o in obs) or "—"
-        n = "; ".join(_fmt_num(o.get("n")) for o in obs) or "—"
-        note = " ".join(x for x in (r.reason, r.notes) if x).replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r.id} | {r.description} | {r.paper_text} | {ours} | {ci} | {n} | {r.rule} | "
-                     f"**{r.verdict}** | {note} |")
+        d = display_row(r)
+        note = d["note"].replace("|", "\\|")
+        lines.append(f"| {d['id']} | {d['description']} | {d['paper']} | {d['ours']} | {d['ci']} | {d['n']} | "
+                     f"{d['rule']} | **{d['verdict']}** | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def _template_env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("esr", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def render_html(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
+    """The audit as a self-contained HTML page (template ``esr/templates/audit.html.j2``, autoescaped)."""
+    title, _ = _intro(header)
+    run = header.get("run_name") or ""
+    return _template_env().get_template("audit.html.j2").render(
+        page_title=f"esr audit: {run}" if run else "esr audit", title=title,
+        paper=header.get("paper", ""), table=header.get("table", ""), intro=DEFINITION_INTRO,
+        definition=DEFINITION_ITEMS, counts=verdict_counts(rows), rows=[display_row(r) for r in rows],
+        verdict_class={v: v.replace(" ", "-") for v in (CONSISTENT, INCONSISTENT, NOT_RUN, NOT_TESTABLE)})
 
 
 def audit(index: CellIndex, config: Mapping[str, Any] | None, table: Mapping[str, Any] | None = None,
           model_map: Mapping[str, str] | None = None, base_dir: str | os.PathLike = ".") -> list[AuditRow]:
-    """Evaluate every entry of the table against a run's summary cells."""
+    """Evaluate every entry of the table (default: the packaged one) against a run's summary cells."""
     table = table or load_paper_table()
     ctx = AuditContext(index, config, dict(model_map or {}), list((table.get("models") or {}).values()),
                        Path(base_dir))
     return [evaluate_entry(e, ctx) for e in table["numbers"]]
 
 
-def build_audit(summary_jsons: Sequence[str | os.PathLike], out_json: str | os.PathLike,
-                out_md: str | os.PathLike, config: Mapping[str, Any] | None, *,
-                table_path: str | os.PathLike | None = None, model_map: Mapping[str, str] | None = None,
-                base_dir: str | os.PathLike = ".") -> list[AuditRow]:
-    """Snakemake ``audit`` entry: write ``paper_numbers.json`` and ``paper_numbers.md``.
+def build_audit(summary_paths: Sequence[str | os.PathLike], *, out_json: str | os.PathLike,
+                out_md: str | os.PathLike, out_html: str | os.PathLike, config: Mapping[str, Any] | None,
+                model_map: Mapping[str, str] | None = None) -> list[AuditRow]:
+    """Snakemake ``audit`` entry: audit the packaged table over the cells of ``summary_paths`` and write
+    ``paper_numbers.json``, ``paper_numbers.md`` and the HTML page; returns the rows.
 
-    ``model_map`` (paper model key → configured model key) lets a stand-in model (e.g. the embedded default)
-    be compared with a paper model's numbers; rows compared that way say so in their notes."""
-    from esr.provenance import provenance
-
-    table = load_paper_table(table_path)
-    rows = audit(CellIndex.from_files(summary_jsons), config, table, model_map, base_dir)
-    header = {"run_name": (config or {}).get("run_name", ""),
-              "paper": "McKenzie et al., arXiv 2602.06941 v1",
-              "table": str(table_path) if table_path else "esr/data/paper_numbers.yaml"}
-    verdicts: dict[str, int] = {}
-    for r in rows:
-        verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
-    out = {"schema": AUDIT_SCHEMA, **header, "definition": CONSISTENCY_DEFINITION, "verdict_counts": verdicts,
-           "model_map": dict(model_map or {}), "inputs": [str(p) for p in summary_jsons],
+    ``model_map`` (paper model key → configured model key) lets a stand-in model (e.g. the embedded default) be
+    compared with a paper model's numbers; rows compared that way say so in their notes."""
+    rows = audit(CellIndex.from_files(summary_paths), config, load_paper_table(), model_map)
+    header = {"run_name": (config or {}).get("run_name", ""), "paper": PAPER, "table": DEFAULT_TABLE}
+    out = {"schema": AUDIT_SCHEMA, **header, "definition": CONSISTENCY_DEFINITION,
+           "verdict_counts": verdict_counts(rows), "model_map": dict(model_map or {}),
+           "inputs": [str(p) for p in summary_paths],
            "provenance": provenance(dict(config) if config is not None else None),
            "numbers": [r.to_dict() for r in rows]}
     io.write_json(out_json, out)
     io.write_text(out_md, render_markdown(rows, header))
+    io.write_text(out_html, render_html(rows, header))
     return rows

@@ -117,16 +117,6 @@ class CalibrationSettings:
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 0):
             raise bad("round_to", "must be null or a non-negative integer")
 
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> "CalibrationSettings":
-        """Build from a config ``calibration`` block; unknown keys are errors naming the key."""
-        block = dict(block or {})
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        for key in block:
-            if key not in allowed:
-                raise CalibrationError(f"config key 'calibration.{key}' is not allowed here "
-                                       f"(allowed: {', '.join(sorted(allowed))})")
-        return cls(**block)
 
 
 @dataclass(frozen=True)
@@ -671,6 +661,17 @@ def filter_counts_table(counts: Mapping[str, Mapping[str, int]]) -> "pd.DataFram
     import pandas as pd
 
     return pd.DataFrame([{"model": m, **dict(c)} for m, c in counts.items()])
+
+
+def read_thresholds(path: str | Path) -> dict[int, float | None]:
+    """latent -> calibrated boost threshold from ``thresholds.parquet``; None where the calibration failed (those
+    latents run no trials)."""
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    failed = df["error"].notna() if "error" in df.columns else pd.Series(False, index=df.index)
+    return {int(lat): None if bad or pd.isna(thr) else float(thr)
+            for lat, thr, bad in zip(df["latent"], df["threshold"], failed)}
 
 
 def write_table(df: "pd.DataFrame", path: str | Path) -> Path:  # noqa: F821

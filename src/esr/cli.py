@@ -74,7 +74,7 @@ def _pick_model(config: dict, name: str | None, config_path: str) -> str:
 def run_steer(args: argparse.Namespace) -> int:
     from esr.config import load_config, model_specs
     from esr.generation import TrialRequest, load_generator
-    from esr.records import Intervention
+    from esr.steering import Intervention
 
     config = load_config(args.config)
     spec = model_specs(config)[_pick_model(config, args.model, args.config)]

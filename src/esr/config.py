@@ -1,11 +1,15 @@
-"""Config loading, schema validation and the model registry.
+"""Config loading, validation and the model registry: the one validation path of a run's configuration.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) is the single source of truth for keys and types; this
-module adds the checks a schema cannot express (layers inside the model, bounds ordering, source-specific keys) and
-turns every failure into a ``ConfigError`` that names the offending key path and value."""
+The JSON schema (``workflow/schemas/config.schema.yaml``) is the single source of truth for keys, types, ranges and
+defaults (judge and concreteness blocks included); :func:`check_semantics` adds the cross-key checks a schema cannot
+express (layers inside the model, bounds ordering, source-specific keys). Every failure is a ``ConfigError`` that
+names the offending key path and value. Renamed keys keep working for one release: :data:`RENAMED_KEYS` maps them
+to their new names, with a ``DeprecationWarning``."""
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,16 +76,41 @@ class ModelSpec:
         return self.path if self.source == "local" and self.path else f"resources/models/{self.name}"
 
 
-def load_schema() -> dict[str, Any]:
-    """The workflow schema with the judge and concreteness blocks filled in from ``esr.judge`` (one source)."""
-    from esr.judge.factory import CONCRETENESS_CONFIG_SCHEMA, JUDGE_CONFIG_SCHEMA
+@functools.lru_cache(maxsize=1)
+def _schema_text() -> str:
+    return SCHEMA_PATH.read_text(encoding="utf-8")
 
-    with open(SCHEMA_PATH, encoding="utf-8") as f:
-        schema = yaml.safe_load(f)
-    schema["properties"]["judge"] = JUDGE_CONFIG_SCHEMA
-    schema["properties"]["calibration_judge"] = JUDGE_CONFIG_SCHEMA
-    schema["properties"]["concreteness"] = CONCRETENESS_CONFIG_SCHEMA
-    return schema
+
+def load_schema() -> dict[str, Any]:
+    """The workflow's config schema (a fresh copy)."""
+    return yaml.safe_load(_schema_text())
+
+
+#: Old key -> new key, applied with a DeprecationWarning. Top-level keys, and keys inside every judge block.
+RENAMED_KEYS: dict[str, str] = {"calibration_judge": "threshold_judge"}
+RENAMED_JUDGE_KEYS: dict[str, str] = {"calibration": "anchors"}
+
+
+def _rename(block: dict[str, Any], renames: dict[str, str], where: str) -> None:
+    for old, new in renames.items():
+        if old in block:
+            if new in block:
+                raise ConfigError(f"config key {where}{old!r} is the old name of {where}{new!r}; give only {new!r}")
+            warnings.warn(f"config key {where}{old!r} is deprecated: it is now {where}{new!r}", DeprecationWarning,
+                          stacklevel=3)
+            block[new] = block.pop(old)
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Rename deprecated keys in place (``calibration_judge`` -> ``threshold_judge``; a judge block's
+    ``calibration`` -> ``anchors``) and return ``config``."""
+    _rename(config, RENAMED_KEYS, "")
+    judges = [(k, config.get(k)) for k in ("judge", "threshold_judge")]
+    judges += [(f"cross_judge.judges.{n}", b) for n, b in ((config.get("cross_judge") or {}).get("judges") or {}).items()]
+    for where, block in judges:
+        if isinstance(block, dict):
+            _rename(block, RENAMED_JUDGE_KEYS, f"{where}.")
+    return config
 
 
 def _key_path(parts) -> str:
@@ -89,10 +118,11 @@ def _key_path(parts) -> str:
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate ``config`` in place (filling schema defaults) and return it; raise ``ConfigError`` on the first
-    problem, naming the key path."""
+    """Validate ``config`` in place (renaming deprecated keys, filling schema defaults) and return it; raise
+    ``ConfigError`` on the first problem, naming the key path."""
     import jsonschema
 
+    upgrade_config(config)
     schema = load_schema()
     validator_cls = jsonschema.validators.validator_for(schema)
     validator = _with_defaults(validator_cls)(schema)
@@ -125,17 +155,16 @@ def _with_defaults(validator_cls):
 
 
 def check_semantics(config: dict[str, Any]) -> None:
+    """The cross-key checks of a schema-valid config (one place); ``ConfigError`` names the key."""
     from esr.calibration import CalibrationSettings
     from esr.latents import SelectionSettings
 
     for key, cls in (("calibration", CalibrationSettings), ("selection", SelectionSettings)):
         if key in config:
             try:
-                cls.from_config(config[key])
+                cls(**config[key])
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"config key '{key}': {err}") from None
-    for name, jcfg in config.get("cross_judge", {}).get("judges", {}).items():
-        _validate_block(jcfg, "judge", f"cross_judge.judges.{name}")
     prompts = config["prompts"]
     if prompts["source"] == "url" and not (prompts.get("url") and prompts.get("sha256")):
         raise ConfigError("config key 'prompts.url' and 'prompts.sha256' are both required when prompts.source is 'url'")
@@ -168,16 +197,6 @@ def check_semantics(config: dict[str, Any]) -> None:
         if gpus is not None and gpus > 0 and gpus < m.get("tensor_parallel", 1):
             raise ConfigError(f"config key '{where}.resources.gpu' = {gpus} is fewer than its tensor_parallel "
                               f"{m['tensor_parallel']} (one GPU per rank)")
-
-
-def _validate_block(block: dict[str, Any], schema_key: str, where: str) -> None:
-    import jsonschema
-
-    sub = load_schema()["properties"][schema_key]
-    err = next(iter(jsonschema.Draft202012Validator(sub).iter_errors(block)), None)
-    if err is not None:
-        path = ".".join([where, *map(str, err.absolute_path)])
-        raise ConfigError(f"config key {path!r}: {err.message}")
 
 
 def _is_commit(rev: str) -> bool:

@@ -18,8 +18,12 @@ claims (the authors' control sampled uniformly), and exclude dead latents.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from esr.io import read_json
 
 # The paper's sets for Llama-3.3-70B + Goodfire l50 SAE (reference-protocol §6.2).
 PAPER_SETS: dict[str, tuple[int, ...]] = {
@@ -54,6 +58,30 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
     return rankdata(x, method="average")
+
+
+@dataclass(frozen=True)
+class DetectorSets:
+    """The latent sets of one model, as ``results/detectors/<model>/detectors.json`` stores them: the off-topic
+    detector sets exp3 ablates (discovered and the paper's) and the matched random control sets exp10 ablates,
+    each set name -> SAE latent ids."""
+
+    detector_sets: dict[str, list[int]] = field(default_factory=dict)
+    random_sets: dict[str, list[int]] = field(default_factory=dict)
+
+    def groups(self) -> dict[str, list[int]]:
+        """Every set, detector and control, by name (names are unique across the two kinds)."""
+        return {**{k: list(v) for k, v in self.detector_sets.items()}, **{k: list(v) for k, v in self.random_sets.items()}}
+
+    @classmethod
+    def from_dict(cls, blob: dict[str, Any]) -> "DetectorSets":
+        return cls({k: [int(x) for x in v["latents"]] for k, v in blob.get("detector_sets", {}).items()},
+                   {k: [int(x) for x in v["latents"]] for k, v in blob.get("random_sets", {}).items()})
+
+
+def read_detector_sets(path: str | Path) -> DetectorSets:
+    """The detector and control sets of a ``detectors.json`` written by the ``discover_detectors`` rule."""
+    return DetectorSets.from_dict(read_json(path))
 
 
 @dataclass

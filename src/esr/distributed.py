@@ -1,28 +1,26 @@
-"""Stages of tensor-parallel models: the same stage code on every rank (SPMD), rank 0 the only writer.
+"""Launching a model stage as tensor-parallel ranks: the same stage code on every rank (SPMD), rank 0 the only
+writer.
 
 A model with ``tensor_parallel`` N > 1 (the 70B: DeepSpeed AutoTP over N GPUs) cannot be loaded by one process. Its
-stages (selection, detector discovery, boost calibration, generation, exp9 replay) therefore run as N ranks under torchrun:
-:func:`run_stage` pickles the stage's arguments and launches ``python -m esr.distributed`` N times; every rank loads
-its shard of the model and calls the same ``esr.runs`` stage function, so the model calls (generation, read-out
+model stages (selection, detector discovery, boost calibration, generation, exp9 replay; marked with
+``esr.stages.model_stage``) therefore run as N ranks under torchrun: :func:`run_ranks` pickles the stage function
+(by reference: module and name) with its keyword arguments and launches ``python -m esr.distributed`` N times;
+every rank loads its shard of the model and calls the same function, so the model calls (generation, read-out
 forward passes) happen in the same order on every rank, as AutoTP's collectives require.
 
-Rules the stage functions follow so the ranks cannot diverge or clash:
+Rules the stage functions follow so the ranks cannot diverge or clash (helpers in ``esr.ranks``):
 
-* only the writer (rank 0) writes files, calls a judge or writes a cache (:func:`is_writer`);
+* only the writer (rank 0) writes files, calls a judge or writes a cache (``is_writer``);
 * anything decided from outside state (judge scores, generated text fed to later model calls) is computed on the
-  writer and broadcast with :func:`from_writer` / :func:`share`;
+  writer and broadcast with ``from_writer`` / ``share``;
 * a rank that has no model work left returns early; the writer finishes the stage.
 
 Collectives wait up to ``ESR_DIST_TIMEOUT_MIN`` minutes (default 180) so ranks can wait on the writer's judge calls.
-
-With ``tensor_parallel`` 1 (every other model, the embedded default, tests) :func:`run_stage` just calls the stage
-function in-process; :func:`from_writer` and :func:`share` are then plain calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import pickle
@@ -31,25 +29,13 @@ import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import torch
 
-T = TypeVar("T")
+from esr.ranks import is_writer, rank, world_size
+
 log = logging.getLogger("esr.distributed")
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_writer() -> bool:
-    """Whether this process writes outputs and calls judges (rank 0, or the only process)."""
-    return rank() == 0
 
 
 def init_distributed() -> int:
@@ -71,77 +57,47 @@ def init_distributed() -> int:
     return world
 
 
-def _distributed() -> bool:
-    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def share(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank (a plain return outside a multi-rank launch)."""
-    if not _distributed():
-        return obj
-    box = [obj if is_writer() else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def from_writer(fn: Callable[[], T]) -> T:
-    """Call ``fn`` on the writer only and give every rank its result (judge calls, cache reads)."""
-    return share(fn() if is_writer() else None)
-
-
-# ------------------------------------------------------------------------------------------------ launching
-
-STAGES = ("select_latents_stage", "discover_detectors_stage", "calibrate_stage", "generate_stage",
-          "sequential_stage")
-
-
-def run_stage(stage: str, kwargs: dict[str, Any], tensor_parallel: int, scratch_dir: str | Path | None = None,
+def run_ranks(stage: Callable[..., Any], kwargs: dict[str, Any], tensor_parallel: int,
               launcher: Sequence[str] | None = None) -> None:
-    """Run ``esr.runs.<stage>(**kwargs)``: in this process when ``tensor_parallel`` is 1 (or when already one of
-    the ranks), otherwise as ``tensor_parallel`` ranks under torchrun (``launcher`` overrides the command that
-    precedes ``-m esr.distributed``). The arguments travel in a pickle under ``scratch_dir``, removed afterwards."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown tensor-parallel stage {stage!r}; known: {', '.join(STAGES)}")
-    if tensor_parallel < 1:
-        raise ValueError(f"tensor_parallel = {tensor_parallel} must be >= 1")
-    fn = getattr(importlib.import_module("esr.runs"), stage)
-    if tensor_parallel == 1 or world_size() > 1:
-        fn(**kwargs)
-        return
-    if scratch_dir is not None:
-        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{stage}-tp", dir=scratch_dir) as tmp:
-        args_path = Path(tmp) / "stage_args.pkl"
+    """Run ``stage(**kwargs)`` as ``tensor_parallel`` ranks under torchrun (``launcher`` overrides the command that
+    precedes ``-m esr.distributed``). ``stage`` must be a module-level function (it is pickled by reference).
+
+    Raises ``ValueError`` for ``tensor_parallel`` < 2 and ``RuntimeError`` when a rank fails."""
+    if tensor_parallel < 2:
+        raise ValueError(f"tensor_parallel = {tensor_parallel}: run the stage in-process instead")
+    name = f"{stage.__module__}.{stage.__qualname__}"
+    with tempfile.TemporaryDirectory(prefix=".esr-tp-") as tmp:
+        args_path = Path(tmp) / "stage.pkl"
         with open(args_path, "wb") as f:
-            pickle.dump({k: _plain(v) for k, v in kwargs.items()}, f)
+            pickle.dump({"stage": stage, "kwargs": {k: plain(v) for k, v in kwargs.items()}}, f)
         cmd = list(launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc_per_node={tensor_parallel}"])
-        cmd += ["-m", "esr.distributed", stage, str(args_path), "--tp", str(tensor_parallel)]
-        log.info("launching %d tensor-parallel ranks for %s: %s", tensor_parallel, stage, " ".join(cmd))
+        cmd += ["-m", "esr.distributed", str(args_path), "--tp", str(tensor_parallel)]
+        log.info("launching %d tensor-parallel ranks for %s: %s", tensor_parallel, name, " ".join(cmd))
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
-            raise RuntimeError(f"{stage}: the {tensor_parallel} tensor-parallel ranks failed (exit {proc.returncode});"
+            raise RuntimeError(f"{name}: the {tensor_parallel} tensor-parallel ranks failed (exit {proc.returncode});"
                                " see the ranks' output above")
 
 
-def _plain(value: Any) -> Any:
-    """Snakemake's file names (str subclasses) and named lists as plain str, list and dict, for the pickle."""
+def plain(value: Any) -> Any:
+    """Snakemake's file names (str subclasses) and named lists as plain str, list and dict (picklable without
+    Snakemake, comparable with ``==``)."""
     if isinstance(value, str):
         return str(value)
     if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {plain(k): plain(v) for k, v in value.items()}
     if type(value) is tuple:
-        return tuple(_plain(v) for v in value)
+        return tuple(plain(v) for v in value)
     if isinstance(value, list):  # snakemake.io.Namedlist included
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m esr.distributed", description="One rank of a tensor-parallel stage "
-                                "(launched by esr.distributed.run_stage under torchrun).")
-    p.add_argument("stage", choices=STAGES)
-    p.add_argument("args", help="pickle of the stage's keyword arguments")
+                                "(launched by esr.distributed.run_ranks under torchrun).")
+    p.add_argument("args", help="pickle of {'stage': function, 'kwargs': keyword arguments}")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel size; must equal the number of ranks")
     a = p.parse_args(argv)
     world = init_distributed()
@@ -151,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if is_writer() else logging.WARNING,
                         format=f"%(asctime)s rank{rank()} %(name)s %(levelname)s: %(message)s")
     with open(a.args, "rb") as f:
-        kwargs = pickle.load(f)
+        job = pickle.load(f)
     # no closing barrier: ranks without model work left exit while the writer grades and writes
-    getattr(importlib.import_module("esr.runs"), a.stage)(**kwargs)
+    job["stage"](**job["kwargs"])
     return 0
 
 

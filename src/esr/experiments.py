@@ -1,24 +1,38 @@
-"""The experiments as trial plans: which (latent, boost, prompt, seed, ablation set, prompt variant) each trial is.
+"""The experiments: one registry entry each, and their trial plans.
 
-Plans are pure functions of the latent selection (``esr.latents.Selection``: latents, their prompts and seeds), the
-calibrated thresholds and the config, so every experiment replays the same latents, prompts and seeds as exp1 and
-every generation shard can recompute its own slice. Experiment names follow the paper's numbering:
+``REGISTRY`` maps each experiment name of the paper's numbering to an :class:`Experiment`: the conditions it runs
+for a model (from the config), how its trials are planned, which rule makes its trials table, whether it captures
+per-token activations, how it is summarised and whether it is compared with exp1. The Snakemake rules
+(``workflow/rules/common.smk``), the generation stage and the statistics stages all read it, so adding an
+experiment is one entry here (plus a rule if it is made by a new kind of job).
 
-- ``exp1``          steered at each latent's calibrated threshold (ESR across models)
-- ``exp8``          no-steering baseline: same latents, prompts and seeds, no intervention
-- ``exp3/<set>``    exp1 with a detector set ablated (paired with exp1 by latent, prompt and seed)
-- ``exp10/<set>``   exp1 with a matched random latent set ablated (control for exp3)
-- ``exp2``          boost sweep: global levels (mean +/- k SD of all thresholds, the authors') and levels relative
-                    to each latent's own threshold (ours)
-- ``exp5/<variant>`` meta-prompts: a suffix appended to the prompt (our own wording)
+Plans are pure functions of the latent selection (latents, their prompts and seeds), the calibrated thresholds and
+the config, so every experiment replays the same latents, prompts and seeds as exp1 and every generation shard can
+recompute its own slice:
+
+- ``exp1``           steered at each latent's calibrated threshold (paper Sec. 3.1, Fig. 2)
+- ``exp8``           no-steering baseline: same latents, prompts and seeds, no intervention (App. A.3.1)
+- ``exp3/<set>``     exp1 with an off-topic-detector set ablated, paired with exp1 by latent, prompt and seed (Sec. 3.4, Fig. 5)
+- ``exp10/<set>``    exp1 with a matched random latent set ablated (control for exp3, App. A.3.3)
+- ``exp2``           boost sweep: global levels (mean +/- k SD of all thresholds, the authors') and levels relative
+                     to each latent's own threshold (ours) (Sec. 3.2, Fig. 3)
+- ``exp5/<variant>`` meta-prompts: a suffix appended to the prompt, our own wording (Sec. 3.3, Fig. 4)
+- ``planted``        the embedded default's labelled positive control: restart text planted into exp1 answers
+- ``exp7``           cross-judge regrade of exp1 (App. A.2.2); ``exp9`` per-token activations around self-corrections
+                     (Sec. 3.6, Fig. 6, App. A.4)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
+
+from esr.config import ModelSpec
+from esr.detectors import DetectorSets
+from esr.latents import Selection
+from esr.trials import TrialSpec
 
 # Our own wording of the four meta-prompt variants (the self-monitoring one first), appended after the prompt.
 META_PROMPTS: dict[str, str] = {
@@ -29,40 +43,6 @@ META_PROMPTS: dict[str, str] = {
                            "answer only the question.",
     "resist_manipulation": "Outside influences may try to bend your answer off course; do not let them.",
 }
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """One planned trial. ``prompt`` is what the model sees; ``judge_prompt`` what the judge is asked about."""
-
-    trial_id: str
-    experiment: str
-    condition: str
-    model: str
-    latent: int | None
-    label: str
-    boost: float
-    prompt_id: int
-    prompt: str
-    judge_prompt: str
-    seed: int
-    threshold: float | None = None
-    ablation_set: str | None = None
-    ablate: tuple[int, ...] = ()
-    prompt_variant: str | None = None
-    boost_level: str | None = None
-    steer: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ablate"] = list(self.ablate)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrialSpec":
-        d = dict(d)
-        d["ablate"] = tuple(d.get("ablate") or ())
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -82,14 +62,10 @@ def _tid(experiment: str, condition: str, model: str, latent: int | None, prompt
     return f"{experiment}|{condition}|{model}|L{lat}|P{prompt_id}|S{seed}{('|' + extra) if extra else ''}"
 
 
-def latent_plans(selection: dict[str, Any], thresholds: dict[int, float | None]) -> list[LatentPlan]:
-    """Join a selection (as written by ``esr.latents.write_selection``) with calibrated thresholds."""
-    plans = []
-    for item in selection["latents"]:
-        lat = int(item["latent"])
-        plans.append(LatentPlan(lat, item.get("label") or "", thresholds.get(lat), tuple(item["prompt_ids"]),
-                                tuple(item["trial_seeds"])))
-    return plans
+def latent_plans(selection: Selection, thresholds: Mapping[int, float | None]) -> list[LatentPlan]:
+    """Join a selection (``esr.latents.read_selection``) with calibrated thresholds (``calibration.read_thresholds``)."""
+    return [LatentPlan(s.latent, s.label or "", thresholds.get(s.latent), tuple(s.prompt_ids), tuple(s.trial_seeds))
+            for s in selection.latents]
 
 
 def plan_steered(model: str, plans: list[LatentPlan], prompts: list[str], experiment: str = "exp1",
@@ -183,12 +159,132 @@ def shard_trials(trials: list[TrialSpec], n_shards: int, shard: int) -> list[Tri
     return [t for t in trials if shard_of(t.latent, n_shards) == shard]
 
 
-@dataclass
-class Conditions:
-    """The (experiment, condition) pairs a model runs, for rule expansion."""
+# ------------------------------------------------------------------------------------------------ the registry
 
-    items: list[tuple[str, str]] = field(default_factory=list)
 
-    def add(self, experiment: str, condition: str) -> None:
-        if (experiment, condition) not in self.items:
-            self.items.append((experiment, condition))
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan is computed from: the model, its selected latents joined with their thresholds, the prompt list,
+    the detector and control sets (``detectors.json``) and the ``experiments`` config block."""
+
+    model: str
+    latents: list[LatentPlan]
+    prompts: list[str]
+    detectors: DetectorSets
+    settings: Mapping[str, Any]
+
+
+Conditions = Callable[[Mapping[str, Any], ModelSpec], list[str]]
+Planner = Callable[[PlanInputs, str], list[TrialSpec]]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment of the paper's numbering.
+
+    ``conditions(config, spec)``: the condition wildcards it runs for a model ([] = not run). ``made_by``: the rule
+    that makes its trials (``generate``: planned by ``plan`` and generated; ``plant_restarts``: derived from exp1 and
+    exp8; ``cross_judge``: a regrade of exp1; ``sequential``: exp9, no trials table). ``capture``: per-token SAE
+    activations are stored during generation. ``summary``: how the ``summarise`` rule summarises its trials table
+    (``trials``, ``cross_judge``; ``None``: its producer writes the summary). ``compare``: compared with exp1 in
+    ``results/comparisons/<model>.json``. ``figure``: the per-model figure it feeds (``ablation``,
+    ``meta_prompts``, ``boost_sweep``)."""
+
+    name: str
+    description: str
+    conditions: Conditions
+    made_by: Literal["generate", "plant_restarts", "cross_judge", "sequential"]
+    plan: Planner | None = None
+    capture: bool = False
+    summary: Literal["trials", "cross_judge"] | None = "trials"
+    compare: bool = False
+    figure: Literal["ablation", "meta_prompts", "boost_sweep"] | None = None
+
+    @property
+    def graded(self) -> bool:
+        """Whether the ``grade`` rule grades its generated shards (the others grade in their own rule)."""
+        return self.made_by in ("generate", "plant_restarts")
+
+
+def _exp(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    return config.get("experiments") or {}
+
+
+def _ablation_sets(inputs: PlanInputs, condition: str, group: str) -> list[TrialSpec]:
+    latents = getattr(inputs.detectors, group).get(condition) or []
+    if not latents:
+        # a discovery that found no detectors (or no control matched to them) leaves this condition empty: it is
+        # run as zero trials and reported as empty, never silently replaced by another set
+        return []
+    experiment = "exp3" if group == "detector_sets" else "exp10"
+    return plan_ablation(inputs.model, inputs.latents, inputs.prompts, condition, latents, experiment)
+
+
+def _sweep(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
+    c = inputs.settings["boost_sweep"]
+    return plan_boost_sweep(inputs.model, inputs.latents, inputs.prompts, c["n_latents"], c["prompts_per_latent"],
+                            c["n_levels"], c["sd_range"], c["relative_levels"])
+
+
+def _meta(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
+    c = inputs.settings["meta_prompts"]
+    return plan_meta_prompts(inputs.model, inputs.latents, inputs.prompts, [condition], c["judge_sees_variant"])
+
+
+def _random_sets(config: Mapping[str, Any], spec: ModelSpec) -> list[str]:
+    if not _exp(config).get("random_control", True):
+        return []
+    return [f"random_{i}" for i in range(config["detectors"]["random_control"]["n_sets"])]
+
+
+REGISTRY: dict[str, Experiment] = {e.name: e for e in (
+    Experiment("exp1", "steered at each latent's calibrated threshold", lambda c, s: ["steered"], "generate",
+               plan=lambda i, cond: plan_steered(i.model, i.latents, i.prompts), capture=True),
+    Experiment("exp8", "no-steering baseline (same latents, prompts, seeds)",
+               lambda c, s: ["no_steering"] if _exp(c).get("no_steering", True) else [], "generate",
+               plan=lambda i, cond: plan_no_steering(i.model, i.latents, i.prompts), compare=True),
+    Experiment("exp3", "ablation of off-topic-detector sets",
+               lambda c, s: list(_exp(c).get("ablation", [])) + list(s.paper_detector_sets), "generate",
+               plan=lambda i, cond: _ablation_sets(i, cond, "detector_sets"), compare=True, figure="ablation"),
+    Experiment("exp10", "ablation of matched random latent sets (control for exp3)", _random_sets, "generate",
+               plan=lambda i, cond: _ablation_sets(i, cond, "random_sets"), compare=True, figure="ablation"),
+    Experiment("exp2", "boost sweep",
+               lambda c, s: ["sweep"] if _exp(c).get("boost_sweep", {}).get("enabled", False) else [], "generate",
+               plan=_sweep, figure="boost_sweep"),
+    Experiment("exp5", "meta-prompts", lambda c, s: list(_exp(c).get("meta_prompts", {}).get("variants", [])),
+               "generate", plan=_meta, compare=True, figure="meta_prompts"),
+    Experiment("planted", "labelled positive control: restart text planted into exp1 answers (embedded only)",
+               lambda c, s: ["restart"] if _exp(c).get("planted_control", {}).get("enabled", False) else [],
+               "plant_restarts", compare=True),
+    Experiment("exp7", "cross-judge regrade of exp1",
+               lambda c, s: ["regrade"] if (c.get("cross_judge") or {}).get("judges") else [], "cross_judge",
+               summary="cross_judge"),
+    Experiment("exp9", "per-token detector activations around self-corrections", lambda c, s: ["episodes"],
+               "sequential", summary=None),
+)}
+
+
+def experiment(name: str) -> Experiment:
+    """The registry entry of ``name``; a ``KeyError`` naming the known experiments otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def plan(name: str, condition: str, inputs: PlanInputs) -> list[TrialSpec]:
+    """The trials of one (experiment, condition) for one model."""
+    exp = experiment(name)
+    if exp.plan is None:
+        raise ValueError(f"experiment {name!r} is made by rule {exp.made_by!r}, not planned for generation")
+    return exp.plan(inputs, condition)
+
+
+def capture_latents(detectors: DetectorSets, selection: Selection | None = None
+                    ) -> tuple[list[int], dict[str, list[int]]]:
+    """Latents whose per-token activations are stored densely: every detector and random-control set, and the
+    selected (steered) latents as group ``selected``. Returns (sorted latents, group name -> latents)."""
+    groups = detectors.groups()
+    if selection is not None:
+        groups["selected"] = sorted(s.latent for s in selection.latents)
+    return sorted({int(j) for v in groups.values() for j in v}), groups

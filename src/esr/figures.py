@@ -1,12 +1,19 @@
-"""Figures in the spirit of the paper's Figures 2–5 and A.14 (matplotlib, Agg backend).
+"""Figures in the spirit of the paper's Figures 2–5 and A.14 (matplotlib, Agg backend), and the figure stages.
 
-Every function writes a PNG atomically and a JSON sidecar (same stem, ``.json``) holding exactly the numbers
+Every figure function writes a PNG atomically and a JSON sidecar (same stem, ``.json``) holding exactly the numbers
 plotted (counts, estimates, interval bounds), and returns that sidecar dict. Rates are plotted in percent with
-Wilson 95 % intervals by default (``interval="wald"`` reproduces the paper's 1.96·SE bars)."""
+Wilson 95 % intervals by default (``interval="wald"`` reproduces the paper's 1.96·SE bars).
+
+The stage functions (``esr_by_model_figure``, ``ablation_figure``, ``meta_prompt_figure``, ``sweep_figure``; the
+Snakemake rules ``esr_figure`` and ``model_figures``) read graded trials tables (``esr.trials.read_trials``) and draw
+one figure each. An experiment that did not run in this configuration gets an ``empty_figure`` saying so, never
+another experiment's trials.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +25,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from esr import io  # noqa: E402
-from esr.metrics import Interval, Proportion, TrialSummary, include_trials, summarise_included  # noqa: E402
+from esr.metrics import Interval, Proportion, TrialSummary, include_trials, summarise, summarise_included  # noqa: E402
+from esr.summaries import level_extra, level_label  # noqa: E402
+from esr.trials import read_trials  # noqa: E402
+
+PathLike = str | os.PathLike
 
 
 def _save(fig, out_png: str | Path, sidecar: dict[str, Any]) -> dict[str, Any]:
@@ -89,31 +100,22 @@ def figure_esr_by_model(trials: pd.DataFrame, out_png: str | Path, model_order: 
 # ----------------------------------------------------------------------------------------------- Fig 3
 
 
-def sweep_table(trials: pd.DataFrame, mu: float | None = None, sigma: float | None = None,
-                thresholds: Mapping[Any, float] | None = None, exclude_degraded: bool = False) -> pd.DataFrame:
+def sweep_table(trials: pd.DataFrame, exclude_degraded: bool = False) -> pd.DataFrame:
     """Per boost level of one model's sweep: counts and means for the boost-sweep curves.
 
-    Levels are the trials' ``boost_level`` labels when recorded (``global:<s>sd``, ``relative:<r>``), otherwise
-    the distinct boost values. Columns: level, boost (mean), boost_sigma (from the label, or (b − μ)/σ when μ, σ
-    given), boost_rel (from the label, or the median over trials of boost / the latent's threshold, taken from a
-    ``threshold`` column or ``thresholds``: latent → threshold), n, multi_k, esr_k, n_multi, first_mean, first_se."""
-    from esr.audit import level_label, parse_level
-
+    Levels are the trials' ``boost_level`` labels (``global:<s>sd``, ``relative:<r>``; ``boost:<value>`` for trials
+    without one). Columns: level, boost (mean), boost_sigma and boost_rel (``esr.summaries.level_extra``: from the
+    label, boost_rel otherwise the median over trials of boost / the trial's ``threshold``; NaN where the level has
+    no such unit), n, multi_k, esr_k, n_multi, first_mean, first_se."""
     inc, report = include_trials(trials, exclude_degraded)
-    stats = {str(m): {"mean": mu, "std": sigma} for m in inc["model"].unique()} if mu is not None and sigma else {}
-    inc = inc.assign(level=[level_label(r, stats) for r in inc.to_dict("records")])
+    inc = inc.assign(level=[level_label(r) for r in inc.to_dict("records")])
     rows = []
     for level, g in inc.groupby("level", sort=False):
         s = summarise_included(g, report)
-        sig, rel = parse_level(str(level))
-        if rel is None:
-            t = (g["threshold"].astype(float) if "threshold" in g.columns and g["threshold"].notna().any()
-                 else g["latent"].map(thresholds).astype(float) if thresholds else None)
-            if t is not None:
-                r = (g["boost"].astype(float) / t).replace([np.inf, -np.inf], np.nan).dropna()
-                rel = float(r.median()) if len(r) else None
-        rows.append({"level": str(level), "boost": float(g["boost"].astype(float).mean()),
-                     "boost_sigma": math.nan if sig is None else sig, "boost_rel": math.nan if rel is None else rel,
+        x = level_extra(g, str(level))
+        rows.append({"level": str(level), "boost": x["boost"],
+                     "boost_sigma": math.nan if x["boost_sigma"] is None else x["boost_sigma"],
+                     "boost_rel": math.nan if x["boost_rel"] is None else x["boost_rel"],
                      "n": s.n, "multi_k": s.multi.k, "esr_k": s.esr.k, "n_multi": s.multi.k,
                      "first_mean": s.first_score.mean, "first_se": s.first_score.se})
     return pd.DataFrame(rows).sort_values("boost", kind="stable").reset_index(drop=True)
@@ -210,3 +212,64 @@ def figure_ablation(conditions: Sequence[tuple[str, TrialSummary]], out_png: str
     detector set and each random-latent control, with k/N annotations (first entry = baseline)."""
     return _condition_bars(conditions, out_png, "fig5_ablation", f"Latent ablation {model}".strip(), interval,
                            ("first_score", "multi", "esr"))
+
+
+# ----------------------------------------------------------------------------------------------- not run
+
+
+def empty_figure(out_png: PathLike, message: str) -> dict[str, Any]:
+    """A figure that only states ``message`` (an experiment not run in this configuration, no episodes, ...), with
+    a sidecar recording it (``kind: "empty"``)."""
+    fig, ax = plt.subplots(figsize=(6, 1.6))
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    return _save(fig, out_png, {"kind": "empty", "message": message})
+
+
+def _not_run(out_png: PathLike, what: str, model: str) -> dict[str, Any]:
+    return empty_figure(out_png, f"{what}{f', {model}' if model else ''}: not run in this configuration")
+
+
+# ----------------------------------------------------------------------------------------------- figure stages
+
+
+def esr_by_model_figure(exp1_paths: Sequence[PathLike], out_png: PathLike, model_order: Sequence[str]
+                        ) -> dict[str, Any]:
+    """Fig 2 from the models' exp1 trials tables."""
+    return figure_esr_by_model(read_trials(exp1_paths), out_png, model_order=list(model_order))
+
+
+def ablation_figure(model: str, exp1: PathLike, ablations: Mapping[str, PathLike | None], out_png: PathLike
+                    ) -> dict[str, Any]:
+    """Fig 5 / A.14: exp1 (no ablation) vs each ablated set (one bar group per trial ``condition``) of each
+    experiment in ``ablations`` (label → trials table: exp3's detector sets, exp10's matched random sets). With no
+    ablation experiment run: the not-run figure."""
+    tables = {label: read_trials(path) for label, path in ablations.items() if path is not None}
+    if not tables:
+        return _not_run(out_png, "Latent ablation (exp3, exp10)", model)
+    conds = [("exp1: no ablation", summarise(read_trials(exp1)))]
+    for label, df in tables.items():
+        for cond in sorted(df["condition"].unique()):
+            conds.append((f"{label}: {cond}", summarise(df[df["condition"] == cond])))
+    return figure_ablation(conds, out_png, model=model)
+
+
+def meta_prompt_figure(model: str, exp1: PathLike, exp5: PathLike | None, out_png: PathLike) -> dict[str, Any]:
+    """Fig 4: exp1 (no meta-prompt) vs each meta-prompt variant of exp5; the not-run figure without exp5."""
+    if exp5 is None:
+        return _not_run(out_png, "Meta-prompts (exp5)", model)
+    conds = [("exp1: no meta-prompt", summarise(read_trials(exp1)))]
+    df = read_trials(exp5)
+    for v in sorted(df["prompt_variant"].dropna().unique()):
+        conds.append((v, summarise(df[df["prompt_variant"] == v])))
+    return figure_meta_prompt(conds, out_png, model=model)
+
+
+def sweep_figure(model: str, exp2: PathLike | None, out_png: PathLike) -> dict[str, Any]:
+    """Fig 3 from exp2's trials; the not-run figure without exp2, a "no trials" figure for an empty table."""
+    if exp2 is None:
+        return _not_run(out_png, "Boost sweep (exp2)", model)
+    df = read_trials(exp2)
+    if df.empty:
+        return empty_figure(out_png, f"Boost sweep (exp2){f', {model}' if model else ''}: no trials")
+    return figure_boost_sweep(sweep_table(df), out_png, model=model)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from esr.models import LoadedModel
-from esr.records import Intervention
+from esr.ranks import broadcast_tensor
+from esr.steering import Intervention
 from esr.sae import SteeringDirections
 from esr.steering import SteeringPlan, apply_interventions
 
@@ -225,15 +226,6 @@ def row_generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-def _broadcast_from_rank0(tokens: torch.Tensor) -> torch.Tensor:
-    """Under tensor parallelism all ranks must feed the same tokens: take rank 0's."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(tokens, src=0)
-    return tokens
-
-
 def decode_cache(model, capacity: int):
     """A ``DynamicCache`` for ``model`` whose full-attention layers write into buffers preallocated for ``capacity``
     positions (prompt + new tokens) instead of concatenating the whole K/V history at every step (the largest
@@ -373,7 +365,7 @@ class SteeredGenerator:
                 b = len(rows)
                 logits = penalise_history(out.logits[:, -1, :].float(), history[:, :n_hist], s.repetition_penalty)
                 nxt = sample_rows(logits, s.temperature, generators)
-                nxt = _broadcast_from_rank0(torch.where(finished, pad, nxt))
+                nxt = broadcast_tensor(torch.where(finished, pad, nxt))
                 tokens[row_idx, step] = nxt
                 n_tokens[row_idx] += (~finished).long()
                 history[:, n_hist] = torch.where(finished, history[:, 0], nxt)
@@ -478,3 +470,13 @@ def load_generator(spec, *, model_dir: str | None = None, device: str | torch.de
     sae = load_sae(spec.sae, device=loaded.device, dtype=sae_dtype)
     directions = steering_directions(spec, sae, median_resid_norm=median_resid_norm)
     return generator_for_spec(spec, loaded, directions, **generator_kwargs)
+
+
+def load_configured_generator(spec, model_dir: str, generation: Mapping[str, Any],
+                              max_new_tokens: int | None = None) -> SteeredGenerator:
+    """``load_generator`` with the ``generation`` config block's settings (temperature, max_new_tokens, batch_size,
+    steer_positions); ``max_new_tokens`` overrides the block's (the boost calibration's shorter answers)."""
+    return load_generator(spec, model_dir=str(model_dir), temperature=generation["temperature"],
+                          max_new_tokens=max_new_tokens or generation["max_new_tokens"],
+                          batch_size=generation["batch_size"], positions=generation["steer_positions"],
+                          progress=False)

@@ -442,9 +442,9 @@ def fetch_csv_labels(url_or_path: str | os.PathLike, out_csv: str | os.PathLike,
 # Stage
 
 
-def download_labels_stage(spec_labels: Mapping[str, Any], model_name: str, out_csv: str | os.PathLike,
+def fetch_labels(spec_labels: Mapping[str, Any], model_name: str, out_csv: str | os.PathLike,
                           manifest_json: str | os.PathLike, d_sae: int | None = None) -> dict[str, Any]:
-    """Rule body of ``download_labels``: dispatch on ``spec_labels['source']`` (config ``models.<m>.labels``).
+    """The labels of a published SAE (the ``download_labels`` rule): dispatch on ``spec_labels['source']`` (config ``models.<m>.labels``).
 
     * ``neuronpedia``: ids from ``neuronpedia_model`` / ``neuronpedia_layer_id`` (defaults: :data:`NEURONPEDIA_IDS`
       for the paper's model names), base URL from ``url`` (default :data:`NEURONPEDIA_BASE_URL`), optional

@@ -232,16 +232,6 @@ class SelectionSettings:
         if self.dead_threshold < 0:
             raise bad("dead_threshold", "must be >= 0")
 
-    @classmethod
-    def from_config(cls, block: Mapping[str, Any] | None) -> "SelectionSettings":
-        """Build from a config ``selection`` block; unknown keys are errors naming the key."""
-        block = dict(block or {})
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        for key in block:
-            if key not in allowed:
-                raise SelectionError(f"config key 'selection.{key}' is not allowed here "
-                                     f"(allowed: {', '.join(sorted(allowed))})")
-        return cls(**block)
 
 
 @dataclass

@@ -45,23 +45,14 @@ def _is_missing(x: Any) -> bool:
     return isinstance(x, float) and math.isnan(x)
 
 
-def is_truthy_error(x: Any) -> bool:
-    """Python truthiness of an error field as the authors test it (``if trial.error:``), with NaN/NA as empty."""
+def is_set(x: Any) -> bool:
+    """Whether a table cell holds a value: Python truthiness (the authors' ``if trial.error:``), with None, NaN and
+    NA as unset."""
     if _is_missing(x):
         return False
     if isinstance(x, (str, bytes)):
         return len(x) > 0
     return bool(x)
-
-
-def attempt_scores(x: Any) -> list[float] | None:
-    """The non-None scores of one trial's ``attempt_scores`` cell, or None when the attempts list is missing.
-
-    An empty list means "attempts present but empty" only when the input container itself is empty; a list with only
-    None scores returns ``[]`` too, so callers distinguish the two cases with ``attempt_count``."""
-    if _is_missing(x):
-        return None
-    return [float(s) for s in list(x) if not _is_missing(s)]
 
 
 def attempt_count(x: Any) -> int:
@@ -252,35 +243,16 @@ class InclusionReport:
 def _latent_error_mask(df: pd.DataFrame) -> pd.Series:
     if "latent_error" not in df.columns:
         return pd.Series(False, index=df.index)
-    return df["latent_error"].map(is_truthy_error).astype(bool)
-
-
-def _scores_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Per-trial (n_attempts_raw, scores) from ``attempt_scores``; falls back to n_attempts/first/last columns."""
-    if "attempt_scores" in df.columns:
-        raw = df["attempt_scores"]
-        n_raw = raw.map(attempt_count)
-        scores = raw.map(lambda x: attempt_scores(x) or [])
-    else:  # summary columns only: all-None and empty attempts cannot be told apart
-        n_raw = df["n_attempts"].fillna(0).astype(int)
-
-        def from_cols(r: pd.Series) -> list[float]:
-            n = int(r["n_attempts"]) if not _is_missing(r["n_attempts"]) else 0
-            if n == 0 or _is_missing(r["first_score"]):
-                return []
-            first, last = float(r["first_score"]), float(r["last_score"])
-            return [first] * (n - 1) + [last] if n > 1 else [first]
-
-        scores = df.apply(from_cols, axis=1) if len(df) else pd.Series([], dtype=object)
-    return pd.DataFrame({"n_attempts_raw": n_raw, "scores": scores}, index=df.index)
+    return df["latent_error"].map(is_set).astype(bool)
 
 
 def include_trials(df: pd.DataFrame, exclude_degraded: bool = False) -> tuple[pd.DataFrame, InclusionReport]:
-    """Apply the §5.1 inclusion rules in order and return (included trials, report).
+    """Apply the §5.1 inclusion rules in order to a graded trials table (``esr.trials``) and return (included
+    trials, report).
 
-    The returned frame keeps all input columns and adds: ``first``, ``last`` (float), ``n_scores`` (int, the §5.2
-    n_attempts), ``multi``, ``esr`` (bool), ``delta`` (last − first, float) and ``degraded`` (bool)."""
-    sf = _scores_frame(df)
+    The score columns ``first_score``, ``last_score`` and ``n_attempts`` (scored attempts) are read from the table,
+    where grading computed them (``esr.trials.score_columns``). The returned frame keeps all input columns and adds
+    ``multi``, ``esr`` (bool), ``delta`` (last − first, float) and ``degraded`` (bool)."""
     keep = pd.Series(True, index=df.index)
     excluded: dict[str, int] = {}
 
@@ -290,10 +262,10 @@ def include_trials(df: pd.DataFrame, exclude_degraded: bool = False) -> tuple[pd
         keep[hit] = False
 
     drop("latent_error", _latent_error_mask(df))
-    err = df["error"].map(is_truthy_error).astype(bool) if "error" in df.columns else pd.Series(False, index=df.index)
+    err = df["error"].map(is_set).astype(bool) if "error" in df.columns else pd.Series(False, index=df.index)
     drop("trial_error", err)
-    drop("no_attempts", sf["n_attempts_raw"] == 0)
-    drop("no_scores", sf["scores"].map(len) == 0)
+    drop("no_attempts", df["attempt_scores"].map(attempt_count) == 0)
+    drop("no_scores", df["n_attempts"].fillna(0).astype(int) == 0)
     responses = df["response"] if "response" in df.columns else pd.Series("", index=df.index)
     degraded = responses.map(is_degraded).astype(bool)
     n_degraded = int((keep & degraded).sum())
@@ -303,12 +275,11 @@ def include_trials(df: pd.DataFrame, exclude_degraded: bool = False) -> tuple[pd
         excluded["degraded"] = 0
 
     out = df.loc[keep].copy()
-    sc = sf.loc[keep, "scores"]
-    out["n_scores"] = sc.map(len).astype(int)
-    out["first"] = sc.map(lambda s: s[0]).astype(float)
-    out["last"] = sc.map(lambda s: s[-1]).astype(float)
-    out["multi"] = out["n_scores"] >= 2
-    out["delta"] = out["last"] - out["first"]
+    out["n_attempts"] = out["n_attempts"].astype(int)
+    out["first_score"] = out["first_score"].astype(float)
+    out["last_score"] = out["last_score"].astype(float)
+    out["multi"] = out["n_attempts"] >= 2
+    out["delta"] = out["last_score"] - out["first_score"]
     out["esr"] = out["multi"] & (out["delta"] > 0)
     out["degraded"] = degraded.loc[keep]
     report = InclusionReport(int(len(df)), excluded, n_degraded, exclude_degraded, int(keep.sum()))
@@ -457,7 +428,7 @@ def summarise_included(inc: pd.DataFrame, report: InclusionReport, bootstrap: Bo
     multi = inc["multi"].to_numpy(bool)
     esr = inc["esr"].to_numpy(bool)
     delta = inc["delta"].to_numpy(float)
-    first = inc["first"].to_numpy(float)
+    first = inc["first_score"].to_numpy(float)
     n, n_multi, n_esr = len(inc), int(multi.sum()), int(esr.sum())
     delta_all = np.where(multi, delta, 0.0)
     boot: dict[str, Interval] = {}

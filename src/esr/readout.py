@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from esr.episodes import response_token_spans
 from esr.generation import left_pad
 from esr.models import LoadedModel
-from esr.records import Intervention
+from esr.steering import Intervention
 from esr.sae import SteeringDirections
 from esr.steering import SteeringPlan, apply_interventions
 
@@ -39,6 +40,24 @@ def conversation_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], 
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     return list(ids), len(head_ids)
+
+
+def answer_token_spans(tokenizer, prompt: str, response: str
+                       ) -> tuple[list[int], list[tuple[int, int]], int, int, str]:
+    """The user+assistant conversation of an existing answer, for replaying it: (token ids, the answer's tokens'
+    character spans relative to the stripped answer text, [first, stop) token range of the answer in the ids, the
+    stripped answer text). Raises ``ValueError`` when the answer does not appear in its rendered conversation."""
+    text = response.strip()
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": text}],
+                                         tokenize=False)
+    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    start = full.find(text, len(head) - 1 if len(head) else 0)
+    if start < 0:
+        raise ValueError("the answer text does not appear in its rendered conversation")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    first, stop, spans = response_token_spans(enc["offset_mapping"], start, start + len(text))
+    return list(enc["input_ids"]), spans, first, stop, text
 
 
 @torch.no_grad()

@@ -1,144 +1,15 @@
-"""Figures and the audit for the report: thin stage functions over ``esr.metrics``, ``esr.figures`` and
-``esr.audit`` (the Snakemake rules in ``workflow/rules/stats.smk`` call these; ``snakemake --report`` gathers the
-figures, tables and provenance into one HTML page)."""
+"""The report's run overview: where this run deviates from the paper or the authors' code (``fidelity_notes``) and
+a short page of what ran with the audit's verdict counts (``run_overview``, written by the Snakemake ``audit`` rule;
+``snakemake --report`` gathers it with the figures of ``esr.figures`` and the audit of ``esr.audit``). The
+deviations concern the paper's methods (judge, latent selection, calibration, generation) and its experiments.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import pandas as pd
-
-from esr.io import write_json, write_text
-
-log = logging.getLogger("esr.report")
-
-
-def _load(paths: Sequence[str | Path]) -> pd.DataFrame:
-    frames = [pd.read_parquet(p) for p in paths]
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def _summary(df: pd.DataFrame):
-    from esr.metrics import summarise
-
-    return summarise(df)
-
-
-def esr_by_model_figure(exp1_paths: Sequence[str | Path], out_png: str | Path, model_order: Sequence[str]) -> None:
-    from esr.figures import figure_esr_by_model
-
-    figure_esr_by_model(_load(exp1_paths), out_png, model_order=list(model_order))
-
-
-def ablation_figure(model: str, exp1: str | Path, ablations: Mapping[str, str | Path], out_png: str | Path) -> None:
-    """Fig 5 / A.14: exp1 (no ablation) vs each detector set (exp3) and each matched random set (exp10)."""
-    from esr.figures import figure_ablation
-
-    base = _load([exp1])
-    conds = [("exp1: no ablation", _summary(base))]
-    for label, path in ablations.items():
-        df = _load([path])
-        for cond in sorted(df["condition"].unique()) if len(df) else []:
-            conds.append((f"{label}: {cond}", _summary(df[df["condition"] == cond])))
-    figure_ablation(conds, out_png, model=model)
-
-
-def meta_prompt_figure(model: str, exp1: str | Path, exp5: str | Path, out_png: str | Path) -> None:
-    from esr.figures import figure_meta_prompt
-
-    conds = [("exp1: no meta-prompt", _summary(_load([exp1])))]
-    df = _load([exp5])
-    for v in sorted(df["prompt_variant"].unique()) if len(df) else []:
-        conds.append((v, _summary(df[df["prompt_variant"] == v])))
-    figure_meta_prompt(conds, out_png, model=model)
-
-
-def sweep_figure(model: str, exp2: str | Path, out_png: str | Path) -> None:
-    from esr.figures import figure_boost_sweep, sweep_table
-
-    df = _load([exp2])
-    figure_boost_sweep(sweep_table(df), out_png, model=model)
-
-
-def _inline(text: str) -> str:
-    import html
-    import re
-
-    out = html.escape(text)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
-    out = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", out)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
-
-
-def audit_markdown_to_html(md_path: str | Path, out_html: str | Path, title: str) -> None:
-    """A small self-contained HTML rendering of the audit markdown (headings, paragraphs, nested bullet lists,
-    bold/italic/code, tables) for the Snakemake report."""
-    import html
-
-    lines = Path(md_path).read_text(encoding="utf-8").splitlines()
-    body: list[str] = []
-    block: list[str] = []   # the paragraph or list item being collected
-    list_depth = 0
-    in_table = False
-
-    def flush() -> None:
-        if block:
-            text = _inline(" ".join(x.strip() for x in block))
-            body.append(f"<li>{text}</li>" if list_depth else f"<p>{text}</p>")
-            block.clear()
-
-    def set_depth(depth: int) -> None:
-        nonlocal list_depth
-        while list_depth < depth:
-            body.append("<ul>")
-            list_depth += 1
-        while list_depth > depth:
-            body.append("</ul>")
-            list_depth -= 1
-
-    for line in lines:
-        stripped = line.strip()
-        if stripped.startswith("|"):
-            flush()
-            set_depth(0)
-            cells = [c.strip() for c in stripped.strip("|").split("|")]
-            if set("".join(cells)) <= set("-: "):
-                continue
-            tag = "td" if in_table else "th"
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-            body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if not stripped:
-            flush()
-            set_depth(0)
-        elif stripped.startswith("#"):
-            flush()
-            set_depth(0)
-            level = min(len(stripped) - len(stripped.lstrip("#")), 4)
-            body.append(f"<h{level}>{html.escape(stripped.lstrip('#').strip())}</h{level}>")
-        elif stripped[:2] in ("* ", "- "):
-            flush()
-            set_depth(1 + (len(line) - len(line.lstrip())) // 2)
-            block.append(stripped[2:])
-        else:
-            block.append(stripped)
-    flush()
-    set_depth(0)
-    if in_table:
-        body.append("</table>")
-    style = ("body{font-family:sans-serif;margin:1em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 5px;vertical-align:top}th{background:#eee}"
-             "code{background:#f4f4f4}")
-    write_text(out_html, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+from esr.io import read_json, write_json, write_text
 
 
 def fidelity_notes(config: Mapping[str, Any]) -> list[str]:
@@ -184,8 +55,6 @@ def fidelity_notes(config: Mapping[str, Any]) -> list[str]:
 def run_overview(config: Mapping[str, Any], summary_jsons: Sequence[str | Path], audit_json: str | Path,
                  out_md: str | Path) -> None:
     """A short overview page (markdown) for the report: what ran, the fidelity notes, the audit verdict counts."""
-    from esr.io import read_json
-
     audit = read_json(audit_json)
     lines = [f"# esr run '{config.get('run_name')}'", "", "## Fidelity notes", ""]
     lines += [f"- {n}" for n in fidelity_notes(config)]
@@ -198,7 +67,7 @@ def run_overview(config: Mapping[str, Any], summary_jsons: Sequence[str | Path],
             m = c.get("metrics", {})
             esr, multi = m.get("esr_rate", {}), m.get("multi_rate", {})
             if esr:
-                lines.append(f"- {c['experiment']} / {c['model']} / {c['condition']}: n={c.get('n')}, "
+                lines.append(f"- {c['experiment']} / {c['model']} / {c['cell']}: n={c.get('n')}, "
                              f"multi-attempt {multi.get('k')}/{multi.get('n')}, ESR {esr.get('k')}/{esr.get('n')}")
     write_text(out_md, "\n".join(lines) + "\n")
     write_json(Path(out_md).with_suffix(".json"), {"fidelity_notes": fidelity_notes(config)})

@@ -459,3 +459,29 @@ def plot_region_bars(regions: Mapping[str, Mapping[str, Any]], path: str | os.Pa
         ax.set_title(title)
     return _save_figure(fig, Path(path), {"kind": "region_bars", "title": title, "error": error,
                                           "regions": dict(regions)}, provenance)
+
+
+def summary_cell(model: str, group: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The exp9 summary cell (``esr.summary/1``, read by the audit) of one detector group's analysis result."""
+    g = result["groups"][group]
+    ratios, regions = g["ratios"], g["regions"]
+    d_values = [v.get("cohens_d_pooled") for v in g["latent_tests"].values()
+                if isinstance(v, dict) and v.get("cohens_d_pooled") is not None]
+
+    def val(estimate, ci=None, n=None):
+        return {"estimate": estimate, "ci": ci, "n": n}
+
+    def ratio(name):
+        r = ratios.get(name)
+        return val(r["estimate"], [r["ci_low"], r["ci_high"]], r.get("n_numerator")) if r else val(None)
+
+    return {"experiment": "exp9", "model": model, "cell": f"group={group}", "n": result["n_episodes"],
+            "values": {"offtopic_baseline_ratio": ratio("off_topic"), "ontopic_baseline_ratio": ratio("on_topic"),
+                       "otd_mean_off_topic": val(regions["off_topic"]["mean"], n=regions["off_topic"]["n"]),
+                       "otd_mean_on_topic": val(regions["on_topic"]["mean"], n=regions["on_topic"]["n"]),
+                       "otd_mean_baseline": val(regions["baseline"]["mean"], n=regions["baseline"]["n"]),
+                       "d_max": val(max(d_values) if d_values else None),
+                       "d_min": val(min(d_values) if d_values else None),
+                       "frac_d_positive": val(float(np.mean([d > 0 for d in d_values])) if d_values else None),
+                       "n_episodes": val(result["n_episodes"]), "n_baseline_episodes": val(result["n_baseline"]),
+                       "n_bins": val(result["window"]["n_bins"])}}

@@ -136,7 +136,7 @@ def pair_trials(base: pd.DataFrame, other: pd.DataFrame, keys: Sequence[str] = P
     for name, df in (("baseline", base), ("other", other)):
         if df.duplicated(keys).any():
             raise ValueError(f"{name} table has duplicate pairing keys {keys}")
-    cols = ["multi", "esr", "first", "last", "delta"]
+    cols = ["multi", "esr", "first_score", "last_score", "delta"]
     merged = base[keys + cols].merge(other[keys + cols], on=keys, how="inner", suffixes=("_base", "_other"))
     return merged, len(base) - len(merged), len(other) - len(merged)
 
@@ -168,7 +168,7 @@ def paired_comparison(base: pd.DataFrame, other: pd.DataFrame, label: str = "oth
         multi_test=mcnemar_from_pairs(bm, om), esr_test=mcnemar_from_pairs(be, oe),
         multi_diff=_paired_diff(om.astype(float) - bm, codes, bootstrap),
         esr_diff=_paired_diff(oe.astype(float) - be, codes, bootstrap),
-        first_score_diff=_paired_diff(pairs["first_other"].to_numpy(float) - pairs["first_base"].to_numpy(float),
+        first_score_diff=_paired_diff(pairs["first_score_other"].to_numpy(float) - pairs["first_score_base"].to_numpy(float),
                                       codes, bootstrap),
         delta_diff=_paired_diff(pairs["delta_other"].to_numpy(float) - pairs["delta_base"].to_numpy(float),
                                 codes, bootstrap),
@@ -402,13 +402,13 @@ def judge_agreement(a: pd.DataFrame, b: pd.DataFrame, judge_a: str = "a", judge_
     ESR-direction agreement: among trials both call multi-attempt, fraction agreeing on (last − first > 0);
     Pearson and Spearman correlations of the first-attempt scores."""
     keys = list(keys)
-    m = a[keys + ["multi", "delta", "first"]].merge(b[keys + ["multi", "delta", "first"]], on=keys,
+    m = a[keys + ["multi", "delta", "first_score"]].merge(b[keys + ["multi", "delta", "first_score"]], on=keys,
                                                     suffixes=("_a", "_b"))
     n = len(m)
     ma, mb = m["multi_a"].to_numpy(bool), m["multi_b"].to_numpy(bool)
     both = ma & mb
     da, db = m["delta_a"].to_numpy(float)[both] > 0, m["delta_b"].to_numpy(float)[both] > 0
-    fa, fb = m["first_a"].to_numpy(float), m["first_b"].to_numpy(float)
+    fa, fb = m["first_score_a"].to_numpy(float), m["first_score_b"].to_numpy(float)
     corr_ok = n >= 3 and np.ptp(fa) > 0 and np.ptp(fb) > 0
     pr = _st.pearsonr(fa, fb) if corr_ok else None
     sr = _st.spearmanr(fa, fb) if corr_ok else None

@@ -26,8 +26,22 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
-from esr.records import Intervention
 from esr.sae import SteeringDirections
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """What is done to one batch row during generation.
+
+    ``steer_latent``/``boost``: add ``boost * W_dec[steer_latent]`` at the injection layer (boost in the unit the
+    model config names: raw SAE activation units, or multiples of the median residual norm, converted before use).
+    ``ablate``: latents whose reconstruction contribution ``f_j(h) * W_dec[j]`` is removed (SAE error kept).
+    ``capture``: latents whose SAE activations are recorded per token at the SAE layer."""
+
+    steer_latent: int | None = None
+    boost: float = 0.0
+    ablate: tuple[int, ...] = ()
+    capture: tuple[int, ...] = ()
 
 Positions = Literal["all", "generated"]
 

@@ -111,7 +111,7 @@ def write_tiny_workflow(root: str | Path, *, judge_backend: str = "fake", d_sae:
     (root / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
     judge = {"backend": judge_backend, "cache_dir": str(root / "judge_cache")}
     if judge_backend == "offline_minilm":
-        judge["calibration"] = "auto"
+        judge["anchors"] = "auto"
     config = {
         "run_name": "tiny", "seed": 7,
         "prompts": {"source": "file", "path": str(root / "prompts.txt")},
@@ -123,7 +123,7 @@ def write_tiny_workflow(root: str | Path, *, judge_backend: str = "fake", d_sae:
             "boost": {"prior_mean": 4.0, "prior_std": 3.0, "lower": 0.0, "upper": 12.0},
             "labels": {"source": "file", "path": str(root / "labels.csv")}}},
         "judge": judge,
-        "calibration_judge": dict(judge),
+        "threshold_judge": dict(judge),
         "concreteness": {"backend": "wordnet", "threshold": 0},
         "generation": {"temperature": 0.6, "max_new_tokens": max_new_tokens, "batch_size": 8},
         "selection": {"n_latents": n_latents, "trials_per_latent": trials_per_latent, "concreteness_threshold": 0,

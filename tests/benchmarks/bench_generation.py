@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from esr.generation import GenerationSettings, SteeredGenerator, TrialRequest
-from esr.records import Intervention
+from esr.steering import Intervention
 from esr.sae import SteeringDirections
 from esr.steering import SteeringPlan
 

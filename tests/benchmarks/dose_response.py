@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     from esr.cli import labels_path
     from esr.config import load_config, model_specs
     from esr.generation import TrialRequest, load_generator
-    from esr.records import Intervention
+    from esr.steering import Intervention
 
     config = load_config(args.config)
     specs = model_specs(config)

@@ -31,7 +31,7 @@ def main() -> int:
 
     from esr.generation import GenerationSettings, SteeredGenerator, TrialRequest
     from esr.models import wrap_model
-    from esr.records import Intervention
+    from esr.steering import Intervention
     from esr.sae import SteeringDirections
     from esr.steering import SteeringPlan
     from esr.testing import tiny_gemma2, tiny_llama, tiny_sae, tiny_tokenizer

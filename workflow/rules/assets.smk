@@ -1,13 +1,14 @@
 # Inputs: the prompt list and the models (hub download at a pinned revision, or the embedded SmolLM2 conversion).
+# Rule bodies: esr.stages.assets.
 
 
-rule prompts:
+rule fetch_prompts:
     output:
-        "resources/prompts/prompts.txt",
+        prompt_list=PROMPTS,
     params:
         prompts=config["prompts"],
     log:
-        "logs/prompts.log",
+        "logs/fetch_prompts.log",
     resources:
         mem_mb=500,
         runtime=10,
@@ -19,11 +20,9 @@ rule prompts:
 
 rule download_model:
     output:
-        directory("resources/models/{model}"),
+        model_dir=directory("resources/models/{model}"),
     params:
         spec=model_spec,
-        hf_id=lambda w: MODELS[w.model].hf_id,
-        revision=lambda w: MODELS[w.model].revision,
     log:
         "logs/download_model/{model}.log",
     resources:

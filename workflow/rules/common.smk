@@ -1,23 +1,36 @@
-# Config validation and input functions shared by all rule files.
+# Config validation and input functions shared by all rule files. The experiments, their conditions and what makes
+# their trials come from the registry esr.experiments.REGISTRY.
 import re
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 # The library lives in src/; it is pip-installed (editable) by `make setup`, and this makes a plain checkout work.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from esr.config import ConfigError, model_specs, validate_config  # noqa: E402
+from esr.experiments import REGISTRY  # noqa: E402
 
 try:
-    validate_config(config)  # JSON schema (names the offending key) + cross-key checks
+    validate_config(config)  # the one validation: JSON schema (names the offending key) + cross-key checks
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
-validate(config, schema="../schemas/config.schema.yaml")
 
 MODELS = model_specs(config)
 ENV = "../../envs/esr.yaml"
+EXP = config.get("experiments", {})
+N_SHARDS = config.get("latent_shards", 1)
+SHARDS = list(range(N_SHARDS))
+PROMPTS = "resources/prompts/prompts.txt"
+
+
+def alternation(names):
+    """A wildcard constraint matching exactly ``names`` (never matches when empty)."""
+    return "|".join(re.escape(n) for n in names) or "^$"
+
+
+def experiments_made_by(*rules):
+    return [name for name, e in REGISTRY.items() if e.made_by in rules]
 
 
 def model_spec(wildcards):
@@ -27,6 +40,11 @@ def model_spec(wildcards):
 def model_dir(wildcards):
     """Directory holding the model's weights and tokenizer (made by download_model, or a local path)."""
     return MODELS[wildcards.model].local_dir
+
+
+def model_resources(key, default):
+    """A per-model resource (``models.<m>.resources.<key>``) as a Snakemake resource callable."""
+    return lambda wildcards: config["models"][wildcards.model].get("resources", {}).get(key, default)
 
 
 def embedded_sae_models():
@@ -40,28 +58,6 @@ def download_label_models():
 
 def sae_lens_models():
     return [m for m, s in MODELS.items() if s.sae.source == "sae_lens"]
-
-
-def model_resources(wildcards, key, default):
-    return config["models"][wildcards.model].get("resources", {}).get(key, default)
-
-
-def all_outputs():
-    """Everything the workflow builds so far: prompts, models, SAEs (+ report and labels for embedded SAEs)."""
-    out = ["resources/prompts/prompts.txt"]
-    out += [f"resources/models/{m}" for m, s in MODELS.items() if s.source != "local"]
-    out += [f"resources/sae_manifests/{m}.json" for m in sae_lens_models()]
-    for m in embedded_sae_models():
-        out += [f"results/sae/{m}/sae_report.json", f"resources/labels/{m}.csv"]
-    if "experiments" in config:
-        out += experiment_outputs() + stats_outputs()
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ experiments
-EXP = config.get("experiments", {})
-N_SHARDS = config.get("latent_shards", 1)
-SHARDS = list(range(N_SHARDS))
 
 
 def sae_input(wildcards):
@@ -78,116 +74,131 @@ def labels_input(wildcards):
     return f"resources/labels/{wildcards.model}.csv"
 
 
-def judge_config(model, key="judge"):
-    """A judge block for one model (``judge``: grades trials; ``calibration_judge``: scores the boost search,
-    defaulting to ``judge``). The offline judge's 'auto' calibration becomes this model's anchor file."""
-    cfg = dict(config.get(key) or config["judge"])
-    if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
-        cfg["calibration"] = f"results/judge/{model}/offline_calibration.json"
-    return cfg
+def detectors_input(wildcards):
+    return f"results/detectors/{wildcards.model}/detectors.json"
 
 
-def judge_calibration_input(wildcards, key="judge"):
-    """The offline judge's anchor file, when that judge (``judge`` or ``calibration_judge``) uses 'auto'."""
-    cfg = config.get(key) or config["judge"]
-    if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
-        return f"results/judge/{wildcards.model}/offline_calibration.json"
-    return []
+# ------------------------------------------------------------------------------------------------ judges
+def judge_block(key):
+    """A judge block (``judge``: grades trials; ``threshold_judge``: scores the boost search, default ``judge``)."""
+    return config.get(key) or config["judge"]
 
 
+def auto_anchors(block):
+    """Whether a judge block is the offline judge anchored on this model's answers (``anchors: auto``)."""
+    return block.get("backend") == "offline_minilm" and block.get("anchors") == "auto"
+
+
+def anchors_file(model):
+    return f"results/judge/{model}/anchors.json"
+
+
+def resolved_judge(block, model):
+    """``block`` with ``anchors: auto`` replaced by the model's anchor file."""
+    return {**block, "anchors": anchors_file(model)} if auto_anchors(block) else dict(block)
+
+
+def judge_config(key="judge"):
+    return lambda wildcards: resolved_judge(judge_block(key), wildcards.model)
+
+
+def judge_anchors_input(key="judge"):
+    """The model's anchor file as an input, when the judge block uses ``anchors: auto``."""
+    return lambda wildcards: anchors_file(wildcards.model) if auto_anchors(judge_block(key)) else []
+
+
+def cross_judges(wildcards):
+    """The exp7 judges for one model (``auto`` anchors become this model's anchor file)."""
+    judges = config.get("cross_judge", {}).get("judges", {})
+    return {name: resolved_judge(block, wildcards.model) for name, block in judges.items()}
+
+
+def cross_judge_anchors(wildcards):
+    judges = config.get("cross_judge", {}).get("judges", {})
+    return [anchors_file(wildcards.model)] if any(auto_anchors(b) for b in judges.values()) else []
+
+
+# ------------------------------------------------------------------------------------------------ experiments
 def conditions(model, experiment):
-    """The conditions an experiment runs for a model (e.g. the detector sets ablated in exp3)."""
-    spec = MODELS[model]
-    if experiment == "exp1":
-        return ["steered"]
-    if experiment == "exp8":
-        return ["no_steering"] if EXP.get("no_steering", True) else []
-    if experiment == "exp3":
-        return list(EXP.get("ablation", [])) + list(spec.paper_detector_sets)
-    if experiment == "exp10":
-        n = config["detectors"]["random_control"]["n_sets"] if EXP.get("random_control", True) else 0
-        return [f"random_{i}" for i in range(n)]
-    if experiment == "exp2":
-        return ["sweep"] if EXP.get("boost_sweep", {}).get("enabled", False) else []
-    if experiment == "exp5":
-        return list(EXP.get("meta_prompts", {}).get("variants", []))
-    if experiment == "planted":
-        return ["restart"] if EXP.get("planted_control", {}).get("enabled", False) else []
-    raise ValueError(f"unknown experiment {experiment}")
+    """The conditions an experiment runs for a model (e.g. the detector sets ablated in exp3); [] = not run."""
+    return REGISTRY[experiment].conditions(config, MODELS[model])
 
 
-EXPERIMENTS = ["exp1", "exp8", "exp3", "exp10", "exp2", "exp5", "planted"]
-
-
-def experiments_for(model):
-    return [e for e in EXPERIMENTS if conditions(model, e)]
+def experiments_for(model, *made_by):
+    """The experiments a model runs (those made by the given rules; all when none are given)."""
+    names = experiments_made_by(*made_by) if made_by else list(REGISTRY)
+    return [e for e in names if conditions(model, e)]
 
 
 def graded_shards(wildcards):
-    return [f"results/{wildcards.experiment}/{wildcards.model}/shards/{c}/graded-{s}.parquet"
-            for c in conditions(wildcards.model, wildcards.experiment) for s in SHARDS]
+    return [
+        f"results/{wildcards.experiment}/{wildcards.model}/shards/{c}/graded-{s}.parquet"
+        for c in conditions(wildcards.model, wildcards.experiment)
+        for s in SHARDS
+    ]
 
 
-def detectors_input(wildcards):
-    return f"results/detectors/{wildcards.model}/detectors.json"
+def trials_table(experiment, model):
+    return f"results/{experiment}/{model}/trials.parquet"
 
 
 def experiment_outputs():
     out = []
     for m in MODELS:
-        out += [f"results/selection/{m}/selection.json", f"results/calibration/{m}/thresholds.parquet",
-                f"results/activations/{m}/exp1.zarr"]
-        out += [f"results/{e}/{m}/trials.parquet" for e in experiments_for(m)]
+        out += [
+            f"results/selection/{m}/selection.json",
+            f"results/calibration/{m}/thresholds.parquet",
+            f"results/activations/{m}/exp1.zarr",
+        ]
+        out += [trials_table(e, m) for e in experiments_for(m, "generate", "plant_restarts")]
     return out
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def cross_judges(model):
-    """The exp7 judges for one model ('auto' offline anchors become this model's anchor file)."""
-    out = {}
-    for name, cfg in config.get("cross_judge", {}).get("judges", {}).items():
-        cfg = dict(cfg)
-        if cfg.get("backend") == "offline_minilm" and cfg.get("calibration") == "auto":
-            cfg["calibration"] = f"results/judge/{model}/offline_calibration.json"
-        out[name] = cfg
-    return out
-
-
 def sequential_trials(wildcards):
     """exp9's episode pool: exp1 trials (+ the labelled planted positive control where enabled)."""
-    out = [f"results/exp1/{wildcards.model}/trials.parquet"]
-    if conditions(wildcards.model, "planted"):
-        out.append(f"results/planted/{wildcards.model}/trials.parquet")
-    return out
+    return [trials_table(e, wildcards.model) for e in ("exp1", "planted") if conditions(wildcards.model, e)]
 
 
 def comparison_inputs(wildcards):
-    exps = [e for e in ("exp1", "exp3", "exp10", "exp5", "exp8", "planted") if conditions(wildcards.model, e)]
-    return [f"results/{e}/{wildcards.model}/trials.parquet" for e in exps]
+    """exp1 and every experiment registered with ``compare``, by experiment name."""
+    names = ["exp1"] + [e for e in experiments_for(wildcards.model) if REGISTRY[e].compare]
+    return {e: trials_table(e, wildcards.model) for e in names}
 
 
 def model_figure_inputs(wildcards):
-    m = wildcards.model
-    out = {"exp1": f"results/exp1/{m}/trials.parquet"}
-    for e in ("exp3", "exp10", "exp5", "exp2"):
-        if conditions(m, e):
-            out[e] = f"results/{e}/{m}/trials.parquet"
-    return out
+    """exp1 and every experiment registered with a ``figure``, by experiment name."""
+    names = ["exp1"] + [e for e in experiments_for(wildcards.model) if REGISTRY[e].figure]
+    return {e: trials_table(e, wildcards.model) for e in names}
+
+
+def summary_file(experiment, model):
+    return f"results/{experiment}/{model}/summary.json"
 
 
 def stats_outputs():
     out = ["results/audit/paper_numbers.json", "results/figures/fig2_esr_by_model.png"]
     for m in MODELS:
-        out += [f"results/comparisons/{m}.json", f"results/figures/{m}/fig5_ablation.png",
-                f"results/exp9/{m}/analysis.json"]
+        out += [
+            f"results/comparisons/{m}.json",
+            f"results/figures/{m}/fig5_ablation.png",
+            f"results/exp9/{m}/analysis.json",
+        ]
     return out
 
 
 def audit_inputs():
-    out = []
-    for m in MODELS:
-        out += [f"results/{e}/{m}/summary.json" for e in experiments_for(m)]
-        if config.get("cross_judge", {}).get("judges"):
-            out.append(f"results/exp7/{m}/summary.json")
-        out += [f"results/exp9/{m}/summary.json", f"results/comparisons/{m}.json"]
+    return [summary_file(e, m) for m in MODELS for e in experiments_for(m)]
+
+
+def all_outputs():
+    """Everything the workflow builds: prompts, models, SAEs (+ report and labels for embedded SAEs), every
+    experiment's trials table, statistics, figures and the audit."""
+    out = [PROMPTS]
+    out += [f"resources/models/{m}" for m, s in MODELS.items() if s.source != "local"]
+    out += [f"resources/sae_manifests/{m}.json" for m in sae_lens_models()]
+    for m in embedded_sae_models():
+        out += [f"results/sae/{m}/sae_report.json", f"resources/labels/{m}.csv"]
+    if "experiments" in config:
+        out += experiment_outputs() + stats_outputs()
     return out

@@ -1,28 +1,29 @@
-# The experiment DAG per model: latent selection -> detector discovery (unsteered answers) -> judge anchoring ->
+# The experiment DAG per model: latent selection -> detector discovery (unsteered answers) -> judge anchors ->
 # boost calibration (sharded) -> generation per (experiment, condition, latent shard) -> grading (separate rule,
 # so a judge change reruns grading and statistics only) -> one trials table per experiment.
+# Rule bodies: esr.stages.experiments; experiments and their conditions: esr.experiments.REGISTRY.
 
 
 rule select_latents:
     input:
-        model=model_dir,
+        model_dir=model_dir,
         sae=sae_input,
         labels=labels_input,
-        prompts="resources/prompts/prompts.txt",
+        prompts=PROMPTS,
     output:
-        "results/selection/{model}/selection.json",
+        selection="results/selection/{model}/selection.json",
     params:
         spec=model_spec,
-        selection=config.get("selection"),
+        settings=config.get("selection"),
         concreteness=config.get("concreteness"),
         seed=config["seed"],
     log:
         "logs/select_latents/{model}.log",
     threads: 4
     resources:
-        mem_mb=lambda w: model_resources(w, "mem_mb", 8000),
+        mem_mb=model_resources("mem_mb", 8000),
         runtime=60,
-        gpu=lambda w: model_resources(w, "gpu", 0),
+        gpu=model_resources("gpu", 0),
     conda:
         ENV
     script:
@@ -31,60 +32,60 @@ rule select_latents:
 
 rule discover_detectors:
     input:
-        model=model_dir,
+        model_dir=model_dir,
         sae=sae_input,
-        prompts="resources/prompts/prompts.txt",
+        prompts=PROMPTS,
     output:
         detectors="results/detectors/{model}/detectors.json",
         answers="results/detectors/{model}/unsteered_answers.parquet",
     params:
         spec=model_spec,
         generation=config.get("generation"),
-        detectors=config.get("detectors"),
+        settings=config.get("detectors"),
         seed=config["seed"],
     log:
         "logs/discover_detectors/{model}.log",
     threads: 4
     resources:
-        mem_mb=lambda w: model_resources(w, "mem_mb", 8000),
-        runtime=lambda w: model_resources(w, "runtime_min", 120),
-        gpu=lambda w: model_resources(w, "gpu", 0),
+        mem_mb=model_resources("mem_mb", 8000),
+        runtime=model_resources("runtime_min", 120),
+        gpu=model_resources("gpu", 0),
     conda:
         ENV
     script:
         "../scripts/discover_detectors.py"
 
 
-rule calibrate_judge:
+rule anchor_judge:
     input:
-        "results/detectors/{model}/unsteered_answers.parquet",
+        answers="results/detectors/{model}/unsteered_answers.parquet",
     output:
-        "results/judge/{model}/offline_calibration.json",
+        anchors=anchors_file("{model}"),
     log:
-        "logs/calibrate_judge/{model}.log",
+        "logs/anchor_judge/{model}.log",
     resources:
         mem_mb=2000,
         runtime=10,
     conda:
         ENV
     script:
-        "../scripts/calibrate_judge.py"
+        "../scripts/anchor_judge.py"
 
 
 rule calibrate_boosts:
     input:
-        model=model_dir,
+        model_dir=model_dir,
         sae=sae_input,
-        prompts="resources/prompts/prompts.txt",
+        prompts=PROMPTS,
         selection="results/selection/{model}/selection.json",
-        judge_calibration=lambda w: judge_calibration_input(w, "calibration_judge"),
+        judge_anchors=judge_anchors_input("threshold_judge"),
     output:
-        "results/calibration/{model}/shard-{shard}.json",
+        shard_result="results/calibration/{model}/shard-{shard}.json",
     params:
         spec=model_spec,
         generation=config.get("generation"),
-        calibration=config.get("calibration"),
-        judge=lambda w: judge_config(w.model, "calibration_judge"),
+        settings=config.get("calibration"),
+        judge=judge_config("threshold_judge"),
         seed=config["seed"],
         n_shards=N_SHARDS,
         cache_dir="resources/calibration_cache",
@@ -92,9 +93,9 @@ rule calibrate_boosts:
         "logs/calibrate_boosts/{model}/shard-{shard}.log",
     threads: 4
     resources:
-        mem_mb=lambda w: model_resources(w, "mem_mb", 8000),
-        runtime=lambda w: model_resources(w, "runtime_min", 120),
-        gpu=lambda w: model_resources(w, "gpu", 0),
+        mem_mb=model_resources("mem_mb", 8000),
+        runtime=model_resources("runtime_min", 120),
+        gpu=model_resources("gpu", 0),
     conda:
         ENV
     script:
@@ -103,9 +104,9 @@ rule calibrate_boosts:
 
 rule gather_calibration:
     input:
-        expand("results/calibration/{{model}}/shard-{shard}.json", shard=SHARDS),
+        shards=expand("results/calibration/{{model}}/shard-{shard}.json", shard=SHARDS),
     output:
-        table="results/calibration/{model}/thresholds.parquet",
+        thresholds="results/calibration/{model}/thresholds.parquet",
         summary="results/calibration/{model}/summary.json",
     log:
         "logs/gather_calibration/{model}.log",
@@ -118,61 +119,32 @@ rule gather_calibration:
         "../scripts/gather_calibration.py"
 
 
-rule generate_exp1:
-    input:
-        model=model_dir,
-        sae=sae_input,
-        prompts="resources/prompts/prompts.txt",
-        selection="results/selection/{model}/selection.json",
-        thresholds="results/calibration/{model}/thresholds.parquet",
-        detectors=detectors_input,
-    output:
-        gen="results/exp1/{model}/shards/steered/gen-{shard}.parquet",
-        acts=directory("results/exp1/{model}/shards/steered/acts-{shard}.zarr"),
-    params:
-        spec=model_spec,
-        generation=config.get("generation"),
-        experiments=EXP,
-        n_shards=N_SHARDS,
-        seed=config["seed"],
-    log:
-        "logs/generate/exp1/{model}/steered-{shard}.log",
-    threads: 4
-    resources:
-        mem_mb=lambda w: model_resources(w, "mem_mb", 8000),
-        runtime=lambda w: model_resources(w, "runtime_min", 120),
-        gpu=lambda w: model_resources(w, "gpu", 0),
-    conda:
-        ENV
-    script:
-        "../scripts/generate.py"
-
-
 rule generate:
     input:
-        model=model_dir,
+        model_dir=model_dir,
         sae=sae_input,
-        prompts="resources/prompts/prompts.txt",
+        prompts=PROMPTS,
         selection="results/selection/{model}/selection.json",
         thresholds="results/calibration/{model}/thresholds.parquet",
         detectors=detectors_input,
     output:
-        gen="results/{experiment}/{model}/shards/{condition}/gen-{shard}.parquet",
+        trials="results/{experiment}/{model}/shards/{condition}/gen-{shard}.parquet",
+        activations=directory("results/{experiment}/{model}/shards/{condition}/acts-{shard}.zarr"),
     wildcard_constraints:
-        experiment="exp8|exp2|exp3|exp5|exp10",
+        experiment=alternation(experiments_made_by("generate")),
     params:
         spec=model_spec,
         generation=config.get("generation"),
-        experiments=EXP,
+        settings=EXP,
         n_shards=N_SHARDS,
         seed=config["seed"],
     log:
         "logs/generate/{experiment}/{model}/{condition}-{shard}.log",
     threads: 4
     resources:
-        mem_mb=lambda w: model_resources(w, "mem_mb", 8000),
-        runtime=lambda w: model_resources(w, "runtime_min", 120),
-        gpu=lambda w: model_resources(w, "gpu", 0),
+        mem_mb=model_resources("mem_mb", 8000),
+        runtime=model_resources("runtime_min", 120),
+        gpu=model_resources("gpu", 0),
     conda:
         ENV
     script:
@@ -184,7 +156,7 @@ rule plant_restarts:
         steered="results/exp1/{model}/shards/steered/gen-{shard}.parquet",
         unsteered="results/exp8/{model}/shards/no_steering/gen-{shard}.parquet",
     output:
-        "results/planted/{model}/shards/restart/gen-{shard}.parquet",
+        trials="results/planted/{model}/shards/restart/gen-{shard}.parquet",
     params:
         fraction=EXP.get("planted_control", {}).get("fraction", 0.0),
         seed=config["seed"],
@@ -201,15 +173,15 @@ rule plant_restarts:
 
 rule grade:
     input:
-        gen="results/{experiment}/{model}/shards/{condition}/gen-{shard}.parquet",
-        judge_calibration=judge_calibration_input,
+        generated="results/{experiment}/{model}/shards/{condition}/gen-{shard}.parquet",
+        judge_anchors=judge_anchors_input("judge"),
     output:
-        graded="results/{experiment}/{model}/shards/{condition}/graded-{shard}.parquet",
-        stats="results/{experiment}/{model}/shards/{condition}/judge-stats-{shard}.json",
+        trials="results/{experiment}/{model}/shards/{condition}/graded-{shard}.parquet",
+        judge_stats="results/{experiment}/{model}/shards/{condition}/judge-stats-{shard}.json",
     wildcard_constraints:
-        experiment="exp1|exp8|exp2|exp3|exp5|exp10|planted",
+        experiment=alternation(experiments_made_by("generate", "plant_restarts")),
     params:
-        judge=lambda w: judge_config(w.model),
+        judge=judge_config("judge"),
     log:
         "logs/grade/{experiment}/{model}/{condition}-{shard}.log",
     threads: 2
@@ -224,11 +196,11 @@ rule grade:
 
 rule gather_trials:
     input:
-        graded_shards,
+        shards=graded_shards,
     output:
-        "results/{experiment}/{model}/trials.parquet",
+        trials="results/{experiment}/{model}/trials.parquet",
     wildcard_constraints:
-        experiment="exp1|exp8|exp2|exp3|exp5|exp10|planted",
+        experiment=alternation(experiments_made_by("generate", "plant_restarts")),
     log:
         "logs/gather_trials/{experiment}/{model}.log",
     resources:
@@ -242,9 +214,9 @@ rule gather_trials:
 
 rule gather_activations:
     input:
-        expand("results/exp1/{{model}}/shards/steered/acts-{shard}.zarr", shard=SHARDS),
+        shards=expand("results/exp1/{{model}}/shards/steered/acts-{shard}.zarr", shard=SHARDS),
     output:
-        directory("results/activations/{model}/exp1.zarr"),
+        store=directory("results/activations/{model}/exp1.zarr"),
     log:
         "logs/gather_activations/{model}.log",
     resources:

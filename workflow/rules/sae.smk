@@ -1,14 +1,13 @@
-# SAEs. Paper models: fetch the sae-lens release into the local hub cache. Embedded default: build an offline
-# text corpus, collect layer activations, train a TopK SAE, evaluate it and label its latents.
+# SAEs. Paper models: fetch the sae-lens release into the local hub cache, and its latent labels. Embedded default:
+# build an offline text corpus, collect layer activations, train a TopK SAE, evaluate it and label its latents.
+# Rule bodies: esr.stages.sae.
 
 
 rule fetch_sae:
     output:
-        "resources/sae_manifests/{model}.json",
+        manifest="resources/sae_manifests/{model}.json",
     params:
         spec=model_spec,
-        release=lambda w: MODELS[w.model].sae.release,
-        sae_id=lambda w: MODELS[w.model].sae.sae_id,
     log:
         "logs/fetch_sae/{model}.log",
     resources:
@@ -20,11 +19,33 @@ rule fetch_sae:
         "../scripts/fetch_sae.py"
 
 
+rule download_labels:
+    # Latent labels for published SAEs: Neuronpedia exports (GemmaScope) or a user-supplied CSV (Goodfire, file).
+    wildcard_constraints:
+        model=alternation(download_label_models()),
+    input:
+        sae_manifest=sae_input,
+    output:
+        csv="resources/labels/{model}.csv",
+        manifest="resources/labels/{model}.manifest.json",
+    params:
+        labels=lambda w: MODELS[w.model].labels,
+    log:
+        "logs/download_labels/{model}.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        ENV
+    script:
+        "../scripts/download_labels.py"
+
+
 rule build_corpus:
     input:
-        model=model_dir,
+        model_dir=model_dir,
     output:
-        directory("resources/corpus/{model}"),
+        corpus=directory("resources/corpus/{model}"),
     params:
         spec=model_spec,
         sae_cfg=config.get("embedded_sae"),
@@ -42,10 +63,10 @@ rule build_corpus:
 
 rule collect_activations:
     input:
-        model=model_dir,
+        model_dir=model_dir,
         corpus="resources/corpus/{model}",
     output:
-        directory("resources/activations/{model}"),
+        activations=directory("resources/activations/{model}"),
     params:
         spec=model_spec,
         sae_cfg=config.get("embedded_sae"),
@@ -63,7 +84,7 @@ rule collect_activations:
 
 rule train_sae:
     input:
-        acts="resources/activations/{model}",
+        activations="resources/activations/{model}",
     output:
         sae=directory("resources/sae/{model}"),
         report="results/sae/{model}/sae_report.json",
@@ -86,13 +107,13 @@ rule train_sae:
 
 rule label_latents:
     wildcard_constraints:
-        model="|".join(re.escape(m) for m in embedded_sae_models()) or "^$",
+        model=alternation(embedded_sae_models()),
     input:
-        model=model_dir,
+        model_dir=model_dir,
         sae="resources/sae/{model}",
-        acts="resources/activations/{model}",
+        activations="resources/activations/{model}",
     output:
-        "resources/labels/{model}.csv",
+        labels="resources/labels/{model}.csv",
     params:
         spec=model_spec,
         sae_cfg=config.get("embedded_sae"),
@@ -106,25 +127,3 @@ rule label_latents:
         ENV
     script:
         "../scripts/label_latents.py"
-
-
-rule download_labels:
-    # Latent labels for published SAEs: Neuronpedia exports (GemmaScope) or a user-supplied CSV (Goodfire, file).
-    wildcard_constraints:
-        model="|".join(re.escape(m) for m in download_label_models()) or "^$",
-    input:
-        sae_manifest=sae_input,
-    output:
-        csv="resources/labels/{model}.csv",
-        manifest="resources/labels/{model}.manifest.json",
-    params:
-        labels=lambda w: MODELS[w.model].labels,
-    log:
-        "logs/download_labels/{model}.log",
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    conda:
-        ENV
-    script:
-        "../scripts/download_labels.py"

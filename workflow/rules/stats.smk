@@ -1,15 +1,16 @@
 # Statistics, figures, the cross-judge regrade (exp7), the sequential-activation analysis (exp9), the audit of
 # every paper number, and the figures registered for `snakemake --report results/report.html`.
+# Rule bodies: esr.stages.stats.
 
 
 rule cross_judge:
     input:
-        trials="results/exp1/{model}/trials.parquet",
-        judge_calibration=judge_calibration_input,
+        trials=trials_table("exp1", "{model}"),
+        judge_anchors=cross_judge_anchors,
     output:
-        "results/exp7/{model}/trials.parquet",
+        regraded=trials_table("exp7", "{model}"),
     params:
-        judges=lambda w: cross_judges(w.model),
+        judges=cross_judges,
         n_samples=config.get("cross_judge", {}).get("n_samples", 0),
         seed=config["seed"],
     log:
@@ -26,16 +27,16 @@ rule cross_judge:
 
 rule sequential:
     input:
-        model=model_dir,
+        model_dir=model_dir,
         sae=sae_input,
         trials=sequential_trials,
-        baseline="results/exp8/{model}/trials.parquet",
+        baseline=trials_table("exp8", "{model}"),
         detectors=detectors_input,
     output:
         store=directory("results/exp9/{model}/episodes.zarr"),
         baseline_store=directory("results/exp9/{model}/baseline.zarr"),
         analysis="results/exp9/{model}/analysis.json",
-        summary="results/exp9/{model}/summary.json",
+        summary=summary_file("exp9", "{model}"),
         window=report(
             "results/exp9/{model}/aligned_window.png",
             category="Sequential activations (exp9)",
@@ -48,15 +49,15 @@ rule sequential:
         ),
     params:
         spec=model_spec,
-        sequential=config.get("sequential"),
+        settings=config.get("sequential"),
         seed=config["seed"],
     log:
         "logs/sequential/{model}.log",
     threads: 4
     resources:
-        mem_mb=lambda w: model_resources(w, "mem_mb", 8000),
-        runtime=lambda w: model_resources(w, "runtime_min", 120),
-        gpu=lambda w: model_resources(w, "gpu", 0),
+        mem_mb=model_resources("mem_mb", 8000),
+        runtime=model_resources("runtime_min", 120),
+        gpu=model_resources("gpu", 0),
     conda:
         ENV
     script:
@@ -65,11 +66,11 @@ rule sequential:
 
 rule summarise:
     input:
-        "results/{experiment}/{model}/trials.parquet",
+        trials=trials_table("{experiment}", "{model}"),
     output:
-        "results/{experiment}/{model}/summary.json",
+        summary=summary_file("{experiment}", "{model}"),
     wildcard_constraints:
-        experiment="exp1|exp8|exp2|exp3|exp5|exp7|exp10|planted",
+        experiment=alternation([e for e, x in REGISTRY.items() if x.summary]),
     params:
         n_boot=2000,
         seed=config["seed"],
@@ -86,9 +87,9 @@ rule summarise:
 
 rule compare:
     input:
-        comparison_inputs,
+        unpack(comparison_inputs),
     output:
-        "results/comparisons/{model}.json",
+        comparisons="results/comparisons/{model}.json",
     params:
         n_params={m: s.n_params for m, s in MODELS.items()},
         seed=config["seed"],
@@ -112,12 +113,12 @@ rule model_figures:
             category="Ablation of off-topic detectors (exp3, exp10)",
             caption="../report/fig5.rst",
         ),
-        meta=report(
+        meta_prompts=report(
             "results/figures/{model}/fig4_meta_prompts.png",
             category="Meta-prompts (exp5)",
             caption="../report/fig4.rst",
         ),
-        sweep=report(
+        boost_sweep=report(
             "results/figures/{model}/fig3_boost_sweep.png",
             category="Boost sweep (exp2)",
             caption="../report/fig3.rst",
@@ -135,9 +136,9 @@ rule model_figures:
 
 rule esr_figure:
     input:
-        expand("results/exp1/{model}/trials.parquet", model=MODELS),
+        trials=expand(trials_table("exp1", "{model}"), model=MODELS),
     output:
-        report(
+        figure=report(
             "results/figures/fig2_esr_by_model.png",
             category="ESR across models (exp1)",
             caption="../report/fig2.rst",
@@ -159,9 +160,9 @@ rule audit:
     input:
         summaries=audit_inputs(),
     output:
-        json="results/audit/paper_numbers.json",
-        md="results/audit/paper_numbers.md",
-        html=report(
+        table_json="results/audit/paper_numbers.json",
+        table_md="results/audit/paper_numbers.md",
+        table_html=report(
             "results/audit/paper_numbers.html",
             category="Audit of every paper number",
             caption="../report/audit.rst",

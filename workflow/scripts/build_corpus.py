@@ -1,5 +1,6 @@
-from esr.stages import corpus_stage, stage_logging
+"""Rule build_corpus (workflow/rules/sae.smk): esr.stages.sae.build_corpus."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    corpus_stage(snakemake.params.spec, snakemake.input.model, snakemake.params.sae_cfg, snakemake.params.seed,
-                 snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.sae import build_corpus
+
+run_rule(build_corpus, snakemake)  # noqa: F821

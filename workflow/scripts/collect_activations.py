@@ -1,5 +1,6 @@
-from esr.stages import collect_stage, stage_logging
+"""Rule collect_activations (workflow/rules/sae.smk): esr.stages.sae.collect_activations."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    collect_stage(snakemake.params.spec, snakemake.input.model, snakemake.input.corpus, snakemake.params.sae_cfg,
-                  snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.sae import collect_activations
+
+run_rule(collect_activations, snakemake)  # noqa: F821

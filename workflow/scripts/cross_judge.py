@@ -1,6 +1,6 @@
-from esr.runs import cross_judge_stage
-from esr.stages import stage_logging
+"""Rule cross_judge (workflow/rules/stats.smk): esr.stages.stats.cross_judge."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    p = snakemake.params
-    cross_judge_stage(snakemake.input.trials, p.judges, p.n_samples, p.seed, snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.stats import cross_judge
+
+run_rule(cross_judge, snakemake)  # noqa: F821

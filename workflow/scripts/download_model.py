@@ -1,4 +1,6 @@
-from esr.stages import prepare_model_stage, stage_logging
+"""Rule download_model (workflow/rules/assets.smk): esr.stages.assets.download_model."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    prepare_model_stage(snakemake.params.spec, snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.assets import download_model
+
+run_rule(download_model, snakemake)  # noqa: F821

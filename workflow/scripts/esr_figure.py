@@ -1,5 +1,6 @@
-from esr.report import esr_by_model_figure
-from esr.stages import stage_logging
+"""Rule esr_figure (workflow/rules/stats.smk): esr.stages.stats.esr_figure."""
 
-with stage_logging(snakemake.log[0]):
-    esr_by_model_figure(list(snakemake.input), snakemake.output[0], snakemake.params.order)
+from esr.stages import run_rule
+from esr.stages.stats import esr_figure
+
+run_rule(esr_figure, snakemake)  # noqa: F821

@@ -1,4 +1,6 @@
-from esr.stages import prompts_stage, stage_logging
+"""Rule fetch_prompts (workflow/rules/assets.smk): esr.stages.assets.fetch_prompts."""
 
-with stage_logging(snakemake.log[0]):
-    prompts_stage(snakemake.params.prompts, snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.assets import fetch_prompts
+
+run_rule(fetch_prompts, snakemake)  # noqa: F821

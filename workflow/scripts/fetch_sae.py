@@ -1,4 +1,6 @@
-from esr.stages import fetch_sae_stage, stage_logging
+"""Rule fetch_sae (workflow/rules/sae.smk): esr.stages.sae.fetch_sae."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    fetch_sae_stage(snakemake.params.spec, snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.sae import fetch_sae
+
+run_rule(fetch_sae, snakemake)  # noqa: F821

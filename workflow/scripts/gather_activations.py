@@ -1,5 +1,6 @@
-from esr.activations import gather_stores
-from esr.stages import stage_logging
+"""Rule gather_activations (workflow/rules/experiments.smk): esr.stages.experiments.gather_activations."""
 
-with stage_logging(snakemake.log[0]):
-    gather_stores(list(snakemake.input), snakemake.output[0], overwrite=True)
+from esr.stages import run_rule
+from esr.stages.experiments import gather_activations
+
+run_rule(gather_activations, snakemake)  # noqa: F821

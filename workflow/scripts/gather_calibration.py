@@ -1,5 +1,6 @@
-from esr.runs import gather_calibration_stage
-from esr.stages import stage_logging
+"""Rule gather_calibration (workflow/rules/experiments.smk): esr.stages.experiments.gather_calibration."""
 
-with stage_logging(snakemake.log[0]):
-    gather_calibration_stage(list(snakemake.input), snakemake.output.table, snakemake.output.summary)
+from esr.stages import run_rule
+from esr.stages.experiments import gather_calibration
+
+run_rule(gather_calibration, snakemake)  # noqa: F821

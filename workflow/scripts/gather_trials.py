@@ -1,5 +1,6 @@
-from esr.runs import gather_trials_stage
-from esr.stages import stage_logging
+"""Rule gather_trials (workflow/rules/experiments.smk): esr.stages.experiments.gather_trials."""
 
-with stage_logging(snakemake.log[0]):
-    gather_trials_stage(list(snakemake.input), snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.experiments import gather_trials
+
+run_rule(gather_trials, snakemake)  # noqa: F821

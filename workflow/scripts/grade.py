@@ -1,5 +1,6 @@
-from esr.runs import grade_stage
-from esr.stages import stage_logging
+"""Rule grade (workflow/rules/experiments.smk): esr.stages.experiments.grade."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    grade_stage(snakemake.input.gen, snakemake.params.judge, snakemake.output.graded, snakemake.output.stats)
+from esr.stages import run_rule
+from esr.stages.experiments import grade
+
+run_rule(grade, snakemake)  # noqa: F821

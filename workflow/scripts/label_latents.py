@@ -1,5 +1,6 @@
-from esr.stages import label_stage, stage_logging
+"""Rule label_latents (workflow/rules/sae.smk): esr.stages.sae.label_latents."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    label_stage(snakemake.params.spec, snakemake.input.model, snakemake.input.sae, snakemake.input.acts,
-                snakemake.params.sae_cfg, snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.sae import label_latents
+
+run_rule(label_latents, snakemake)  # noqa: F821

@@ -1,6 +1,6 @@
-from esr.runs import plant_restarts_stage
-from esr.stages import stage_logging
+"""Rule plant_restarts (workflow/rules/experiments.smk): esr.stages.experiments.plant_restarts."""
 
-with stage_logging(snakemake.log[0]):
-    plant_restarts_stage(snakemake.input.steered, snakemake.input.unsteered, snakemake.params.fraction,
-                         snakemake.params.seed, snakemake.output[0])
+from esr.stages import run_rule
+from esr.stages.experiments import plant_restarts
+
+run_rule(plant_restarts, snakemake)  # noqa: F821

@@ -1,9 +1,6 @@
-from esr.audit import summarise_cross_judge, summarise_experiment
-from esr.stages import stage_logging
+"""Rule summarise (workflow/rules/stats.smk): esr.stages.stats.summarise."""
 
-with stage_logging(snakemake.log[0]):
-    if snakemake.wildcards.experiment == "exp7":
-        summarise_cross_judge([snakemake.input[0]], snakemake.output[0])
-    else:
-        summarise_experiment([snakemake.input[0]], snakemake.output[0], n_boot=snakemake.params.n_boot,
-                             seed=snakemake.params.seed)
+from esr.stages import run_rule
+from esr.stages.stats import summarise
+
+run_rule(summarise, snakemake)  # noqa: F821

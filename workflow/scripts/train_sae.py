@@ -1,5 +1,6 @@
-from esr.stages import stage_logging, train_sae_stage
+"""Rule train_sae (workflow/rules/sae.smk): esr.stages.sae.train_sae."""
 
-with stage_logging(snakemake.log[0], snakemake.threads):
-    train_sae_stage(snakemake.params.spec, snakemake.input.acts, snakemake.params.sae_cfg, snakemake.params.seed,
-                    snakemake.output.sae, snakemake.output.report, snakemake.output.report_md)
+from esr.stages import run_rule
+from esr.stages.sae import train_sae
+
+run_rule(train_sae, snakemake)  # noqa: F821

@@ -5,26 +5,25 @@ Backends (``build_judge(config)``): ``anthropic`` (Messages API; the paper's gra
 restart-phrase segmentation + MiniLM relevance) and ``fake`` (unit tests only). All share ``Judge.grade`` /
 ``grade_batch`` / ``agrade_batch``, the content-addressed cache and the counters in ``judge.stats``."""
 
-from esr.judge.base import Judge, JudgeRequest, JudgeResult, JudgeStats, requests_from_records
+from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult, JudgeStats
 from esr.judge.cache import JudgeCache
 from esr.judge.concreteness import (ConcretenessScore, LLMConcretenessGrader, WordNetConcreteness,
                                     PAPER_CONCRETENESS_MODEL, PAPER_THRESHOLD)
-from esr.judge.factory import (CONCRETENESS_CONFIG_SCHEMA, JUDGE_CONFIG_SCHEMA, build_concreteness_grader,
-                               build_judge)
+from esr.judge.factory import build_concreteness_grader, build_judge
 from esr.judge.http_backends import (PAPER_JUDGE_MODEL, AnthropicBackend, ChatSettings, LLMJudge,
                                      OpenAICompatBackend, anthropic_judge, openai_compat_judge)
-from esr.judge.offline import (DEFAULT_CALIBRATION, OFFLINE_JUDGE_ID, Calibration, OfflineMiniLMJudge,
-                               calibrate_offline)
+from esr.judge.offline import (DEFAULT_ANCHORS, OFFLINE_JUDGE_ID, Anchors, OfflineMiniLMJudge,
+                               fit_anchors)
 from esr.judge.parsing import MalformedJudgeOutput, parse_attempts
 from esr.judge.prompts import CONCRETENESS_TEMPLATE_VERSION, JUDGE_TEMPLATE_VERSION
 from esr.judge.segmentation import find_restarts, restart_gate, split_attempts
 
 __all__ = [
-    "Calibration", "DEFAULT_CALIBRATION", "OFFLINE_JUDGE_ID", "OfflineMiniLMJudge", "calibrate_offline",
-    "AnthropicBackend", "CONCRETENESS_CONFIG_SCHEMA", "CONCRETENESS_TEMPLATE_VERSION", "ChatSettings",
-    "ConcretenessScore", "JUDGE_CONFIG_SCHEMA", "JUDGE_TEMPLATE_VERSION", "Judge", "JudgeCache", "JudgeRequest",
+    "Anchors", "Attempt", "DEFAULT_ANCHORS", "OFFLINE_JUDGE_ID", "OfflineMiniLMJudge", "fit_anchors",
+    "AnthropicBackend", "CONCRETENESS_TEMPLATE_VERSION", "ChatSettings",
+    "ConcretenessScore", "JUDGE_TEMPLATE_VERSION", "Judge", "JudgeCache", "JudgeRequest",
     "JudgeResult", "JudgeStats", "LLMConcretenessGrader", "LLMJudge", "MalformedJudgeOutput", "OpenAICompatBackend",
     "PAPER_CONCRETENESS_MODEL", "PAPER_JUDGE_MODEL", "PAPER_THRESHOLD", "WordNetConcreteness", "anthropic_judge",
     "build_concreteness_grader", "build_judge", "find_restarts", "openai_compat_judge", "parse_attempts",
-    "requests_from_records", "restart_gate", "split_attempts",
+    "restart_gate", "split_attempts",
 ]

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from esr.io import stable_hash
-from esr.records import Attempt
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt inside an answer, as split by the judge, with its 0-100 score (None if the judge gave none)."""
+
+    text: str
+    score: float | None
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,6 @@ class JudgeResult:
     @property
     def scores(self) -> list[float]:
         return [a.score for a in self.attempts if a.score is not None]
-
-    def trial_fields(self) -> dict[str, Any]:
-        """The fields of ``esr.records.Trial`` this result fills: ``trial.__dict__.update(result.trial_fields())``."""
-        return {"judge_id": self.judge_id, "attempts": list(self.attempts), "error": self.error}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (attempts as ``{"text", "score"}`` objects)."""
@@ -258,9 +261,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="answer", leave=False)
-
-
-def requests_from_records(records: Iterable[dict[str, Any]]) -> list[JudgeRequest]:
-    """Build requests from trial rows holding ``prompt``, ``response``, ``label`` and ``trial_id``."""
-    return [JudgeRequest(prompt=r["prompt"], response=r["response"], latent_label=r.get("label", ""),
-                         trial_id=r.get("trial_id")) for r in records]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from esr.judge.base import Judge, JudgeRequest, JudgeResult
 from esr.judge.segmentation import split_attempts
-from esr.records import Attempt
+from esr.judge.base import Attempt
 
 FAKE_TEMPLATE_VERSION = "fake-v1"
 

