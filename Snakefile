@@ -31,6 +31,6 @@ include: "workflow/rules/stats.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

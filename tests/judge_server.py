@@ -44,7 +44,7 @@ class ScriptedServer:
     _httpd: ThreadingHTTPServer | None = None
 
     # ---------------------------------------------------------------------------------------------- lifecycle
-    def start(self) -> "ScriptedServer":
+    def start(self) -> ScriptedServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,8 +86,7 @@ class ScriptedServer:
         user = next((m["content"] for m in messages if m.get("role") == "user"), "")
         action = self._action(user)
         with self._lock:
-            self.hits.append(Hit(handler.path, {k.lower(): v for k, v in handler.headers.items()}, body, user,
-                                 action))
+            self.hits.append(Hit(handler.path, {k.lower(): v for k, v in handler.headers.items()}, body, user, action))
         if self.delay_s:
             time.sleep(self.delay_s)
         kind, _, arg = action.partition(":")
@@ -115,10 +114,9 @@ class ScriptedServer:
             labels = json.loads(user.split("Descriptions (a JSON array):", 1)[1])
             if kind == "malformed":
                 return "I cannot rate these."
-            return json.dumps([{"label": lab, "reason": "x", "rating": 90 if "dog" in lab else 10}
-                               for lab in labels])
+            return json.dumps([{"label": lab, "reason": "x", "rating": 90 if "dog" in lab else 10} for lab in labels])
         if kind == "malformed":
-            return "Reasoning: fine answer. <json>{\"attempts\": [{\"attempt_text\": \"x\", \"score\": }]}</json>"
+            return 'Reasoning: fine answer. <json>{"attempts": [{"attempt_text": "x", "score": }]}</json>'
         m = _ANSWER.search(user)
         answer = m.group(1) if m else ""
         pieces = split_attempts(answer) or [answer or "empty"]
@@ -131,10 +129,19 @@ class ScriptedServer:
     @staticmethod
     def _wire(path: str, text: str) -> dict[str, Any]:
         if path.endswith("/v1/messages"):
-            return {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
-                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
-        return {"id": "c1", "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+            return {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": "m",
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn",
+            }
+        return {
+            "id": "c1",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        }
 
     @staticmethod
     def _reply(handler, status: int, payload, content_type: str = "application/json", headers=None) -> None:

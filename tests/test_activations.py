@@ -14,8 +14,9 @@ from esr import activations as A
 LATENTS = [7, 3044, 33044, 5]
 
 
-def make_records(prefix: str, n: int, n_lat: int = len(LATENTS), k: int | None = 3, seed: int = 0,
-                 lengths: list[int] | None = None) -> list[A.ActivationRecord]:
+def make_records(
+    prefix: str, n: int, n_lat: int = len(LATENTS), k: int | None = 3, seed: int = 0, lengths: list[int] | None = None
+) -> list[A.ActivationRecord]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -25,18 +26,34 @@ def make_records(prefix: str, n: int, n_lat: int = len(LATENTS), k: int | None =
         kw = {}
         if k:
             kw = dict(topk_indices=rng.integers(0, 65536, (nt, k)), topk_values=rng.random((nt, k)).astype(np.float16))
-        out.append(A.ActivationRecord(f"{prefix}{i:03d}", acts, [f"w{j} " for j in range(nt)], regions,
-                                      steered_latent=100 + i, steered_acts=rng.random(nt).astype(np.float16), **kw))
+        out.append(
+            A.ActivationRecord(
+                f"{prefix}{i:03d}",
+                acts,
+                [f"w{j} " for j in range(nt)],
+                regions,
+                steered_latent=100 + i,
+                steered_acts=rng.random(nt).astype(np.float16),
+                **kw,
+            )
+        )
     return out
 
 
 def test_round_trip_exact(tmp_path):
     recs = make_records("t", 5, lengths=[3, 8, 5, 1, 8])
-    path = A.write_store(tmp_path / "s.zarr", recs, LATENTS, latent_groups={"otd": [7, 33044], "bt": [33044]},
-                         trials_per_chunk=2, provenance={"model": "tiny"})
+    path = A.write_store(
+        tmp_path / "s.zarr",
+        recs,
+        LATENTS,
+        latent_groups={"otd": [7, 33044], "bt": [33044]},
+        trials_per_chunk=2,
+        provenance={"model": "tiny"},
+    )
     ds = A.open_store(path, verify="hash")
-    expected = A.build_dataset(recs, LATENTS, latent_groups={"otd": [7, 33044], "bt": [33044]},
-                               attrs={"provenance": {"model": "tiny"}})
+    expected = A.build_dataset(
+        recs, LATENTS, latent_groups={"otd": [7, 33044], "bt": [33044]}, attrs={"provenance": {"model": "tiny"}}
+    )
     xr.testing.assert_identical(ds.load(), expected)
     assert ds.sizes == {"trial": 5, "token": 8, "latent": 4, "topk": 3}
     # per-trial values and padding
@@ -48,7 +65,7 @@ def test_round_trip_exact(tmp_path):
     assert ds.n_tokens.values.tolist() == [3, 8, 5, 1, 8]
     assert ds.topk_indices.dtype == np.int32 and int(ds.topk_indices.values[0, 5, 0]) == -1
     assert ds.steered_latent.values.tolist() == [100, 101, 102, 103, 104]
-    assert A.latent_group(ds, "otd") == [7, 33044]
+    assert ds.attrs["latent_groups"] == {"otd": [7, 33044], "bt": [33044]}
     enc = ds.acts.encoding
     assert enc["chunks"] == (2, 8, 1)
     assert "zstd" in str(enc["compressors"][0].cname) and "shuffle" in str(enc["compressors"][0].shuffle)
@@ -160,11 +177,27 @@ def test_parallel_shards_gather(tmp_path):
     assert K == 6 and np.isnan(ds.acts.sel(trial="a000").values[5]).all()
     for part in parts:
         sub = ds.sel(trial=part.trial.values).load()
-        ref = part.reindex(token=np.arange(K, dtype=np.int32),
-                           fill_value={"acts": np.nan, "steered_acts": np.nan, "topk_values": np.nan,
-                                       "topk_indices": -1, "token_text": "", "region": ""})
-        for v in ("acts", "n_tokens", "steered_acts", "topk_indices", "topk_values", "token_text", "region",
-                  "steered_latent"):
+        ref = part.reindex(
+            token=np.arange(K, dtype=np.int32),
+            fill_value={
+                "acts": np.nan,
+                "steered_acts": np.nan,
+                "topk_values": np.nan,
+                "topk_indices": -1,
+                "token_text": "",
+                "region": "",
+            },
+        )
+        for v in (
+            "acts",
+            "n_tokens",
+            "steered_acts",
+            "topk_indices",
+            "topk_values",
+            "token_text",
+            "region",
+            "steered_latent",
+        ):
             np.testing.assert_array_equal(sub[v].values, ref[v].values)
     assert ds.attrs["latent_groups"] == {"otd": [7]}
     assert ds.acts.encoding["chunks"] == (2, K, 1)

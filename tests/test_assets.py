@@ -3,8 +3,15 @@ import json
 
 import pytest
 
-from esr.assets import (MANIFEST, AssetError, download_hub_model, embedded_gguf_path, fetch_prompts, read_prompts,
-                        verify_manifest)
+from esr.assets import (
+    MANIFEST,
+    AssetError,
+    download_hub_model,
+    embedded_gguf_path,
+    fetch_prompts,
+    read_prompts,
+    verify_manifest,
+)
 from esr.config import ModelSpec, SAESpec
 from esr.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
 
@@ -12,9 +19,21 @@ PAPER_PROMPTS_SHA = "a3bcbf82a44046c3fdcb9b65c58b1254ee8976401214533a5a550f0aa00
 
 
 def _spec(hf_id="fake-org/tiny-llama", revision="0" * 40):
-    return ModelSpec(name="tiny", hf_id=hf_id, source="hub", revision=revision, family="llama", n_layers=4,
-                     n_params=1e6, dtype="float32", injection_layer=2, sae_layer=2, repetition_penalty=1.1,
-                     sae=SAESpec(source="local", boost_unit="raw", path="x"), boost={})
+    return ModelSpec(
+        name="tiny",
+        hf_id=hf_id,
+        source="hub",
+        revision=revision,
+        family="llama",
+        n_layers=4,
+        n_params=1e6,
+        dtype="float32",
+        injection_layer=2,
+        sae_layer=2,
+        repetition_penalty=1.1,
+        sae=SAESpec(source="local", boost_unit="raw", path="x"),
+        boost={},
+    )
 
 
 def test_prompt_download_from_file_url_checks_hash(tmp_path):
@@ -37,8 +56,9 @@ def test_prompt_hash_mismatch_is_a_clear_error_and_writes_nothing(tmp_path):
 
 def test_unreachable_prompt_url_names_the_url(tmp_path):
     with pytest.raises(AssetError, match="does-not-exist"):
-        fetch_prompts("url", "unused", tmp_path / "p.txt", url=(tmp_path / "does-not-exist").as_uri(),
-                      sha256=PAPER_PROMPTS_SHA)
+        fetch_prompts(
+            "url", "unused", tmp_path / "p.txt", url=(tmp_path / "does-not-exist").as_uri(), sha256=PAPER_PROMPTS_SHA
+        )
 
 
 def test_embedded_prompt_list_has_30_questions(repo_root):

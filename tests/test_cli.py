@@ -1,15 +1,14 @@
-"""The ``esr`` CLI: steer on a tiny local model + SAE via a temporary config, latent label search, registration."""
+"""The ``esr`` CLI: steer on a tiny local model + SAE via a temporary config, latent label search, the parser."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 import yaml
 
-from esr.cli import Command, build_parser, builtin_commands, main, search_labels
+from esr.cli import build_parser, main, search_labels
 from esr.testing import save_tiny_model_dir, tiny_llama, tiny_sae, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -23,14 +22,26 @@ def write_tiny_setup(tmp_path, boost_unit: str = "raw") -> str:
     (tmp_path / "sae" / "esr_stats.json").write_text(json.dumps({"median_resid_norm": 10.0}))
     (tmp_path / "prompts.txt").write_text("how do you bake bread\n")
     config = {
-        "run_name": "tiny", "seed": 1,
+        "run_name": "tiny",
+        "seed": 1,
         "prompts": {"source": "file", "path": str(tmp_path / "prompts.txt")},
-        "models": {"tiny": {
-            "hf_id": "org/tiny", "source": "local", "path": str(tmp_path / "model"), "revision": "local",
-            "family": "llama", "n_layers": 4, "n_params": 1, "dtype": "float32", "injection_layer": 2,
-            "sae_layer": 2, "repetition_penalty": 1.1,
-            "sae": {"source": "local", "path": str(tmp_path / "sae"), "boost_unit": boost_unit},
-            "boost": {"prior_mean": 0.5, "prior_std": 0.3, "lower": 0.0, "upper": 1.5}}},
+        "models": {
+            "tiny": {
+                "hf_id": "org/tiny",
+                "source": "local",
+                "path": str(tmp_path / "model"),
+                "revision": "local",
+                "family": "llama",
+                "n_layers": 4,
+                "n_params": 1,
+                "dtype": "float32",
+                "injection_layer": 2,
+                "sae_layer": 2,
+                "repetition_penalty": 1.1,
+                "sae": {"source": "local", "path": str(tmp_path / "sae"), "boost_unit": boost_unit},
+                "boost": {"prior_mean": 0.5, "prior_std": 0.3, "lower": 0.0, "upper": 1.5},
+            }
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -39,8 +50,23 @@ def write_tiny_setup(tmp_path, boost_unit: str = "raw") -> str:
 
 def test_steer_prints_answer_and_activations(tmp_path, capsys):
     cfg = write_tiny_setup(tmp_path, boost_unit="median_resid_norm")
-    argv = ["steer", "--config", cfg, "--latent", "5", "--boost", "0.5", "--max-new-tokens", "4", "--seed", "3",
-            "--ablate", "1,2", "--show-activations", "how do you bake bread"]
+    argv = [
+        "steer",
+        "--config",
+        cfg,
+        "--latent",
+        "5",
+        "--boost",
+        "0.5",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "3",
+        "--ablate",
+        "1,2",
+        "--show-activations",
+        "how do you bake bread",
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "latent 5 boost 0.5 (median_resid_norm), residual norm 5.000" in err
@@ -58,8 +84,10 @@ def test_steer_unknown_model(tmp_path):
 
 def test_latents_search(tmp_path, capsys):
     csv_path = tmp_path / "labels.csv"
-    csv_path.write_text("latent,label,frequency,top_tokens\n0,Dogs and puppies,0.01,dog|puppy\n"
-                        "1,Countries,0.02,France|Spain\n2,hot dog stands,0.001,sausage\n")
+    csv_path.write_text(
+        "latent,label,frequency,top_tokens\n0,Dogs and puppies,0.01,dog|puppy\n"
+        "1,Countries,0.02,France|Spain\n2,hot dog stands,0.001,sausage\n"
+    )
     assert [r["latent"] for r in search_labels(csv_path, "DOG")] == ["0", "2"]
     assert [r["latent"] for r in search_labels(csv_path, "spain", in_tokens=True)] == ["1"]
     assert main(["latents", "search", "dog", "--labels", str(csv_path)]) == 0
@@ -69,15 +97,12 @@ def test_latents_search(tmp_path, capsys):
     assert main(["latents", "search", "x", "--labels", str(tmp_path / "missing.csv")]) == 2
 
 
-def test_register_extra_command(capsys):
-    def configure(p: argparse.ArgumentParser) -> None:
-        p.add_argument("name")
-
-    extra = Command("hello", "say hello", configure, lambda a: print(f"hello {a.name}") or 0)
-    assert main(["hello", "world"], commands=builtin_commands() + [extra]) == 0
-    assert capsys.readouterr().out == "hello world\n"
-    with pytest.raises(ValueError, match="'steer' is registered twice"):
-        build_parser(builtin_commands() + builtin_commands())
+def test_parser_has_both_subcommands(capsys):
+    help_text = build_parser().format_help()
+    assert "steer" in help_text and "latents" in help_text
+    with pytest.raises(SystemExit):
+        main(["latents"])  # the latents command needs a further subcommand
+    assert "search" in capsys.readouterr().err
 
 
 def test_bad_ablate_list():

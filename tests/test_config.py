@@ -28,23 +28,29 @@ def test_paper_registry_layers_and_saes(repo_root):
     assert (specs["llama-3.3-70b"].injection_layer, specs["llama-3.3-70b"].sae_layer) == (33, 50)
     assert (specs["llama-3.1-8b"].injection_layer, specs["llama-3.1-8b"].sae_layer) == (12, 19)
     assert {m: s.sae_layer for m, s in specs.items() if s.family == "gemma2"} == {
-        "gemma-2-2b": 16, "gemma-2-9b": 26, "gemma-2-27b": 22}
+        "gemma-2-2b": 16,
+        "gemma-2-9b": 26,
+        "gemma-2-27b": 22,
+    }
     assert specs["gemma-2-27b"].sae.sae_id == "layer_22/width_131k/canonical"
     assert specs["llama-3.3-70b"].sae.release == "goodfire-llama-3.3-70b-instruct"
     assert all(len(s.revision) == 40 for s in specs.values())
     assert specs["llama-3.3-70b"].engine == "deepspeed" and specs["llama-3.3-70b"].tensor_parallel > 1
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda c: c["models"]["smollm2-135m"].update(injection_layr=3), "models.smollm2-135m.injection_layr"),
-    (lambda c: c["models"]["smollm2-135m"].update(sae_layer=30), "models.smollm2-135m.sae_layer"),
-    (lambda c: c["models"]["smollm2-135m"].update(dtype="fp32"), "models.smollm2-135m.dtype"),
-    (lambda c: c["models"]["smollm2-135m"]["boost"].update(lower=2.0), "models.smollm2-135m.boost"),
-    (lambda c: c.update(sede=1), "sede"),
-    (lambda c: c["prompts"].update(source="url"), "prompts.url"),
-    (lambda c: c["models"]["smollm2-135m"]["sae"].update(path="elsewhere"), "models.smollm2-135m.sae.path"),
-    (lambda c: c["embedded_sae"].update(k="many"), "embedded_sae.k"),
-])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda c: c["models"]["smollm2-135m"].update(injection_layr=3), "models.smollm2-135m.injection_layr"),
+        (lambda c: c["models"]["smollm2-135m"].update(sae_layer=30), "models.smollm2-135m.sae_layer"),
+        (lambda c: c["models"]["smollm2-135m"].update(dtype="fp32"), "models.smollm2-135m.dtype"),
+        (lambda c: c["models"]["smollm2-135m"]["boost"].update(lower=2.0), "models.smollm2-135m.boost"),
+        (lambda c: c.update(sede=1), "sede"),
+        (lambda c: c["prompts"].update(source="url"), "prompts.url"),
+        (lambda c: c["models"]["smollm2-135m"]["sae"].update(path="elsewhere"), "models.smollm2-135m.sae.path"),
+        (lambda c: c["embedded_sae"].update(k="many"), "embedded_sae.k"),
+    ],
+)
 def test_bad_values_name_the_key(embedded, mutate, key):
     cfg = copy.deepcopy(embedded)
     mutate(cfg)

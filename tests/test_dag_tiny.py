@@ -13,9 +13,24 @@ from esr.testing import write_tiny_workflow
 
 def _snakemake(repo_root, workdir, config, *args, timeout=1800):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo_root / "Snakefile"), "--directory",
-                           str(workdir), "--configfile", str(config), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(repo_root / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(config),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture
@@ -26,8 +41,19 @@ def tiny_config(tmp_path):
 def test_tiny_dag_plans_every_experiment(repo_root, tiny_config):
     res = _snakemake(repo_root, tiny_config.parent, tiny_config, "-n", "--cores", "1")
     assert res.returncode == 0, res.stderr[-2000:]
-    for rule in ("select_latents", "discover_detectors", "calibrate_boosts", "generate", "grade",
-                 "plant_restarts", "cross_judge", "sequential", "summarise", "compare", "audit"):
+    for rule in (
+        "select_latents",
+        "discover_detectors",
+        "calibrate_boosts",
+        "generate",
+        "grade",
+        "plant_restarts",
+        "cross_judge",
+        "sequential",
+        "summarise",
+        "compare",
+        "audit",
+    ):
         assert f"rule {rule}:" in res.stdout, rule
     assert "build_corpus" not in res.stdout  # a local SAE needs no embedded SAE build
 

@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from esr.detectors import (PAPER_SETS, auc_shuffled_vs_normal, derangement, frequency_detectors, match_quality,
-                           matched_random_sets, separability_detectors)
+from esr.detectors import (
+    PAPER_SETS,
+    auc_shuffled_vs_normal,
+    derangement,
+    frequency_detectors,
+    match_quality,
+    matched_random_sets,
+    separability_detectors,
+)
 
 
 def test_paper_sets_are_the_published_ones():
@@ -32,9 +39,9 @@ def test_discovery_methods_on_planted_detectors():
     normal = rng.random((n, d)) * (rng.random((n, d)) < 0.3)
     shuffled = rng.random((n, d)) * (rng.random((n, d)) < 0.3)
     normal[:, 7] = 0.0
-    shuffled[:, 7] = 1.0 + rng.random(n)          # silent on normal, always on shuffled
+    shuffled[:, 7] = 1.0 + rng.random(n)  # silent on normal, always on shuffled
     normal[:, 9] = rng.random(n) * 0.1
-    shuffled[:, 9] = 0.5 + rng.random(n)           # fully separated but active on normal
+    shuffled[:, 9] = 0.5 + rng.random(n)  # fully separated but active on normal
     sep = separability_detectors(normal, shuffled)
     assert 7 in sep.latents and 9 in sep.latents
     freq = frequency_detectors(normal, shuffled)
@@ -58,8 +65,9 @@ def test_matched_random_sets_match_and_exclude_dead_and_detectors():
         q = match_quality(detectors, s, freq, mean_act)
         uniform = rng.choice(np.flatnonzero(freq > 0), 10, replace=False)
         qu = match_quality(detectors, list(uniform), freq, mean_act)
-        assert abs(q["control_log10_freq"] - q["detector_log10_freq"]) < abs(qu["control_log10_freq"]
-                                                                             - qu["detector_log10_freq"])
+        assert abs(q["control_log10_freq"] - q["detector_log10_freq"]) < abs(
+            qu["control_log10_freq"] - qu["detector_log10_freq"]
+        )
     assert sets == matched_random_sets(detectors, freq, mean_act, n_sets=3, seed=5)
 
 

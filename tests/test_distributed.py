@@ -3,21 +3,22 @@ and calls the judge, every rank makes the same model calls, and the outputs equa
 
 import dataclasses
 import sys
+import types
 
 import pandas as pd
 import pytest
 import torch
-from helpers import generate_kwargs, run_upstream
 
 from esr import distributed, ranks
 from esr.calibration import CalibrationCache
 from esr.config import load_config, model_specs
 from esr.io import read_json
 from esr.stages import experiments as st
-from esr.stages import model_stage
-from esr.stages import stats
+from esr.stages import model_stage, stats
 from esr.testing import write_tiny_workflow
 from esr.trials import score_columns
+
+from helpers import generate_kwargs, run_upstream
 
 
 def test_share_and_from_writer_are_plain_calls_in_one_process():
@@ -40,15 +41,8 @@ def test_model_stage_is_a_plain_call_for_tp1():
         seen.update(kw)
         return "ran"
 
-    spec = dataclasses.replace(model_specs(load_config_for_spec())["tiny-llama"], tensor_parallel=1)
-    assert stage(spec=spec, shard=3) == "ran" and seen["shard"] == 3
-
-
-def load_config_for_spec(tmp=None):
-    import tempfile
-
-    root = tempfile.mkdtemp(prefix="esr-spec-")
-    return load_config(write_tiny_workflow(root))
+    spec = types.SimpleNamespace(tensor_parallel=1)
+    assert stage(spec=spec, shard=3) == "ran" and seen == {"spec": spec, "shard": 3}
 
 
 def test_a_launch_with_the_wrong_number_of_ranks_fails_clearly(capfd):
@@ -82,8 +76,17 @@ def test_read_only_calibration_cache_never_writes(tmp_path):
         def as_dict(self):
             return {"latent": 5}
 
-    result = CalibrationResult(latent=5, threshold=1.0, achieved_score=0.3, check_samples=4, ci90_low=0.5,
-                               ci90_high=1.5, at_bound=None, n_steps_done=3, history=[])
+    result = CalibrationResult(
+        latent=5,
+        threshold=1.0,
+        achieved_score=0.3,
+        check_samples=4,
+        ci90_low=0.5,
+        ci90_high=1.5,
+        at_bound=None,
+        n_steps_done=3,
+        history=[],
+    )
     path = CalibrationCache(tmp_path, read_only=True).put(Key(), result)
     assert not path.exists() and list(tmp_path.iterdir()) == []
     assert CalibrationCache(tmp_path).put(Key(), result).exists()
@@ -97,8 +100,9 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
     cfg = load_config(write_tiny_workflow(tmp_path))
     spec = model_specs(cfg)["tiny-llama"]
     tp_spec = dataclasses.replace(spec, engine="deepspeed", tensor_parallel=2)
-    out = {name: run_upstream(tmp_path / name, cfg, spec=s, n_shards=1)
-           for name, s in (("single", spec), ("tp", tp_spec))}
+    out = {
+        name: run_upstream(tmp_path / name, cfg, spec=s, n_shards=1) for name, s in (("single", spec), ("tp", tp_spec))
+    }
     a, b = tmp_path / "single", tmp_path / "tp"
     assert read_json(a / "selection.json")["latents"] == read_json(b / "selection.json")["latents"]
     pd.testing.assert_frame_equal(pd.read_parquet(a / "answers.parquet"), pd.read_parquet(b / "answers.parquet"))
@@ -114,8 +118,9 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
         for stat in ("normal_mean", "shuffled_mean"):
             assert abs(ta[j][stat] - tb[j][stat]) < 1e-4, (j, stat, ta[j], tb[j])
     ca, cb = read_json(a / "cal-0.json")["results"], read_json(b / "cal-0.json")["results"]
-    assert [(r["latent"], r["threshold"], r["achieved_score"]) for r in ca] == \
-        [(r["latent"], r["threshold"], r["achieved_score"]) for r in cb]
+    assert [(r["latent"], r["threshold"], r["achieved_score"]) for r in ca] == [
+        (r["latent"], r["threshold"], r["achieved_score"]) for r in cb
+    ]
     # one cache file per successful latent: written once, by rank 0
     assert len(list((b / "cal_cache").glob("*.json"))) == sum(r["error"] is None for r in cb) > 0
 
@@ -125,12 +130,14 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
         kw = generate_kwargs(cfg, out["single"], exp, cond, a)
         st.generate(**kw)
         gen[exp] = kw["trials"]
-    st.plant_restarts(steered=gen["exp1"], unsteered=gen["exp8"], fraction=1.0, seed=cfg["seed"],
-                      trials=a / "planted-gen.parquet")
+    st.plant_restarts(
+        steered=gen["exp1"], unsteered=gen["exp8"], fraction=1.0, seed=cfg["seed"], trials=a / "planted-gen.parquet"
+    )
     gen["planted"] = a / "planted-gen.parquet"
     for name in ("planted", "exp8"):
-        st.grade(generated=gen[name], judge=cfg["judge"], trials=a / f"{name}.parquet",
-                 judge_stats=a / f"{name}-judge.json")
+        st.grade(
+            generated=gen[name], judge=cfg["judge"], trials=a / f"{name}.parquet", judge_stats=a / f"{name}-judge.json"
+        )
     # the fake judge's scores are arbitrary: score every planted answer as a self-correction (20 -> 80)
     planted = pd.read_parquet(a / "planted.parquet")
     planted["attempt_scores"] = [[20.0, 80.0]] * len(planted)
@@ -138,16 +145,28 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
     planted.to_parquet(a / "planted.parquet")
     for name, s in (("single", spec), ("tp", tp_spec)):
         d = tmp_path / name
-        stats.sequential(spec=s, model_dir=spec.path, trials=[a / "planted.parquet"], baseline=a / "exp8.parquet",
-                         detectors=a / "detectors.json", settings=cfg["sequential"], seed=cfg["seed"],
-                         store=d / "eps.zarr", baseline_store=d / "base.zarr", analysis=d / "analysis.json",
-                         summary=d / "summary9.json", window=d / "w.png", regions=d / "r.png")
+        stats.sequential(
+            spec=s,
+            model_dir=spec.path,
+            trials=[a / "planted.parquet"],
+            baseline=a / "exp8.parquet",
+            detectors=a / "detectors.json",
+            settings=cfg["sequential"],
+            seed=cfg["seed"],
+            store=d / "eps.zarr",
+            baseline_store=d / "base.zarr",
+            analysis=d / "analysis.json",
+            summary=d / "summary9.json",
+            window=d / "w.png",
+            regions=d / "r.png",
+        )
     from esr.activations import open_store
 
     sa, sb = open_store(a / "eps.zarr"), open_store(b / "eps.zarr")
     assert sa.sizes["trial"] == sb.sizes["trial"] > 0
-    torch.testing.assert_close(torch.from_numpy(sa.acts.values), torch.from_numpy(sb.acts.values), rtol=1e-4,
-                               atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(
+        torch.from_numpy(sa.acts.values), torch.from_numpy(sb.acts.values), rtol=1e-4, atol=1e-4, equal_nan=True
+    )
     assert read_json(a / "analysis.json")["n_episodes"] == read_json(b / "analysis.json")["n_episodes"]
 
     # generation: the same exp1 shard (with activation capture) as one process and as two ranks
@@ -157,5 +176,6 @@ def test_tensor_parallel_stages_match_single_process(tmp_path):
     assert list(single.response) == list(multi.response) and list(single.n_tokens) == list(multi.n_tokens)
     sa = open_store(generate_kwargs(cfg, out["single"], "exp1", "steered", a)["activations"])
     sb = open_store(kw_tp["activations"])
-    torch.testing.assert_close(torch.from_numpy(sa.acts.values), torch.from_numpy(sb.acts.values), rtol=1e-4,
-                               atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(
+        torch.from_numpy(sa.acts.values), torch.from_numpy(sb.acts.values), rtol=1e-4, atol=1e-4, equal_nan=True
+    )

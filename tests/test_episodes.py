@@ -6,9 +6,10 @@ import re
 
 import pandas as pd
 import pytest
-from helpers import graded_row
 
 from esr import episodes as E
+
+from helpers import graded_row
 
 OFF = "Bread is like a car tire. Tires need air. "
 PHRASE = "Wait, that's not right. "
@@ -23,8 +24,9 @@ def word_spans(text: str, base: int = 0) -> list[tuple[int, int]]:
 
 def trial(tid: str, scores: list[float | None], latent: int | None = 5, boost: float = 3.0, **kw) -> dict:
     """A graded trials-table row (``helpers.graded_row``)."""
-    return graded_row(tid, "exp1", "m", latent, "x", boost, 0, "p", 0, response=kw.pop("response", RESPONSE),
-                      scores=scores, **kw)
+    return graded_row(
+        tid, "exp1", "m", latent, "x", boost, 0, "p", 0, response=kw.pop("response", RESPONSE), scores=scores, **kw
+    )
 
 
 def ids(trials) -> list[str]:
@@ -32,9 +34,17 @@ def ids(trials) -> list[str]:
 
 
 def test_select_self_correction_and_baseline(tmp_path):
-    ts = [trial("a", [10, 80]), trial("b", [80, 10]), trial("c", [10, 20, 90]), trial("d", [10, 80], error="x"),
-          trial("e", [10, 80], ablation_set="otd"), trial("f", [30]), trial("g", [90]),
-          trial("h", [90], latent=None, boost=0.0), trial("i", [10, None, 80])]
+    ts = [
+        trial("a", [10, 80]),
+        trial("b", [80, 10]),
+        trial("c", [10, 20, 90]),
+        trial("d", [10, 80], error="x"),
+        trial("e", [10, 80], ablation_set="otd"),
+        trial("f", [30]),
+        trial("g", [90]),
+        trial("h", [90], latent=None, boost=0.0),
+        trial("i", [10, None, 80]),
+    ]
     assert ids(E.select_self_correction(ts)) == ["a", "i"]
     assert ids(E.select_self_correction(ts, exclude_ablation=False)) == ["a", "e", "i"]
     assert ids(E.select_baseline(ts)) == ["h"]
@@ -62,24 +72,32 @@ def test_validate_and_parse_offsets():
     assert E.parse_judge_offsets({**ok, "on_topic_char_start": 2.5}, RESPONSE) is None
 
 
-@pytest.mark.parametrize("phrase", ["Wait, that's not right.", "Let me start over!", "Sorry, I got off track.",
-                                    "let me try again:", "Actually, I made a mistake."])
+@pytest.mark.parametrize(
+    "phrase",
+    [
+        "Wait, that's not right.",
+        "Let me start over!",
+        "Sorry, I got off track.",
+        "let me try again:",
+        "Actually, I made a mistake.",
+    ],
+)
 def test_find_restart_phrases(phrase):
     text = OFF + phrase + "  " + ON
     b = E.find_restart(text)
     assert b == E.CharBoundaries(0, len(OFF), len(OFF) + len(phrase) + 2)
-    assert text[b.on_topic:].startswith("To bake")
+    assert text[b.on_topic :].startswith("To bake")
 
 
 def test_find_restart_edge_cases():
     assert E.find_restart("No restart here at all.") is None
     curly = "Cars are red. Wait, that\u2019s not right. Bread needs flour."
-    assert curly[E.find_restart(curly).on_topic:] == "Bread needs flour."
+    assert curly[E.find_restart(curly).on_topic :] == "Bread needs flour."
     assert E.find_restart("Let me start over.") is None  # nothing before it, nothing after it
     # a phrase at the very start is skipped; the next one is used
     text = "Let me try again. Cars go fast. Let me start over. Bread needs flour."
     b = E.find_restart(text)
-    assert text[b.correction:].startswith("Let me start over") and text[b.on_topic:] == "Bread needs flour."
+    assert text[b.correction :].startswith("Let me start over") and text[b.on_topic :] == "Bread needs flour."
 
 
 def test_char_to_token_and_mapping():
@@ -93,8 +111,8 @@ def test_char_to_token_and_mapping():
     assert tb.off_topic == 0 and tb.n_tokens == len(spans)
     labels = tb.region_labels()
     assert labels[: tb.correction] == ["off_topic"] * tb.correction
-    assert labels[tb.correction: tb.on_topic] == ["correction"] * 7  # Wait , that 's not right .
-    assert labels[tb.on_topic:] == ["on_topic"] * (len(spans) - tb.on_topic)
+    assert labels[tb.correction : tb.on_topic] == ["correction"] * 7  # Wait , that 's not right .
+    assert labels[tb.on_topic :] == ["on_topic"] * (len(spans) - tb.on_topic)
     assert E.char_to_token(spans, len(RESPONSE) + 5) == len(spans)
     # a boundary on the space before a word maps to that word's token (spans absorb leading spaces)
     assert E.char_to_token([(0, 3), (3, 7)], 3) == 1
@@ -108,9 +126,10 @@ def test_pre_region_when_off_topic_starts_later():
 
 
 def test_response_tokens_in_rendered_conversation_no_header_off_by_one():
-    header = "<|start_header_id|>user<|end_header_id|>\n\nExplain bread<|eot_id|>" \
-             "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    text = header + RESPONSE + "<|eot_id|>"
+    header = (
+        "<|start_header_id|>user<|end_header_id|>\n\nExplain bread<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     start, end = len(header), len(header) + len(RESPONSE)
     specials = [(m.start(), m.end()) for m in re.finditer(r"<\|[a-z_]+\|>|\n\n|user|assistant|Explain bread", header)]
     spans = [(0, 0)] + specials + word_spans(RESPONSE, base=start) + [(end, end + len("<|eot_id|>"))]
@@ -127,14 +146,21 @@ def test_make_episode_both_methods():
     t = trial("a", [0, 75])
     spans = word_spans(RESPONSE)
     e1 = E.make_episode(t, "ep_0001", method="restart_phrase", spans=spans)
-    e2 = E.make_episode(t, "ep_0002", method="judge_offsets", spans=spans,
-                        judge_offsets={"off_topic_char_start": 0, "correction_char_start": len(OFF),
-                                       "on_topic_char_start": len(OFF + PHRASE)})
+    e2 = E.make_episode(
+        t,
+        "ep_0002",
+        method="judge_offsets",
+        spans=spans,
+        judge_offsets={
+            "off_topic_char_start": 0,
+            "correction_char_start": len(OFF),
+            "on_topic_char_start": len(OFF + PHRASE),
+        },
+    )
     assert e1.tokens == e2.tokens and e1.first_score == 0 and e1.last_score == 75 and e1.kind == "self_correction"
     assert e1.method == "restart_phrase" and e2.method == "judge_offsets"
     assert E.make_episode(trial("b", [0, 75], response="nothing to see"), "x", method="restart_phrase") is None
     with pytest.raises(ValueError):
         E.make_episode(t, "x", method="judge_offsets")
-    b = E.make_baseline_episode(trial("h", [90], latent=None, boost=0.0), "bl_0001", "unsteered", n_tokens=4)
-    assert b.region_labels() == ["baseline"] * 4 and b.source == "unsteered"
-    assert E.episode_ids(2) == ["ep_0001", "ep_0002"]
+    b = E.Episode("bl_0001", "h", "baseline", "an answer", source="unsteered")
+    assert b.region_labels(n_tokens=4) == ["baseline"] * 4

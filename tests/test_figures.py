@@ -7,16 +7,28 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import graded_row
 
-from esr.figures import (ablation_figure, empty_figure, esr_by_model_figure, figure_ablation, figure_boost_sweep,
-                         figure_esr_by_model, figure_meta_prompt, meta_prompt_figure, sweep_figure, sweep_table)
+from esr.figures import (
+    ablation_figure,
+    empty_figure,
+    esr_by_model_figure,
+    figure_ablation,
+    figure_boost_sweep,
+    figure_esr_by_model,
+    figure_meta_prompt,
+    meta_prompt_figure,
+    sweep_figure,
+    sweep_table,
+)
 from esr.metrics import summarise
 from esr.trials import write_trials
 
+from helpers import graded_row
 
-def _trials(model: str, n_latents: int, p_multi: float, seed: int, experiment: str = "exp1",
-            boosts=(1.0,), **extra) -> pd.DataFrame:
+
+def _trials(
+    model: str, n_latents: int, p_multi: float, seed: int, experiment: str = "exp1", boosts=(1.0,), **extra
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for lat in range(n_latents):
@@ -24,8 +36,22 @@ def _trials(model: str, n_latents: int, p_multi: float, seed: int, experiment: s
             for j in range(5):
                 k = 2 if rng.random() < p_multi else 1
                 scores = [float(rng.integers(0, 101)) for _ in range(k)]
-                rows.append(graded_row(f"{model}-{lat}-{b}-{j}", experiment, model, lat, "l", b, j, "p", j,
-                                       scores=scores, response="an answer", **extra))
+                rows.append(
+                    graded_row(
+                        f"{model}-{lat}-{b}-{j}",
+                        experiment,
+                        model,
+                        lat,
+                        "l",
+                        b,
+                        j,
+                        "p",
+                        j,
+                        scores=scores,
+                        response="an answer",
+                        **extra,
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -49,7 +75,7 @@ def test_fig2(tmp_path):
 
 def test_fig3(tmp_path):
     df = _trials("m", 10, 0.1, 2, experiment="exp2", boosts=(0.0, 2.0, 4.0, 6.0))
-    df["boost_level"] = [f"global:{(b - 3.0) / 2.0:+.2f}sd" for b in df["boost"]]      # levels at mean 3, SD 2
+    df["boost_level"] = [f"global:{(b - 3.0) / 2.0:+.2f}sd" for b in df["boost"]]  # levels at mean 3, SD 2
     df["threshold"] = 3.0
     table = sweep_table(df)
     assert list(table["boost_sigma"]) == [-1.5, -0.5, 0.5, 1.5]
@@ -66,8 +92,11 @@ def test_fig4_and_fig5(tmp_path):
     figure_meta_prompt([("baseline", base), ("self_monitor", variant)], tmp_path / "fig4.png")
     d4 = _read_sidecar(tmp_path / "fig4.png")
     assert d4["panels"]["multi"][1]["k"] == variant.multi.k
-    conds = [("baseline", base), ("otd_paper_26", summarise(_trials("m", 10, 0.05, 5))),
-             ("random_0", summarise(_trials("m", 10, 0.1, 6)))]
+    conds = [
+        ("baseline", base),
+        ("otd_paper_26", summarise(_trials("m", 10, 0.05, 5))),
+        ("random_0", summarise(_trials("m", 10, 0.1, 6))),
+    ]
     figure_ablation(conds, tmp_path / "fig5.png", model="m", interval="wald")
     d5 = _read_sidecar(tmp_path / "fig5.png")
     assert set(d5["panels"]) == {"first_score", "multi", "esr"}
@@ -87,22 +116,32 @@ def test_esr_by_model_stage_reads_the_tables(tmp_path):
     big, small = _trials("big", 20, 0.2, 0), _trials("small", 20, 0.02, 1)
     paths = [_table(big, tmp_path / "big.parquet"), _table(small, tmp_path / "small.parquet")]
     side = esr_by_model_figure(paths, tmp_path / "fig2.png", ["small", "big"])
-    assert side == figure_esr_by_model(pd.concat([big, small], ignore_index=True), tmp_path / "again.png",
-                                       model_order=["small", "big"]) | {"figure": "fig2.png"}
+    assert side == figure_esr_by_model(
+        pd.concat([big, small], ignore_index=True), tmp_path / "again.png", model_order=["small", "big"]
+    ) | {"figure": "fig2.png"}
     assert [m["model"] for m in _read_sidecar(tmp_path / "fig2.png")["models"]] == ["small", "big"]
 
 
 def test_ablation_and_meta_prompt_stages(tmp_path):
     exp1 = _table(_trials("m", 10, 0.1, 3), tmp_path / "exp1.parquet")
-    sets = [_trials("m", 10, p, seed, "exp3", condition=name, ablation_set=name, ablate=latents)
-            .assign(trial_id=lambda d, name=name: d["trial_id"] + name)
-            for name, p, seed, latents in (("otd", 0.05, 5, (1, 2)), ("small", 0.3, 6, (1,)))]
+    sets = [
+        _trials("m", 10, p, seed, "exp3", condition=name, ablation_set=name, ablate=latents).assign(
+            trial_id=lambda d, name=name: d["trial_id"] + name
+        )
+        for name, p, seed, latents in (("otd", 0.05, 5, (1, 2)), ("small", 0.3, 6, (1,)))
+    ]
     exp3 = _table(pd.concat(sets, ignore_index=True), tmp_path / "exp3.parquet")
     d5 = ablation_figure("m", exp1, {"exp3": exp3, "exp10": None}, tmp_path / "fig5.png")
     assert d5["conditions"] == ["exp1: no ablation", "exp3: otd", "exp3: small"]
     assert d5["panels"]["multi"][0]["k"] == summarise(pd.read_parquet(exp1)).multi.k
-    variants = pd.concat([_trials("m", 10, 0.3, 4, "exp5", condition=v, prompt_variant=v)
-                          .assign(trial_id=lambda d, v=v: d["trial_id"] + v) for v in ("self_monitor", "plain")])
+    variants = pd.concat(
+        [
+            _trials("m", 10, 0.3, 4, "exp5", condition=v, prompt_variant=v).assign(
+                trial_id=lambda d, v=v: d["trial_id"] + v
+            )
+            for v in ("self_monitor", "plain")
+        ]
+    )
     exp5 = _table(variants, tmp_path / "exp5.parquet")
     d4 = meta_prompt_figure("m", exp1, exp5, tmp_path / "fig4.png")
     assert d4["conditions"] == ["exp1: no meta-prompt", "plain", "self_monitor"]
@@ -120,14 +159,19 @@ def test_sweep_stage(tmp_path):
 
 def test_not_run_figures_are_honest(tmp_path):
     exp1 = _table(_trials("m", 5, 0.1, 3), tmp_path / "exp1.parquet")
-    for name, draw in (("fig3", lambda p: sweep_figure("m", None, p)),
-                       ("fig4", lambda p: meta_prompt_figure("m", exp1, None, p)),
-                       ("fig5", lambda p: ablation_figure("m", exp1, {}, p))):
+    for name, draw in (
+        ("fig3", lambda p: sweep_figure("m", None, p)),
+        ("fig4", lambda p: meta_prompt_figure("m", exp1, None, p)),
+        ("fig5", lambda p: ablation_figure("m", exp1, {}, p)),
+    ):
         side = draw(tmp_path / f"{name}.png")
         d = _read_sidecar(tmp_path / f"{name}.png")
         assert d == side and d["kind"] == "empty"
         assert d["message"].endswith(": not run in this configuration") and "m" in d["message"]
-    assert "exp1" not in json.dumps(_read_sidecar(tmp_path / "fig4.png"))    # exp1 is not drawn in exp5's place
+    assert "exp1" not in json.dumps(_read_sidecar(tmp_path / "fig4.png"))  # exp1 is not drawn in exp5's place
     d = empty_figure(tmp_path / "e.png", "no self-correction episodes")
-    assert _read_sidecar(tmp_path / "e.png") == d == {"figure": "e.png", "kind": "empty",
-                                                      "message": "no self-correction episodes"}
+    assert (
+        _read_sidecar(tmp_path / "e.png")
+        == d
+        == {"figure": "e.png", "kind": "empty", "message": "no self-correction episodes"}
+    )

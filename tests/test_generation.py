@@ -6,12 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esr.generation import (GenerationSettings, SteeredGenerator, TrialRequest, penalise_history,
-                            encode_prompt, reference_llama_suffix_ids, sample_rows)
+from esr.generation import (
+    GenerationSettings,
+    SteeredGenerator,
+    TrialRequest,
+    encode_prompt,
+    penalise_history,
+    reference_llama_suffix_ids,
+    sample_rows,
+)
 from esr.models import wrap_model
-from esr.steering import Intervention
 from esr.sae import SteeringDirections
-from esr.steering import SteeringPlan
+from esr.steering import Intervention, SteeringPlan
 from esr.testing import tiny_gemma2, tiny_llama, tiny_sae, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -39,8 +45,11 @@ def make(loaded, directions, **settings) -> SteeredGenerator:
 
 def mixed_batch(target: TrialRequest) -> list[TrialRequest]:
     return [
-        TrialRequest("explain how to make a car tire budget letter for the dog and the cat", 11,
-                     Intervention(steer_latent=7, boost=6.0)),
+        TrialRequest(
+            "explain how to make a car tire budget letter for the dog and the cat",
+            11,
+            Intervention(steer_latent=7, boost=6.0),
+        ),
         target,
         TrialRequest("water", 12, Intervention(ablate=(1, 2, 3, 4, 5))),
         TrialRequest("the cat", 13, None),
@@ -88,8 +97,10 @@ def test_capture_covers_every_generated_token_including_last(loaded, directions)
     vec = 3.0 * sae.W_dec[5].detach()
     layer = loaded.model.model.layers[LAYER]
     seen: list[torch.Tensor] = []
-    handles = [layer.register_forward_hook(lambda m, a, o: o + vec),
-               layer.register_forward_hook(lambda m, a, o: seen.append(o))]
+    handles = [
+        layer.register_forward_hook(lambda m, a, o: o + vec),
+        layer.register_forward_hook(lambda m, a, o: seen.append(o)),
+    ]
     try:
         with torch.no_grad():
             loaded.model(input_ids=ids)
@@ -98,7 +109,7 @@ def test_capture_covers_every_generated_token_including_last(loaded, directions)
             handle.remove()
     hs = seen[0]
     with torch.no_grad():
-        expected = sae.encode(hs[0, len(res.prompt_token_ids):])[:, list(capture)]
+        expected = sae.encode(hs[0, len(res.prompt_token_ids) :])[:, list(capture)]
     torch.testing.assert_close(res.activations, expected, atol=1e-4, rtol=1e-4)
     assert res.activations[-1].abs().sum() >= 0  # the last token is present (shape checked above)
 
@@ -149,20 +160,26 @@ def test_encode_prompt_templates():
 
 def test_reference_llama_prompt_appends_extra_assistant_header():
     tok = tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
-                                                           "<|end_header_id|>"]})
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]}
+    )
     tok.add_tokens(["assistant"])
     suffix = reference_llama_suffix_ids(tok)
-    assert tok.convert_ids_to_tokens(suffix) == ["<|begin_of_text|>", "<|start_header_id|>", "assistant",
-                                                 "<|end_header_id|>"]
+    assert tok.convert_ids_to_tokens(suffix) == [
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "assistant",
+        "<|end_header_id|>",
+    ]
     ids = encode_prompt(tok, PROMPT_A, "reference_llama_prompt")
     assert ids == encode_prompt(tok, PROMPT_A) + suffix
 
 
 def test_results_are_records(loaded, directions):
     gen = make(loaded, directions, max_new_tokens=3)
-    res = gen.generate([TrialRequest(PROMPT_A, 5, Intervention(steer_latent=1, boost=1.0, capture=(1,)),
-                                     trial_id="t0")])[0]
+    res = gen.generate(
+        [TrialRequest(PROMPT_A, 5, Intervention(steer_latent=1, boost=1.0, capture=(1,)), trial_id="t0")]
+    )[0]
     rec = res.to_record()
     assert rec["trial_id"] == "t0" and rec["intervention"]["steer_latent"] == 1 and "activations" not in rec
     assert rec["settings"]["injection_layer"] == LAYER and rec["settings"]["max_new_tokens"] == 3

@@ -10,9 +10,8 @@ import torch
 
 from esr.generation import GenerationSettings, SteeredGenerator, TrialRequest, decode_cache, multinomial_rows
 from esr.models import wrap_model
-from esr.steering import Intervention
 from esr.sae import SteeringDirections
-from esr.steering import SteeringPlan
+from esr.steering import Intervention, SteeringPlan
 from esr.testing import tiny_gemma2, tiny_llama, tiny_sae, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -66,8 +65,8 @@ def test_decode_cache_gives_the_same_logits_and_drops_rows(loaded):
         torch.testing.assert_close(ours.logits, ref.logits, rtol=0, atol=0)
         ref_cache, cache = ref.cache, ours.cache
         for t in range(steps.shape[1]):
-            ref = model(input_ids=steps[:, t:t + 1], cache=ref_cache, use_cache=True)
-            ours = model(input_ids=steps[:, t:t + 1], cache=cache, use_cache=True)
+            ref = model(input_ids=steps[:, t : t + 1], cache=ref_cache, use_cache=True)
+            ours = model(input_ids=steps[:, t : t + 1], cache=cache, use_cache=True)
             torch.testing.assert_close(ours.logits, ref.logits, rtol=1e-6, atol=1e-6)
         keep = torch.tensor([0, 2])
         ref_cache.batch_select_indices(keep)
@@ -80,8 +79,12 @@ def test_decode_cache_gives_the_same_logits_and_drops_rows(loaded):
 
 def _requests(n: int) -> list[TrialRequest]:
     g = torch.Generator().manual_seed(1)
-    ivs = [None, Intervention(steer_latent=7, boost=3.0), Intervention(ablate=(1, 2, 3), capture=(5, 9)),
-           Intervention(steer_latent=4, boost=2.0, capture=(3,))]
+    ivs = [
+        None,
+        Intervention(steer_latent=7, boost=3.0),
+        Intervention(ablate=(1, 2, 3), capture=(5, 9)),
+        Intervention(steer_latent=4, boost=2.0, capture=(3,)),
+    ]
     out = []
     for i in range(n):
         k = int(torch.randint(1, 9, (1,), generator=g))
@@ -100,15 +103,18 @@ def test_dropping_finished_rows_changes_no_result(loaded, directions, temperatur
     gen_cfg = loaded.model.generation_config
     old_eos = gen_cfg.eos_token_id
     # EOS ids taken from a first run at different steps, so that rows finish at many different steps
-    probe = SteeredGenerator(loaded, directions, plan, dataclasses.replace(settings, ignore_eos=True),
-                             progress=False).generate(requests)
+    probe = SteeredGenerator(
+        loaded, directions, plan, dataclasses.replace(settings, ignore_eos=True), progress=False
+    ).generate(requests)
     gen_cfg.eos_token_id = [loaded.tokenizer.eos_token_id] + [probe[i].token_ids[k] for i, k in enumerate((1, 3, 6))]
     try:
         dropped = SteeredGenerator(loaded, directions, plan, settings, progress=False).generate(requests)
-        kept = SteeredGenerator(loaded, directions, plan, settings, progress=False,
-                                drop_finished=False).generate(requests)
-        alone = [SteeredGenerator(loaded, directions, plan, settings, progress=False).generate([r])[0]
-                 for r in requests]
+        kept = SteeredGenerator(loaded, directions, plan, settings, progress=False, drop_finished=False).generate(
+            requests
+        )
+        alone = [
+            SteeredGenerator(loaded, directions, plan, settings, progress=False).generate([r])[0] for r in requests
+        ]
     finally:
         gen_cfg.eos_token_id = old_eos
     reasons = {r.finish_reason for r in dropped}

@@ -31,10 +31,22 @@ def load_validate():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_validate") / "gpu_validate.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--threads", "1",
-                           "--out", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--threads", "1", "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.exists(), f"no JSON written (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc, json.loads(out.read_text())
 
@@ -51,7 +63,7 @@ def test_tiny_run_passes_and_has_every_section(tiny_run):
     for section in SECTIONS[1:]:
         assert set(data[section]) == set(SHAPES), section
     # the summary printed last on stdout is the same JSON
-    assert json.loads(proc.stdout[proc.stdout.index("\n{") + 1:]) == data
+    assert json.loads(proc.stdout[proc.stdout.index("\n{") + 1 :]) == data
     assert "| shape | batch | peak GiB" in proc.stdout
 
 
@@ -81,8 +93,10 @@ def test_deepspeed_hooks_fire_and_logits_match(tiny_run):
         assert ds["steered_logit_shift_min"] > ds["logit_tolerance"]
         assert ds["logits_within_tolerance"] is True
         assert 0 <= ds["first_token_logits_max_abs_diff"] <= ds["logit_tolerance"]
-        assert {c["name"] for c in data["checks"]} >= {f"deepspeed.hooks_fire[{shape}]",
-                                                        f"deepspeed.first_token_logits[{shape}]"}
+        assert {c["name"] for c in data["checks"]} >= {
+            f"deepspeed.hooks_fire[{shape}]",
+            f"deepspeed.first_token_logits[{shape}]",
+        }
 
 
 def test_batch_invariance_fractions(tiny_run):
@@ -121,8 +135,12 @@ def test_section_failures_are_recorded_and_set_the_exit_code():
     v.run_section(results, "deepspeed", "x", skip, None)
     v.run_section(results, "memory", "x", lambda _: {"peak": 1}, None)
     assert results["throughput"]["x"]["status"] == "error" and "kaput" in results["throughput"]["x"]["error"]
-    assert results["deepspeed"]["x"] == {"status": "skipped", "reason": "no deepspeed here", "tok_s": None,
-                                         "seconds": results["deepspeed"]["x"]["seconds"]}
+    assert results["deepspeed"]["x"] == {
+        "status": "skipped",
+        "reason": "no deepspeed here",
+        "tok_s": None,
+        "seconds": results["deepspeed"]["x"]["seconds"],
+    }
     assert results["memory"]["x"]["status"] == "ok" and results["memory"]["x"]["peak"] == 1
     results["deepspeed"]["y"] = {"status": "ok", "hooks_fire": False, "logits_within_tolerance": True}
     assert [c["passed"] for c in v.checks_of(results)] == [False, True]
@@ -142,8 +160,9 @@ def test_real_shapes_match_the_released_models():
     expected = {"gemma2-2b": 2_614_341_888, "llama-8b": 8_030_261_248}
     for name, n_params in expected.items():
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(v.real_config(v.SHAPES[name], tiny_tokenizer()),
-                                                     dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(
+                v.real_config(v.SHAPES[name], tiny_tokenizer()), dtype=torch.bfloat16
+            )
         assert sum(p.numel() for p in model.parameters()) == n_params, name
         tied = name == "gemma2-2b"
         embed = model.get_input_embeddings().weight.numel() * 2
@@ -161,8 +180,13 @@ def test_memory_fit_and_table():
     assert m["max_batch_20pct_headroom"] == int((0.8 * 140 * gib - 17 * gib) // (20 * 2**20))
     one = v.fit_memory({4: 10 * gib + 4 * 2**20}, static=10 * gib, total=20 * gib)
     assert one["fit_per_row_bytes"] == 2**20 and one["max_batch_20pct_headroom"] == 6 * 1024
-    results = {"throughput": {}, "memory": {"llama-8b": {"status": "ok", "kv_bytes_per_row_theoretical": 2**20, **m},
-                                            "gemma2-2b": {"status": "skipped"}}}
+    results = {
+        "throughput": {},
+        "memory": {
+            "llama-8b": {"status": "ok", "kv_bytes_per_row_theoretical": 2**20, **m},
+            "gemma2-2b": {"status": "skipped"},
+        },
+    }
     table = v.markdown_tables(results)
     assert f"| llama-8b | 64 | 18.25 | 20.0 | 1.0 | {m['max_batch_20pct_headroom']} |" in table
     assert "| gemma2-2b | - | null | null | null | null |" in table
@@ -172,9 +196,28 @@ def test_time_budget_skips_and_exits_2(tmp_path):
     """A used-up ``--max-minutes`` skips what is left (recorded), and the run exits 2 with partial JSON."""
     out = tmp_path / "v.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--threads", "1",
-                           "--max-minutes", "1e-9", "--shapes", "llama-8b", "--out", str(out)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--max-minutes",
+            "1e-9",
+            "--shapes",
+            "llama-8b",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["ok"] is False and data["complete"] is True

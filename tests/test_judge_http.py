@@ -14,13 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
+from judge_server import ScriptedServer
 
 from esr.io import write_json
-from esr.judge import (JUDGE_TEMPLATE_VERSION, JudgeCache, JudgeRequest, LLMConcretenessGrader, build_judge,
-                       build_concreteness_grader)
+from esr.judge import (
+    JUDGE_TEMPLATE_VERSION,
+    JudgeCache,
+    JudgeRequest,
+    LLMConcretenessGrader,
+    build_concreteness_grader,
+    build_judge,
+)
 from esr.judge.http_backends import parse_retry_after
-
-from judge_server import ScriptedServer
 
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"
 ON = "To bake bread, mix flour, water, yeast and salt, knead, let it rise, shape and bake at 220 C."
@@ -41,16 +46,29 @@ def _keys(monkeypatch):
 
 
 def judge_for(server, backend: str, tmp_path=None, **extra):
-    cfg = {"backend": backend, "model": "judge-model", "api_key_env": "ESR_TEST_KEY", "timeout_s": 2,
-           "max_retries": 3, "backoff_base_s": 0.01, "rate_limit_per_s": None, "concurrency": 4,
-           "base_url": server.root + ("/v1" if backend == "openai_compat" else ""),
-           "cache_dir": str(tmp_path / "cache") if tmp_path else None}
+    cfg = {
+        "backend": backend,
+        "model": "judge-model",
+        "api_key_env": "ESR_TEST_KEY",
+        "timeout_s": 2,
+        "max_retries": 3,
+        "backoff_base_s": 0.01,
+        "rate_limit_per_s": None,
+        "concurrency": 4,
+        "base_url": server.root + ("/v1" if backend == "openai_compat" else ""),
+        "cache_dir": str(tmp_path / "cache") if tmp_path else None,
+    }
     cfg.update(extra)
     return build_judge(cfg, show_progress=False)
 
 
-def req(response: str, marker: str = "", label: str = "dogs", prompt: str = "Explain how to bake bread.",
-        trial_id: str | None = None) -> JudgeRequest:
+def req(
+    response: str,
+    marker: str = "",
+    label: str = "dogs",
+    prompt: str = "Explain how to bake bread.",
+    trial_id: str | None = None,
+) -> JudgeRequest:
     return JudgeRequest(prompt, f"{response} {marker}".strip(), label, trial_id)
 
 
@@ -76,8 +94,14 @@ def test_good_reply_wire_format(server, backend):
 
 @pytest.mark.parametrize("backend", ["anthropic", "openai_compat"])
 def test_transient_failures_are_retried(server, backend):
-    server.plan = {"#m1": ["malformed"], "#m2": ["429:0.3"], "#m3": ["500", "503"], "#m4": ["stall:1.5"],
-                   "#m5": ["badbody"], "#m6": ["badscore"]}
+    server.plan = {
+        "#m1": ["malformed"],
+        "#m2": ["429:0.3"],
+        "#m3": ["500", "503"],
+        "#m4": ["stall:1.5"],
+        "#m5": ["badbody"],
+        "#m6": ["badscore"],
+    }
     judge = judge_for(server, backend, timeout_s=0.5)
     t0 = time.monotonic()
     results = judge.grade_batch([req(ON, f"#m{i}") for i in range(1, 7)])
@@ -168,10 +192,17 @@ def test_crash_then_rerun_makes_no_repeated_calls(server, tmp_path):
 def test_killed_subprocess_then_rerun(server, tmp_path):
     """A real crash: a grading subprocess is SIGKILLed mid-batch; the rerun calls the server only for the rest."""
     server.delay_s = 0.15
-    cfg = {"backend": "openai_compat", "model": "m", "base_url": server.root + "/v1", "api_key_env": "ESR_TEST_KEY",
-           "cache_dir": str(tmp_path / "cache"), "concurrency": 1, "rate_limit_per_s": None}
+    cfg = {
+        "backend": "openai_compat",
+        "model": "m",
+        "base_url": server.root + "/v1",
+        "api_key_env": "ESR_TEST_KEY",
+        "cache_dir": str(tmp_path / "cache"),
+        "concurrency": 1,
+        "rate_limit_per_s": None,
+    }
     items = [[f"Explain topic {i}.", f"{ON} #k{i}", "dogs"] for i in range(30)]
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, sys
         from esr.judge import build_judge, JudgeRequest
         judge = build_judge(json.loads(sys.argv[1]), show_progress=False)
@@ -244,8 +275,10 @@ def test_secrets_never_reach_disk_or_logs(server, tmp_path, caplog, capsys):
         judge = judge_for(server, backend, tmp_path)
         res = judge.grade_batch([req(ON, "#echo"), req(ON, "#retry"), req(RESTART)])
         assert res[0].error_kind == "http" and "<redacted>" in res[0].error
-        write_json(results_dir / f"{backend}.json", {"judge": judge.describe(), "stats": judge.stats.as_dict(),
-                                                     "results": [r.to_dict() for r in res]})
+        write_json(
+            results_dir / f"{backend}.json",
+            {"judge": judge.describe(), "stats": judge.stats.as_dict(), "results": [r.to_dict() for r in res]},
+        )
         grader = LLMConcretenessGrader(judge.chat, cache=judge.cache, show_progress=False)
         grader.grade_labels(["dogs and puppies"])
         server.plan = {"#echo": ["401echo"], "#retry": ["429:0.01", "500"]}
@@ -260,9 +293,17 @@ def test_secrets_never_reach_disk_or_logs(server, tmp_path, caplog, capsys):
 
 def test_concreteness_llm_grader(server, tmp_path):
     server.plan = {"bad batch": ["malformed"] * 10}
-    cfg = {"backend": "anthropic", "model": "m", "base_url": server.root, "api_key_env": "ESR_TEST_KEY",
-           "batch_size": 2, "max_parse_retries": 1, "backoff_base_s": 0.0, "rate_limit_per_s": None,
-           "cache_dir": str(tmp_path / "c")}
+    cfg = {
+        "backend": "anthropic",
+        "model": "m",
+        "base_url": server.root,
+        "api_key_env": "ESR_TEST_KEY",
+        "batch_size": 2,
+        "max_parse_retries": 1,
+        "backoff_base_s": 0.0,
+        "rate_limit_per_s": None,
+        "cache_dir": str(tmp_path / "c"),
+    }
     grader = build_concreteness_grader(cfg, show_progress=False)
     labels = ["dog breeds", "the assistant asks for clarification", "dog breeds", "bad batch one", "x"]
     scores = grader.grade_labels(labels)

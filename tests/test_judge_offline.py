@@ -8,8 +8,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from esr.judge import (DEFAULT_ANCHORS, OFFLINE_JUDGE_ID, Anchors, JudgeRequest, OfflineMiniLMJudge,
-                       build_judge, fit_anchors)
+from esr.judge import (
+    DEFAULT_ANCHORS,
+    OFFLINE_JUDGE_ID,
+    Anchors,
+    JudgeRequest,
+    OfflineMiniLMJudge,
+    build_judge,
+    fit_anchors,
+)
 
 PROMPTS = [
     "Explain how to bake a loaf of bread.",
@@ -28,8 +35,10 @@ ANSWERS = [
     "List your monthly income after tax, then your fixed costs such as rent and bills. Set amounts for food, "
     "transport and savings, track every expense during the month, and adjust the categories that overspend.",
 ]
-OFF_TOPIC = ("The golden retriever wagged its tail and chased the other dogs across the park, barking happily at "
-             "every squirrel and puppy it met along the muddy path.")
+OFF_TOPIC = (
+    "The golden retriever wagged its tail and chased the other dogs across the park, barking happily at "
+    "every squirrel and puppy it met along the muddy path."
+)
 RESTART = "Wait, that's not right. Let me start over."
 
 
@@ -87,8 +96,9 @@ def test_calibration_roundtrip_and_mapping(encoder, tmp_path):
     assert DEFAULT_ANCHORS.score(0.402) == pytest.approx(50.0)
     with pytest.raises(ValueError):
         Anchors(cos_off=0.5, cos_on=0.4, source="bad")
-    judge = build_judge({"backend": "offline_minilm", "anchors": str(path), "cache_dir": None},
-                        encoder=encoder, show_progress=False)
+    judge = build_judge(
+        {"backend": "offline_minilm", "anchors": str(path), "cache_dir": None}, encoder=encoder, show_progress=False
+    )
     assert judge.anchors == cal and judge.describe()["anchors"]["cos_on"] == cal.cos_on
     # several answers per prompt are accepted
     assert fit_anchors(PROMPTS[:2], [[ANSWERS[0], ANSWERS[0]], [ANSWERS[1]]], encoder=encoder).n_prompts == 2

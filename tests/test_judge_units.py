@@ -7,18 +7,25 @@ import threading
 from pathlib import Path
 
 import jsonschema
-
-from esr.config import load_schema
 import pytest
 
-from esr.judge import (JudgeCache, JudgeRequest,
-                       MalformedJudgeOutput, build_concreteness_grader, build_judge, find_restarts, parse_attempts,
-                       restart_gate, split_attempts)
+from esr.config import load_schema
+from esr.judge import (
+    JudgeCache,
+    JudgeRequest,
+    MalformedJudgeOutput,
+    build_concreteness_grader,
+    build_judge,
+    find_restarts,
+    parse_attempts,
+    restart_gate,
+    split_attempts,
+)
+from esr.judge.base import Attempt
 from esr.judge.fake import FakeJudge
 from esr.judge.http_backends import LLMJudge
 from esr.judge.parsing import extract_json_block, parse_concreteness
 from esr.judge.prompts import JUDGE_INSTRUCTIONS, judge_messages
-from esr.judge.base import Attempt
 
 ON = "To bake bread, mix flour, water, yeast and salt, knead, let it rise, shape and bake at 220 C."
 OFF = "Dogs are loyal animals that bark at the mailman and love long walks in the park."
@@ -26,26 +33,31 @@ OFF = "Dogs are loyal animals that bark at the mailman and love long walks in th
 
 # ------------------------------------------------------------------------------------------------------- parsing
 def test_parse_good_and_last_block():
-    text = ('Thinking... <json>{"attempts": []}</json> final: '
-            '<json>{"attempts": [{"attempt_text": "a b", "score": 55}]}</json>')
+    text = (
+        'Thinking... <json>{"attempts": []}</json> final: '
+        '<json>{"attempts": [{"attempt_text": "a b", "score": 55}]}</json>'
+    )
     assert parse_attempts(text) == [Attempt("a b", 55.0)]
     assert parse_attempts('<json>```json\n{"attempts": []}\n```</json>') == []
     assert parse_attempts('no tags {"attempts": [{"attempt_text": "x", "score": 0}]} bye') == [Attempt("x", 0.0)]
 
 
-@pytest.mark.parametrize("text, why", [
-    ("", "empty"),
-    ("no json here", "no <json>"),
-    ('<json>{"attempts": [{"attempt_text": "x", "score": }]}</json>', "invalid JSON"),
-    ('<json>{"verdict": 3}</json>', "no \"attempts\""),
-    ('<json>{"attempts": {"a": 1}}</json>', "not a list"),
-    ('<json>{"attempts": [{"attempt_text": "  ", "score": 3}]}</json>', "empty"),
-    ('<json>{"attempts": [{"attempt_text": "x", "score": "90"}]}</json>', "not a number"),
-    ('<json>{"attempts": [{"attempt_text": "x", "score": true}]}</json>', "not a number"),
-    ('<json>{"attempts": [{"attempt_text": "x", "score": 101}]}</json>', "outside 0-100"),
-    ('<json>{"attempts": [{"attempt_text": "x", "score": -1}]}</json>', "outside 0-100"),
-    ('<json>{"attempts": [{"attempt_text": "x"}]}</json>', "not a number"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "empty"),
+        ("no json here", "no <json>"),
+        ('<json>{"attempts": [{"attempt_text": "x", "score": }]}</json>', "invalid JSON"),
+        ('<json>{"verdict": 3}</json>', 'no "attempts"'),
+        ('<json>{"attempts": {"a": 1}}</json>', "not a list"),
+        ('<json>{"attempts": [{"attempt_text": "  ", "score": 3}]}</json>', "empty"),
+        ('<json>{"attempts": [{"attempt_text": "x", "score": "90"}]}</json>', "not a number"),
+        ('<json>{"attempts": [{"attempt_text": "x", "score": true}]}</json>', "not a number"),
+        ('<json>{"attempts": [{"attempt_text": "x", "score": 101}]}</json>', "outside 0-100"),
+        ('<json>{"attempts": [{"attempt_text": "x", "score": -1}]}</json>', "outside 0-100"),
+        ('<json>{"attempts": [{"attempt_text": "x"}]}</json>', "not a number"),
+    ],
+)
 def test_parse_rejects(text, why):
     with pytest.raises(MalformedJudgeOutput, match=why):
         parse_attempts(text)
@@ -134,9 +146,11 @@ def test_cache_concurrent_writers(tmp_path):
 
 def test_fake_judge_and_cache(tmp_path):
     judge = FakeJudge(cache=JudgeCache(tmp_path))
-    reqs = [JudgeRequest("Bake bread?", f"{OFF} Let me start over. {ON}", "dogs", "t1"),
-            JudgeRequest("Bake bread?", ON, "dogs", "t2"),
-            JudgeRequest("Bake bread?", "<<FAIL>>", "dogs", "t3")]
+    reqs = [
+        JudgeRequest("Bake bread?", f"{OFF} Let me start over. {ON}", "dogs", "t1"),
+        JudgeRequest("Bake bread?", ON, "dogs", "t2"),
+        JudgeRequest("Bake bread?", "<<FAIL>>", "dogs", "t3"),
+    ]
     out = judge.grade_batch(reqs)
     assert [a.score for a in out[0].attempts] == [0.0, 100.0] and out[1].scores == [100.0]
     assert out[2].error_kind == "parse" and out[0].trial_id == "t1"
@@ -150,10 +164,23 @@ def test_judge_blocks_live_in_the_config_schema_and_reject_secrets():
     for name in ("judge", "concreteness"):
         jsonschema.Draft202012Validator.check_schema(defs[name])
     JUDGE_CONFIG_SCHEMA = defs["judge"]
-    jsonschema.validate({"backend": "anthropic", "model": "claude-haiku-4-5-20251001", "temperature": 0.0,
-                         "max_tokens": 2048, "concurrency": 4, "rate_limit_per_s": 3, "timeout_s": 120,
-                         "max_retries": 4, "restart_gate": False, "cache_dir": "results/judge_cache",
-                         "base_url": None, "api_key_env": "ANTHROPIC_API_KEY"}, JUDGE_CONFIG_SCHEMA)
+    jsonschema.validate(
+        {
+            "backend": "anthropic",
+            "model": "claude-haiku-4-5-20251001",
+            "temperature": 0.0,
+            "max_tokens": 2048,
+            "concurrency": 4,
+            "rate_limit_per_s": 3,
+            "timeout_s": 120,
+            "max_retries": 4,
+            "restart_gate": False,
+            "cache_dir": "results/judge_cache",
+            "base_url": None,
+            "api_key_env": "ANTHROPIC_API_KEY",
+        },
+        JUDGE_CONFIG_SCHEMA,
+    )
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"backend": "anthropic", "api_key": "sk-x"}, JUDGE_CONFIG_SCHEMA)
 
@@ -162,8 +189,14 @@ def test_build_judge_backends(tmp_path):
     paper = build_judge({"backend": "anthropic", "cache_dir": None})
     assert isinstance(paper, LLMJudge) and paper.judge_id == "anthropic:claude-haiku-4-5-20251001"
     assert paper.chat.settings.api_key_env == "ANTHROPIC_API_KEY" and paper.chat.settings.rate_limit_per_s == 3
-    local = build_judge({"backend": "openai_compat", "model": "qwen", "base_url": "http://127.0.0.1:8000/v1",
-                         "cache_dir": str(tmp_path)})
+    local = build_judge(
+        {
+            "backend": "openai_compat",
+            "model": "qwen",
+            "base_url": "http://127.0.0.1:8000/v1",
+            "cache_dir": str(tmp_path),
+        }
+    )
     assert local.judge_id == "openai_compat:qwen" and local.cache is not None
     offline = build_judge({"backend": "offline_minilm", "cache_dir": None})
     assert offline.judge_id == "offline-minilm-relevance (approximation)" and offline.describe()["approximation"]
@@ -182,25 +215,31 @@ def wordnet_grader():
     return build_concreteness_grader({"backend": "wordnet"})
 
 
-@pytest.mark.parametrize("label, concrete", [
-    ("leg, forearm, knee, calf, thigh, arm", True),
-    ("beer, coffee, drink, cup", True),
-    ("sodium, copper, calcium, nickel, magnesium", True),
-    ("Japan, Switzerland, Britain, Norway, Denmark, Thailand", True),
-    ("references to dogs and puppies", True),
-    ("the assistant needs clarification from the user", False),
-    ("if", False),
-    ("for, that, /, basis, of", False),
-    ("1, ., 2, 7, 4", False),
-    ("erm, spherical, Ferm, philos, rab", False),
-    ("pret, Leh, administrative, managed", False),
-    ("middle, Middle", False),
-    ("etc, forth", False),  # "forth" is a noun only as the River Forth; SemCor has it only as an adverb
-    ("until, till", False),
-    ("shoes, boots", True),
-    ("which, to, boundary, will, can, a", False),  # a function-word latent with one concrete noun
-    ("that, as, system", False),  # "shoes" is listed itself ("in his shoes"): the better-attested base form "shoe" wins
-])
+@pytest.mark.parametrize(
+    "label, concrete",
+    [
+        ("leg, forearm, knee, calf, thigh, arm", True),
+        ("beer, coffee, drink, cup", True),
+        ("sodium, copper, calcium, nickel, magnesium", True),
+        ("Japan, Switzerland, Britain, Norway, Denmark, Thailand", True),
+        ("references to dogs and puppies", True),
+        ("the assistant needs clarification from the user", False),
+        ("if", False),
+        ("for, that, /, basis, of", False),
+        ("1, ., 2, 7, 4", False),
+        ("erm, spherical, Ferm, philos, rab", False),
+        ("pret, Leh, administrative, managed", False),
+        ("middle, Middle", False),
+        ("etc, forth", False),  # "forth" is a noun only as the River Forth; SemCor has it only as an adverb
+        ("until, till", False),
+        ("shoes, boots", True),
+        ("which, to, boundary, will, can, a", False),  # a function-word latent with one concrete noun
+        (
+            "that, as, system",
+            False,
+        ),  # "shoes" is listed itself ("in his shoes"): the better-attested base form "shoe" wins
+    ],
+)
 def test_wordnet_concreteness(wordnet_grader, label, concrete):
     score = wordnet_grader.grade_labels([label])[0]
     assert score.approximation and score.grader_id.endswith("(approximation)")

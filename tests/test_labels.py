@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 
 from esr.io import read_json
-from esr.labels import (LabelsError, fetch_labels, fetch_csv_labels, fetch_neuronpedia_labels,
-                        label_counts)
+from esr.labels import LabelsError, fetch_csv_labels, fetch_labels, fetch_neuronpedia_labels, label_counts
 from esr.latents import read_labels
 
 MODEL, LAYER = "gemma-2-2b", "16-gemmascope-res-16k"
@@ -26,12 +25,25 @@ def _batch(records: list[dict]) -> bytes:
 
 
 def _rec(index, description, **kw):
-    return {"modelId": MODEL, "layer": LAYER, "index": index, "description": description,
-            "explanationModelName": kw.pop("model", "gpt-4o-mini"), "typeName": "oai_token-act-pair", **kw}
+    return {
+        "modelId": MODEL,
+        "layer": LAYER,
+        "index": index,
+        "description": description,
+        "explanationModelName": kw.pop("model", "gpt-4o-mini"),
+        "typeName": "oai_token-act-pair",
+        **kw,
+    }
 
 
-BATCH0 = _batch([_rec("0", " references to cats "), _rec("1", ""), _rec("2", "legal documents"),
-                 _rec("2", "law texts", model="claude")])  # latent 2 has two explanations
+BATCH0 = _batch(
+    [
+        _rec("0", " references to cats "),
+        _rec("1", ""),
+        _rec("2", "legal documents"),
+        _rec("2", "law texts", model="claude"),
+    ]
+)  # latent 2 has two explanations
 BATCH1 = _batch([_rec(3, "Python code"), _rec("4", None), _rec("5", "sports\nteams"), _rec("1", "")])
 
 
@@ -69,8 +81,7 @@ class _Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -173,8 +184,9 @@ def test_failure_leaves_no_output_and_resume_reuses_cache(server, tmp_path):
 
 
 def test_bad_records_are_errors(server, tmp_path):
-    server.files[f"{PREFIX}/batch-1.jsonl.gz"] = _batch([{"modelId": MODEL, "layer": "20-other", "index": 1,
-                                                          "description": "x"}])
+    server.files[f"{PREFIX}/batch-1.jsonl.gz"] = _batch(
+        [{"modelId": MODEL, "layer": "20-other", "index": 1, "description": "x"}]
+    )
     with pytest.raises(LabelsError, match="another model/source"):
         _fetch(server, tmp_path / "a.csv")
     server.files[f"{PREFIX}/batch-1.jsonl.gz"] = _batch([{"description": "no index"}])
@@ -191,8 +203,10 @@ def test_expected_batch_hash(server, tmp_path):
     assert not (tmp_path / "b.csv").exists()
 
 
-GOODFIRE = b"index_in_sae,label,frequency\n2,Formal legal language,0.01\n0,  The assistant apologises ,0.2\n1,,0\n" \
-           b"3,feature_3,0\n2,duplicate text,0.01\n"
+GOODFIRE = (
+    b"index_in_sae,label,frequency\n2,Formal legal language,0.01\n0,  The assistant apologises ,0.2\n1,,0\n"
+    b"3,feature_3,0\n2,duplicate text,0.01\n"
+)
 
 
 def test_csv_labels_file_url_and_hash(tmp_path):
@@ -237,8 +251,16 @@ def test_csv_labels_over_http(server, tmp_path):
 
 def test_label_counts():
     df = pd.DataFrame({"latent": [0, 1, 2, 2, 9, 4], "label": ["a", "", "feature_2", "b", "c", None]})
-    assert label_counts(df, 6) == {"d_sae": 6, "rows": 6, "labelled": 1, "empty": 3, "missing": 2, "unlabeled": 5,
-                                   "out_of_range": 1, "duplicate_rows": 1}
+    assert label_counts(df, 6) == {
+        "d_sae": 6,
+        "rows": 6,
+        "labelled": 1,
+        "empty": 3,
+        "missing": 2,
+        "unlabeled": 5,
+        "out_of_range": 1,
+        "duplicate_rows": 1,
+    }
     df2 = df.rename(columns={"latent": "index_in_sae"})
     c = label_counts(df2, None)
     assert (c["labelled"], c["empty"], c["missing"], c["unlabeled"], c["out_of_range"]) == (2, 3, None, None, 0)
@@ -257,12 +279,14 @@ def test_stage_dispatch(server, tmp_path):
     assert not out.exists() and not man.exists()
 
     # neuronpedia: default ids for the paper model name, base URL from labels.url
-    m = fetch_labels({"source": "neuronpedia", "url": server.base + "/v1", "retries": 0}, "gemma-2-2b",
-                              out, man, d_sae=16384)
+    m = fetch_labels(
+        {"source": "neuronpedia", "url": server.base + "/v1", "retries": 0}, "gemma-2-2b", out, man, d_sae=16384
+    )
     assert m["neuronpedia_layer_id"] == LAYER and read_json(man)["label_counts"]["missing"] == 16384 - 6
 
     src = tmp_path / "g.csv"
     src.write_bytes(GOODFIRE)
-    m = fetch_labels({"source": "file", "path": str(src),
-                               "sha256": hashlib.sha256(GOODFIRE).hexdigest()}, "llama-3.1-8b", out, man)
+    m = fetch_labels(
+        {"source": "file", "path": str(src), "sha256": hashlib.sha256(GOODFIRE).hexdigest()}, "llama-3.1-8b", out, man
+    )
     assert m["source"] == "file" and read_json(man)["files"][0]["sha256_verified"] is True

@@ -7,9 +7,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esr.latents import (FilterCounts, SelectionError, SelectionSettings, assign_trials, dead_mask, derive_rng,
-                         derive_seed, firing_frequency, grade_concreteness, is_unlabeled, labels_dict, read_labels, read_selection,
-                         relevance_pass_mask, select_latents, selection_counts, write_labels, write_selection)
+from esr.latents import (
+    FilterCounts,
+    SelectionError,
+    SelectionSettings,
+    assign_trials,
+    dead_mask,
+    derive_rng,
+    derive_seed,
+    firing_frequency,
+    grade_concreteness,
+    is_unlabeled,
+    labels_dict,
+    read_labels,
+    read_selection,
+    relevance_pass_mask,
+    select_latents,
+    write_selection,
+)
 
 
 def test_is_unlabeled():
@@ -21,13 +36,10 @@ def test_is_unlabeled():
 
 def test_read_labels_handles_reference_columns_and_empty_labels(tmp_path):
     path = tmp_path / "labels.csv"
-    path.write_text("index_in_sae,label,extra\n0,dogs,a\n1,,b\n2,feature_2,c\n3,NA,d\n4,\"beer, coffee\",e\n")
+    path.write_text('index_in_sae,label,extra\n0,dogs,a\n1,,b\n2,feature_2,c\n3,NA,d\n4,"beer, coffee",e\n')
     df = read_labels(path)
     assert list(df.columns) == ["latent", "label", "extra"]
     assert df["label"].tolist() == ["dogs", None, None, "NA", "beer, coffee"]  # "NA" is a word, not a missing value
-    out = tmp_path / "out.csv"
-    write_labels(df, out)
-    assert read_labels(out)["label"].tolist() == df["label"].tolist()
     path.write_text("latent,label\n0,a\n0,b\n")
     with pytest.raises(SelectionError, match="latent 0 appears more than once"):
         read_labels(path)
@@ -42,11 +54,13 @@ def test_read_labels_handles_reference_columns_and_empty_labels(tmp_path):
 
 def crafted_acts() -> np.ndarray:
     # 3 prompts x 8 latents. Latent 7 never fires; latent 6 fires weakly on prompt 2 only.
-    return np.array([
-        [5.0, 4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 9.0, 8.0, 1.0, 0.0, 0.0],
-        [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0],
-    ])
+    return np.array(
+        [
+            [5.0, 4.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 9.0, 8.0, 1.0, 0.0, 0.0],
+            [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0],
+        ]
+    )
 
 
 def test_relevance_zero_on_prompts():
@@ -96,13 +110,33 @@ def test_grade_concreteness_dedupes_and_validates():
 
 
 D_SAE = 12
-CRAFTED_LABELS = {0: "dogs", 1: "", 2: "feature_2", 3: "beer", 4: "if", 5: "sodium", 6: "error-label",
-                  7: "knee", 8: "streets", 9: "onions", 10: "coffee"}  # latent 11 missing from the table
+CRAFTED_LABELS = {
+    0: "dogs",
+    1: "",
+    2: "feature_2",
+    3: "beer",
+    4: "if",
+    5: "sodium",
+    6: "error-label",
+    7: "knee",
+    8: "streets",
+    9: "onions",
+    10: "coffee",
+}  # latent 11 missing from the table
 
 
 def crafted_grader(calls=None):
-    scores = {"dogs": 90.0, "beer": 80.0, "if": 10.0, "sodium": 95.0, "error-label": None, "knee": 70.0,
-              "streets": 64.9, "onions": 65.0, "coffee": 85.0}
+    scores = {
+        "dogs": 90.0,
+        "beer": 80.0,
+        "if": 10.0,
+        "sodium": 95.0,
+        "error-label": None,
+        "knee": 70.0,
+        "streets": 64.9,
+        "onions": 65.0,
+        "coffee": 85.0,
+    }
 
     def grader(labels):
         if calls is not None:
@@ -125,8 +159,17 @@ def test_filter_counts_on_crafted_table():
     acts, freq = crafted_inputs()
     calls: list[str] = []
     settings = SelectionSettings(n_latents=10, trials_per_latent=2, relevance_filter="zero_on_prompts")
-    sel = select_latents(model="m", seed=1, settings=settings, d_sae=D_SAE, labels=CRAFTED_LABELS,
-                         grader=crafted_grader(calls), prompt_acts=acts, n_prompts=3, firing_freq=freq)
+    sel = select_latents(
+        model="m",
+        seed=1,
+        settings=settings,
+        d_sae=D_SAE,
+        labels=CRAFTED_LABELS,
+        grader=crafted_grader(calls),
+        prompt_acts=acts,
+        n_prompts=3,
+        firing_freq=freq,
+    )
     c = sel.counts
     assert c.candidates == 12
     assert c.unlabeled == 3  # 1 (empty), 2 (placeholder), 11 (not in the table)
@@ -137,21 +180,35 @@ def test_filter_counts_on_crafted_table():
     assert sorted(s.latent for s in sel.latents) == [0, 3, 7]
     assert sorted(calls) == sorted(["dogs", "beer", "if", "error-label", "knee", "streets"])  # only cheap survivors
     assert c.graded == 6
-    assert sum(getattr(c, k) for k in ("unlabeled", "dead", "relevance_fail", "concreteness_error",
-                                        "concreteness_fail", "passed")) == c.candidates
+    assert (
+        sum(
+            getattr(c, k)
+            for k in ("unlabeled", "dead", "relevance_fail", "concreteness_error", "concreteness_fail", "passed")
+        )
+        == c.candidates
+    )
     assert sel.rejected["concreteness_error"] == [6]
     assert sel.shortfall == 7
     assert {s.latent: s.concreteness for s in sel.latents} == {0: 90.0, 3: 80.0, 7: 70.0}
-    assert selection_counts([sel])["m"]["selected"] == 3
 
 
 def test_top100_variant_changes_counts():
     acts, freq = crafted_inputs()
     acts[1, :] = np.arange(D_SAE)  # prompt 1 activates every latent but 0
-    settings = SelectionSettings(n_latents=10, trials_per_latent=2, relevance_filter="top100_per_prompt",
-                                 relevance_top_k=2)
-    sel = select_latents(model="m", seed=1, settings=settings, d_sae=D_SAE, labels=CRAFTED_LABELS,
-                         grader=crafted_grader(), prompt_acts=acts, n_prompts=3, firing_freq=freq)
+    settings = SelectionSettings(
+        n_latents=10, trials_per_latent=2, relevance_filter="top100_per_prompt", relevance_top_k=2
+    )
+    sel = select_latents(
+        model="m",
+        seed=1,
+        settings=settings,
+        d_sae=D_SAE,
+        labels=CRAFTED_LABELS,
+        grader=crafted_grader(),
+        prompt_acts=acts,
+        n_prompts=3,
+        firing_freq=freq,
+    )
     # relevant (top-2 per prompt): prompt0 {5}, prompt1 {11, 10}, prompt2 {9}; 10 and 11 fail earlier filters
     assert sel.counts.relevance_fail == 2
     assert sorted(s.latent for s in sel.latents) == [0, 3, 7]
@@ -171,8 +228,17 @@ def test_selection_is_deterministic_per_seed_and_differs_across_seeds():
     settings = SelectionSettings(n_latents=50, trials_per_latent=5)
 
     def run(seed, model="m"):
-        return select_latents(model=model, seed=seed, settings=settings, d_sae=2000, labels=labels, grader=grader,
-                              prompt_acts=acts, n_prompts=36, firing_freq=freq)
+        return select_latents(
+            model=model,
+            seed=seed,
+            settings=settings,
+            d_sae=2000,
+            labels=labels,
+            grader=grader,
+            prompt_acts=acts,
+            n_prompts=36,
+            firing_freq=freq,
+        )
 
     a, b, c = run(7), run(7), run(8)
     assert a.to_dict() == b.to_dict()
@@ -194,19 +260,46 @@ def test_selection_is_deterministic_per_seed_and_differs_across_seeds():
 def test_candidate_multiplier_limits_the_draw():
     labels, acts, freq, grader = big_inputs()
     settings = SelectionSettings(n_latents=50, candidate_multiplier=3)
-    sel = select_latents(model="m", seed=7, settings=settings, d_sae=2000, labels=labels, grader=grader,
-                         prompt_acts=acts, n_prompts=36, firing_freq=freq)
+    sel = select_latents(
+        model="m",
+        seed=7,
+        settings=settings,
+        d_sae=2000,
+        labels=labels,
+        grader=grader,
+        prompt_acts=acts,
+        n_prompts=36,
+        firing_freq=freq,
+    )
     assert sel.counts.candidates == 150 and len(sel.latents) < 50 and sel.shortfall > 0
-    lazy = select_latents(model="m", seed=7, settings=SelectionSettings(n_latents=50), d_sae=2000, labels=labels,
-                          grader=grader, prompt_acts=acts, n_prompts=36, firing_freq=freq)
+    lazy = select_latents(
+        model="m",
+        seed=7,
+        settings=SelectionSettings(n_latents=50),
+        d_sae=2000,
+        labels=labels,
+        grader=grader,
+        prompt_acts=acts,
+        n_prompts=36,
+        firing_freq=freq,
+    )
     # the lazy walk keeps the same candidate order, so the no-retry selection is its prefix
-    assert [s.latent for s in lazy.latents][:len(sel.latents)] == [s.latent for s in sel.latents]
+    assert [s.latent for s in lazy.latents][: len(sel.latents)] == [s.latent for s in sel.latents]
 
 
 def test_selection_file_roundtrip(tmp_path):
     labels, acts, freq, grader = big_inputs()
-    sel = select_latents(model="m", seed=3, settings=SelectionSettings(n_latents=10), d_sae=2000, labels=labels,
-                         grader=grader, prompt_acts=acts, n_prompts=36, firing_freq=freq)
+    sel = select_latents(
+        model="m",
+        seed=3,
+        settings=SelectionSettings(n_latents=10),
+        d_sae=2000,
+        labels=labels,
+        grader=grader,
+        prompt_acts=acts,
+        n_prompts=36,
+        firing_freq=freq,
+    )
     path = write_selection(tmp_path / "sel" / "m.json", sel, provenance={"config_sha256": "abc"})
     back = read_selection(path)
     assert back.to_dict() == sel.to_dict()
@@ -216,14 +309,38 @@ def test_selection_file_roundtrip(tmp_path):
 def test_selection_input_errors(tmp_path):
     settings = SelectionSettings(n_latents=2, trials_per_latent=5)
     with pytest.raises(SelectionError, match="trials_per_latent"):
-        select_latents(model="m", seed=0, settings=settings, d_sae=4, labels={0: "dogs"},
-                       grader=lambda labs: [90.0] * len(labs), prompt_acts=np.zeros((2, 4)), n_prompts=3)
+        select_latents(
+            model="m",
+            seed=0,
+            settings=settings,
+            d_sae=4,
+            labels={0: "dogs"},
+            grader=lambda labs: [90.0] * len(labs),
+            prompt_acts=np.zeros((2, 4)),
+            n_prompts=3,
+        )
     with pytest.raises(SelectionError, match="latent 9 outside"):
-        select_latents(model="m", seed=0, settings=settings, d_sae=4, labels={9: "dogs"},
-                       grader=lambda labs: [], prompt_acts=np.zeros((2, 4)), n_prompts=10)
+        select_latents(
+            model="m",
+            seed=0,
+            settings=settings,
+            d_sae=4,
+            labels={9: "dogs"},
+            grader=lambda labs: [],
+            prompt_acts=np.zeros((2, 4)),
+            n_prompts=10,
+        )
     with pytest.raises(SelectionError, match="expected d_sae = 4"):
-        select_latents(model="m", seed=0, settings=settings, d_sae=4, labels={0: "dogs"},
-                       grader=lambda labs: [], prompt_acts=np.zeros((2, 5)), n_prompts=10)
+        select_latents(
+            model="m",
+            seed=0,
+            settings=settings,
+            d_sae=4,
+            labels={0: "dogs"},
+            grader=lambda labs: [],
+            prompt_acts=np.zeros((2, 5)),
+            n_prompts=10,
+        )
     with pytest.raises(SelectionError, match="selection.relevance_filter"):
         SelectionSettings(relevance_filter="top100")
     from esr.config import ConfigError, load_config

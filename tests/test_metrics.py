@@ -1,4 +1,4 @@
-"""Metrics (reference-protocol §5): inclusion rules, per-trial quantities, aggregates, intervals, bootstrap."""
+"""Metrics as the authors' code computes them: inclusion rules, per-trial values, aggregates, intervals, bootstrap."""
 
 from __future__ import annotations
 
@@ -9,35 +9,58 @@ import pandas as pd
 import pytest
 from scipy.stats import binomtest
 
-from helpers import graded_row
+from esr.metrics import (
+    BootstrapSpec,
+    MeanEstimate,
+    Proportion,
+    cluster_bootstrap_ratios,
+    include_trials,
+    is_degraded,
+    pooled_mean,
+    summarise,
+    wald_interval,
+    wilson_interval,
+)
 
-from esr.metrics import (BootstrapSpec, MeanEstimate, Proportion, cluster_bootstrap_ratios, include_trials,
-                         is_degraded, pooled_mean, summarise, wald_interval, wilson_interval)
+from helpers import graded_row
 
 
 def _row(i: int, scores, response: str = "fine answer", error=None, latent_error=None, latent: int | None = None):
     """One per-trial table row; ``scores=None`` means the attempts list is missing altogether."""
-    return graded_row(f"t{i}", "esr", "m", i if latent is None else latent, "lbl", 1.0, i % 38, "p", 1000 + i,
-                      scores=scores, response=response, error=error, latent_error=latent_error)
+    return graded_row(
+        f"t{i}",
+        "esr",
+        "m",
+        i if latent is None else latent,
+        "lbl",
+        1.0,
+        i % 38,
+        "p",
+        1000 + i,
+        scores=scores,
+        response=response,
+        error=error,
+        latent_error=latent_error,
+    )
 
 
 def crafted_table() -> pd.DataFrame:
     rows = [
         _row(1, [10, 90], error="judge failed", latent_error="calibration failed"),  # latent error wins
-        _row(2, [10, 90], error="judge parse error"),                              # trial error
-        _row(3, []),                                                                # empty attempts
-        _row(4, None),                                                              # missing attempts
-        _row(5, [None, None]),                                                      # all-None scores
-        _row(6, [40]),                                                              # single attempt
-        _row(7, [20, 60]),                                                          # ESR
-        _row(8, [50, 50]),                                                          # tie: multi, not ESR
-        _row(9, [70, 30]),                                                          # multi, worse
-        _row(10, [10, None, 90]),                                                   # None dropped: ESR
-        _row(11, [None, 30, 20, 80]),                                               # first 30 last 80: ESR
-        _row(12, [80, 10, 60]),                                                     # middle ignored: not ESR
-        _row(13, [30], response="ok go go go go go now"),                           # degraded
-        _row(14, [0, 100], error=""),                                               # empty error is no error
-        _row(15, [55], response="a a a a a a a"),                                   # 1-char words: not degraded
+        _row(2, [10, 90], error="judge parse error"),  # trial error
+        _row(3, []),  # empty attempts
+        _row(4, None),  # missing attempts
+        _row(5, [None, None]),  # all-None scores
+        _row(6, [40]),  # single attempt
+        _row(7, [20, 60]),  # ESR
+        _row(8, [50, 50]),  # tie: multi, not ESR
+        _row(9, [70, 30]),  # multi, worse
+        _row(10, [10, None, 90]),  # None dropped: ESR
+        _row(11, [None, 30, 20, 80]),  # first 30 last 80: ESR
+        _row(12, [80, 10, 60]),  # middle ignored: not ESR
+        _row(13, [30], response="ok go go go go go now"),  # degraded
+        _row(14, [0, 100], error=""),  # empty error is no error
+        _row(15, [55], response="a a a a a a a"),  # 1-char words: not degraded
     ]
     return pd.DataFrame(rows)
 
@@ -52,8 +75,8 @@ def test_inclusion_rules_in_order_with_counts():
     by = inc.set_index("trial_id")
     assert by.loc["t10", ["first_score", "last_score", "n_attempts"]].tolist() == [10, 90, 2]
     assert by.loc["t11", ["first_score", "last_score", "n_attempts"]].tolist() == [30, 80, 3]
-    assert bool(by.loc["t8", "multi"]) and not bool(by.loc["t8", "esr"])     # tie
-    assert not bool(by.loc["t12", "esr"])                                    # intermediate attempts ignored
+    assert bool(by.loc["t8", "multi"]) and not bool(by.loc["t8", "esr"])  # tie
+    assert not bool(by.loc["t12", "esr"])  # intermediate attempts ignored
     assert bool(by.loc["t13", "degraded"]) and not bool(by.loc["t15", "degraded"])
 
 
@@ -62,9 +85,9 @@ def test_aggregates_by_hand():
     assert (s.multi.k, s.multi.n) == (7, 10)
     assert (s.esr.k, s.esr.n) == (4, 10)
     assert (s.improvement.k, s.improvement.n) == (4, 7)
-    assert s.first_score.mean == pytest.approx(38.5)             # (40+20+50+70+10+30+80+30+0+55)/10
-    assert s.msi_multi.mean == pytest.approx(30.0)               # (40+0-40+80+50-20+100)/7
-    assert s.msi_all.mean == pytest.approx(21.0)                 # 210/10
+    assert s.first_score.mean == pytest.approx(38.5)  # (40+20+50+70+10+30+80+30+0+55)/10
+    assert s.msi_multi.mean == pytest.approx(30.0)  # (40+0-40+80+50-20+100)/7
+    assert s.msi_all.mean == pytest.approx(21.0)  # 210/10
     d = s.to_dict()
     assert d["metrics"]["esr_rate"]["k"] == 4 and "msi_multi" in d["msi_definitions"]
 
@@ -82,15 +105,24 @@ def test_parquet_roundtrip_keeps_inclusion(tmp_path):
     assert rep.excluded == {"latent_error": 1, "trial_error": 1, "no_attempts": 2, "no_scores": 1, "degraded": 0}
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("go go go go go", True), ("go go go go", False), ("a a a a a a", False),
-    ("Go go go go go", False), ("x stop stop stop stop stop y", True), ("", False), (None, False),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("go go go go go", True),
+        ("go go go go", False),
+        ("a a a a a a", False),
+        ("Go go go go go", False),
+        ("x stop stop stop stop stop y", True),
+        ("", False),
+        (None, False),
+    ],
+)
 def test_degraded(text, expected):
     assert is_degraded(text) is expected
 
 
 # --------------------------------------------------------------------------------------- intervals (paper counts)
+
 
 def _hand_wald(k, n):
     p = k / n
@@ -105,11 +137,14 @@ def _hand_wilson(k, n, z=1.959963984540054):
     return centre - half, centre + half
 
 
-@pytest.mark.parametrize("k,n,wald,wilson", [
-    (185, 4877, (3.2572, 4.3295), (3.2925, 4.3669)),   # 70B ESR 3.8 % of 4,877
-    (361, 4877, (6.6673, 8.1369), (6.7004, 8.1709)),   # 70B multi-attempt 7.4 %
-    (268, 4875, (4.8576, 6.1373), (4.8919, 6.1730)),   # ablation multi-attempt 5.5 % of 4,875
-])
+@pytest.mark.parametrize(
+    "k,n,wald,wilson",
+    [
+        (185, 4877, (3.2572, 4.3295), (3.2925, 4.3669)),  # 70B ESR 3.8 % of 4,877
+        (361, 4877, (6.6673, 8.1369), (6.7004, 8.1709)),  # 70B multi-attempt 7.4 %
+        (268, 4875, (4.8576, 6.1373), (4.8919, 6.1730)),  # ablation multi-attempt 5.5 % of 4,875
+    ],
+)
 def test_wald_and_wilson_on_paper_counts(k, n, wald, wilson):
     w = wald_interval(k, n)
     assert (100 * w.lo, 100 * w.hi) == pytest.approx(wald, abs=1e-4)
@@ -123,9 +158,9 @@ def test_wald_and_wilson_on_paper_counts(k, n, wald, wilson):
 
 def test_wilson_at_zero_and_wald_collapse():
     s = wilson_interval(0, 100)
-    assert s.lo == 0.0 and s.hi == pytest.approx(3.8414588 / 103.8414588, abs=1e-7)   # z²/(n+z²)
+    assert s.lo == 0.0 and s.hi == pytest.approx(3.8414588 / 103.8414588, abs=1e-7)  # z²/(n+z²)
     w = wald_interval(0, 100)
-    assert w.lo == w.hi == 0.0                                                         # §9 item 29
+    assert w.lo == w.hi == 0.0  # the authors' Wald interval has zero width at 0 %, Wilson does not
     assert math.isnan(Proportion(0, 0).estimate)
 
 
@@ -142,16 +177,17 @@ def test_mean_estimate_and_pooling():
 
 # --------------------------------------------------------------------------------------- bootstrap
 
+
 def test_cluster_bootstrap_collapses_when_clusters_identical():
     codes = np.repeat(np.arange(20), 5)
-    x = np.tile([1, 0, 0, 0, 0], 20).astype(float)               # every latent: 1/5
+    x = np.tile([1, 0, 0, 0, 0], 20).astype(float)  # every latent: 1/5
     ci = cluster_bootstrap_ratios(codes, {"r": (x, np.ones_like(x))}, BootstrapSpec(500, 1))["r"]
     assert ci.lo == pytest.approx(0.2) and ci.hi == pytest.approx(0.2)
 
 
 def test_cluster_bootstrap_seeded_and_wider_than_iid_under_clustering():
     codes = np.repeat(np.arange(40), 5)
-    x = np.repeat((np.arange(40) % 4 == 0).astype(float), 5)     # whole latents succeed or fail together
+    x = np.repeat((np.arange(40) % 4 == 0).astype(float), 5)  # whole latents succeed or fail together
     spec = BootstrapSpec(1000, 7)
     a = cluster_bootstrap_ratios(codes, {"r": (x, np.ones_like(x))}, spec)["r"]
     b = cluster_bootstrap_ratios(codes, {"r": (x, np.ones_like(x))}, spec)["r"]

@@ -15,12 +15,24 @@ from esr.testing import save_tiny_model_dir, tiny_gemma2, tiny_llama, tiny_sae, 
 torch.set_num_threads(1)
 
 
-def spec(name: str = "tiny", family: str = "llama", path: str | None = None, sae: SAESpec | None = None,
-         **kw) -> ModelSpec:
-    fields = dict(hf_id="org/tiny", source="local", revision="local", family=family, n_layers=4, n_params=1.0,
-                  dtype="float32", injection_layer=2, sae_layer=2, repetition_penalty=1.1,
-                  sae=sae or SAESpec(source="local", boost_unit="raw", path="unused"),
-                  boost={"prior_mean": 1.0, "prior_std": 1.0, "lower": 0.0, "upper": 2.0}, path=path)
+def spec(
+    name: str = "tiny", family: str = "llama", path: str | None = None, sae: SAESpec | None = None, **kw
+) -> ModelSpec:
+    fields = dict(
+        hf_id="org/tiny",
+        source="local",
+        revision="local",
+        family=family,
+        n_layers=4,
+        n_params=1.0,
+        dtype="float32",
+        injection_layer=2,
+        sae_layer=2,
+        repetition_penalty=1.1,
+        sae=sae or SAESpec(source="local", boost_unit="raw", path="unused"),
+        boost={"prior_mean": 1.0, "prior_std": 1.0, "lower": 0.0, "upper": 2.0},
+        path=path,
+    )
     fields.update(kw)
     return ModelSpec(name=name, **fields)
 
@@ -78,10 +90,19 @@ def test_load_sae_from_pretrained_goes_through_sae_lens(monkeypatch):
     import sae_lens
 
     calls = []
-    monkeypatch.setattr(sae_lens.SAE, "from_pretrained",
-                        classmethod(lambda cls, release, sae_id, **kw: calls.append((release, sae_id)) or tiny_sae()))
-    load_sae(SAESpec(source="sae_lens", boost_unit="raw", release="gemma-scope-2b-pt-res-canonical",
-                     sae_id="layer_16/width_16k/canonical"))
+    monkeypatch.setattr(
+        sae_lens.SAE,
+        "from_pretrained",
+        classmethod(lambda cls, release, sae_id, **kw: calls.append((release, sae_id)) or tiny_sae()),
+    )
+    load_sae(
+        SAESpec(
+            source="sae_lens",
+            boost_unit="raw",
+            release="gemma-scope-2b-pt-res-canonical",
+            sae_id="layer_16/width_16k/canonical",
+        )
+    )
     assert calls == [("gemma-scope-2b-pt-res-canonical", "layer_16/width_16k/canonical")]
 
 

@@ -22,8 +22,13 @@ def test_fidelity_notes_state_the_approximations(repo_root):
 
 def test_run_overview_lists_cells_and_verdicts(tmp_path, repo_root):
     cfg = _config(repo_root)
-    cell = {"experiment": "exp1", "model": "m", "cell": "baseline", "n": 10,
-            "metrics": {"multi_rate": {"k": 3, "n": 10}, "esr_rate": {"k": 2, "n": 10}}}
+    cell = {
+        "experiment": "exp1",
+        "model": "m",
+        "cell": "baseline",
+        "n": 10,
+        "metrics": {"multi_rate": {"k": 3, "n": 10}, "esr_rate": {"k": 2, "n": 10}},
+    }
     write_json(tmp_path / "s.json", {"schema": "esr.summary/1", "cells": [cell]})
     write_json(tmp_path / "a.json", {"verdict_counts": {"consistent": 4, "not testable": 2}})
     run_overview(cfg, [tmp_path / "s.json"], tmp_path / "a.json", tmp_path / "overview.md")

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from esr import corpus
-from esr.sae_training import (build_token_rows, collect_layer_activations, evaluate_sae, filter_activations,
-                              label_latents, train_topk_sae, truncate_after_layer)
+from esr.sae_training import (
+    build_token_rows,
+    collect_layer_activations,
+    evaluate_sae,
+    filter_activations,
+    label_latents,
+    train_topk_sae,
+    truncate_after_layer,
+)
 from esr.testing import tiny_llama, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -65,8 +72,17 @@ def test_topk_sae_trains_saves_reloads_and_labels(tmp_path):
     dictionary = torch.nn.functional.normalize(torch.randn(n_true, d), dim=1)
     codes = torch.rand(6000, n_true) * (torch.rand(6000, n_true) < 0.1)
     acts = codes @ dictionary * 5
-    sae_tr = train_topk_sae(acts[:5000], d_sae=48, k=4, lr=3e-3, batch_tokens=100, seed=1, hook_layer=2,
-                            model_name="synthetic", autocast=False)
+    sae_tr = train_topk_sae(
+        acts[:5000],
+        d_sae=48,
+        k=4,
+        lr=3e-3,
+        batch_tokens=100,
+        seed=1,
+        hook_layer=2,
+        model_name="synthetic",
+        autocast=False,
+    )
     sae_tr.save_inference_model(tmp_path / "sae")
     sae = SAE.load_from_disk(str(tmp_path / "sae"))
     ev = evaluate_sae(sae, acts[5000:])

@@ -55,8 +55,10 @@ def test_region_means_single_episode():
 
 
 def _store(tmp_path, name, acts_list, labels_list, latents=(1, 2)):
-    recs = [A.ActivationRecord(f"{name}{i}", a, ["x"] * len(a), lab)
-            for i, (a, lab) in enumerate(zip(acts_list, labels_list))]
+    recs = [
+        A.ActivationRecord(f"{name}{i}", a, ["x"] * len(a), lab)
+        for i, (a, lab) in enumerate(zip(acts_list, labels_list))
+    ]
     return A.open_store(A.write_store(tmp_path / f"{name}.zarr", recs, list(latents), dtype="float32"))
 
 
@@ -161,8 +163,13 @@ def test_analyze_end_to_end_and_plots(tmp_path):
     assert p.read_bytes()[:4] == b"\x89PNG"
     side = json.loads((tmp_path / "fig" / "window.png.json").read_text())
     assert side["kind"] == "aligned_window" and len(side["series"]["otd"]["mean"]) == 50
-    q = S.plot_region_bars({k: g["regions"][k] for k in ("off_topic", "on_topic", "baseline")},
-                           tmp_path / "fig" / "bars.pdf")
+    q = S.plot_region_bars(
+        {k: g["regions"][k] for k in ("off_topic", "on_topic", "baseline")}, tmp_path / "fig" / "bars.pdf"
+    )
     assert q.read_bytes()[:4] == b"%PDF"
-    assert sorted(x.name for x in (tmp_path / "fig").iterdir()) == ["bars.pdf", "bars.pdf.json", "window.png",
-                                                                     "window.png.json"]
+    assert sorted(x.name for x in (tmp_path / "fig").iterdir()) == [
+        "bars.pdf",
+        "bars.pdf.json",
+        "window.png",
+        "window.png.json",
+    ]

@@ -32,8 +32,13 @@ RUN_TIMEOUT_S = 480  # the whole snakemake run (measured ~135 s on a busy 2-core
 def copy_repo(dst: Path) -> Path:
     """Copy the repo's git files (tracked, plus untracked-but-not-ignored, as they are in the working tree)."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                             capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as err:
         pytest.skip(f"needs a git checkout to copy the workflow ({err})")
     for rel in filter(None, out.decode().split("\0")):
@@ -46,19 +51,31 @@ def copy_repo(dst: Path) -> Path:
 
 def snakemake_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
-    env.update(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(workdir / "src"), env.get("PYTHONPATH")])))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(workdir / "src"), env.get("PYTHONPATH")])),
+    )
     env.update(extra or {})
     return env
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
     """Run under coreutils `timeout -k 30` as well: a snakemake stuck polling SLURM ignores SIGTERM."""
-    return subprocess.run(["timeout", "-k", "30", str(timeout), *cmd], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout + 60)
+    return subprocess.run(
+        ["timeout", "-k", "30", str(timeout), *cmd],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
 
 
 # --- no SLURM needed: the profiles parse, and plan the right jobs -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
@@ -69,22 +86,31 @@ def repo_copy(tmp_path_factory) -> Path:
 def test_user_slurm_profile_dry_run(repo_copy, configfile):
     """`snakemake -n --profile workflow/profiles/slurm` (the README's cluster command) works without sbatch."""
     extra = ["--configfile", configfile] if configfile else []
-    res = run([*SNAKEMAKE, "-n", "--profile", "workflow/profiles/slurm", *extra], repo_copy,
-              snakemake_env(repo_copy), timeout=180)
+    res = run(
+        [*SNAKEMAKE, "-n", "--profile", "workflow/profiles/slurm", *extra],
+        repo_copy,
+        snakemake_env(repo_copy),
+        timeout=180,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Using profile workflow/profiles/slurm" in res.stdout + res.stderr
     assert re.search(r"^download_model\s+\d+\s*$", res.stdout, re.MULTILINE), res.stdout[-3000:]
 
 
 def test_ci_slurm_profile_dry_run(repo_copy):
-    res = run([*SNAKEMAKE, "-n", *TARGETS, "--profile", "tests/slurm/profile"], repo_copy, snakemake_env(repo_copy),
-              timeout=180)
+    res = run(
+        [*SNAKEMAKE, "-n", *TARGETS, "--profile", "tests/slurm/profile"],
+        repo_copy,
+        snakemake_env(repo_copy),
+        timeout=180,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for rule in RULES:
         assert re.search(rf"^{rule}\s+1\s*$", res.stdout, re.MULTILINE), res.stdout[-3000:]
 
 
 # --- a real SLURM ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
@@ -98,8 +124,9 @@ def slurm_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-state")
     env = {**os.environ, "SLURM_CI_STATE": str(state)}
     try:
-        up = subprocess.run(["bash", str(SLURM_DIR / "slurm-up.sh")], env=env, capture_output=True, text=True,
-                            timeout=600)
+        up = subprocess.run(
+            ["bash", str(SLURM_DIR / "slurm-up.sh")], env=env, capture_output=True, text=True, timeout=600
+        )
         if up.returncode in (2, 3):
             pytest.skip(f"local SLURM cluster not started: {up.stderr.strip()}")
         assert up.returncode == 0, f"slurm-up.sh failed (rc {up.returncode}):\n{up.stdout}\n{up.stderr}"
@@ -110,8 +137,13 @@ def slurm_cluster(tmp_path_factory):
 
 def squeue_all(slurm_env: dict[str, str]) -> dict[str, tuple[str, str]]:
     """{job id: (state, job name)} for every job squeue still knows (finished ones stay for MinJobAge)."""
-    res = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%i|%T|%j"], capture_output=True,
-                         text=True, timeout=30, env={**os.environ, **slurm_env})
+    res = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "--format=%i|%T|%j"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **slurm_env},
+    )
     assert res.returncode == 0, res.stderr
     rows = [line.strip().split("|", 2) for line in res.stdout.splitlines() if line.strip()]
     return {job_id: (state, name) for job_id, state, name in rows}
@@ -128,8 +160,12 @@ def test_workflow_through_slurm(slurm_cluster, tmp_path):
     env = snakemake_env(work, slurm_cluster)
     before = set(squeue_all(slurm_cluster))
 
-    res = run([*SNAKEMAKE, *TARGETS, "--profile", "tests/slurm/profile", "--configfile", "ci_config.yaml"], work,
-              env, timeout=RUN_TIMEOUT_S)
+    res = run(
+        [*SNAKEMAKE, *TARGETS, "--profile", "tests/slurm/profile", "--configfile", "ci_config.yaml"],
+        work,
+        env,
+        timeout=RUN_TIMEOUT_S,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, f"snakemake rc {res.returncode} (124: timed out)\n{out[-6000:]}"
 

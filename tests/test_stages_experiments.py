@@ -7,20 +7,21 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers import generate_kwargs, run_upstream
 
 from esr.activations import open_store
+from esr.assets import read_prompts
 from esr.calibration import read_thresholds
 from esr.config import load_config
 from esr.detectors import read_detector_sets
 from esr.experiments import PlanInputs, capture_latents, latent_plans, plan
-from esr.assets import read_prompts
 from esr.io import read_json
 from esr.latents import read_selection
 from esr.stages import experiments as st
 from esr.stages import stats
 from esr.testing import write_tiny_workflow
 from esr.trials import read_trials
+
+from helpers import generate_kwargs, run_upstream
 
 torch.set_num_threads(1)
 
@@ -33,8 +34,13 @@ def tiny(tmp_path_factory):
 
 
 def _plan(tiny, experiment, condition):
-    inputs = PlanInputs("tiny-llama", latent_plans(read_selection(tiny["selection"]), read_thresholds(tiny["thresholds"])),
-                        read_prompts(tiny["prompts"]), read_detector_sets(tiny["detectors"]), tiny["cfg"]["experiments"])
+    inputs = PlanInputs(
+        "tiny-llama",
+        latent_plans(read_selection(tiny["selection"]), read_thresholds(tiny["thresholds"])),
+        read_prompts(tiny["prompts"]),
+        read_detector_sets(tiny["detectors"]),
+        tiny["cfg"]["experiments"],
+    )
     return plan(experiment, condition, inputs)
 
 
@@ -45,9 +51,16 @@ def test_selection_counts_and_determinism(tiny):
     assert all(len(x["prompt_ids"]) == 2 == len(set(x["prompt_ids"])) for x in sel["latents"])
     again = tiny["root"] / "sel2.json"
     cfg = tiny["cfg"]
-    st.select_latents(spec=tiny["spec"], model_dir=tiny["model_dir"], prompts=tiny["prompts"],
-                      labels=cfg["models"]["tiny-llama"]["labels"]["path"], settings=cfg["selection"],
-                      concreteness=cfg["concreteness"], seed=cfg["seed"], selection=again)
+    st.select_latents(
+        spec=tiny["spec"],
+        model_dir=tiny["model_dir"],
+        prompts=tiny["prompts"],
+        labels=cfg["models"]["tiny-llama"]["labels"]["path"],
+        settings=cfg["selection"],
+        concreteness=cfg["concreteness"],
+        seed=cfg["seed"],
+        selection=again,
+    )
     assert read_json(again)["latents"] == sel["latents"]
 
 
@@ -89,11 +102,15 @@ def test_generation_is_paired_resumable_and_captures(tiny, tmp_path):
     assert (df.n_tokens > 0).all()
     store_latents, _ = capture_latents(read_detector_sets(tiny["detectors"]), read_selection(tiny["selection"]))
     ds = open_store(kw[0]["activations"])
-    assert ds.sizes["trial"] == len(read_trials(kw[0]["trials"], "generated")) and list(ds.latent.values) == store_latents
+    assert (
+        ds.sizes["trial"] == len(read_trials(kw[0]["trials"], "generated")) and list(ds.latent.values) == store_latents
+    )
     # a rerun of the same shard regenerates identically (seeded per trial); exp8 writes no activation store
     again = generate_kwargs(cfg, tiny, "exp1", "steered", tmp_path / "again", n_shards=2, shard=0)
     st.generate(**again)
-    assert list(read_trials(again["trials"], "generated").response) == list(read_trials(kw[0]["trials"], "generated").response)
+    assert list(read_trials(again["trials"], "generated").response) == list(
+        read_trials(kw[0]["trials"], "generated").response
+    )
     exp8 = generate_kwargs(cfg, tiny, "exp8", "no_steering", tmp_path)
     st.generate(**exp8)
     assert exp8["activations"].is_dir() and not list(exp8["activations"].iterdir())
@@ -116,16 +133,32 @@ def test_grading_planted_control_sequential_and_audit(tiny, tmp_path):
     assert len(p) == len(pd.read_parquet(graded["exp1"])) and (p.n_attempts >= 2).all()
     assert json.loads((tmp_path / "planted-judge.json").read_text())["stats"]["backend_calls"] == len(p)
     # regrading is served from the cache
-    st.grade(generated=planted, judge=cfg["judge"], trials=tmp_path / "again.parquet",
-             judge_stats=tmp_path / "again.json")
+    st.grade(
+        generated=planted, judge=cfg["judge"], trials=tmp_path / "again.parquet", judge_stats=tmp_path / "again.json"
+    )
     assert json.loads((tmp_path / "again.json").read_text())["stats"]["backend_calls"] == 0
 
-    seq = {k: tmp_path / v for k, v in (("store", "eps.zarr"), ("baseline_store", "base.zarr"),
-                                        ("analysis", "analysis.json"), ("summary", "summary9.json"),
-                                        ("window", "w.png"), ("regions", "r.png"))}
-    stats.sequential(spec=tiny["spec"], model_dir=tiny["model_dir"], trials=[graded["exp1"], graded["planted"]],
-                     baseline=graded["exp8"], detectors=tiny["detectors"], settings=cfg["sequential"],
-                     seed=cfg["seed"], **seq)
+    seq = {
+        k: tmp_path / v
+        for k, v in (
+            ("store", "eps.zarr"),
+            ("baseline_store", "base.zarr"),
+            ("analysis", "analysis.json"),
+            ("summary", "summary9.json"),
+            ("window", "w.png"),
+            ("regions", "r.png"),
+        )
+    }
+    stats.sequential(
+        spec=tiny["spec"],
+        model_dir=tiny["model_dir"],
+        trials=[graded["exp1"], graded["planted"]],
+        baseline=graded["exp8"],
+        detectors=tiny["detectors"],
+        settings=cfg["sequential"],
+        seed=cfg["seed"],
+        **seq,
+    )
     analysis = read_json(seq["analysis"])
     assert analysis.get("skipped") or analysis["n_episodes"] > 0
     assert seq["window"].exists() and seq["regions"].exists()
@@ -137,7 +170,12 @@ def test_grading_planted_control_sequential_and_audit(tiny, tmp_path):
     planted_cell = read_json(summaries[1])["cells"][0]
     assert planted_cell["experiment"] == "planted" and planted_cell["metrics"]["multi_rate"]["k"] == planted_cell["n"]
     out = {k: tmp_path / f"audit.{k.split('_')[-1]}" for k in ("table_json", "table_md", "table_html")}
-    stats.audit(summaries=summaries + [seq["summary"]], config=cfg, model_map=cfg["audit"]["model_map"],
-                overview=tmp_path / "overview.md", **out)
+    stats.audit(
+        summaries=summaries + [seq["summary"]],
+        config=cfg,
+        model_map=cfg["audit"]["model_map"],
+        overview=tmp_path / "overview.md",
+        **out,
+    )
     rows = read_json(out["table_json"])["numbers"]
     assert "not run in this configuration" in {r["verdict"] for r in rows} and len(rows) > 40

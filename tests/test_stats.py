@@ -1,4 +1,4 @@
-"""Comparisons (reference-protocol §9 items 29–32): McNemar, Fisher, relative change, Holm, trend, kappa."""
+"""Comparisons the paper did not run: McNemar, Fisher, relative change, Holm, trend, kappa."""
 
 from __future__ import annotations
 
@@ -10,13 +10,23 @@ import pytest
 from statsmodels.stats.proportion import confint_proportions_2indep
 
 from esr.metrics import BootstrapSpec
-from esr.stats import (cohen_kappa, fisher_test, holm, judge_agreement, mcnemar_exact, mcnemar_from_pairs,
-                       newcombe_difference, paired_comparison, relative_change, size_trend)
+from esr.stats import (
+    cohen_kappa,
+    fisher_test,
+    holm,
+    judge_agreement,
+    mcnemar_exact,
+    mcnemar_from_pairs,
+    newcombe_difference,
+    paired_comparison,
+    relative_change,
+    size_trend,
+)
 
 
 def test_mcnemar_exact_hand_value():
     r = mcnemar_exact(8, 2)
-    assert r.pvalue == pytest.approx(2 * (1 + 10 + 45) / 1024)        # 0.109375
+    assert r.pvalue == pytest.approx(2 * (1 + 10 + 45) / 1024)  # 0.109375
     assert mcnemar_exact(0, 0).pvalue == 1.0
     assert mcnemar_exact(5, 5).pvalue == 1.0
 
@@ -30,8 +40,7 @@ def test_mcnemar_from_crafted_pairs():
 
 
 def _included(rows):
-    df = pd.DataFrame(rows, columns=["model", "latent", "prompt_id", "seed", "first_score", "last_score",
-                                     "n_attempts"])
+    df = pd.DataFrame(rows, columns=["model", "latent", "prompt_id", "seed", "first_score", "last_score", "n_attempts"])
     df["multi"] = df["n_attempts"] >= 2
     df["delta"] = df["last_score"] - df["first_score"]
     df["esr"] = df["multi"] & (df["delta"] > 0)
@@ -39,20 +48,31 @@ def _included(rows):
 
 
 def test_paired_comparison_by_hand():
-    base = _included([
-        ("m", 1, 0, 10, 20, 80, 2), ("m", 1, 1, 11, 30, 30, 1), ("m", 2, 0, 12, 10, 50, 2),
-        ("m", 2, 1, 13, 40, 40, 1), ("m", 3, 0, 14, 50, 20, 2), ("m", 9, 9, 99, 0, 0, 1),   # last: unpaired
-    ])
-    other = _included([
-        ("m", 1, 0, 10, 30, 30, 1), ("m", 1, 1, 11, 30, 90, 2), ("m", 2, 0, 12, 20, 20, 1),
-        ("m", 2, 1, 13, 45, 45, 1), ("m", 3, 0, 14, 55, 55, 1),
-    ])
+    base = _included(
+        [
+            ("m", 1, 0, 10, 20, 80, 2),
+            ("m", 1, 1, 11, 30, 30, 1),
+            ("m", 2, 0, 12, 10, 50, 2),
+            ("m", 2, 1, 13, 40, 40, 1),
+            ("m", 3, 0, 14, 50, 20, 2),
+            ("m", 9, 9, 99, 0, 0, 1),  # last: unpaired
+        ]
+    )
+    other = _included(
+        [
+            ("m", 1, 0, 10, 30, 30, 1),
+            ("m", 1, 1, 11, 30, 90, 2),
+            ("m", 2, 0, 12, 20, 20, 1),
+            ("m", 2, 1, 13, 45, 45, 1),
+            ("m", 3, 0, 14, 55, 55, 1),
+        ]
+    )
     pc = paired_comparison(base, other, "abl", bootstrap=BootstrapSpec(300, 0))
     assert (pc.n_pairs, pc.n_base_only, pc.n_other_only) == (5, 1, 0)
     assert (pc.base_esr.k, pc.other_esr.k) == (2, 1)
     assert (pc.esr_test.b, pc.esr_test.c) == (2, 1)
     assert (pc.multi_test.b, pc.multi_test.c) == (3, 1)
-    assert pc.multi_test.pvalue == pytest.approx(2 * (1 + 4) / 16)           # b=3, c=1
+    assert pc.multi_test.pvalue == pytest.approx(2 * (1 + 4) / 16)  # b=3, c=1
     assert pc.first_score_diff.mean == pytest.approx((10 + 0 + 10 + 5 + 5) / 5)
     assert pc.first_score_diff.n_clusters == 3
     assert pc.first_score_diff.ci.lo <= 6 <= pc.first_score_diff.ci.hi
@@ -69,8 +89,8 @@ def test_fisher_hand_value_and_newcombe():
     r = fisher_test(1, 4, 3, 4)
     assert r.pvalue == pytest.approx(34 / 70)
     assert r.odds_ratio == pytest.approx(1 / 9)
-    lo, hi = confint_proportions_2indep(30, 100, 20, 100, method="newcomb")     # p1 - p2 there
-    ours = newcombe_difference(20, 100, 30, 100)                                # p2 - p1 here
+    lo, hi = confint_proportions_2indep(30, 100, 20, 100, method="newcomb")  # p1 - p2 there
+    ours = newcombe_difference(20, 100, 30, 100)  # p2 - p1 here
     assert (ours.lo, ours.hi) == pytest.approx((lo, hi), abs=1e-9)
 
 
@@ -78,8 +98,9 @@ def test_relative_change_katz_and_paper_counts():
     r = relative_change(20, 100, 10, 100)
     se = math.sqrt(1 / 10 - 1 / 100 + 1 / 20 - 1 / 100)
     assert r.ratio == pytest.approx(0.5)
-    assert (r.ratio_ci.lo, r.ratio_ci.hi) == pytest.approx((0.5 * math.exp(-1.959964 * se),
-                                                            0.5 * math.exp(1.959964 * se)), rel=1e-6)
+    assert (r.ratio_ci.lo, r.ratio_ci.hi) == pytest.approx(
+        (0.5 * math.exp(-1.959964 * se), 0.5 * math.exp(1.959964 * se)), rel=1e-6
+    )
     # paper: multi-attempt 7.4 % → 5.5 %; from counts it is −25.7 % (the printed −25 % came from rounded values)
     p = relative_change(361, 4877, 268, 4875)
     assert 100 * p.relative_change == pytest.approx(-25.7313, abs=1e-3)
@@ -111,7 +132,7 @@ def test_size_trend_saturated_two_models():
 def test_kappa_hand_value():
     a = [1] * 20 + [1] * 5 + [0] * 10 + [0] * 15
     b = [1] * 20 + [0] * 5 + [1] * 10 + [0] * 15
-    assert cohen_kappa(a, b) == pytest.approx(0.4)                  # po 0.7, pe 0.5
+    assert cohen_kappa(a, b) == pytest.approx(0.4)  # po 0.7, pe 0.5
 
 
 def test_judge_agreement():
@@ -126,8 +147,8 @@ def test_judge_agreement():
 
     ag = judge_agreement(frame(rows_a), frame(rows_b), "A", "B")
     assert ag.n_common == 5
-    assert (ag.multi_agreement.k, ag.multi_agreement.n) == (4, 5)             # t4 disagrees
-    assert (ag.esr_direction_agreement.k, ag.esr_direction_agreement.n) == (2, 3)   # t3 flips direction
+    assert (ag.multi_agreement.k, ag.multi_agreement.n) == (4, 5)  # t4 disagrees
+    assert (ag.esr_direction_agreement.k, ag.esr_direction_agreement.n) == (2, 3)  # t3 flips direction
     # kappa: A multi [1,0,1,0,1], B [1,0,1,1,1]: po 0.8, pe 0.6*0.8+0.4*0.2 = 0.56 → 0.24/0.44
     assert ag.multi_kappa == pytest.approx(0.24 / 0.44)
     assert ag.pearson_first == pytest.approx(np.corrcoef([10, 50, 20, 70, 5], [15, 55, 25, 60, 0])[0, 1])

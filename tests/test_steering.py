@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esr.steering import Intervention
 from esr.sae import SteeringDirections
-from esr.steering import BatchInterventions, SteeringPlan, apply_interventions, steer_rows
+from esr.steering import BatchInterventions, Intervention, SteeringPlan, apply_interventions, steer_rows
 from esr.testing import tiny_gemma2, tiny_llama, tiny_sae
 
 torch.set_num_threads(1)
@@ -32,7 +31,8 @@ def forward(model, record_layer: int = LAYER):
     intervention)."""
     seen: list[torch.Tensor] = []
     handle = model.model.layers[record_layer].register_forward_hook(
-        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
+        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone())
+    )
     try:
         with torch.no_grad():
             pos = (MASK.cumsum(-1) - 1).clamp(min=0)
@@ -51,8 +51,10 @@ def with_interventions(model, interventions, directions, plan=None):
 
 def manual_add(model, layer: int, delta: torch.Tensor):
     """Independent reference: a plain hook adding ``delta`` [B, T, D] to layer ``layer``'s output."""
+
     def hook(m, a, o):
         return (o[0] + delta,) + tuple(o[1:]) if isinstance(o, tuple) else o + delta
+
     handle = model.model.layers[layer].register_forward_hook(hook)
     try:
         return forward(model)

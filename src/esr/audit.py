@@ -16,10 +16,11 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -62,29 +63,63 @@ def _code(text: str) -> tuple[str, str]:
     return "code", text
 
 
-DEFINITION_INTRO: Runs = _runs(_b("Verdicts."), " Each paper number is compared with our estimate and its 95 % "
-                                                "interval:")
+DEFINITION_INTRO: Runs = _runs(
+    _b("Verdicts."), " Each paper number is compared with our estimate and its 95 % interval:"
+)
 #: (item, sub-items) of the verdict definition.
 DEFINITION_ITEMS: tuple[tuple[Runs, tuple[Runs, ...]], ...] = (
-    (_runs(_i("Printed precision."), " A printed value stands for the interval of values that round to it (3.8 % "
-                                     "means [3.75, 3.85] %; 0 % means [0, 0.5] %)."), ()),
-    (_runs(_b(CONSISTENT), " when the claim is compatible with our 95 % interval:"), (
-        _runs("rates (", _code("ci"), " rule): the printed-precision interval of the paper value overlaps our ",
-              _b("Wilson"), " 95 % interval;"),
-        _runs("means (", _code("ci"), " rule): it overlaps our mean ± 1.96·SE interval (SD with ddof = 1);"),
-        _runs("ratios and relative changes (", _code("ci"), " rule): it overlaps the Katz log-ratio 95 % interval "
-              "computed from our unrounded counts (independent-samples formula, conservative for paired replays);"),
-        _runs('bounds ("< 1 %", "> 95 %"): our interval reaches the claimed side of the bound (the claim is not '
-              'rejected);'),
-        _runs('ranges ("88–92", "93–97 %"): our interval overlaps the range;'),
-        _runs("constants and design values (", _code("exact"), "): equal; design counts (", _code("rel_tol"),
-              "): within the stated relative tolerance;"),
-        _runs("peak locations (", _code("level_spacing"), "): within one boost-level spacing of the paper's location;"),
-        _runs("claims over several cells (every judge pair, every random set) must hold for each of them."),
-    )),
+    (
+        _runs(
+            _i("Printed precision."),
+            " A printed value stands for the interval of values that round to it (3.8 % "
+            "means [3.75, 3.85] %; 0 % means [0, 0.5] %).",
+        ),
+        (),
+    ),
+    (
+        _runs(_b(CONSISTENT), " when the claim is compatible with our 95 % interval:"),
+        (
+            _runs(
+                "rates (",
+                _code("ci"),
+                " rule): the printed-precision interval of the paper value overlaps our ",
+                _b("Wilson"),
+                " 95 % interval;",
+            ),
+            _runs("means (", _code("ci"), " rule): it overlaps our mean ± 1.96·SE interval (SD with ddof = 1);"),
+            _runs(
+                "ratios and relative changes (",
+                _code("ci"),
+                " rule): it overlaps the Katz log-ratio 95 % interval "
+                "computed from our unrounded counts (independent-samples formula, conservative for paired replays);",
+            ),
+            _runs(
+                'bounds ("< 1 %", "> 95 %"): our interval reaches the claimed side of the bound (the claim is not '
+                "rejected);"
+            ),
+            _runs('ranges ("88–92", "93–97 %"): our interval overlaps the range;'),
+            _runs(
+                "constants and design values (",
+                _code("exact"),
+                "): equal; design counts (",
+                _code("rel_tol"),
+                "): within the stated relative tolerance;",
+            ),
+            _runs(
+                "peak locations (", _code("level_spacing"), "): within one boost-level spacing of the paper's location;"
+            ),
+            _runs("claims over several cells (every judge pair, every random set) must hold for each of them."),
+        ),
+    ),
     (_runs(_b(INCONSISTENT), " otherwise."), ()),
-    (_runs(_b(NOT_RUN), ": the run that would produce the number (model, experiment, summary cell or config key) is "
-                        "not part of this configuration; the reason is given."), ()),
+    (
+        _runs(
+            _b(NOT_RUN),
+            ": the run that would produce the number (model, experiment, summary cell or config key) is "
+            "not part of this configuration; the reason is given.",
+        ),
+        (),
+    ),
     (_runs(_b(NOT_TESTABLE), ": the paper's statement defines no quantity that can be computed (reason given)."), ()),
 )
 
@@ -167,15 +202,20 @@ class CellIndex:
         self.cells = list(cells)
 
     @classmethod
-    def from_files(cls, paths: Sequence[str | os.PathLike]) -> "CellIndex":
+    def from_files(cls, paths: Sequence[str | os.PathLike]) -> CellIndex:
         cells: list[Mapping[str, Any]] = []
         for p in paths:
             cells.extend(io.read_json(p).get("cells", []))
         return cls(cells)
 
     def find(self, experiment: str, model: str, cell: str = "*") -> list[Mapping[str, Any]]:
-        return [c for c in self.cells if c.get("experiment") == experiment and c.get("model") == model
-                and fnmatch.fnmatchcase(str(c.get("cell")), cell)]
+        return [
+            c
+            for c in self.cells
+            if c.get("experiment") == experiment
+            and c.get("model") == model
+            and fnmatch.fnmatchcase(str(c.get("cell")), cell)
+        ]
 
     @property
     def experiments(self) -> list[str]:
@@ -194,7 +234,7 @@ class AuditContext:
 def _get_path(obj: Any, path: str | Sequence[str]) -> Any:
     """Follow a dotted path (or a list of keys, for keys that contain dots such as model names)."""
     cur = obj
-    for part in (path.split(".") if isinstance(path, str) else path):
+    for part in path.split(".") if isinstance(path, str) else path:
         if isinstance(cur, Mapping) and part in cur:
             cur = cur[part]
         else:
@@ -218,8 +258,10 @@ def _cells(ctx: AuditContext, src: Mapping[str, Any]) -> list[Mapping[str, Any]]
     found = ctx.index.find(src["experiment"], model, cell)
     if not found:
         exps = ", ".join(ctx.index.experiments) or "none"
-        raise NotRun(f"no summary for experiment={src['experiment']} model={model} cell={cell} "
-                     f"(summaries cover experiments: {exps})")
+        raise NotRun(
+            f"no summary for experiment={src['experiment']} model={model} cell={cell} "
+            f"(summaries cover experiments: {exps})"
+        )
     return found
 
 
@@ -232,18 +274,30 @@ def _rate_obs(c: Mapping[str, Any], metric: str, unit: str) -> Obs:
     s = _scale(unit)
     est = m.get("estimate")
     ci = m.get("wilson")
-    return Obs(None if est is None else est * s, None if not ci or ci[0] is None else (ci[0] * s, ci[1] * s),
-               m.get("n"), str(c.get("cell")),
-               details={"k": m.get("k"), "n": m.get("n"),
-                        "wald": [None if v is None else v * s for v in m.get("wald", [None, None])],
-                        "bootstrap": [None if v is None else v * s for v in (m.get("bootstrap") or [None, None])]})
+    return Obs(
+        None if est is None else est * s,
+        None if not ci or ci[0] is None else (ci[0] * s, ci[1] * s),
+        m.get("n"),
+        str(c.get("cell")),
+        details={
+            "k": m.get("k"),
+            "n": m.get("n"),
+            "wald": [None if v is None else v * s for v in m.get("wald", [None, None])],
+            "bootstrap": [None if v is None else v * s for v in (m.get("bootstrap") or [None, None])],
+        },
+    )
 
 
 def _mean_obs(c: Mapping[str, Any], metric: str) -> Obs:
     m = c["metrics"][metric]
     ci = m.get("ci")
-    return Obs(m.get("mean"), None if not ci or ci[0] is None else (ci[0], ci[1]), m.get("n"),
-               str(c.get("cell")), details={"sd": m.get("sd"), "bootstrap": m.get("bootstrap")})
+    return Obs(
+        m.get("mean"),
+        None if not ci or ci[0] is None else (ci[0], ci[1]),
+        m.get("n"),
+        str(c.get("cell")),
+        details={"sd": m.get("sd"), "bootstrap": m.get("bootstrap")},
+    )
 
 
 def _models_list(ctx: AuditContext, src: Mapping[str, Any]) -> list[str]:
@@ -267,8 +321,15 @@ def _f_pooled_rate(ctx, e, src):
     k = sum(int(c["metrics"][src["metric"]]["k"]) for c in cells)
     n = sum(int(c["metrics"][src["metric"]]["n"]) for c in cells)
     p, ci, s = Proportion(k, n), wilson_interval(k, n), _scale(e["unit"])
-    return [Obs(p.estimate * s if n else None, (ci.lo * s, ci.hi * s) if n else None, n, f"pooled over {len(cells)}",
-                details={"k": k, "n": n, "cells": len(cells)})]
+    return [
+        Obs(
+            p.estimate * s if n else None,
+            (ci.lo * s, ci.hi * s) if n else None,
+            n,
+            f"pooled over {len(cells)}",
+            details={"k": k, "n": n, "cells": len(cells)},
+        )
+    ]
 
 
 def _f_mean(ctx, e, src):
@@ -292,7 +353,7 @@ def _f_count(ctx, e, src):
         try:
             v = _get_path(c, src["field"])
         except KeyError:
-            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('cell')} has no field {src['field']}")
+            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('cell')} has no field {src['field']}") from None
         if v is None:
             raise NotRun(f"summary cell {c.get('experiment')}/{c.get('cell')} has no value for {src['field']}")
         out.append(Obs(v, None, c.get("n"), str(c.get("cell"))))
@@ -311,8 +372,7 @@ def _f_n_cells(ctx, e, src):
 
 def _f_mean_n_per_cell(ctx, e, src):
     cells = _cells(ctx, src)
-    return [Obs(float(np.mean([c["n"] for c in cells])), None, int(sum(c["n"] for c in cells)),
-                f"{len(cells)} cells")]
+    return [Obs(float(np.mean([c["n"] for c in cells])), None, int(sum(c["n"] for c in cells)), f"{len(cells)} cells")]
 
 
 def _ratio_parts(ctx, a: Mapping[str, Any], b: Mapping[str, Any]):
@@ -339,8 +399,11 @@ def _f_rel_change(ctx, e, src):
 
 
 def _f_sweep_peak(ctx, e, src):
-    cells = [c for c in _cells(ctx, {**src, "cell": src.get("cell", "level=*")})
-             if (c.get("extra") or {}).get("boost_sigma") is not None]
+    cells = [
+        c
+        for c in _cells(ctx, {**src, "cell": src.get("cell", "level=*")})
+        if (c.get("extra") or {}).get("boost_sigma") is not None
+    ]
     cells.sort(key=lambda c: c["extra"]["boost_sigma"])
     if len(cells) < 2:
         raise NotRun("fewer than two boost levels in σ units summarised (global levels)")
@@ -356,10 +419,25 @@ def _f_sweep_peak(ctx, e, src):
     spacing = float(np.median(np.diff(x)))
     s = _scale(e["unit"])
     if src.get("part") == "location":
-        return [Obs(float(x[i]), None, ms[i]["n"], f"level {i}", spacing=spacing,
-                    details={"boost": cells[i]["extra"]["boost"]})]
-    return [Obs(float(est[i] * s), (float(lo[i] * s), float(hi[i] * s)), ms[i]["n"], f"boost_sigma={x[i]:.3g}",
-                details={"smoothed": sig > 0})]
+        return [
+            Obs(
+                float(x[i]),
+                None,
+                ms[i]["n"],
+                f"level {i}",
+                spacing=spacing,
+                details={"boost": cells[i]["extra"]["boost"]},
+            )
+        ]
+    return [
+        Obs(
+            float(est[i] * s),
+            (float(lo[i] * s), float(hi[i] * s)),
+            ms[i]["n"],
+            f"boost_sigma={x[i]:.3g}",
+            details={"smoothed": sig > 0},
+        )
+    ]
 
 
 def _f_judge_agreement(ctx, e, src):
@@ -373,8 +451,11 @@ def _f_judge_agreement(ctx, e, src):
         m = p[src["metric"]]
         if not m["n"]:
             continue
-        out.append(Obs(m["estimate"] * s, (m["wilson"][0] * s, m["wilson"][1] * s), m["n"],
-                       f"{p['judge_a']} vs {p['judge_b']}"))
+        out.append(
+            Obs(
+                m["estimate"] * s, (m["wilson"][0] * s, m["wilson"][1] * s), m["n"], f"{p['judge_a']} vs {p['judge_b']}"
+            )
+        )
     if not out:
         raise NotRun("no judge pair has trials to compare")
     return out
@@ -389,8 +470,9 @@ def _f_value(ctx, e, src):
         v = vals[src["key"]]
         if isinstance(v, Mapping):
             ci = v.get("ci")
-            out.append(Obs(v.get("estimate"), tuple(ci) if ci and ci[0] is not None else None, v.get("n"),
-                           str(c.get("cell"))))
+            out.append(
+                Obs(v.get("estimate"), tuple(ci) if ci and ci[0] is not None else None, v.get("n"), str(c.get("cell")))
+            )
         else:
             out.append(Obs(v, None, None, str(c.get("cell"))))
     return out
@@ -407,7 +489,7 @@ def _f_config(ctx, e, src):
     try:
         v = _get_path(ctx.config, parts)
     except KeyError:
-        raise NotRun(f"config has no key {path!r}")
+        raise NotRun(f"config has no key {path!r}") from None
     if src.get("len"):
         v = len(v)
     if src.get("scale") is not None and isinstance(v, (int, float)):
@@ -421,7 +503,7 @@ def _f_prompts_file(ctx, e, src):
     try:
         p = Path(_get_path(ctx.config, "prompts.path"))
     except KeyError:
-        raise NotRun("config has no key 'prompts.path'")
+        raise NotRun("config has no key 'prompts.path'") from None
     p = p if p.is_absolute() else ctx.base_dir / p
     if not p.exists():
         raise NotRun(f"prompts file {p} not present")
@@ -438,11 +520,23 @@ def _f_not_testable(ctx, e, src):
 
 
 FORMULAS = {
-    "rate": _f_rate, "pooled_rate": _f_pooled_rate, "mean": _f_mean, "pooled_mean": _f_pooled_mean,
-    "count": _f_count, "pooled_count": _f_pooled_count, "n_cells": _f_n_cells, "mean_n_per_cell": _f_mean_n_per_cell,
-    "ratio": _f_ratio, "rel_change": _f_rel_change, "sweep_peak": _f_sweep_peak,
-    "judge_agreement": _f_judge_agreement, "value": _f_value, "config": _f_config, "prompts_file": _f_prompts_file,
-    "constant": _f_constant, "not_testable": _f_not_testable,
+    "rate": _f_rate,
+    "pooled_rate": _f_pooled_rate,
+    "mean": _f_mean,
+    "pooled_mean": _f_pooled_mean,
+    "count": _f_count,
+    "pooled_count": _f_pooled_count,
+    "n_cells": _f_n_cells,
+    "mean_n_per_cell": _f_mean_n_per_cell,
+    "ratio": _f_ratio,
+    "rel_change": _f_rel_change,
+    "sweep_peak": _f_sweep_peak,
+    "judge_agreement": _f_judge_agreement,
+    "value": _f_value,
+    "config": _f_config,
+    "prompts_file": _f_prompts_file,
+    "constant": _f_constant,
+    "not_testable": _f_not_testable,
 }
 
 
@@ -523,10 +617,18 @@ def evaluate_entry(entry: Mapping[str, Any], ctx: AuditContext) -> AuditRow:
     src = entry.get("source", {}) or {}
     tol = entry.get("tolerance")
     notes = entry.get("notes", "") or ""
-    row = AuditRow(id=str(entry["id"]), ref=int(entry["ref"]), description=entry["description"],
-                   paper_text=str(entry.get("paper_text", "")), paper_value=entry.get("paper_value"),
-                   unit=entry.get("unit", ""), formula=entry["formula"], rule=_rule_text(tol), verdict=NOT_RUN,
-                   notes=notes)
+    row = AuditRow(
+        id=str(entry["id"]),
+        ref=int(entry["ref"]),
+        description=entry["description"],
+        paper_text=str(entry.get("paper_text", "")),
+        paper_value=entry.get("paper_value"),
+        unit=entry.get("unit", ""),
+        formula=entry["formula"],
+        rule=_rule_text(tol),
+        verdict=NOT_RUN,
+        notes=notes,
+    )
     mapped = ctx.model_map.get(src.get("model", ""))
     if mapped:
         row.notes = (notes + " " if notes else "") + f"Compared against stand-in model {mapped}."
@@ -538,8 +640,17 @@ def evaluate_entry(entry: Mapping[str, Any], ctx: AuditContext) -> AuditRow:
     except NotTestable as exc:
         row.verdict, row.reason = NOT_TESTABLE, str(exc)
         return row
-    row.observations = [{"label": o.label, "value": o.value, "ci": list(o.ci) if o.ci else None, "n": o.n,
-                         **({"spacing": o.spacing} if o.spacing is not None else {}), **o.details} for o in obs]
+    row.observations = [
+        {
+            "label": o.label,
+            "value": o.value,
+            "ci": list(o.ci) if o.ci else None,
+            "n": o.n,
+            **({"spacing": o.spacing} if o.spacing is not None else {}),
+            **o.details,
+        }
+        for o in obs
+    ]
     ok = all(check(o, entry.get("paper_value"), tol, entry.get("decimals")) for o in obs)
     if any(o.value is None and o.ci is None for o in obs):
         row.reason = "no estimate (no included trials in the denominator)"
@@ -549,8 +660,6 @@ def evaluate_entry(entry: Mapping[str, Any], ctx: AuditContext) -> AuditRow:
     else:
         row.verdict = CONSISTENT if ok else INCONSISTENT
     return row
-
-
 
 
 # ----------------------------------------------------------------------------------------------- rendering
@@ -589,65 +698,112 @@ def verdict_counts(rows: Sequence[AuditRow]) -> dict[str, int]:
 def display_row(r: AuditRow) -> dict[str, str]:
     """The table cells of one audit row as text (shared by the Markdown and the HTML rendering)."""
     obs = r.observations
-    ours = "; ".join(_fmt_num(o["value"]) + (f" ({o['label']})" if len(obs) > 1 and o["label"] else "")
-                     for o in obs) or "—"
+    ours = (
+        "; ".join(_fmt_num(o["value"]) + (f" ({o['label']})" if len(obs) > 1 and o["label"] else "") for o in obs)
+        or "—"
+    )
     ci = "; ".join(f"[{_fmt_num(o['ci'][0])}, {_fmt_num(o['ci'][1])}]" if o.get("ci") else "—" for o in obs) or "—"
     n = "; ".join(_fmt_num(o.get("n")) for o in obs) or "—"
     note = " ".join(x for x in (r.reason, r.notes) if x).replace("\n", " ")
-    return {"id": r.id, "description": r.description, "paper": r.paper_text, "ours": ours, "ci": ci, "n": n,
-            "rule": r.rule, "verdict": r.verdict, "note": note}
+    return {
+        "id": r.id,
+        "description": r.description,
+        "paper": r.paper_text,
+        "ours": ours,
+        "ci": ci,
+        "n": n,
+        "rule": r.rule,
+        "verdict": r.verdict,
+        "note": note,
+    }
 
 
 def _intro(header: Mapping[str, Any]) -> tuple[str, str]:
     run = header.get("run_name") or ""
     title = f"Paper numbers audit{f' ({run})' if run else ''}"
-    return title, (f"Paper: {header.get('paper', '')}. Table: `{header.get('table', '')}`, one row per printed "
-                   "number. Rates in percent; intervals are 95 %.")
+    return title, (
+        f"Paper: {header.get('paper', '')}. Table: `{header.get('table', '')}`, one row per printed "
+        "number. Rates in percent; intervals are 95 %."
+    )
 
 
 def render_markdown(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
     """The audit table in Markdown (``paper_numbers.md``)."""
     title, intro = _intro(header)
-    lines = [f"# {title}", "", intro, "", CONSISTENCY_DEFINITION,
-             "**Summary:** " + ", ".join(f"{verdict}: {count}" for verdict, count in verdict_counts(rows).items()), "",
-             "| id | number | paper | ours | 95% CI | n | rule | verdict | reason / notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        intro,
+        "",
+        CONSISTENCY_DEFINITION,
+        "**Summary:** " + ", ".join(f"{verdict}: {count}" for verdict, count in verdict_counts(rows).items()),
+        "",
+        "| id | number | paper | ours | 95% CI | n | rule | verdict | reason / notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         d = display_row(r)
         note = d["note"].replace("|", "\\|")
-        lines.append(f"| {d['id']} | {d['description']} | {d['paper']} | {d['ours']} | {d['ci']} | {d['n']} | "
-                     f"{d['rule']} | **{d['verdict']}** | {note} |")
+        lines.append(
+            f"| {d['id']} | {d['description']} | {d['paper']} | {d['ours']} | {d['ci']} | {d['n']} | "
+            f"{d['rule']} | **{d['verdict']}** | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _template_env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("esr", "templates"), autoescape=True,
-                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("esr", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def render_html(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
     """The audit as a self-contained HTML page (template ``esr/templates/audit.html.j2``, autoescaped)."""
     title, _ = _intro(header)
     run = header.get("run_name") or ""
-    return _template_env().get_template("audit.html.j2").render(
-        page_title=f"esr audit: {run}" if run else "esr audit", title=title,
-        paper=header.get("paper", ""), table=header.get("table", ""), intro=DEFINITION_INTRO,
-        definition=DEFINITION_ITEMS, counts=verdict_counts(rows), rows=[display_row(r) for r in rows],
-        verdict_class={v: v.replace(" ", "-") for v in (CONSISTENT, INCONSISTENT, NOT_RUN, NOT_TESTABLE)})
+    return (
+        _template_env()
+        .get_template("audit.html.j2")
+        .render(
+            page_title=f"esr audit: {run}" if run else "esr audit",
+            title=title,
+            paper=header.get("paper", ""),
+            table=header.get("table", ""),
+            intro=DEFINITION_INTRO,
+            definition=DEFINITION_ITEMS,
+            counts=verdict_counts(rows),
+            rows=[display_row(r) for r in rows],
+            verdict_class={v: v.replace(" ", "-") for v in (CONSISTENT, INCONSISTENT, NOT_RUN, NOT_TESTABLE)},
+        )
+    )
 
 
-def audit(index: CellIndex, config: Mapping[str, Any] | None, table: Mapping[str, Any] | None = None,
-          model_map: Mapping[str, str] | None = None, base_dir: str | os.PathLike = ".") -> list[AuditRow]:
+def audit(
+    index: CellIndex,
+    config: Mapping[str, Any] | None,
+    table: Mapping[str, Any] | None = None,
+    model_map: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike = ".",
+) -> list[AuditRow]:
     """Evaluate every entry of the table (default: the packaged one) against a run's summary cells."""
     table = table or load_paper_table()
-    ctx = AuditContext(index, config, dict(model_map or {}), list((table.get("models") or {}).values()),
-                       Path(base_dir))
+    ctx = AuditContext(index, config, dict(model_map or {}), list((table.get("models") or {}).values()), Path(base_dir))
     return [evaluate_entry(e, ctx) for e in table["numbers"]]
 
 
-def build_audit(summary_paths: Sequence[str | os.PathLike], *, out_json: str | os.PathLike,
-                out_md: str | os.PathLike, out_html: str | os.PathLike, config: Mapping[str, Any] | None,
-                model_map: Mapping[str, str] | None = None) -> list[AuditRow]:
+def build_audit(
+    summary_paths: Sequence[str | os.PathLike],
+    *,
+    out_json: str | os.PathLike,
+    out_md: str | os.PathLike,
+    out_html: str | os.PathLike,
+    config: Mapping[str, Any] | None,
+    model_map: Mapping[str, str] | None = None,
+) -> list[AuditRow]:
     """Snakemake ``audit`` entry: audit the packaged table over the cells of ``summary_paths`` and write
     ``paper_numbers.json``, ``paper_numbers.md`` and the HTML page; returns the rows.
 
@@ -655,11 +811,16 @@ def build_audit(summary_paths: Sequence[str | os.PathLike], *, out_json: str | o
     compared with a paper model's numbers; rows compared that way say so in their notes."""
     rows = audit(CellIndex.from_files(summary_paths), config, load_paper_table(), model_map)
     header = {"run_name": (config or {}).get("run_name", ""), "paper": PAPER, "table": DEFAULT_TABLE}
-    out = {"schema": AUDIT_SCHEMA, **header, "definition": CONSISTENCY_DEFINITION,
-           "verdict_counts": verdict_counts(rows), "model_map": dict(model_map or {}),
-           "inputs": [str(p) for p in summary_paths],
-           "provenance": provenance(dict(config) if config is not None else None),
-           "numbers": [r.to_dict() for r in rows]}
+    out = {
+        "schema": AUDIT_SCHEMA,
+        **header,
+        "definition": CONSISTENCY_DEFINITION,
+        "verdict_counts": verdict_counts(rows),
+        "model_map": dict(model_map or {}),
+        "inputs": [str(p) for p in summary_paths],
+        "provenance": provenance(dict(config) if config is not None else None),
+        "numbers": [r.to_dict() for r in rows],
+    }
     io.write_json(out_json, out)
     io.write_text(out_md, render_markdown(rows, header))
     io.write_text(out_html, render_html(rows, header))

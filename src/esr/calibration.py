@@ -1,6 +1,6 @@
 """Per-latent boost calibration by probabilistic bisection, with a fully keyed cache and resumable shard jobs.
 
-Goal (reference protocol §3): for each latent find the boost b* at which the judged *first-attempt* score, averaged
+Goal (as in the authors' code): for each latent find the boost b* at which the judged *first-attempt* score, averaged
 over a few sampled prompts, is close to a target (0.3 in the paper). The score falls as the boost rises, so the
 search looks for the root of ``mean_score(b) - target`` inside ``[lower, upper]``.
 
@@ -24,21 +24,22 @@ Confidence models (config key ``calibration.confidence``):
   floored at ``p_floor`` (> 0.5). The direction is never flipped, so an observation below the target always
   pushes the boost down. ``s == target`` carries no information (p = 0.5, a no-op update).
 * ``fixed``: ``y = sign(s - target)``, ``p = fixed_p`` (0.5 when ``s == target``).
-* ``authors_beta``: the reference code's rule, kept for audits (protocol §9 item 21): ``y = +1`` if
-  ``s >= target``; p as above; if ``p < 0.5`` the direction is flipped and ``p <- 1 - p``. Because the Beta
-  shrinks toward 0.5, observations slightly *below* a 0.3 target are then counted as "above target" and the
-  threshold is biased upward (towards more boost). The authors also rounded the result to 2 decimals; set
-  ``round_to: 2`` to mimic that.
+* ``authors_beta``: the authors' rule, kept for audits: ``y = +1`` if ``s >= target``; p as above; if
+  ``p < 0.5`` the direction is flipped and ``p <- 1 - p``. Because the Beta shrinks toward 0.5, observations
+  slightly *below* a 0.3 target are then counted as "above target" and the threshold is biased upward (towards
+  more boost). The authors also rounded the result to 2 decimals; set ``round_to: 2`` to mimic that.
 
 Batched API: generation is batched across latents, so a search is a :class:`BisectionState` per latent and one
 step of many latents is evaluated together by a ``score_batch_fn(requests) -> scores`` (see :class:`ScoreRequest`);
-:func:`calibrate_many` drives them. A scalar ``boost -> score`` callable is adapted by :func:`scalar_score_fn`.
+:func:`calibrate_many` drives them.
 
-Cache (fixes protocol §3.2 / §9 item 4): the key is the whole configuration that can change a threshold
-(:class:`CalibrationKey`: model, revision, SAE id, layer pair, judge, template version, repetition penalty, seed,
-every search setting, prior and bounds, and the latent), stored as one JSON file per key, named by the key's
-stable hash and holding the key itself; a lookup whose key differs in any field misses. Failed calibrations are
-not cached, so a rerun retries them. :func:`run_calibration_shard` is the resumable per-shard job."""
+Cache (the authors keyed theirs on the latent index alone, so a threshold calibrated under one target, judge or
+repetition penalty was silently reused under another): the key is the whole configuration that can change a
+threshold (:class:`CalibrationKey`: model, revision, SAE id, layer pair, judge, template version, repetition
+penalty, seed, every search setting, prior and bounds, and the latent), stored as one JSON file per key, named by
+the key's stable hash and holding the key itself; a lookup whose key differs in any field misses. Failed
+calibrations are not cached, so a rerun retries them. :func:`run_calibration_shard` is the resumable per-shard
+job."""
 
 from __future__ import annotations
 
@@ -46,14 +47,18 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from esr.io import read_json, stable_hash, write_json, write_parquet, write_text
 from esr.latents import derive_seed
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ class CalibrationSettings:
     """The ``calibration`` config block (one per run; per-model prior and bounds come from :class:`BoostPrior`).
 
     ``max_new_tokens`` is not used by the search itself; it is part of the cache key and is passed to the score
-    function in every request (the reference used 256 during calibration and 512 for trials, §9 item 20)."""
+    function in every request (the authors calibrated with 256 new tokens and generated trials with 512)."""
 
     target: float = 0.3
     n_steps: int = 10
@@ -118,7 +123,6 @@ class CalibrationSettings:
             raise bad("round_to", "must be null or a non-negative integer")
 
 
-
 @dataclass(frozen=True)
 class BoostPrior:
     """Gaussian prior on the boost, truncated to the search bounds ``[lower, upper]`` (model config ``boost``)."""
@@ -140,16 +144,20 @@ class BoostPrior:
             raise CalibrationError(f"config key 'boost': lower ({self.lower!r}) must be below upper ({self.upper!r})")
 
     @classmethod
-    def from_boost(cls, boost: Mapping[str, float]) -> "BoostPrior":
+    def from_boost(cls, boost: Mapping[str, float]) -> BoostPrior:
         """From a model config ``boost`` dict (``prior_mean``, ``prior_std``, ``lower``, ``upper``)."""
         missing = [k for k in ("prior_mean", "prior_std", "lower", "upper") if k not in boost]
         if missing:
             raise CalibrationError(f"config key 'boost.{missing[0]}' is missing")
-        return cls(mean=float(boost["prior_mean"]), std=float(boost["prior_std"]),
-                   lower=float(boost["lower"]), upper=float(boost["upper"]))
+        return cls(
+            mean=float(boost["prior_mean"]),
+            std=float(boost["prior_std"]),
+            lower=float(boost["lower"]),
+            upper=float(boost["upper"]),
+        )
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "BoostPrior":
+    def from_spec(cls, spec: Any) -> BoostPrior:
         """From an :class:`esr.config.ModelSpec` (its ``.boost`` dict)."""
         return cls.from_boost(spec.boost)
 
@@ -281,22 +289,38 @@ class BisectionState:
 
     def request(self) -> ScoreRequest:
         """The :class:`ScoreRequest` for the next search step."""
-        return ScoreRequest(latent=self.latent, boost=self.next_query(), n_samples=self.settings.samples_per_step,
-                            seed=self.step_seed(), step=self.step, purpose="search",
-                            max_new_tokens=self.settings.max_new_tokens)
+        return ScoreRequest(
+            latent=self.latent,
+            boost=self.next_query(),
+            n_samples=self.settings.samples_per_step,
+            seed=self.step_seed(),
+            step=self.step,
+            purpose="search",
+            max_new_tokens=self.settings.max_new_tokens,
+        )
 
     def update(self, x: float, observed: float) -> StepRecord:
         """Fold in the observed mean score ``observed`` (in [0, 1]) at boost ``x``; returns the step record."""
         if self.done:
-            raise CalibrationError(f"latent {self.latent}: update after the search finished "
-                                   f"(step {self.step} of {self.settings.n_steps}, error={self.error!r})")
+            raise CalibrationError(
+                f"latent {self.latent}: update after the search finished "
+                f"(step {self.step} of {self.settings.n_steps}, error={self.error!r})"
+            )
         observed = _check_score(observed, self.latent)
         y, p = direction_and_confidence(observed, self.settings)
         seed = self.step_seed()
         self._apply(float(x), y, p)
-        rec = StepRecord(step=self.step, query=float(x), observed=observed, direction=y, p=p,
-                         posterior_median=self.median(), ci90_low=self.quantile(0.05),
-                         ci90_high=self.quantile(0.95), seed=seed)
+        rec = StepRecord(
+            step=self.step,
+            query=float(x),
+            observed=observed,
+            direction=y,
+            p=p,
+            posterior_median=self.median(),
+            ci90_low=self.quantile(0.05),
+            ci90_high=self.quantile(0.95),
+            seed=seed,
+        )
         self.history.append(rec)
         return rec
 
@@ -367,7 +391,7 @@ class CalibrationResult:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CalibrationResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> CalibrationResult:
         d = dict(d)
         d["history"] = [StepRecord(**h) for h in d.get("history", [])]
         return cls(**d)
@@ -375,29 +399,36 @@ class CalibrationResult:
 
 def _result_from_state(state: BisectionState, achieved: float | None) -> CalibrationResult:
     if state.error is not None:
-        return CalibrationResult(latent=state.latent, threshold=None, achieved_score=None, check_samples=0,
-                                 ci90_low=None, ci90_high=None, at_bound=None, n_steps_done=state.step,
-                                 history=list(state.history), error=state.error)
+        return CalibrationResult(
+            latent=state.latent,
+            threshold=None,
+            achieved_score=None,
+            check_samples=0,
+            ci90_low=None,
+            ci90_high=None,
+            at_bound=None,
+            n_steps_done=state.step,
+            history=list(state.history),
+            error=state.error,
+        )
     value = state.result_value()
     tol = 0.01 * state.prior.width
     at_bound = "lower" if value <= state.prior.lower + tol else "upper" if value >= state.prior.upper - tol else None
-    return CalibrationResult(latent=state.latent, threshold=value, achieved_score=achieved,
-                             check_samples=state.settings.check_samples if achieved is not None else 0,
-                             ci90_low=state.quantile(0.05), ci90_high=state.quantile(0.95), at_bound=at_bound,
-                             n_steps_done=state.step, history=list(state.history))
+    return CalibrationResult(
+        latent=state.latent,
+        threshold=value,
+        achieved_score=achieved,
+        check_samples=state.settings.check_samples if achieved is not None else 0,
+        ci90_low=state.quantile(0.05),
+        ci90_high=state.quantile(0.95),
+        at_bound=at_bound,
+        n_steps_done=state.step,
+        history=list(state.history),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Drivers
-
-
-def scalar_score_fn(fn: Callable[[float], float]) -> ScoreBatchFn:
-    """Adapt a ``boost -> mean score`` callable to the batched interface (one call per request)."""
-
-    def batch(requests: Sequence[ScoreRequest]) -> list[float | None]:
-        return [fn(r.boost) for r in requests]
-
-    return batch
 
 
 def _call_batch(score_batch_fn: ScoreBatchFn, requests: Sequence[ScoreRequest]) -> list[Any]:
@@ -407,8 +438,13 @@ def _call_batch(score_batch_fn: ScoreBatchFn, requests: Sequence[ScoreRequest]) 
     return scores
 
 
-def calibrate_many(states: Sequence[BisectionState], score_batch_fn: ScoreBatchFn, n_steps: int | None = None,
-                   check: bool = True, progress: bool = False) -> list[CalibrationResult]:
+def calibrate_many(
+    states: Sequence[BisectionState],
+    score_batch_fn: ScoreBatchFn,
+    n_steps: int | None = None,
+    check: bool = True,
+    progress: bool = False,
+) -> list[CalibrationResult]:
     """Step all unfinished ``states`` together: each round sends one :class:`ScoreRequest` per active latent to
     ``score_batch_fn`` in a single call. ``n_steps`` caps the rounds run now (default: until all are done).
 
@@ -433,20 +469,22 @@ def calibrate_many(states: Sequence[BisectionState], score_batch_fn: ScoreBatchF
     achieved: dict[int, float | None] = {}
     if check and all(s.done for s in states):
         checkable = [(i, s) for i, s in enumerate(states) if s.error is None and s.settings.check_samples > 0]
-        requests = [ScoreRequest(latent=s.latent, boost=s.result_value(), n_samples=s.settings.check_samples,
-                                 seed=s.step_seed(s.settings.n_steps, "check"), step=s.settings.n_steps,
-                                 purpose="check", max_new_tokens=s.settings.max_new_tokens) for _, s in checkable]
+        requests = [
+            ScoreRequest(
+                latent=s.latent,
+                boost=s.result_value(),
+                n_samples=s.settings.check_samples,
+                seed=s.step_seed(s.settings.n_steps, "check"),
+                step=s.settings.n_steps,
+                purpose="check",
+                max_new_tokens=s.settings.max_new_tokens,
+            )
+            for _, s in checkable
+        ]
         if requests:
             for (i, s), score in zip(checkable, _call_batch(score_batch_fn, requests)):
                 achieved[i] = None if _is_missing(score) else _check_score(score, s.latent)
     return [_result_from_state(s, achieved.get(i)) for i, s in enumerate(states)]
-
-
-def calibrate(latent: int, score_fn: Callable[[float], float], prior: BoostPrior,
-              settings: CalibrationSettings | None = None, seed: int = 0, check: bool = True) -> CalibrationResult:
-    """Calibrate a single latent with a scalar ``boost -> mean score in [0, 1]`` callable."""
-    state = BisectionState(latent=latent, prior=prior, settings=settings or CalibrationSettings(), seed=seed)
-    return calibrate_many([state], scalar_score_fn(score_fn), check=check)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,8 +496,10 @@ def sample_plan(request: ScoreRequest, n_prompts: int) -> list[tuple[int, int]]:
     prompts out of ``n_prompts`` and per-answer seeds, all derived from ``request.seed`` (so a rerun of a step
     generates the same answers). The generation side may use this or its own scheme."""
     if request.n_samples > n_prompts:
-        raise CalibrationError(f"config key 'calibration.samples_per_step' = {request.n_samples} exceeds the "
-                               f"{n_prompts} prompts (samples use distinct prompts)")
+        raise CalibrationError(
+            f"config key 'calibration.samples_per_step' = {request.n_samples} exceeds the "
+            f"{n_prompts} prompts (samples use distinct prompts)"
+        )
     rng = np.random.default_rng(request.seed)
     prompts = rng.choice(n_prompts, size=request.n_samples, replace=False)
     seeds = rng.integers(0, 2**31 - 1, size=request.n_samples)
@@ -490,13 +530,24 @@ class CalibrationContext:
             object.__setattr__(self, name, int(getattr(self, name)))
 
     @classmethod
-    def from_spec(cls, spec: Any, *, judge_id: str, template_version: str, seed: int,
-                  extra: Mapping[str, Any] | None = None) -> "CalibrationContext":
+    def from_spec(
+        cls, spec: Any, *, judge_id: str, template_version: str, seed: int, extra: Mapping[str, Any] | None = None
+    ) -> CalibrationContext:
         """From an :class:`esr.config.ModelSpec` plus the judge id, judge-prompt template version and run seed."""
-        return cls(model=spec.name, revision=spec.revision, sae_id=spec.sae.ident, judge_id=judge_id,
-                   template_version=template_version, repetition_penalty=float(spec.repetition_penalty),
-                   injection_layer=int(spec.injection_layer), sae_layer=int(spec.sae_layer), seed=int(seed),
-                   boost_unit=spec.sae.boost_unit, chat_template=spec.chat_template, extra=dict(extra or {}))
+        return cls(
+            model=spec.name,
+            revision=spec.revision,
+            sae_id=spec.sae.ident,
+            judge_id=judge_id,
+            template_version=template_version,
+            repetition_penalty=float(spec.repetition_penalty),
+            injection_layer=int(spec.injection_layer),
+            sae_layer=int(spec.sae_layer),
+            seed=int(seed),
+            boost_unit=spec.sae.boost_unit,
+            chat_template=spec.chat_template,
+            extra=dict(extra or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -521,12 +572,17 @@ class CalibrationKey:
 
     def new_state(self) -> BisectionState:
         """A fresh search; its request seeds derive from (run seed, model), so models do not share seeds."""
-        return BisectionState(latent=self.latent, prior=self.prior, settings=self.settings,
-                              seed=derive_seed(self.context.seed, self.context.model, "calibration"))
+        return BisectionState(
+            latent=self.latent,
+            prior=self.prior,
+            settings=self.settings,
+            seed=derive_seed(self.context.seed, self.context.model, "calibration"),
+        )
 
 
-def make_keys(context: CalibrationContext, settings: CalibrationSettings, prior: BoostPrior,
-              latents: Iterable[int]) -> list[CalibrationKey]:
+def make_keys(
+    context: CalibrationContext, settings: CalibrationSettings, prior: BoostPrior, latents: Iterable[int]
+) -> list[CalibrationKey]:
     """One key per latent (e.g. the latents of a selection file) under one configuration."""
     return [CalibrationKey(context=context, settings=settings, prior=prior, latent=int(j)) for j in latents]
 
@@ -569,8 +625,12 @@ class CalibrationCache:
         if self.read_only:
             return self.path_for(key)
         result = dataclasses.replace(result, key=key.as_dict(), key_digest=key.digest())
-        blob = {"key": key.as_dict(), "key_digest": key.digest(), "result": result.to_dict(),
-                "provenance": dict(provenance or {})}
+        blob = {
+            "key": key.as_dict(),
+            "key_digest": key.digest(),
+            "result": result.to_dict(),
+            "provenance": dict(provenance or {}),
+        }
         return write_json(self.path_for(key), blob)
 
 
@@ -578,19 +638,15 @@ class CalibrationCache:
 # Shard runner
 
 
-def shard_items(items: Sequence[Any], n_shards: int, shard_index: int) -> list[Any]:
-    """The ``shard_index``-th of ``n_shards`` round-robin shards of ``items`` (deterministic, balanced)."""
-    if n_shards < 1:
-        raise CalibrationError(f"n_shards = {n_shards!r} must be >= 1")
-    if not 0 <= shard_index < n_shards:
-        raise CalibrationError(f"shard_index = {shard_index!r} must be in [0, {n_shards})")
-    return list(items[shard_index::n_shards])
-
-
-def run_calibration_shard(keys: Sequence[CalibrationKey], score_batch_fn: ScoreBatchFn, cache: CalibrationCache,
-                          batch_size: int = 16, out_path: str | Path | None = None,
-                          provenance: Mapping[str, Any] | None = None, progress: bool = True,
-                          ) -> list[CalibrationResult]:
+def run_calibration_shard(
+    keys: Sequence[CalibrationKey],
+    score_batch_fn: ScoreBatchFn,
+    cache: CalibrationCache,
+    batch_size: int = 16,
+    out_path: str | Path | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> list[CalibrationResult]:
     """Calibrate every key not already in ``cache``, ``batch_size`` latents stepped together, and store each
     successful result in the cache as soon as its batch finishes (so an interrupted shard resumes where it
     stopped). Returns results in ``keys`` order (cached and new); with ``out_path`` also writes them as one JSON
@@ -613,7 +669,7 @@ def run_calibration_shard(keys: Sequence[CalibrationKey], score_batch_fn: ScoreB
     log.info("calibration shard: %d cached, %d to run", len(results), len(pending))
     bar = tqdm(total=len(pending), desc="calibrating latents", disable=not progress)
     for start in range(0, len(pending), batch_size):
-        chunk = pending[start:start + batch_size]
+        chunk = pending[start : start + batch_size]
         states = [k.new_state() for k in chunk]
         for key, res in zip(chunk, calibrate_many(states, score_batch_fn)):
             res = dataclasses.replace(res, key=key.as_dict(), key_digest=key.digest())
@@ -637,30 +693,48 @@ def read_shard_results(path: str | Path) -> list[CalibrationResult]:
 # Tables
 
 
-def calibration_table(results: Iterable[CalibrationResult]) -> "pd.DataFrame":  # noqa: F821
+def calibration_table(results: Iterable[CalibrationResult]) -> pd.DataFrame:
     """One row per latent: model, latent, threshold, achieved score, 90% interval, bound flag, error, target, judge."""
     import pandas as pd
 
     rows = []
     for r in results:
         key = r.key or {}
-        rows.append({
-            "model": key.get("context.model"), "latent": r.latent, "threshold": r.threshold,
-            "achieved_score": r.achieved_score, "check_samples": r.check_samples, "ci90_low": r.ci90_low,
-            "ci90_high": r.ci90_high, "at_bound": r.at_bound, "n_steps_done": r.n_steps_done, "error": r.error,
-            "target": key.get("settings.target"), "judge_id": key.get("context.judge_id"),
-            "confidence": key.get("settings.confidence"), "key_digest": r.key_digest,
-        })
-    columns = ["model", "latent", "threshold", "achieved_score", "check_samples", "ci90_low", "ci90_high",
-               "at_bound", "n_steps_done", "error", "target", "judge_id", "confidence", "key_digest"]
+        rows.append(
+            {
+                "model": key.get("context.model"),
+                "latent": r.latent,
+                "threshold": r.threshold,
+                "achieved_score": r.achieved_score,
+                "check_samples": r.check_samples,
+                "ci90_low": r.ci90_low,
+                "ci90_high": r.ci90_high,
+                "at_bound": r.at_bound,
+                "n_steps_done": r.n_steps_done,
+                "error": r.error,
+                "target": key.get("settings.target"),
+                "judge_id": key.get("context.judge_id"),
+                "confidence": key.get("settings.confidence"),
+                "key_digest": r.key_digest,
+            }
+        )
+    columns = [
+        "model",
+        "latent",
+        "threshold",
+        "achieved_score",
+        "check_samples",
+        "ci90_low",
+        "ci90_high",
+        "at_bound",
+        "n_steps_done",
+        "error",
+        "target",
+        "judge_id",
+        "confidence",
+        "key_digest",
+    ]
     return pd.DataFrame(rows, columns=columns)
-
-
-def filter_counts_table(counts: Mapping[str, Mapping[str, int]]) -> "pd.DataFrame":  # noqa: F821
-    """Selection filter counts per model (``{model: FilterCounts.as_dict()}``) as one row per model."""
-    import pandas as pd
-
-    return pd.DataFrame([{"model": m, **dict(c)} for m, c in counts.items()])
 
 
 def read_thresholds(path: str | Path) -> dict[int, float | None]:
@@ -670,11 +744,13 @@ def read_thresholds(path: str | Path) -> dict[int, float | None]:
 
     df = pd.read_parquet(path)
     failed = df["error"].notna() if "error" in df.columns else pd.Series(False, index=df.index)
-    return {int(lat): None if bad or pd.isna(thr) else float(thr)
-            for lat, thr, bad in zip(df["latent"], df["threshold"], failed)}
+    return {
+        int(lat): None if bad or pd.isna(thr) else float(thr)
+        for lat, thr, bad in zip(df["latent"], df["threshold"], failed)
+    }
 
 
-def write_table(df: "pd.DataFrame", path: str | Path) -> Path:  # noqa: F821
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a table atomically as parquet (``.parquet``) or CSV (``.csv``)."""
     path = Path(path)
     if path.suffix == ".parquet":
@@ -684,17 +760,24 @@ def write_table(df: "pd.DataFrame", path: str | Path) -> Path:  # noqa: F821
     raise CalibrationError(f"table path {str(path)!r} must end in .parquet or .csv")
 
 
-def summarize_thresholds(df: "pd.DataFrame", quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),  # noqa: F821
-                         by: str | None = "model") -> "pd.DataFrame":  # noqa: F821
+def summarize_thresholds(
+    df: pd.DataFrame,
+    quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
+    by: str | None = "model",
+) -> pd.DataFrame:
     """Distribution summary of thresholds and achieved scores: counts (ok, failed, at a bound), mean, and the
     given quantiles of ``threshold`` and ``achieved_score``; one row per ``by`` group (or one row overall)."""
     import pandas as pd
 
     def one(g: pd.DataFrame) -> dict[str, Any]:
         ok = g[g["error"].isna()]
-        row: dict[str, Any] = {"n": len(g), "n_ok": len(ok), "n_failed": int(g["error"].notna().sum()),
-                               "n_at_lower": int((ok["at_bound"] == "lower").sum()),
-                               "n_at_upper": int((ok["at_bound"] == "upper").sum())}
+        row: dict[str, Any] = {
+            "n": len(g),
+            "n_ok": len(ok),
+            "n_failed": int(g["error"].notna().sum()),
+            "n_at_lower": int((ok["at_bound"] == "lower").sum()),
+            "n_at_upper": int((ok["at_bound"] == "upper").sum()),
+        }
         for col in ("threshold", "achieved_score"):
             vals = pd.to_numeric(ok[col], errors="coerce").dropna()
             row[f"{col}_mean"] = float(vals.mean()) if len(vals) else math.nan

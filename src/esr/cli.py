@@ -1,41 +1,24 @@
-"""The ``esr`` command line.
+"""The ``esr`` command line (plain argparse).
 
     esr steer --model smollm2-135m --latent 5846 --boost 0.5 "Explain how to bake bread."
     esr latents search dog
 
-Subcommands are ``Command`` objects. To add one, either append a provider ``"module:function"`` (a function
-returning a list of ``Command``) to ``COMMAND_PROVIDERS`` below, or declare a Python entry point in the
-``esr.commands`` group pointing at such a function. ``main(argv, commands=...)`` also takes commands directly.
+Each subcommand has a ``_configure_<name>`` function that adds its arguments to its subparser and a ``run_<name>``
+function that executes it and returns the exit code; :func:`build_parser` wires them together.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
-
-COMMAND_PROVIDERS: tuple[str, ...] = ("esr.cli:builtin_commands",)
-ENTRY_POINT_GROUP = "esr.commands"
-
-
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: ``configure`` adds its arguments (and may add nested subparsers that set ``_run``), ``run``
-    executes it and returns the exit code."""
-
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int] | None = None
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # esr steer
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -55,8 +38,11 @@ def _configure_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--positions", choices=["all", "generated"], default="all")
-    p.add_argument("--show-activations", action="store_true",
-                   help="print the steered latent's SAE activation for every generated token")
+    p.add_argument(
+        "--show-activations",
+        action="store_true",
+        help="print the steered latent's SAE activation for every generated token",
+    )
     p.add_argument("--model-dir", default=None, help="override the model directory")
     p.add_argument("--median-resid-norm", type=float, default=None)
     p.add_argument("--device", default=None)
@@ -78,18 +64,33 @@ def run_steer(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     spec = model_specs(config)[_pick_model(config, args.model, args.config)]
-    gen = load_generator(spec, model_dir=args.model_dir, device=args.device, median_resid_norm=args.median_resid_norm,
-                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, batch_size=1,
-                         positions=args.positions, progress=False)
+    gen = load_generator(
+        spec,
+        model_dir=args.model_dir,
+        device=args.device,
+        median_resid_norm=args.median_resid_norm,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=1,
+        positions=args.positions,
+        progress=False,
+    )
     capture = tuple(dict.fromkeys(([args.latent] if args.latent is not None else []) + list(args.ablate)))
-    intervention = Intervention(steer_latent=args.latent, boost=args.boost, ablate=tuple(args.ablate),
-                                capture=capture if args.show_activations else ())
+    intervention = Intervention(
+        steer_latent=args.latent,
+        boost=args.boost,
+        ablate=tuple(args.ablate),
+        capture=capture if args.show_activations else (),
+    )
     result = gen.generate([TrialRequest(args.prompt, args.seed, intervention)])[0]
     s = result.steering
     if args.latent is not None:
-        print(f"# {spec.name}: latent {args.latent} boost {args.boost} ({s['boost_unit']}), residual norm "
-              f"{s['steer_residual_norm']:.3f}, layer {spec.injection_layer}; seed {args.seed}; "
-              f"{result.n_tokens} tokens, finish={result.finish_reason}", file=sys.stderr)
+        print(
+            f"# {spec.name}: latent {args.latent} boost {args.boost} ({s['boost_unit']}), residual norm "
+            f"{s['steer_residual_norm']:.3f}, layer {spec.injection_layer}; seed {args.seed}; "
+            f"{result.n_tokens} tokens, finish={result.finish_reason}",
+            file=sys.stderr,
+        )
     print(result.response)
     if args.show_activations and result.activations is not None:
         tok = gen.loaded.tokenizer
@@ -102,6 +103,7 @@ def run_steer(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # esr latents search
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def labels_path(model: str, root: str | Path = ".") -> Path:
     """Where the label table of a model lives: ``resources/labels/<model>.csv``."""
@@ -163,53 +165,28 @@ def run_latents_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def builtin_commands() -> list[Command]:
-    return [
-        Command("steer", "generate a steered answer to one prompt", _configure_steer, run_steer),
-        Command("latents", "inspect SAE latents (search labels)", _configure_latents),
-    ]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Parser assembly
 # ----------------------------------------------------------------------------------------------------------------
 
-def discover_commands() -> list[Command]:
-    """Commands from ``COMMAND_PROVIDERS`` and the ``esr.commands`` entry-point group."""
-    from importlib.metadata import entry_points
 
-    commands: list[Command] = []
-    for ref in COMMAND_PROVIDERS:
-        module, _, func = ref.partition(":")
-        commands.extend(getattr(importlib.import_module(module), func)())
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        commands.extend(ep.load()())
-    return commands
-
-
-def build_parser(commands: Sequence[Command]) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esr", description="Endogenous steering resistance (arXiv 2602.06941)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    seen: set[str] = set()
-    for cmd in commands:
-        if cmd.name in seen:
-            raise ValueError(f"esr subcommand {cmd.name!r} is registered twice")
-        seen.add(cmd.name)
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        if cmd.run is not None:
-            p.set_defaults(_run=cmd.run)
-        cmd.configure(p)
+    steer_help = "generate a steered answer to one prompt"
+    steer = sub.add_parser("steer", help=steer_help, description=steer_help)
+    _configure_steer(steer)
+    steer.set_defaults(_run=run_steer)
+    latents_help = "inspect SAE latents (search labels)"
+    _configure_latents(sub.add_parser("latents", help=latents_help, description=latents_help))
     return parser
 
 
-def main(argv: Sequence[str] | None = None, commands: Sequence[Command] | None = None) -> int:
-    parser = build_parser(list(commands) if commands is not None else discover_commands())
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    run = getattr(args, "_run", None)
-    if run is None:
-        parser.error(f"subcommand {args.command!r} needs a further subcommand")
     try:
-        return int(run(args) or 0)
+        return int(args._run(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"esr {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -64,7 +64,7 @@ class ModelSpec:
     resources: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, entry: dict[str, Any]) -> "ModelSpec":
+    def from_config(cls, name: str, entry: dict[str, Any]) -> ModelSpec:
         fields = dict(entry)
         fields["sae"] = SAESpec(**entry["sae"])
         fields["paper_detector_sets"] = tuple(entry.get("paper_detector_sets") or ())
@@ -96,8 +96,9 @@ def _rename(block: dict[str, Any], renames: dict[str, str], where: str) -> None:
         if old in block:
             if new in block:
                 raise ConfigError(f"config key {where}{old!r} is the old name of {where}{new!r}; give only {new!r}")
-            warnings.warn(f"config key {where}{old!r} is deprecated: it is now {where}{new!r}", DeprecationWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"config key {where}{old!r} is deprecated: it is now {where}{new!r}", DeprecationWarning, stacklevel=3
+            )
             block[new] = block.pop(old)
 
 
@@ -106,7 +107,9 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     ``calibration`` -> ``anchors``) and return ``config``."""
     _rename(config, RENAMED_KEYS, "")
     judges = [(k, config.get(k)) for k in ("judge", "threshold_judge")]
-    judges += [(f"cross_judge.judges.{n}", b) for n, b in ((config.get("cross_judge") or {}).get("judges") or {}).items()]
+    judges += [
+        (f"cross_judge.judges.{n}", b) for n, b in ((config.get("cross_judge") or {}).get("judges") or {}).items()
+    ]
     for where, block in judges:
         if isinstance(block, dict):
             _rename(block, RENAMED_JUDGE_KEYS, f"{where}.")
@@ -126,14 +129,18 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     schema = load_schema()
     validator_cls = jsonschema.validators.validator_for(schema)
     validator = _with_defaults(validator_cls)(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = sorted(
+        validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
+    )
     if errors:
         err = errors[0]
         path = list(err.absolute_path)
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            raise ConfigError(f"config key {_key_path(path + extra[:1])!r} is not allowed here"
-                              f" (allowed: {', '.join(sorted(err.schema.get('properties', {})))})")
+            raise ConfigError(
+                f"config key {_key_path(path + extra[:1])!r} is not allowed here"
+                f" (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
+            )
         raise ConfigError(f"config key {_key_path(path)!r}: {err.message}")
     check_semantics(config)
     return config
@@ -167,12 +174,16 @@ def check_semantics(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key '{key}': {err}") from None
     prompts = config["prompts"]
     if prompts["source"] == "url" and not (prompts.get("url") and prompts.get("sha256")):
-        raise ConfigError("config key 'prompts.url' and 'prompts.sha256' are both required when prompts.source is 'url'")
+        raise ConfigError(
+            "config key 'prompts.url' and 'prompts.sha256' are both required when prompts.source is 'url'"
+        )
     for name, m in config["models"].items():
         where = f"models.{name}"
         for key in ("injection_layer", "sae_layer"):
             if m[key] >= m["n_layers"]:
-                raise ConfigError(f"config key '{where}.{key}' = {m[key]} is outside the model's {m['n_layers']} layers")
+                raise ConfigError(
+                    f"config key '{where}.{key}' = {m[key]} is outside the model's {m['n_layers']} layers"
+                )
         b = m["boost"]
         if not b["lower"] < b["upper"]:
             raise ConfigError(f"config key '{where}.boost': lower ({b['lower']}) must be below upper ({b['upper']})")
@@ -182,21 +193,27 @@ def check_semantics(config: dict[str, Any]) -> None:
         if sae["source"] in ("local", "embedded") and not sae.get("path"):
             raise ConfigError(f"config key '{where}.sae.path' is required when sae.source is '{sae['source']}'")
         if sae["source"] == "embedded" and sae.get("path") != f"resources/sae/{name}":
-            raise ConfigError(f"config key '{where}.sae.path' must be 'resources/sae/{name}' for an embedded SAE "
-                              f"(that is where the train_sae rule writes it), got {sae.get('path')!r}")
+            raise ConfigError(
+                f"config key '{where}.sae.path' must be 'resources/sae/{name}' for an embedded SAE "
+                f"(that is where the train_sae rule writes it), got {sae.get('path')!r}"
+            )
         if sae["source"] == "embedded" and "embedded_sae" not in config:
             raise ConfigError(f"config key 'embedded_sae' is required: model {name!r} uses an embedded SAE")
         if m["source"] == "local" and not m.get("path"):
             raise ConfigError(f"config key '{where}.path' is required when source is 'local'")
         if m["source"] == "hub" and not _is_commit(m["revision"]):
-            raise ConfigError(f"config key '{where}.revision' = {m['revision']!r} must be a 40-hex commit sha "
-                              "(pinned revision) for hub models")
+            raise ConfigError(
+                f"config key '{where}.revision' = {m['revision']!r} must be a 40-hex commit sha "
+                "(pinned revision) for hub models"
+            )
         if m.get("engine") == "transformers" and m.get("tensor_parallel", 1) > 1:
             raise ConfigError(f"config key '{where}.tensor_parallel' > 1 needs engine: deepspeed")
         gpus = (m.get("resources") or {}).get("gpu")
         if gpus is not None and gpus > 0 and gpus < m.get("tensor_parallel", 1):
-            raise ConfigError(f"config key '{where}.resources.gpu' = {gpus} is fewer than its tensor_parallel "
-                              f"{m['tensor_parallel']} (one GPU per rank)")
+            raise ConfigError(
+                f"config key '{where}.resources.gpu' = {gpus} is fewer than its tensor_parallel "
+                f"{m['tensor_parallel']} (one GPU per rank)"
+            )
 
 
 def _is_commit(rev: str) -> bool:

@@ -1,7 +1,7 @@
 """Offline English text for training the embedded SAE.
 
 Every source is read at run time from an installed Debian package (or the Python stdlib); nothing is downloaded and
-no text is redistributed. Sources and sizes (SmolLM2 tokens), measured in ../shared/docs/embedded-default.md §1:
+no text is redistributed. Sources and their sizes in SmolLM2 tokens (as measured when the mix was chosen):
 WordNet glosses (``wordnet-base``, 2.75M), fortunes (``fortunes``, 0.68M), Python docs (``python3-doc``, 0.46M),
 the Jargon File (``jargon-text``, 0.31M), Bierce's Devil's Dictionary (``dict-devil``), the Debian Reference
 (``debian-reference-en``), the GNU coding standards (``gnu-standards``), and the stdlib's ``pydoc_data.topics``
@@ -31,12 +31,20 @@ PYDOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 JARGON_FILE = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 DEVIL_FILE = Path("/usr/share/dictd/devil.dict.dz")
 DEBREF_DIR = Path("/usr/share/doc/debian-reference-en/docs")
-GNU_STD_FILES = (Path("/usr/share/doc/gnu-standards/standards.text.gz"),
-                 Path("/usr/share/doc/gnu-standards/maintain.text.gz"))
+GNU_STD_FILES = (
+    Path("/usr/share/doc/gnu-standards/standards.text.gz"),
+    Path("/usr/share/doc/gnu-standards/maintain.text.gz"),
+)
 DEBIAN_PACKAGES = {
-    "wordnet": "wordnet-base", "wordnet_chat": "wordnet-base", "fortunes": "fortunes", "pydocs": "python3-doc",
-    "jargon": "jargon-text", "devil": "dict-devil", "debian_reference": "debian-reference-en",
-    "gnu_standards": "gnu-standards", "pydoc_topics": None,
+    "wordnet": "wordnet-base",
+    "wordnet_chat": "wordnet-base",
+    "fortunes": "fortunes",
+    "pydocs": "python3-doc",
+    "jargon": "jargon-text",
+    "devil": "dict-devil",
+    "debian_reference": "debian-reference-en",
+    "gnu_standards": "gnu-standards",
+    "pydoc_topics": None,
 }
 
 
@@ -49,7 +57,7 @@ class Document:
 def _chunk_words(text: str, words_per_doc: int = 300) -> Iterator[str]:
     words = text.split()
     for i in range(0, len(words), words_per_doc):
-        chunk = " ".join(words[i:i + words_per_doc])
+        chunk = " ".join(words[i : i + words_per_doc])
         if len(chunk) > 40:
             yield chunk
 
@@ -105,6 +113,7 @@ def wordnet_chat_docs(chat_format: Callable[[str, str], str] | None) -> Iterator
 
 
 # ------------------------------------------------------------------------------------------------ others
+
 
 def fortune_docs() -> Iterator[Document]:
     for path in sorted(FORTUNES_DIR.glob("*")):
@@ -189,9 +198,14 @@ SOURCE_AVAILABLE: dict[str, Callable[[], bool]] = {
 
 def source_documents(source: str, chat_format: Callable[[str, str], str] | None = None) -> Iterator[Document]:
     readers: dict[str, Callable[[], Iterator[Document]]] = {
-        "wordnet": wordnet_docs, "wordnet_chat": lambda: wordnet_chat_docs(chat_format), "fortunes": fortune_docs,
-        "pydocs": pydocs_docs, "jargon": jargon_docs, "devil": devil_docs,
-        "debian_reference": debian_reference_docs, "gnu_standards": gnu_standards_docs,
+        "wordnet": wordnet_docs,
+        "wordnet_chat": lambda: wordnet_chat_docs(chat_format),
+        "fortunes": fortune_docs,
+        "pydocs": pydocs_docs,
+        "jargon": jargon_docs,
+        "devil": devil_docs,
+        "debian_reference": debian_reference_docs,
+        "gnu_standards": gnu_standards_docs,
         "pydoc_topics": pydoc_topics_docs,
     }
     if source not in readers:
@@ -204,11 +218,17 @@ def available_mix(mix: dict[str, float]) -> tuple[dict[str, float], list[str]]:
     missing = [s for s in mix if mix[s] > 0 and not SOURCE_AVAILABLE[s]()]
     for s in missing:
         pkg = DEBIAN_PACKAGES.get(s)
-        log.warning("corpus source %r is unavailable (Debian package %s not installed): DEGRADED corpus, "
-                    "its share is spread over the other sources", s, pkg)
+        log.warning(
+            "corpus source %r is unavailable (Debian package %s not installed): DEGRADED corpus, "
+            "its share is spread over the other sources",
+            s,
+            pkg,
+        )
     kept = {s: w for s, w in mix.items() if w > 0 and s not in missing}
     total = sum(kept.values())
     if total <= 0:
-        raise RuntimeError("no corpus source is available; install the Debian packages listed in README "
-                           "(make setup does this) or add pydoc_topics to embedded_sae.corpus_mix")
+        raise RuntimeError(
+            "no corpus source is available; install the Debian packages listed in README "
+            "(make setup does this) or add pydoc_topics to embedded_sae.corpus_mix"
+        )
     return {s: w / total for s, w in kept.items()}, missing

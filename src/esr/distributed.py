@@ -27,9 +27,10 @@ import pickle
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -52,13 +53,15 @@ def init_distributed() -> int:
             disable_deepspeed_shm_allreduce()  # must precede init_distributed (the op is built there)
         # the non-writer ranks wait in a broadcast while the writer calls a judge: allow long waits
         minutes = float(os.environ.get("ESR_DIST_TIMEOUT_MIN", "180"))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=timedelta(minutes=minutes))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=minutes)
+        )
     return world
 
 
-def run_ranks(stage: Callable[..., Any], kwargs: dict[str, Any], tensor_parallel: int,
-              launcher: Sequence[str] | None = None) -> None:
+def run_ranks(
+    stage: Callable[..., Any], kwargs: dict[str, Any], tensor_parallel: int, launcher: Sequence[str] | None = None
+) -> None:
     """Run ``stage(**kwargs)`` as ``tensor_parallel`` ranks under torchrun (``launcher`` overrides the command that
     precedes ``-m esr.distributed``). ``stage`` must be a module-level function (it is pickled by reference).
 
@@ -70,14 +73,18 @@ def run_ranks(stage: Callable[..., Any], kwargs: dict[str, Any], tensor_parallel
         args_path = Path(tmp) / "stage.pkl"
         with open(args_path, "wb") as f:
             pickle.dump({"stage": stage, "kwargs": {k: plain(v) for k, v in kwargs.items()}}, f)
-        cmd = list(launcher or [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc_per_node={tensor_parallel}"])
+        cmd = list(
+            launcher
+            or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tensor_parallel}"]
+        )
         cmd += ["-m", "esr.distributed", str(args_path), "--tp", str(tensor_parallel)]
         log.info("launching %d tensor-parallel ranks for %s: %s", tensor_parallel, name, " ".join(cmd))
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
-            raise RuntimeError(f"{name}: the {tensor_parallel} tensor-parallel ranks failed (exit {proc.returncode});"
-                               " see the ranks' output above")
+            raise RuntimeError(
+                f"{name}: the {tensor_parallel} tensor-parallel ranks failed (exit {proc.returncode});"
+                " see the ranks' output above"
+            )
 
 
 def plain(value: Any) -> Any:
@@ -95,17 +102,23 @@ def plain(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m esr.distributed", description="One rank of a tensor-parallel stage "
-                                "(launched by esr.distributed.run_ranks under torchrun).")
+    p = argparse.ArgumentParser(
+        prog="python -m esr.distributed",
+        description="One rank of a tensor-parallel stage (launched by esr.distributed.run_ranks under torchrun).",
+    )
     p.add_argument("args", help="pickle of {'stage': function, 'kwargs': keyword arguments}")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel size; must equal the number of ranks")
     a = p.parse_args(argv)
     world = init_distributed()
     if world != a.tp:
-        raise SystemExit(f"esr.distributed: launched with {world} processes, but the stage needs tensor_parallel "
-                         f"{a.tp}; use --nproc_per_node {a.tp}")
-    logging.basicConfig(level=logging.INFO if is_writer() else logging.WARNING,
-                        format=f"%(asctime)s rank{rank()} %(name)s %(levelname)s: %(message)s")
+        raise SystemExit(
+            f"esr.distributed: launched with {world} processes, but the stage needs tensor_parallel "
+            f"{a.tp}; use --nproc_per_node {a.tp}"
+        )
+    logging.basicConfig(
+        level=logging.INFO if is_writer() else logging.WARNING,
+        format=f"%(asctime)s rank{rank()} %(name)s %(levelname)s: %(message)s",
+    )
     with open(a.args, "rb") as f:
         job = pickle.load(f)
     # no closing barrier: ranks without model work left exit while the writer grades and writes

@@ -8,8 +8,9 @@ the phrase, off-topic start = response start.
 
 Character offsets are response-relative. They become token indices through per-token character spans (a
 tokenizer's ``offset_mapping``), counted from the first *response* token: header, "\\n\\n" trim and special tokens
-(zero-width spans) never shift the boundaries, unlike the authors' accumulate-decoded-lengths code that started at
-``<|end_header_id|>`` (reference protocol §6.5 item 3, §9 item 34).
+(zero-width spans) never shift the boundaries. The authors' exp9 code (paper Sec. 3.6, App. A.4) instead
+accumulated decoded token lengths from ``<|end_header_id|>``, so its offsets were shifted by the header and the
+trimmed "\\n\\n".
 
 Regions per response token: ``pre`` [0, off), ``off_topic`` [off, corr), ``correction`` [corr, on), ``on_topic``
 [on, n). The end-of-turn token is not a response token, so unlike the authors' code it is not in ``on_topic``.
@@ -20,8 +21,9 @@ the authors did, from steered answers that stayed on topic in a single attempt (
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,15 +66,21 @@ class TokenBoundaries:
     def region_labels(self) -> list[str]:
         """One of pre/off_topic/correction/on_topic per response token."""
         labels = [PRE] * self.n_tokens
-        for start, stop, name in ((self.off_topic, self.correction, OFF_TOPIC),
-                                  (self.correction, self.on_topic, CORRECTION),
-                                  (self.on_topic, self.n_tokens, ON_TOPIC)):
+        for start, stop, name in (
+            (self.off_topic, self.correction, OFF_TOPIC),
+            (self.correction, self.on_topic, CORRECTION),
+            (self.on_topic, self.n_tokens, ON_TOPIC),
+        ):
             labels[start:stop] = [name] * max(0, stop - start)
         return labels
 
     def region_sizes(self) -> dict[str, int]:
-        return {PRE: self.off_topic, OFF_TOPIC: self.correction - self.off_topic,
-                CORRECTION: self.on_topic - self.correction, ON_TOPIC: self.n_tokens - self.on_topic}
+        return {
+            PRE: self.off_topic,
+            OFF_TOPIC: self.correction - self.off_topic,
+            CORRECTION: self.on_topic - self.correction,
+            ON_TOPIC: self.n_tokens - self.on_topic,
+        }
 
 
 @dataclass
@@ -117,7 +125,8 @@ def _field(trial: Any, name: str, default: Any = None) -> Any:
 
 
 def attempt_scores(trial: Any) -> list[float]:
-    """Scored attempts of a ``records.Trial`` or a trials-table row (``attempt_scores``)."""
+    """Scored attempts of a trials-table row (its ``attempt_scores``) or of an object with a ``scores`` list (e.g. an
+    ``esr.judge.JudgeResult``)."""
     if isinstance(trial, Mapping):
         scores = trial.get("attempt_scores")
         if scores is None:
@@ -146,12 +155,18 @@ def _steered(trial: Any) -> bool:
 
 def select_self_correction(trials: Iterable[Any], exclude_ablation: bool = True) -> list[Any]:
     """Steered, error-free trials with exactly two attempts and last > first. Ablation-run trials are excluded by
-    default (the authors' pool included them, §9 item 34)."""
+    default (the authors' exp9 episode pool included them)."""
     return [t for t in trials if _usable(t, exclude_ablation) and _steered(t) and is_self_correction(t)]
 
 
-def select_baseline(trials: Iterable[Any], source: str = "unsteered", n: int | None = 50, seed: int = 42,
-                    min_score: float = 50.0, exclude_ablation: bool = True) -> list[Any]:
+def select_baseline(
+    trials: Iterable[Any],
+    source: str = "unsteered",
+    n: int | None = 50,
+    seed: int = 42,
+    min_score: float = 50.0,
+    exclude_ablation: bool = True,
+) -> list[Any]:
     """Baseline trials, sampled without replacement (seeded numpy generator) down to ``n``.
 
     ``unsteered`` (default): trials with no steering (latent None or boost 0).
@@ -213,8 +228,9 @@ def find_restart(response: str, phrases: Sequence[str] = RESTART_PHRASES) -> Cha
 # Characters -> tokens
 
 
-def response_token_spans(spans: Sequence[tuple[int, int]], response_start: int,
-                         response_end: int | None = None) -> tuple[int, int, list[tuple[int, int]]]:
+def response_token_spans(
+    spans: Sequence[tuple[int, int]], response_start: int, response_end: int | None = None
+) -> tuple[int, int, list[tuple[int, int]]]:
     """From per-token character spans over the whole rendered conversation, find the response tokens.
 
     Response tokens are the contiguous run of non-empty spans overlapping [response_start, response_end): zero-width
@@ -245,17 +261,27 @@ def char_to_token(spans: Sequence[tuple[int, int]], char: int) -> int:
 def map_boundaries(chars: CharBoundaries, spans: Sequence[tuple[int, int]]) -> TokenBoundaries:
     """Map response-relative character boundaries to response-relative token boundaries."""
     n = len(spans)
-    return TokenBoundaries(char_to_token(spans, chars.off_topic), char_to_token(spans, chars.correction),
-                           char_to_token(spans, chars.on_topic), n)
+    return TokenBoundaries(
+        char_to_token(spans, chars.off_topic),
+        char_to_token(spans, chars.correction),
+        char_to_token(spans, chars.on_topic),
+        n,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building episodes
 
 
-def make_episode(trial: Any, episode_id: str, *, method: str, judge_offsets: Mapping[str, Any] | None = None,
-                 spans: Sequence[tuple[int, int]] | None = None,
-                 phrases: Sequence[str] = RESTART_PHRASES) -> Episode | None:
+def make_episode(
+    trial: Any,
+    episode_id: str,
+    *,
+    method: str,
+    judge_offsets: Mapping[str, Any] | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
+    phrases: Sequence[str] = RESTART_PHRASES,
+) -> Episode | None:
     """A self-correction episode from a trial; None when no valid boundaries are found.
 
     ``method="judge_offsets"`` needs ``judge_offsets``; ``"restart_phrase"`` aligns ``phrases``. With response-
@@ -273,25 +299,16 @@ def make_episode(trial: Any, episode_id: str, *, method: str, judge_offsets: Map
     if chars is None:
         return None
     scores = attempt_scores(trial)
-    ep = Episode(episode_id, str(_field(trial, "trial_id")), "self_correction", response, method=method,
-                 first_score=scores[0] if scores else None, last_score=scores[-1] if scores else None, chars=chars)
+    ep = Episode(
+        episode_id,
+        str(_field(trial, "trial_id")),
+        "self_correction",
+        response,
+        method=method,
+        first_score=scores[0] if scores else None,
+        last_score=scores[-1] if scores else None,
+        chars=chars,
+    )
     if spans is not None:
         ep.tokens = map_boundaries(chars, spans)
     return ep
-
-
-def make_baseline_episode(trial: Any, episode_id: str, source: str, n_tokens: int | None = None) -> Episode:
-    """A baseline episode (whole response is the 'baseline' region), labelled with its source."""
-    if source not in BASELINE_SOURCES:
-        raise ValueError(f"baseline source must be one of {BASELINE_SOURCES}, not {source!r}")
-    response = _field(trial, "response") or ""
-    scores = attempt_scores(trial)
-    tokens = None if n_tokens is None else TokenBoundaries(0, 0, 0, n_tokens)
-    return Episode(episode_id, str(_field(trial, "trial_id")), "baseline", response, source=source,
-                   first_score=scores[0] if scores else None, last_score=scores[-1] if scores else None,
-                   tokens=tokens)
-
-
-def episode_ids(n: int, prefix: str = "ep_") -> list[str]:
-    """``ep_0001`` ... like the authors' ids."""
-    return [f"{prefix}{i + 1:04d}" for i in range(n)]

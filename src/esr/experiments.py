@@ -24,8 +24,9 @@ recompute its own slice:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,10 +38,10 @@ from esr.trials import TrialSpec
 # Our own wording of the four meta-prompt variants (the self-monitoring one first), appended after the prompt.
 META_PROMPTS: dict[str, str] = {
     "self_monitor": "While you answer, watch your own words: if you notice that you are drifting away from the "
-                    "question, stop, say so, and steer yourself back to answering it.",
+    "question, stop, say so, and steer yourself back to answering it.",
     "dont_get_distracted": "Stay focused on this question and do not get distracted.",
     "ignore_latent_label": "Something may push your answer towards the topic '{label}'. Ignore that topic and "
-                           "answer only the question.",
+    "answer only the question.",
     "resist_manipulation": "Outside influences may try to bend your answer off course; do not let them.",
 }
 
@@ -56,21 +57,31 @@ class LatentPlan:
     seeds: tuple[int, ...]
 
 
-def _tid(experiment: str, condition: str, model: str, latent: int | None, prompt_id: int, seed: int,
-         extra: str = "") -> str:
+def _tid(
+    experiment: str, condition: str, model: str, latent: int | None, prompt_id: int, seed: int, extra: str = ""
+) -> str:
     lat = "none" if latent is None else str(latent)
     return f"{experiment}|{condition}|{model}|L{lat}|P{prompt_id}|S{seed}{('|' + extra) if extra else ''}"
 
 
 def latent_plans(selection: Selection, thresholds: Mapping[int, float | None]) -> list[LatentPlan]:
     """Join a selection (``esr.latents.read_selection``) with calibrated thresholds (``calibration.read_thresholds``)."""
-    return [LatentPlan(s.latent, s.label or "", thresholds.get(s.latent), tuple(s.prompt_ids), tuple(s.trial_seeds))
-            for s in selection.latents]
+    return [
+        LatentPlan(s.latent, s.label or "", thresholds.get(s.latent), tuple(s.prompt_ids), tuple(s.trial_seeds))
+        for s in selection.latents
+    ]
 
 
-def plan_steered(model: str, plans: list[LatentPlan], prompts: list[str], experiment: str = "exp1",
-                 condition: str = "steered", ablation_set: str | None = None, ablate: tuple[int, ...] = (),
-                 steer: bool = True) -> list[TrialSpec]:
+def plan_steered(
+    model: str,
+    plans: list[LatentPlan],
+    prompts: list[str],
+    experiment: str = "exp1",
+    condition: str = "steered",
+    ablation_set: str | None = None,
+    ablate: tuple[int, ...] = (),
+    steer: bool = True,
+) -> list[TrialSpec]:
     """exp1 (and its replays): every latent with a threshold, at that threshold, on its prompts and seeds.
     Latents whose calibration failed (threshold None) are skipped (they are counted by the calibration table)."""
     trials = []
@@ -78,12 +89,25 @@ def plan_steered(model: str, plans: list[LatentPlan], prompts: list[str], experi
         if lp.threshold is None:
             continue
         for pid, seed in zip(lp.prompt_ids, lp.seeds):
-            trials.append(TrialSpec(
-                trial_id=_tid(experiment, condition, model, lp.latent, pid, seed), experiment=experiment,
-                condition=condition, model=model, latent=lp.latent, label=lp.label,
-                boost=float(lp.threshold) if steer else 0.0, prompt_id=pid, prompt=prompts[pid],
-                judge_prompt=prompts[pid], seed=seed, threshold=lp.threshold, ablation_set=ablation_set,
-                ablate=tuple(sorted(int(a) for a in ablate)), steer=steer))
+            trials.append(
+                TrialSpec(
+                    trial_id=_tid(experiment, condition, model, lp.latent, pid, seed),
+                    experiment=experiment,
+                    condition=condition,
+                    model=model,
+                    latent=lp.latent,
+                    label=lp.label,
+                    boost=float(lp.threshold) if steer else 0.0,
+                    prompt_id=pid,
+                    prompt=prompts[pid],
+                    judge_prompt=prompts[pid],
+                    seed=seed,
+                    threshold=lp.threshold,
+                    ablation_set=ablation_set,
+                    ablate=tuple(sorted(int(a) for a in ablate)),
+                    steer=steer,
+                )
+            )
     return trials
 
 
@@ -93,8 +117,9 @@ def plan_no_steering(model: str, plans: list[LatentPlan], prompts: list[str]) ->
     return plan_steered(model, plans, prompts, "exp8", "no_steering", steer=False)
 
 
-def plan_ablation(model: str, plans: list[LatentPlan], prompts: list[str], set_name: str, latents: list[int],
-                  experiment: str = "exp3") -> list[TrialSpec]:
+def plan_ablation(
+    model: str, plans: list[LatentPlan], prompts: list[str], set_name: str, latents: list[int], experiment: str = "exp3"
+) -> list[TrialSpec]:
     """exp3 / exp10: exp1's trials with ``latents`` ablated at the injection layer (paired with exp1)."""
     return plan_steered(model, plans, prompts, experiment, set_name, ablation_set=set_name, ablate=tuple(latents))
 
@@ -110,9 +135,16 @@ def global_levels(thresholds: list[float], n_levels: int, sd_range: float) -> li
     return [(max(0.0, mu + s * sd), float(s)) for s in sigmas]
 
 
-def plan_boost_sweep(model: str, plans: list[LatentPlan], prompts: list[str], n_latents: int,
-                     prompts_per_latent: int, n_levels: int, sd_range: float,
-                     relative_levels: list[float]) -> list[TrialSpec]:
+def plan_boost_sweep(
+    model: str,
+    plans: list[LatentPlan],
+    prompts: list[str],
+    n_latents: int,
+    prompts_per_latent: int,
+    n_levels: int,
+    sd_range: float,
+    relative_levels: list[float],
+) -> list[TrialSpec]:
     """exp2: the first ``n_latents`` calibrated latents, each on its first ``prompts_per_latent`` prompts/seeds,
     at the global levels and at multiples of its own threshold."""
     calibrated = [lp for lp in plans if lp.threshold is not None]
@@ -123,16 +155,29 @@ def plan_boost_sweep(model: str, plans: list[LatentPlan], prompts: list[str], n_
             grid = [(b, f"global:{s:+.2f}sd") for b, s in levels]
             grid += [(float(lp.threshold) * r, f"relative:{r:g}") for r in relative_levels]
             for boost, level in grid:
-                trials.append(TrialSpec(
-                    trial_id=_tid("exp2", "sweep", model, lp.latent, pid, seed, level), experiment="exp2",
-                    condition="sweep", model=model, latent=lp.latent, label=lp.label, boost=float(boost),
-                    prompt_id=pid, prompt=prompts[pid], judge_prompt=prompts[pid], seed=seed,
-                    threshold=lp.threshold, boost_level=level))
+                trials.append(
+                    TrialSpec(
+                        trial_id=_tid("exp2", "sweep", model, lp.latent, pid, seed, level),
+                        experiment="exp2",
+                        condition="sweep",
+                        model=model,
+                        latent=lp.latent,
+                        label=lp.label,
+                        boost=float(boost),
+                        prompt_id=pid,
+                        prompt=prompts[pid],
+                        judge_prompt=prompts[pid],
+                        seed=seed,
+                        threshold=lp.threshold,
+                        boost_level=level,
+                    )
+                )
     return trials
 
 
-def plan_meta_prompts(model: str, plans: list[LatentPlan], prompts: list[str], variants: list[str],
-                      judge_sees_variant: bool = False) -> list[TrialSpec]:
+def plan_meta_prompts(
+    model: str, plans: list[LatentPlan], prompts: list[str], variants: list[str], judge_sees_variant: bool = False
+) -> list[TrialSpec]:
     """exp5: exp1's trials with a meta-prompt appended. By default the judge grades against the original prompt
     (the authors' judge saw the suffixed prompt; ``judge_sees_variant`` reproduces that)."""
     trials = []
@@ -142,9 +187,17 @@ def plan_meta_prompts(model: str, plans: list[LatentPlan], prompts: list[str], v
         for t in plan_steered(model, plans, prompts, "exp5", variant):
             suffix = META_PROMPTS[variant].format(label=t.label or "an unrelated topic")
             prompt = f"{t.prompt} {suffix}"
-            trials.append(TrialSpec(**{**asdict(t), "prompt": prompt, "prompt_variant": variant,
-                                       "judge_prompt": prompt if judge_sees_variant else t.prompt,
-                                       "ablate": t.ablate}))
+            trials.append(
+                TrialSpec(
+                    **{
+                        **asdict(t),
+                        "prompt": prompt,
+                        "prompt_variant": variant,
+                        "judge_prompt": prompt if judge_sees_variant else t.prompt,
+                        "ablate": t.ablate,
+                    }
+                )
+            )
     return trials
 
 
@@ -222,8 +275,16 @@ def _ablation_sets(inputs: PlanInputs, condition: str, group: str) -> list[Trial
 
 def _sweep(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
     c = inputs.settings["boost_sweep"]
-    return plan_boost_sweep(inputs.model, inputs.latents, inputs.prompts, c["n_latents"], c["prompts_per_latent"],
-                            c["n_levels"], c["sd_range"], c["relative_levels"])
+    return plan_boost_sweep(
+        inputs.model,
+        inputs.latents,
+        inputs.prompts,
+        c["n_latents"],
+        c["prompts_per_latent"],
+        c["n_levels"],
+        c["sd_range"],
+        c["relative_levels"],
+    )
 
 
 def _meta(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
@@ -237,31 +298,83 @@ def _random_sets(config: Mapping[str, Any], spec: ModelSpec) -> list[str]:
     return [f"random_{i}" for i in range(config["detectors"]["random_control"]["n_sets"])]
 
 
-REGISTRY: dict[str, Experiment] = {e.name: e for e in (
-    Experiment("exp1", "steered at each latent's calibrated threshold", lambda c, s: ["steered"], "generate",
-               plan=lambda i, cond: plan_steered(i.model, i.latents, i.prompts), capture=True),
-    Experiment("exp8", "no-steering baseline (same latents, prompts, seeds)",
-               lambda c, s: ["no_steering"] if _exp(c).get("no_steering", True) else [], "generate",
-               plan=lambda i, cond: plan_no_steering(i.model, i.latents, i.prompts), compare=True),
-    Experiment("exp3", "ablation of off-topic-detector sets",
-               lambda c, s: list(_exp(c).get("ablation", [])) + list(s.paper_detector_sets), "generate",
-               plan=lambda i, cond: _ablation_sets(i, cond, "detector_sets"), compare=True, figure="ablation"),
-    Experiment("exp10", "ablation of matched random latent sets (control for exp3)", _random_sets, "generate",
-               plan=lambda i, cond: _ablation_sets(i, cond, "random_sets"), compare=True, figure="ablation"),
-    Experiment("exp2", "boost sweep",
-               lambda c, s: ["sweep"] if _exp(c).get("boost_sweep", {}).get("enabled", False) else [], "generate",
-               plan=_sweep, figure="boost_sweep"),
-    Experiment("exp5", "meta-prompts", lambda c, s: list(_exp(c).get("meta_prompts", {}).get("variants", [])),
-               "generate", plan=_meta, compare=True, figure="meta_prompts"),
-    Experiment("planted", "labelled positive control: restart text planted into exp1 answers (embedded only)",
-               lambda c, s: ["restart"] if _exp(c).get("planted_control", {}).get("enabled", False) else [],
-               "plant_restarts", compare=True),
-    Experiment("exp7", "cross-judge regrade of exp1",
-               lambda c, s: ["regrade"] if (c.get("cross_judge") or {}).get("judges") else [], "cross_judge",
-               summary="cross_judge"),
-    Experiment("exp9", "per-token detector activations around self-corrections", lambda c, s: ["episodes"],
-               "sequential", summary=None),
-)}
+REGISTRY: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment(
+            "exp1",
+            "steered at each latent's calibrated threshold",
+            lambda c, s: ["steered"],
+            "generate",
+            plan=lambda i, cond: plan_steered(i.model, i.latents, i.prompts),
+            capture=True,
+        ),
+        Experiment(
+            "exp8",
+            "no-steering baseline (same latents, prompts, seeds)",
+            lambda c, s: ["no_steering"] if _exp(c).get("no_steering", True) else [],
+            "generate",
+            plan=lambda i, cond: plan_no_steering(i.model, i.latents, i.prompts),
+            compare=True,
+        ),
+        Experiment(
+            "exp3",
+            "ablation of off-topic-detector sets",
+            lambda c, s: list(_exp(c).get("ablation", [])) + list(s.paper_detector_sets),
+            "generate",
+            plan=lambda i, cond: _ablation_sets(i, cond, "detector_sets"),
+            compare=True,
+            figure="ablation",
+        ),
+        Experiment(
+            "exp10",
+            "ablation of matched random latent sets (control for exp3)",
+            _random_sets,
+            "generate",
+            plan=lambda i, cond: _ablation_sets(i, cond, "random_sets"),
+            compare=True,
+            figure="ablation",
+        ),
+        Experiment(
+            "exp2",
+            "boost sweep",
+            lambda c, s: ["sweep"] if _exp(c).get("boost_sweep", {}).get("enabled", False) else [],
+            "generate",
+            plan=_sweep,
+            figure="boost_sweep",
+        ),
+        Experiment(
+            "exp5",
+            "meta-prompts",
+            lambda c, s: list(_exp(c).get("meta_prompts", {}).get("variants", [])),
+            "generate",
+            plan=_meta,
+            compare=True,
+            figure="meta_prompts",
+        ),
+        Experiment(
+            "planted",
+            "labelled positive control: restart text planted into exp1 answers (embedded only)",
+            lambda c, s: ["restart"] if _exp(c).get("planted_control", {}).get("enabled", False) else [],
+            "plant_restarts",
+            compare=True,
+        ),
+        Experiment(
+            "exp7",
+            "cross-judge regrade of exp1",
+            lambda c, s: ["regrade"] if (c.get("cross_judge") or {}).get("judges") else [],
+            "cross_judge",
+            summary="cross_judge",
+        ),
+        Experiment(
+            "exp9",
+            "per-token detector activations around self-corrections",
+            lambda c, s: ["episodes"],
+            "sequential",
+            summary=None,
+        ),
+    )
+}
 
 
 def experiment(name: str) -> Experiment:
@@ -280,8 +393,9 @@ def plan(name: str, condition: str, inputs: PlanInputs) -> list[TrialSpec]:
     return exp.plan(inputs, condition)
 
 
-def capture_latents(detectors: DetectorSets, selection: Selection | None = None
-                    ) -> tuple[list[int], dict[str, list[int]]]:
+def capture_latents(
+    detectors: DetectorSets, selection: Selection | None = None
+) -> tuple[list[int], dict[str, list[int]]]:
     """Latents whose per-token activations are stored densely: every detector and random-control set, and the
     selected (steered) latents as group ``selected``. Returns (sorted latents, group name -> latents)."""
     groups = detectors.groups()

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -49,8 +50,13 @@ def _rate_interval(p: Proportion, interval: str) -> Interval:
 def _rate_point(p: Proportion, interval: str) -> dict[str, Any]:
     ci = _rate_interval(p, interval)
     est = p.estimate
-    return {"k": p.k, "n": p.n, "pct": None if math.isnan(est) else 100 * est,
-            "ci_pct": [None if math.isnan(v) else 100 * v for v in (ci.lo, ci.hi)], "interval": ci.method}
+    return {
+        "k": p.k,
+        "n": p.n,
+        "pct": None if math.isnan(est) else 100 * est,
+        "ci_pct": [None if math.isnan(v) else 100 * v for v in (ci.lo, ci.hi)],
+        "interval": ci.method,
+    }
 
 
 def _err(points: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -62,13 +68,18 @@ def _err(points: Sequence[dict[str, Any]]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- Fig 2
 
 
-def figure_esr_by_model(trials: pd.DataFrame, out_png: str | Path, model_order: Sequence[str] | None = None,
-                        interval: str = "wilson", exclude_degraded: bool = False) -> dict[str, Any]:
+def figure_esr_by_model(
+    trials: pd.DataFrame,
+    out_png: str | Path,
+    model_order: Sequence[str] | None = None,
+    interval: str = "wilson",
+    exclude_degraded: bool = False,
+) -> dict[str, Any]:
     """Fig 2: per model, (left) density histogram of last − first over multi-attempt trials (bin width 200/30,
     shifted half a bin so 0 is centred), (middle) multi-attempt %, (right) ESR %, with CIs."""
     models = list(model_order) if model_order else sorted(trials["model"].unique())
-    width = 200 / 30                                     # the paper's bin width; bins centred on k·width so that
-    edges = -100 - width / 2 + width * np.arange(32)     # 0 and ±100 are bin centres (31 bins span [−100, 100])
+    width = 200 / 30  # the paper's bin width; bins centred on k·width so that
+    edges = -100 - width / 2 + width * np.arange(32)  # 0 and ±100 are bin centres (31 bins span [−100, 100])
     per_model: list[dict[str, Any]] = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 1.2 + 0.6 * max(len(models), 1)))
     for m in models:
@@ -78,23 +89,44 @@ def figure_esr_by_model(trials: pd.DataFrame, out_png: str | Path, model_order: 
         counts, _e = np.histogram(deltas, bins=edges)
         dens = counts / (counts.sum() * width) if counts.sum() else counts.astype(float)
         axes[0].stairs(dens, edges, label=m, alpha=0.7)
-        per_model.append({"model": m, "n": s.n, "multi": _rate_point(s.multi, interval),
-                          "esr": _rate_point(s.esr, interval), "hist_counts": counts.tolist(),
-                          "hist_density": dens.tolist()})
+        per_model.append(
+            {
+                "model": m,
+                "n": s.n,
+                "multi": _rate_point(s.multi, interval),
+                "esr": _rate_point(s.esr, interval),
+                "hist_counts": counts.tolist(),
+                "hist_density": dens.tolist(),
+            }
+        )
     axes[0].set(xlabel="last − first attempt score (multi-attempt trials)", ylabel="density")
     axes[0].legend(fontsize=7)
     y = np.arange(len(models))
     for ax, key, title in ((axes[1], "multi", "multi-attempt %"), (axes[2], "esr", "ESR rate %")):
         pts = [pm[key] for pm in per_model]
-        ax.barh(y, [p["pct"] or 0 for p in pts], xerr=_err(pts), capsize=3, color="tab:blue" if key == "multi"
-                else "tab:green")
+        ax.barh(
+            y,
+            [p["pct"] or 0 for p in pts],
+            xerr=_err(pts),
+            capsize=3,
+            color="tab:blue" if key == "multi" else "tab:green",
+        )
         ax.set_yticks(y, models)
         ax.set(xlabel=f"{title} (95% {interval})")
         for yi, p in zip(y, pts):
-            ax.annotate(f"{p['k']}/{p['n']}", (p["ci_pct"][1] or 0, yi), xytext=(3, 0), textcoords="offset points",
-                        va="center", fontsize=7)
-    return _save(fig, out_png, {"kind": "fig2_esr_by_model", "interval": interval, "bin_edges": edges.tolist(),
-                                "models": per_model})
+            ax.annotate(
+                f"{p['k']}/{p['n']}",
+                (p["ci_pct"][1] or 0, yi),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
+    return _save(
+        fig,
+        out_png,
+        {"kind": "fig2_esr_by_model", "interval": interval, "bin_edges": edges.tolist(), "models": per_model},
+    )
 
 
 # ----------------------------------------------------------------------------------------------- Fig 3
@@ -113,16 +145,26 @@ def sweep_table(trials: pd.DataFrame, exclude_degraded: bool = False) -> pd.Data
     for level, g in inc.groupby("level", sort=False):
         s = summarise_included(g, report)
         x = level_extra(g, str(level))
-        rows.append({"level": str(level), "boost": x["boost"],
-                     "boost_sigma": math.nan if x["boost_sigma"] is None else x["boost_sigma"],
-                     "boost_rel": math.nan if x["boost_rel"] is None else x["boost_rel"],
-                     "n": s.n, "multi_k": s.multi.k, "esr_k": s.esr.k, "n_multi": s.multi.k,
-                     "first_mean": s.first_score.mean, "first_se": s.first_score.se})
+        rows.append(
+            {
+                "level": str(level),
+                "boost": x["boost"],
+                "boost_sigma": math.nan if x["boost_sigma"] is None else x["boost_sigma"],
+                "boost_rel": math.nan if x["boost_rel"] is None else x["boost_rel"],
+                "n": s.n,
+                "multi_k": s.multi.k,
+                "esr_k": s.esr.k,
+                "n_multi": s.multi.k,
+                "first_mean": s.first_score.mean,
+                "first_se": s.first_score.se,
+            }
+        )
     return pd.DataFrame(rows).sort_values("boost", kind="stable").reset_index(drop=True)
 
 
-def figure_boost_sweep(table: pd.DataFrame, out_png: str | Path, model: str = "", interval: str = "wilson"
-                       ) -> dict[str, Any]:
+def figure_boost_sweep(
+    table: pd.DataFrame, out_png: str | Path, model: str = "", interval: str = "wilson"
+) -> dict[str, Any]:
     """Fig 3: multi-attempt %, improvement % (ESR/multi), ESR % and mean first score vs boost level, in σ units
     (top row) and relative-to-threshold units (bottom row); a row is drawn for each unit some level has.
     Unsmoothed points with interval bars (the paper smooths over the level index; we plot the raw levels)."""
@@ -132,8 +174,9 @@ def figure_boost_sweep(table: pd.DataFrame, out_png: str | Path, model: str = ""
         curves["improvement"].append(_rate_point(Proportion(int(r["esr_k"]), int(r["n_multi"])), interval))
         curves["esr"].append(_rate_point(Proportion(int(r["esr_k"]), int(r["n"])), interval))
         m, se = float(r["first_mean"]), float(r["first_se"])
-        curves["first_score"].append({"mean": m, "ci": [m - 1.96 * se, m + 1.96 * se] if not math.isnan(se)
-                                      else [None, None], "n": int(r["n"])})
+        curves["first_score"].append(
+            {"mean": m, "ci": [m - 1.96 * se, m + 1.96 * se] if not math.isnan(se) else [None, None], "n": int(r["n"])}
+        )
     xs = {"sigma": table["boost_sigma"].to_numpy(float), "rel": table["boost_rel"].to_numpy(float)}
     units = [u for u in ("sigma", "rel") if not np.all(np.isnan(xs[u]))]
     if not units:
@@ -145,29 +188,48 @@ def figure_boost_sweep(table: pd.DataFrame, out_png: str | Path, model: str = ""
         x = xs[unit][idx]
         for col, key in enumerate(("multi", "improvement", "esr")):
             pts = [curves[key][i] for i in idx]
-            axes[row, col].errorbar(x, [p["pct"] if p["pct"] is not None else np.nan for p in pts],
-                                    yerr=_err(pts), marker="o", capsize=3)
+            axes[row, col].errorbar(
+                x, [p["pct"] if p["pct"] is not None else np.nan for p in pts], yerr=_err(pts), marker="o", capsize=3
+            )
             axes[row, col].set(title=f"{key} % (95% {interval})", xlabel=xlabels[unit])
         fs = [curves["first_score"][i] for i in idx]
-        yerr = np.array([[p["mean"] - (p["ci"][0] if p["ci"][0] is not None else p["mean"]) for p in fs],
-                         [(p["ci"][1] if p["ci"][1] is not None else p["mean"]) - p["mean"] for p in fs]])
+        yerr = np.array(
+            [
+                [p["mean"] - (p["ci"][0] if p["ci"][0] is not None else p["mean"]) for p in fs],
+                [(p["ci"][1] if p["ci"][1] is not None else p["mean"]) - p["mean"] for p in fs],
+            ]
+        )
         axes[row, 3].errorbar(x, [p["mean"] for p in fs], yerr=yerr, marker="o", capsize=3)
         axes[row, 3].set(title="mean first-attempt score", xlabel=xlabels[unit])
     fig.suptitle(f"Boost sweep {model}".strip())
     fig.tight_layout()
-    return _save(fig, out_png, {"kind": "fig3_boost_sweep", "model": model, "interval": interval,
-                                "level": table["level"].tolist() if "level" in table else None,
-                                "boost": table["boost"].tolist(),
-                                "boost_sigma": [None if math.isnan(v) else v for v in table["boost_sigma"]],
-                                "boost_rel": [None if math.isnan(v) else v for v in table["boost_rel"]],
-                                "curves": curves})
+    return _save(
+        fig,
+        out_png,
+        {
+            "kind": "fig3_boost_sweep",
+            "model": model,
+            "interval": interval,
+            "level": table["level"].tolist() if "level" in table else None,
+            "boost": table["boost"].tolist(),
+            "boost_sigma": [None if math.isnan(v) else v for v in table["boost_sigma"]],
+            "boost_rel": [None if math.isnan(v) else v for v in table["boost_rel"]],
+            "curves": curves,
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- Fig 4 / 5 / A.14
 
 
-def _condition_bars(conditions: Sequence[tuple[str, TrialSummary]], out_png: str | Path, kind: str, title: str,
-                    interval: str, panels: Sequence[str]) -> dict[str, Any]:
+def _condition_bars(
+    conditions: Sequence[tuple[str, TrialSummary]],
+    out_png: str | Path,
+    kind: str,
+    title: str,
+    interval: str,
+    panels: Sequence[str],
+) -> dict[str, Any]:
     labels = [c for c, _ in conditions]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     data: dict[str, list[dict[str, Any]]] = {}
@@ -179,8 +241,12 @@ def _condition_bars(conditions: Sequence[tuple[str, TrialSummary]], out_png: str
                 ci = s.first_score.normal()
                 pts.append({"mean": s.first_score.mean, "ci": ci.as_list(), "n": s.first_score.n})
             means = [p["mean"] for p in pts]
-            err = np.array([[p["mean"] - (p["ci"][0] if p["ci"][0] is not None else p["mean"]) for p in pts],
-                            [(p["ci"][1] if p["ci"][1] is not None else p["mean"]) - p["mean"] for p in pts]])
+            err = np.array(
+                [
+                    [p["mean"] - (p["ci"][0] if p["ci"][0] is not None else p["mean"]) for p in pts],
+                    [(p["ci"][1] if p["ci"][1] is not None else p["mean"]) - p["mean"] for p in pts],
+                ]
+            )
             ax.bar(x, means, yerr=err, capsize=3, color="tab:gray")
             ax.set(title="mean first-attempt score")
             for xi, p in zip(x, pts):
@@ -188,8 +254,13 @@ def _condition_bars(conditions: Sequence[tuple[str, TrialSummary]], out_png: str
         else:
             prop = {"multi": "multi", "esr": "esr", "improvement": "improvement"}[panel]
             pts = [_rate_point(getattr(s, prop), interval) for _, s in conditions]
-            ax.bar(x, [p["pct"] or 0 for p in pts], yerr=_err(pts), capsize=3,
-                   color="tab:blue" if panel == "multi" else "tab:green")
+            ax.bar(
+                x,
+                [p["pct"] or 0 for p in pts],
+                yerr=_err(pts),
+                capsize=3,
+                color="tab:blue" if panel == "multi" else "tab:green",
+            )
             ax.set(title=f"{panel} % (95% {interval})")
             for xi, p in zip(x, pts):
                 ax.annotate(f"{p['k']}/{p['n']}", (xi, p["ci_pct"][1] or 0), ha="center", va="bottom", fontsize=7)
@@ -199,19 +270,28 @@ def _condition_bars(conditions: Sequence[tuple[str, TrialSummary]], out_png: str
     return _save(fig, out_png, {"kind": kind, "interval": interval, "conditions": labels, "panels": data})
 
 
-def figure_meta_prompt(conditions: Sequence[tuple[str, TrialSummary]], out_png: str | Path, model: str = "",
-                       interval: str = "wilson") -> dict[str, Any]:
+def figure_meta_prompt(
+    conditions: Sequence[tuple[str, TrialSummary]], out_png: str | Path, model: str = "", interval: str = "wilson"
+) -> dict[str, Any]:
     """Fig 4: multi-attempt % and ESR % for the baseline and each meta-prompt variant (first entry = baseline)."""
-    return _condition_bars(conditions, out_png, "fig4_meta_prompt", f"Meta-prompt variants {model}".strip(),
-                           interval, ("multi", "esr"))
+    return _condition_bars(
+        conditions, out_png, "fig4_meta_prompt", f"Meta-prompt variants {model}".strip(), interval, ("multi", "esr")
+    )
 
 
-def figure_ablation(conditions: Sequence[tuple[str, TrialSummary]], out_png: str | Path, model: str = "",
-                    interval: str = "wilson") -> dict[str, Any]:
+def figure_ablation(
+    conditions: Sequence[tuple[str, TrialSummary]], out_png: str | Path, model: str = "", interval: str = "wilson"
+) -> dict[str, Any]:
     """Fig 5 / A.14: three panels (mean first-attempt score, multi-attempt %, ESR %) for the baseline, each
     detector set and each random-latent control, with k/N annotations (first entry = baseline)."""
-    return _condition_bars(conditions, out_png, "fig5_ablation", f"Latent ablation {model}".strip(), interval,
-                           ("first_score", "multi", "esr"))
+    return _condition_bars(
+        conditions,
+        out_png,
+        "fig5_ablation",
+        f"Latent ablation {model}".strip(),
+        interval,
+        ("first_score", "multi", "esr"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- not run
@@ -233,14 +313,16 @@ def _not_run(out_png: PathLike, what: str, model: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- figure stages
 
 
-def esr_by_model_figure(exp1_paths: Sequence[PathLike], out_png: PathLike, model_order: Sequence[str]
-                        ) -> dict[str, Any]:
+def esr_by_model_figure(
+    exp1_paths: Sequence[PathLike], out_png: PathLike, model_order: Sequence[str]
+) -> dict[str, Any]:
     """Fig 2 from the models' exp1 trials tables."""
     return figure_esr_by_model(read_trials(exp1_paths), out_png, model_order=list(model_order))
 
 
-def ablation_figure(model: str, exp1: PathLike, ablations: Mapping[str, PathLike | None], out_png: PathLike
-                    ) -> dict[str, Any]:
+def ablation_figure(
+    model: str, exp1: PathLike, ablations: Mapping[str, PathLike | None], out_png: PathLike
+) -> dict[str, Any]:
     """Fig 5 / A.14: exp1 (no ablation) vs each ablated set (one bar group per trial ``condition``) of each
     experiment in ``ablations`` (label → trials table: exp3's detector sets, exp10's matched random sets). With no
     ablation experiment run: the not-run figure."""

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from esr.models import LoadedModel
 from esr.ranks import broadcast_tensor
-from esr.steering import Intervention
 from esr.sae import SteeringDirections
-from esr.steering import SteeringPlan, apply_interventions
+from esr.steering import Intervention, SteeringPlan, apply_interventions
 
 CHAT_TEMPLATES = ("model", "reference_llama_prompt", "none")
 REFERENCE_LLAMA_SUFFIX = "<|begin_of_text|><|start_header_id|>assistant<|end_header_id|>"
@@ -99,6 +99,7 @@ class GenerationResult:
 # Prompts
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def encode_prompt(tokenizer, prompt: str, chat_template: str = "model", system: str | None = None) -> list[int]:
     """Token ids of one user turn plus the generation prompt, in the chosen template."""
     if chat_template not in CHAT_TEMPLATES:
@@ -106,8 +107,10 @@ def encode_prompt(tokenizer, prompt: str, chat_template: str = "model", system: 
     if chat_template == "none":
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
-                         "use chat_template 'none' or a tokenizer that has one")
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
+            "use chat_template 'none' or a tokenizer that has one"
+        )
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -123,12 +126,16 @@ def reference_llama_suffix_ids(tokenizer) -> list[int]:
     specials = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>")
     unk = tokenizer.unk_token_id
     if any(tokenizer.convert_tokens_to_ids(s) in (None, unk) for s in specials) or len(ids) != 4:
-        raise ValueError(f"chat_template 'reference_llama_prompt' needs a Llama-3 tokenizer; "
-                         f"{getattr(tokenizer, 'name_or_path', '?')!r} encodes {REFERENCE_LLAMA_SUFFIX!r} as {ids}")
+        raise ValueError(
+            f"chat_template 'reference_llama_prompt' needs a Llama-3 tokenizer; "
+            f"{getattr(tokenizer, 'name_or_path', '?')!r} encodes {REFERENCE_LLAMA_SUFFIX!r} as {ids}"
+        )
     return ids
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids [B, T] and attention mask [B, T]."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -136,14 +143,15 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     for i, s in enumerate(sequences):
         if len(s) == 0:
             raise ValueError(f"prompt {i} of the batch encodes to zero tokens")
-        ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def penalise_history(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """Repetition penalty on every token a row has seen: logit / penalty if positive, logit * penalty otherwise.
@@ -253,7 +261,7 @@ def decode_cache(model, capacity: int):
             self.is_initialized = True
 
         def _views(self) -> None:
-            self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
+            self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -261,12 +269,14 @@ def decode_cache(model, capacity: int):
             n, t = self._n, key_states.shape[-2]
             if n + t > self._k.shape[-2]:  # more positions than planned: grow (never in SteeredGenerator)
                 grow = max(2 * self._k.shape[-2], n + t)
-                self._k = torch.cat([self._k[:, :, :n], self._k.new_empty(self._k.shape[:2] + (grow - n,
-                                                                                              self._k.shape[-1]))], 2)
-                self._v = torch.cat([self._v[:, :, :n], self._v.new_empty(self._v.shape[:2] + (grow - n,
-                                                                                              self._v.shape[-1]))], 2)
-            self._k[:, :, n:n + t].copy_(key_states)
-            self._v[:, :, n:n + t].copy_(value_states)
+                self._k = torch.cat(
+                    [self._k[:, :, :n], self._k.new_empty(self._k.shape[:2] + (grow - n, self._k.shape[-1]))], 2
+                )
+                self._v = torch.cat(
+                    [self._v[:, :, :n], self._v.new_empty(self._v.shape[:2] + (grow - n, self._v.shape[-1]))], 2
+                )
+            self._k[:, :, n : n + t].copy_(key_states)
+            self._v[:, :, n : n + t].copy_(value_states)
             self._n = n + t
             self._views()
             return self.keys, self.values
@@ -295,6 +305,7 @@ def decode_cache(model, capacity: int):
 # The generator
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(eq=False)
 class SteeredGenerator:
     """Generates trials on one loaded model with one SAE's steering directions."""
@@ -310,9 +321,15 @@ class SteeredGenerator:
     def settings_record(self) -> dict[str, Any]:
         out = dataclasses.asdict(self.settings)
         out.update(dataclasses.asdict(self.plan))
-        out.update({"engine": self.loaded.engine, "tp_size": self.loaded.tp_size, "dtype": str(self.loaded.dtype),
-                    "boost_unit": self.directions.boost_unit if self.directions else None,
-                    "median_resid_norm": self.directions.median_resid_norm if self.directions else None})
+        out.update(
+            {
+                "engine": self.loaded.engine,
+                "tp_size": self.loaded.tp_size,
+                "dtype": str(self.loaded.dtype),
+                "boost_unit": self.directions.boost_unit if self.directions else None,
+                "median_resid_norm": self.directions.median_resid_norm if self.directions else None,
+            }
+        )
         return out
 
     def generate(self, requests: Sequence[TrialRequest]) -> list[GenerationResult]:
@@ -320,7 +337,7 @@ class SteeredGenerator:
         from tqdm.auto import tqdm
 
         bs = self.settings.batch_size
-        chunks = [list(requests[i:i + bs]) for i in range(0, len(requests), bs)]
+        chunks = [list(requests[i : i + bs]) for i in range(0, len(requests), bs)]
         results: list[GenerationResult] = []
         for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not self.progress or len(chunks) < 2):
             results.extend(self.generate_batch(chunk))
@@ -358,8 +375,14 @@ class SteeredGenerator:
         try:
             hooks = stack.enter_context(apply_interventions(model, interventions, self.directions, self.plan))
             skip = 1  # the prompt forward's capture is not a generated token's
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             cache, pos = out.cache, positions[:, -1:]
             for step in range(s.max_new_tokens):
                 b = len(rows)
@@ -394,14 +417,21 @@ class SteeredGenerator:
                     mask, pos = mask[sel], pos[sel]
                     generators = [generators[k] for k in keep]
                     cache.batch_select_indices(sel)
-                    hooks = stack.enter_context(apply_interventions(model, [interventions[i] for i in rows],
-                                                                    self.directions, self.plan))
+                    hooks = stack.enter_context(
+                        apply_interventions(model, [interventions[i] for i in rows], self.directions, self.plan)
+                    )
                     skip = 0
                 # on the last step this forward only serves capture: HF never runs the final token through
                 mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], dim=1)
                 pos = pos + 1
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
-                            use_cache=True, logits_to_keep=1)
+                out = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=pos,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 if done:
                     break
             finished_all[row_idx] = finished
@@ -422,14 +452,27 @@ class SteeredGenerator:
             row_acts = None
             if iv is not None and iv.capture:
                 row_acts = torch.cat(acts[i], dim=0)[:n].to(device="cpu", dtype=torch.float32).clone()
-            steering = (self.directions.describe(iv.steer_latent, iv.boost)
-                        if self.directions is not None and iv is not None and iv.steer_latent is not None
-                        else {"boost": 0.0, "boost_unit": self.directions.boost_unit if self.directions else None})
-            results.append(GenerationResult(
-                trial_id=req.trial_id, prompt=req.prompt, seed=req.seed, intervention=iv,
-                response=tok.decode(ids, skip_special_tokens=True), token_ids=ids, n_tokens=n,
-                finish_reason="eos" if finished[i] else "length", prompt_token_ids=list(prompts[i]),
-                activations=row_acts, steering=steering, settings=settings))
+            steering = (
+                self.directions.describe(iv.steer_latent, iv.boost)
+                if self.directions is not None and iv is not None and iv.steer_latent is not None
+                else {"boost": 0.0, "boost_unit": self.directions.boost_unit if self.directions else None}
+            )
+            results.append(
+                GenerationResult(
+                    trial_id=req.trial_id,
+                    prompt=req.prompt,
+                    seed=req.seed,
+                    intervention=iv,
+                    response=tok.decode(ids, skip_special_tokens=True),
+                    token_ids=ids,
+                    n_tokens=n,
+                    finish_reason="eos" if finished[i] else "length",
+                    prompt_token_ids=list(prompts[i]),
+                    activations=row_acts,
+                    steering=steering,
+                    settings=settings,
+                )
+            )
         return results
 
 
@@ -445,22 +488,46 @@ def _collect_captured(hooks, rows: Sequence[int], skip: int, acts: dict[int, lis
             acts.setdefault(rows[k], []).append(stacked[k][:, cols])
 
 
-def generator_for_spec(spec, loaded: LoadedModel, directions: SteeringDirections | None, *,
-                       temperature: float = 0.6, max_new_tokens: int = 512, batch_size: int = 16,
-                       positions: str = "all", ablation_layer: int | None = None,
-                       progress: bool = True) -> SteeredGenerator:
+def generator_for_spec(
+    spec,
+    loaded: LoadedModel,
+    directions: SteeringDirections | None,
+    *,
+    temperature: float = 0.6,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    positions: str = "all",
+    ablation_layer: int | None = None,
+    progress: bool = True,
+) -> SteeredGenerator:
     """A ``SteeredGenerator`` with the layers, repetition penalty and chat template of a config model entry."""
-    plan = SteeringPlan(injection_layer=spec.injection_layer, sae_layer=spec.sae_layer,
-                        ablation_layer=ablation_layer, positions=positions)  # type: ignore[arg-type]
-    settings = GenerationSettings(temperature=temperature, repetition_penalty=spec.repetition_penalty,
-                                  max_new_tokens=max_new_tokens, chat_template=spec.chat_template,
-                                  batch_size=batch_size)
+    plan = SteeringPlan(
+        injection_layer=spec.injection_layer,
+        sae_layer=spec.sae_layer,
+        ablation_layer=ablation_layer,
+        positions=positions,
+    )  # type: ignore[arg-type]
+    settings = GenerationSettings(
+        temperature=temperature,
+        repetition_penalty=spec.repetition_penalty,
+        max_new_tokens=max_new_tokens,
+        chat_template=spec.chat_template,
+        batch_size=batch_size,
+    )
     return SteeredGenerator(loaded, directions, plan, settings, progress)
 
 
-def load_generator(spec, *, model_dir: str | None = None, device: str | torch.device | None = None,
-                   engine: str | None = None, tp_size: int | None = None, median_resid_norm: float | None = None,
-                   sae_dtype: str = "float32", **generator_kwargs: Any) -> SteeredGenerator:
+def load_generator(
+    spec,
+    *,
+    model_dir: str | None = None,
+    device: str | torch.device | None = None,
+    engine: str | None = None,
+    tp_size: int | None = None,
+    median_resid_norm: float | None = None,
+    sae_dtype: str = "float32",
+    **generator_kwargs: Any,
+) -> SteeredGenerator:
     """Load model + SAE for a config model entry (``esr.config.ModelSpec``) and return its ``SteeredGenerator``.
     ``generator_kwargs`` go to ``generator_for_spec`` (temperature, max_new_tokens, batch_size, positions, ...)."""
     from esr.models import load_model
@@ -472,11 +539,17 @@ def load_generator(spec, *, model_dir: str | None = None, device: str | torch.de
     return generator_for_spec(spec, loaded, directions, **generator_kwargs)
 
 
-def load_configured_generator(spec, model_dir: str, generation: Mapping[str, Any],
-                              max_new_tokens: int | None = None) -> SteeredGenerator:
+def load_configured_generator(
+    spec, model_dir: str, generation: Mapping[str, Any], max_new_tokens: int | None = None
+) -> SteeredGenerator:
     """``load_generator`` with the ``generation`` config block's settings (temperature, max_new_tokens, batch_size,
     steer_positions); ``max_new_tokens`` overrides the block's (the boost calibration's shorter answers)."""
-    return load_generator(spec, model_dir=str(model_dir), temperature=generation["temperature"],
-                          max_new_tokens=max_new_tokens or generation["max_new_tokens"],
-                          batch_size=generation["batch_size"], positions=generation["steer_positions"],
-                          progress=False)
+    return load_generator(
+        spec,
+        model_dir=str(model_dir),
+        temperature=generation["temperature"],
+        max_new_tokens=max_new_tokens or generation["max_new_tokens"],
+        batch_size=generation["batch_size"],
+        positions=generation["steer_positions"],
+        progress=False,
+    )

@@ -1,6 +1,6 @@
 """Latent labels for the paper SAEs: download, normalise to the package's labels table, count, record provenance.
 
-Sources (reference protocol §2 item 1):
+Sources (the label sources of the authors' latent selection):
 
 * **Neuronpedia explanation exports** for the GemmaScope SAEs. The public bucket holds, per model and source id,
   ``{base}/{model}/{layer_id}/explanations/batch-N.jsonl.gz`` for N = 0, 1, 2, ... Each file is gzipped JSON lines,
@@ -50,19 +50,19 @@ import gzip
 import io
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from esr.io import atomic_path, sha256_file, write_json
+from esr.latents import is_unlabeled
 
 log = logging.getLogger("esr.labels")
 
@@ -79,7 +79,6 @@ _INDEX_KEYS = ("index", "featureIndex", "feature_index", "latent")
 _TEXT_KEYS = ("description", "explanation", "label", "text")
 _LATENT_COLUMNS = ("latent", "index_in_sae", "index", "feature", "feature_index", "featureIndex")
 _LABEL_COLUMNS = ("label", "description", "explanation")
-_PLACEHOLDER = re.compile(r"^feature_\d+$")
 _USER_AGENT = "esr-labels/1.0 (+https://arxiv.org/abs/2602.06941)"
 
 
@@ -99,14 +98,7 @@ class _NotFound(Exception):
 # Counting
 
 
-def _is_unlabeled(label: Any) -> bool:
-    if label is None or (isinstance(label, float) and math.isnan(label)):
-        return True
-    text = str(label).strip()
-    return not text or bool(_PLACEHOLDER.match(text))
-
-
-def label_counts(df: "pd.DataFrame", d_sae: int | None) -> dict[str, int | None]:  # noqa: F821
+def label_counts(df: pd.DataFrame, d_sae: int | None) -> dict[str, int | None]:  # noqa: F821
     """Counts over the SAE's latents ``range(d_sae)``.
 
     ``labelled``: rows with a real label; ``empty``: rows whose label is empty or a ``feature_<idx>`` placeholder;
@@ -127,13 +119,20 @@ def label_counts(df: "pd.DataFrame", d_sae: int | None) -> dict[str, int | None]
         if latent in seen:
             duplicate_rows += 1
             continue
-        seen[latent] = not _is_unlabeled(label)
+        seen[latent] = not is_unlabeled(label)
     labelled = sum(seen.values())
     empty = len(seen) - labelled
     missing = None if d_sae is None else d_sae - len(seen)
-    return {"d_sae": d_sae, "rows": int(len(df)), "labelled": labelled, "empty": empty, "missing": missing,
-            "unlabeled": None if missing is None else empty + missing, "out_of_range": out_of_range,
-            "duplicate_rows": duplicate_rows}
+    return {
+        "d_sae": d_sae,
+        "rows": int(len(df)),
+        "labelled": labelled,
+        "empty": empty,
+        "missing": missing,
+        "unlabeled": None if missing is None else empty + missing,
+        "out_of_range": out_of_range,
+        "duplicate_rows": duplicate_rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +165,7 @@ def _fetch_to(url: str, dest: Path, timeout: float, retries: int, backoff_s: flo
             failure = err
         if attempt >= retries:
             raise LabelsError(f"could not download {url} after {attempt + 1} attempt(s): {failure}") from failure
-        wait = backoff_s * (2 ** attempt)
+        wait = backoff_s * (2**attempt)
         log.warning("download of %s failed (%s); retry %d/%d in %.1f s", url, failure, attempt + 1, retries, wait)
         time.sleep(wait)
         attempt += 1
@@ -208,8 +207,9 @@ class _Latent:
     texts: set[str] = field(default_factory=set)
 
 
-def _parse_explanations(paths: list[tuple[str, Path]], model_id: str, layer_id: str
-                        ) -> tuple[dict[int, _Latent], dict[str, int], dict[str, int]]:
+def _parse_explanations(
+    paths: list[tuple[str, Path]], model_id: str, layer_id: str
+) -> tuple[dict[int, _Latent], dict[str, int], dict[str, int]]:
     latents: dict[int, _Latent] = {}
     per_file: dict[str, int] = {}
     for name, path in paths:
@@ -220,14 +220,17 @@ def _parse_explanations(paths: list[tuple[str, Path]], model_id: str, layer_id: 
                 raise LabelsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             for key, want in (("modelId", model_id), ("layer", layer_id)):
                 if key in rec and rec[key] is not None and str(rec[key]) != want:
-                    raise LabelsError(f"{where}: record has {key}={rec[key]!r}, expected {want!r} "
-                                      "(the export is for another model/source)")
+                    raise LabelsError(
+                        f"{where}: record has {key}={rec[key]!r}, expected {want!r} "
+                        "(the export is for another model/source)"
+                    )
             raw_index = _first_key(rec, _INDEX_KEYS)
             try:
                 index = int(str(raw_index).strip())
             except (TypeError, ValueError):
-                raise LabelsError(f"{where}: no integer latent index (looked for {list(_INDEX_KEYS)}; "
-                                  f"keys present: {sorted(rec)})") from None
+                raise LabelsError(
+                    f"{where}: no integer latent index (looked for {list(_INDEX_KEYS)}; keys present: {sorted(rec)})"
+                ) from None
             if index < 0:
                 raise LabelsError(f"{where}: negative latent index {index}")
             text = _first_key(rec, _TEXT_KEYS)
@@ -245,15 +248,15 @@ def _parse_explanations(paths: list[tuple[str, Path]], model_id: str, layer_id: 
     counts = {
         "n_records": sum(per_file.values()),
         "n_latents": len(latents),
-        "n_labelled": sum(1 for e in latents.values() if e.label and not _PLACEHOLDER.match(e.label)),
-        "n_empty": sum(1 for e in latents.values() if not e.label or _PLACEHOLDER.match(e.label)),
+        "n_labelled": sum(1 for e in latents.values() if not is_unlabeled(e.label)),
+        "n_empty": sum(1 for e in latents.values() if is_unlabeled(e.label)),
         "n_duplicate_records": sum(e.n - 1 for e in latents.values()),
         "n_conflicting_latents": sum(1 for e in latents.values() if len(e.texts) > 1),
     }
     return latents, counts, per_file
 
 
-def _write_csv(df: "pd.DataFrame", out_csv: Path) -> None:  # noqa: F821
+def _write_csv(df: pd.DataFrame, out_csv: Path) -> None:  # noqa: F821
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False)
 
@@ -262,12 +265,23 @@ def _default_cache(out_csv: Path) -> Path:
     return out_csv.parent / f".{out_csv.name}.download"
 
 
-def fetch_neuronpedia_labels(model_id: str, layer_id: str, out_csv: str | os.PathLike,
-                             base_url: str = NEURONPEDIA_BASE_URL, n_batches: int | None = None,
-                             timeout: float = 60.0, retries: int = 3, *, manifest_json: str | os.PathLike | None = None,
-                             explanations_folder: str = "explanations", d_sae: int | None = None,
-                             expected_sha256: Mapping[str, str] | None = None,
-                             cache_dir: str | os.PathLike | None = None, keep_cache: bool = False, backoff_s: float = 2.0) -> dict[str, Any]:
+def fetch_neuronpedia_labels(
+    model_id: str,
+    layer_id: str,
+    out_csv: str | os.PathLike,
+    base_url: str = NEURONPEDIA_BASE_URL,
+    n_batches: int | None = None,
+    timeout: float = 60.0,
+    retries: int = 3,
+    *,
+    manifest_json: str | os.PathLike | None = None,
+    explanations_folder: str = "explanations",
+    d_sae: int | None = None,
+    expected_sha256: Mapping[str, str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    keep_cache: bool = False,
+    backoff_s: float = 2.0,
+) -> dict[str, Any]:
     """Download a Neuronpedia explanations export and write the labels CSV (see the module docstring).
 
     Batches ``batch-0.jsonl.gz``, ``batch-1.jsonl.gz``, ... are fetched from
@@ -301,14 +315,21 @@ def fetch_neuronpedia_labels(model_id: str, layer_id: str, out_csv: str | os.Pat
                     log.info("%s: HTTP %d, taking it as the end of the export (%d batches)", url, nf.code, i)
                     break
                 what = "no explanation batches at" if i == 0 else f"batch {i} of {n_batches} missing at"
-                raise LabelsError(f"{what} {url} (HTTP {nf.code}); check the Neuronpedia model id {model_id!r}, "
-                                  f"source id {layer_id!r} and the base URL") from None
+                raise LabelsError(
+                    f"{what} {url} (HTTP {nf.code}); check the Neuronpedia model id {model_id!r}, "
+                    f"source id {layer_id!r} and the base URL"
+                ) from None
         rec = _file_record(url, dest, cached=cached)
         if name in expected and rec["sha256"] != expected[name]:
             dest.unlink()  # do not reuse a bad file on the next run
             raise LabelsError(f"{url} has sha256 {rec['sha256']}, expected {expected[name]}")
-        log.info("%s %s (%d bytes, sha256 %s)", "reused" if cached else "downloaded", url, rec["size_bytes"],
-                 rec["sha256"][:12])
+        log.info(
+            "%s %s (%d bytes, sha256 %s)",
+            "reused" if cached else "downloaded",
+            url,
+            rec["size_bytes"],
+            rec["sha256"][:12],
+        )
         files.append(rec)
         paths.append((name, dest))
         i += 1
@@ -321,14 +342,25 @@ def fetch_neuronpedia_labels(model_id: str, layer_id: str, out_csv: str | os.Pat
         f["n_records"] = per_file[f["file"]]
     if not latents:
         raise LabelsError(f"the export at {prefix} holds no explanation records")
-    rows = [{"latent": k, "label": e.label, "explanation_model": e.explanation_model, "type_name": e.type_name,
-             "n_explanations": e.n} for k, e in sorted(latents.items())]
+    rows = [
+        {
+            "latent": k,
+            "label": e.label,
+            "explanation_model": e.explanation_model,
+            "type_name": e.type_name,
+            "n_explanations": e.n,
+        }
+        for k, e in sorted(latents.items())
+    ]
     df = pd.DataFrame(rows, columns=["latent", "label", "explanation_model", "type_name", "n_explanations"])
     _write_csv(df, out_csv)
     manifest = {
         "source": "neuronpedia",
-        "neuronpedia_model": model_id, "neuronpedia_layer_id": layer_id, "base_url": base_url,
-        "explanations_folder": explanations_folder, "n_batches": len(files),
+        "neuronpedia_model": model_id,
+        "neuronpedia_layer_id": layer_id,
+        "base_url": base_url,
+        "explanations_folder": explanations_folder,
+        "n_batches": len(files),
         "duplicate_rule": "first non-empty description in download order (batch, then line)",
         "files": files,
         "counts": counts,
@@ -339,8 +371,14 @@ def fetch_neuronpedia_labels(model_id: str, layer_id: str, out_csv: str | os.Pat
         _write_manifest(manifest_json, manifest)
     if not keep_cache:
         shutil.rmtree(cache, ignore_errors=True)
-    log.info("wrote %s: %d latents, %d labelled, %d empty, %d duplicate records", out_csv, counts["n_latents"],
-             counts["n_labelled"], counts["n_empty"], counts["n_duplicate_records"])
+    log.info(
+        "wrote %s: %d latents, %d labelled, %d empty, %d duplicate records",
+        out_csv,
+        counts["n_latents"],
+        counts["n_labelled"],
+        counts["n_empty"],
+        counts["n_duplicate_records"],
+    )
     return manifest
 
 
@@ -350,10 +388,18 @@ def _write_manifest(path: str | os.PathLike, manifest: dict[str, Any]) -> None:
     write_json(path, {**manifest, "provenance": provenance()})
 
 
-def fetch_csv_labels(url_or_path: str | os.PathLike, out_csv: str | os.PathLike, sha256: str | None = None, *,
-                     manifest_json: str | os.PathLike | None = None, d_sae: int | None = None,
-                     source: str = "file", timeout: float = 60.0, retries: int = 3,
-                     backoff_s: float = 2.0) -> dict[str, Any]:
+def fetch_csv_labels(
+    url_or_path: str | os.PathLike,
+    out_csv: str | os.PathLike,
+    sha256: str | None = None,
+    *,
+    manifest_json: str | os.PathLike | None = None,
+    d_sae: int | None = None,
+    source: str = "file",
+    timeout: float = 60.0,
+    retries: int = 3,
+    backoff_s: float = 2.0,
+) -> dict[str, Any]:
     """Fetch a labels CSV (e.g. Goodfire's ``index_in_sae,label``) from an http(s)/file:// URL or a local path,
     check it against ``sha256`` when given (else record its hash), and write the normalised table to ``out_csv``.
 
@@ -382,8 +428,9 @@ def fetch_csv_labels(url_or_path: str | os.PathLike, out_csv: str | os.PathLike,
                 shutil.copyfile(src, tmp)
         got = sha256_file(local)
         if sha256 and got != sha256.lower():
-            raise LabelsError(f"labels file {src} has sha256 {got}, expected {sha256} (labels.sha256); "
-                              "refusing to use it")
+            raise LabelsError(
+                f"labels file {src} has sha256 {got}, expected {sha256} (labels.sha256); refusing to use it"
+            )
         size = local.stat().st_size
         try:
             df = pd.read_csv(local, dtype=str, keep_default_na=False, na_values=[])
@@ -395,8 +442,10 @@ def fetch_csv_labels(url_or_path: str | os.PathLike, out_csv: str | os.PathLike,
     latent_col = next((c for c in _LATENT_COLUMNS if c in df.columns), None)
     label_col = next((c for c in _LABEL_COLUMNS if c in df.columns), None)
     if latent_col is None or label_col is None:
-        raise LabelsError(f"labels file {src} needs a latent column (one of {list(_LATENT_COLUMNS)}) and a label "
-                          f"column (one of {list(_LABEL_COLUMNS)}); it has {list(df.columns)}")
+        raise LabelsError(
+            f"labels file {src} needs a latent column (one of {list(_LATENT_COLUMNS)}) and a label "
+            f"column (one of {list(_LABEL_COLUMNS)}); it has {list(df.columns)}"
+        )
     df = df.rename(columns={latent_col: "latent", label_col: "label"})
     try:
         df["latent"] = pd.to_numeric(df["latent"].str.strip(), errors="raise").astype("int64")
@@ -407,7 +456,7 @@ def fetch_csv_labels(url_or_path: str | os.PathLike, out_csv: str | os.PathLike,
     df["label"] = [" ".join(str(v).split()) for v in df["label"]]
     n_rows = len(df)
     # keep the first non-empty label per latent (stable order), else the first row
-    df["_empty"] = [_is_unlabeled(v) for v in df["label"]]
+    df["_empty"] = [is_unlabeled(v) for v in df["label"]]
     df = df.reset_index(drop=True)
     df["_row"] = range(len(df))
     conflicting = int((df[~df["_empty"]].groupby("latent")["label"].nunique() > 1).sum())
@@ -419,22 +468,26 @@ def fetch_csv_labels(url_or_path: str | os.PathLike, out_csv: str | os.PathLike,
         raise LabelsError(f"labels file {src} has no rows")
     _write_csv(df, out_csv)
     lc = label_counts(df, d_sae)
-    empties = sum(1 for v in df["label"] if _is_unlabeled(v))
+    empties = sum(1 for v in df["label"] if is_unlabeled(v))
     n_empty_labelled = (empties, int(len(df)) - empties)
     manifest = {
         "source": source,
         "files": [{"url": src, "sha256": got, "size_bytes": size, "sha256_verified": bool(sha256)}],
         "duplicate_rule": "first non-empty label in file order",
-        "counts": {"n_records": n_rows, "n_latents": int(len(df)), "n_labelled": n_empty_labelled[1],
-                   "n_empty": n_empty_labelled[0],
-                   "n_duplicate_records": n_rows - int(len(df)), "n_conflicting_latents": conflicting},
+        "counts": {
+            "n_records": n_rows,
+            "n_latents": int(len(df)),
+            "n_labelled": n_empty_labelled[1],
+            "n_empty": n_empty_labelled[0],
+            "n_duplicate_records": n_rows - int(len(df)),
+            "n_conflicting_latents": conflicting,
+        },
         "label_counts": lc,
         "output": {"path": str(out_csv), "sha256": sha256_file(out_csv), "rows": int(len(df))},
     }
     if manifest_json is not None:
         _write_manifest(manifest_json, manifest)
-    log.info("wrote %s from %s (sha256 %s): %d latents, %d labelled", out_csv, src, got[:12], len(df),
-             lc["labelled"])
+    log.info("wrote %s from %s (sha256 %s): %d latents, %d labelled", out_csv, src, got[:12], len(df), lc["labelled"])
     return manifest
 
 
@@ -442,8 +495,13 @@ def fetch_csv_labels(url_or_path: str | os.PathLike, out_csv: str | os.PathLike,
 # Stage
 
 
-def fetch_labels(spec_labels: Mapping[str, Any], model_name: str, out_csv: str | os.PathLike,
-                          manifest_json: str | os.PathLike, d_sae: int | None = None) -> dict[str, Any]:
+def fetch_labels(
+    spec_labels: Mapping[str, Any],
+    model_name: str,
+    out_csv: str | os.PathLike,
+    manifest_json: str | os.PathLike,
+    d_sae: int | None = None,
+) -> dict[str, Any]:
     """The labels of a published SAE (the ``download_labels`` rule): dispatch on ``spec_labels['source']`` (config ``models.<m>.labels``).
 
     * ``neuronpedia``: ids from ``neuronpedia_model`` / ``neuronpedia_layer_id`` (defaults: :data:`NEURONPEDIA_IDS`
@@ -461,22 +519,46 @@ def fetch_labels(spec_labels: Mapping[str, Any], model_name: str, out_csv: str |
         np_model = cfg.get("neuronpedia_model") or default[0]
         np_layer = cfg.get("neuronpedia_layer_id") or default[1]
         if not np_model or not np_layer:
-            raise LabelsError(f"{where}: source 'neuronpedia' needs neuronpedia_model and neuronpedia_layer_id "
-                              f"(no default for model {model_name!r}; defaults exist for {sorted(NEURONPEDIA_IDS)})")
-        return fetch_neuronpedia_labels(np_model, np_layer, out_csv, base_url=cfg.get("url") or NEURONPEDIA_BASE_URL,
-                                        n_batches=cfg.get("n_batches"), timeout=timeout, retries=retries,
-                                        manifest_json=manifest_json,
-                                        explanations_folder=cfg.get("explanations_folder", "explanations"),
-                                        d_sae=d_sae, expected_sha256=cfg.get("batch_sha256"))
+            raise LabelsError(
+                f"{where}: source 'neuronpedia' needs neuronpedia_model and neuronpedia_layer_id "
+                f"(no default for model {model_name!r}; defaults exist for {sorted(NEURONPEDIA_IDS)})"
+            )
+        return fetch_neuronpedia_labels(
+            np_model,
+            np_layer,
+            out_csv,
+            base_url=cfg.get("url") or NEURONPEDIA_BASE_URL,
+            n_batches=cfg.get("n_batches"),
+            timeout=timeout,
+            retries=retries,
+            manifest_json=manifest_json,
+            explanations_folder=cfg.get("explanations_folder", "explanations"),
+            d_sae=d_sae,
+            expected_sha256=cfg.get("batch_sha256"),
+        )
     if source in ("goodfire", "file"):
         src = cfg.get("url") or cfg.get("path")
         if not src:
-            hint = (" The authors did not publish their Goodfire label CSVs (columns index_in_sae,label): supply "
-                    "one yourself." if source == "goodfire" else "")
+            hint = (
+                " The authors did not publish their Goodfire label CSVs (columns index_in_sae,label): supply "
+                "one yourself."
+                if source == "goodfire"
+                else ""
+            )
             raise LabelsError(f"{where}: source {source!r} needs 'url' (http(s):// or file://) or 'path'.{hint}")
-        return fetch_csv_labels(src, out_csv, sha256=cfg.get("sha256"), manifest_json=manifest_json, d_sae=d_sae,
-                                source=source, timeout=timeout, retries=retries)
+        return fetch_csv_labels(
+            src,
+            out_csv,
+            sha256=cfg.get("sha256"),
+            manifest_json=manifest_json,
+            d_sae=d_sae,
+            source=source,
+            timeout=timeout,
+            retries=retries,
+        )
     if source == "auto":
-        raise LabelsError(f"{where}: source 'auto' means the embedded SAE's automatic labels (rule label_latents "
-                          "writes resources/labels/<model>.csv); there is nothing to download")
+        raise LabelsError(
+            f"{where}: source 'auto' means the embedded SAE's automatic labels (rule label_latents "
+            "writes resources/labels/<model>.csv); there is nothing to download"
+        )
     raise LabelsError(f"{where}.source must be one of {list(LABEL_SOURCES)}, got {source!r}")

@@ -1,14 +1,15 @@
 """Latent selection: labels table IO, filters, seeded candidate draw, prompt and seed assignment, the selection file.
 
-Pipeline (reference protocol §2, with the fixes of §9 items 16-19):
+Pipeline (the authors' selection, with fixes where their code departs from the paper or is fragile):
 
-1. **Labels** (:func:`read_labels`): a CSV with a latent column (``latent``, or the reference's ``index_in_sae``)
-   and ``label``, plus any other columns. Empty labels, and placeholders ``feature_<idx>`` (what the reference
+1. **Labels** (:func:`read_labels`): a CSV with a latent column (``latent``, or the authors' ``index_in_sae``)
+   and ``label``, plus any other columns. Empty labels, and placeholders ``feature_<idx>`` (what the authors'
    code turned empty labels into before dropping them), are *unlabeled*. Latents of the SAE missing from the
-   table are unlabeled too; the universe is the SAE width ``d_sae``, not the number of CSV rows (§9 item 19).
+   table are unlabeled too; the universe is the SAE width ``d_sae``, not the number of CSV rows (the authors'
+   code drew candidates from ``range(number of rows)``).
 2. **Candidate draw**: a permutation of ``range(d_sae)`` from a generator seeded by a stable hash of
    ``(seed, model, "candidates")``. With ``candidate_multiplier = m`` only the first ``m * n_latents``
-   candidates are examined (the reference used 3 and no retry, so runs often ended short); with ``null`` the
+   candidates are examined (the authors used 3 and no retry, so runs often ended short); with ``null`` the
    permutation is walked block by block until ``n_latents`` survive or it is exhausted.
 3. **Filters**, applied in this order and each candidate counted under the *first* filter it fails:
    ``unlabeled`` -> ``dead`` (firing frequency <= ``dead_threshold``) -> ``relevance_fail`` -> concreteness
@@ -16,7 +17,7 @@ Pipeline (reference protocol §2, with the fixes of §9 items 16-19):
    ``concreteness_fail`` when the score < threshold). The cheap filters run first so that the (paid) grader only
    sees labels that could still be selected.
 4. **Relevance filter** (:func:`relevance_pass_mask`), two variants on a ``[n_prompts, d_sae]`` matrix of
-   activations max-pooled over each prompt's tokens: ``zero_on_prompts`` (the reference code: keep a latent only
+   activations max-pooled over each prompt's tokens: ``zero_on_prompts`` (the authors' code: keep a latent only
    if it is exactly 0 on every prompt) and ``top100_per_prompt`` (the paper text: drop each prompt's top-100
    activated latents; only latents with a positive activation can be in a top-k). ``none`` disables it.
 5. **Final list**: survivors in candidate order, truncated to ``n_latents``. Each selected latent gets
@@ -32,13 +33,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esr.io import SEED_HIGH, derive_seed, read_json, stable_hash, write_json, write_text
+from esr.io import SEED_HIGH, derive_seed, read_json, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RELEVANCE_FILTERS = ("zero_on_prompts", "top100_per_prompt", "none")
 FILTER_ORDER = ("unlabeled", "dead", "relevance_fail", "concreteness_error", "concreteness_fail")
@@ -72,7 +77,7 @@ def is_unlabeled(label: Any) -> bool:
     return not text or bool(_PLACEHOLDER.match(text))
 
 
-def read_labels(path: str | Path) -> "pd.DataFrame":  # noqa: F821
+def read_labels(path: str | Path) -> pd.DataFrame:
     """Read a labels CSV into a frame with ``latent`` (int) and ``label`` (str, or None when unlabeled) first,
     other columns kept. Accepts ``index_in_sae`` for ``latent``. Duplicate or negative latents are errors."""
     import pandas as pd
@@ -87,7 +92,7 @@ def read_labels(path: str | Path) -> "pd.DataFrame":  # noqa: F821
     return normalize_labels(df, source=str(path))
 
 
-def normalize_labels(df: "pd.DataFrame", source: str = "labels") -> "pd.DataFrame":  # noqa: F821
+def normalize_labels(df: pd.DataFrame, source: str = "labels") -> pd.DataFrame:
     """Validate and normalise a labels frame (see :func:`read_labels`)."""
     import pandas as pd
 
@@ -102,20 +107,14 @@ def normalize_labels(df: "pd.DataFrame", source: str = "labels") -> "pd.DataFram
     if len(dup):
         raise SelectionError(f"{source}: latent {int(dup.iloc[0])} appears more than once")
     df["latent"] = latents
-    df["label"] = pd.Series([None if is_unlabeled(v) else str(v).strip() for v in df["label"].astype(object)],
-                            index=df.index, dtype=object)
+    df["label"] = pd.Series(
+        [None if is_unlabeled(v) else str(v).strip() for v in df["label"].astype(object)], index=df.index, dtype=object
+    )
     cols = ["latent", "label"] + [c for c in df.columns if c not in ("latent", "label")]
     return df[cols].reset_index(drop=True)
 
 
-def write_labels(df: "pd.DataFrame", path: str | Path) -> Path:  # noqa: F821
-    """Write a labels frame as CSV (atomically); unlabeled latents get an empty label."""
-    out = normalize_labels(df)
-    out["label"] = out["label"].fillna("")
-    return write_text(path, out.to_csv(index=False))
-
-
-def labels_dict(labels: "pd.DataFrame | Mapping[int, Any]") -> dict[int, str | None]:  # noqa: F821
+def labels_dict(labels: pd.DataFrame | Mapping[int, Any]) -> dict[int, str | None]:
     """``{latent: label or None}`` from a labels frame or mapping."""
     if isinstance(labels, Mapping):
         return {int(k): (None if is_unlabeled(v) else str(v).strip()) for k, v in labels.items()}
@@ -131,7 +130,7 @@ def relevance_pass_mask(prompt_acts: np.ndarray, variant: str, top_k: int = 100)
     """Boolean ``[d_sae]`` mask of latents that *pass* the relevance filter (are unrelated to the prompts).
 
     ``prompt_acts``: ``[n_prompts, d_sae]`` activations max-pooled over each prompt's tokens.
-    ``zero_on_prompts``: pass iff the activation is exactly 0 on every prompt (reference code).
+    ``zero_on_prompts``: pass iff the activation is exactly 0 on every prompt (the authors' code).
     ``top100_per_prompt``: fail iff among some prompt's ``top_k`` most activated latents with activation > 0
     (paper text; ties broken by lower latent index). ``none``: everything passes."""
     acts = np.asarray(prompt_acts)
@@ -151,11 +150,12 @@ def relevance_pass_mask(prompt_acts: np.ndarray, variant: str, top_k: int = 100)
             order = np.argsort(-row, kind="stable")[:top_k]
             relevant[order[row[order] > 0]] = True
         return ~relevant
-    raise SelectionError(f"config key 'selection.relevance_filter' = {variant!r} must be one of "
-                         f"{', '.join(RELEVANCE_FILTERS)}")
+    raise SelectionError(
+        f"config key 'selection.relevance_filter' = {variant!r} must be one of {', '.join(RELEVANCE_FILTERS)}"
+    )
 
 
-def firing_frequency(labels: "pd.DataFrame", d_sae: int, column: str = "frequency") -> np.ndarray:  # noqa: F821
+def firing_frequency(labels: pd.DataFrame, d_sae: int, column: str = "frequency") -> np.ndarray:
     """A ``[d_sae]`` firing-frequency vector from a labels frame column (the embedded labeller writes
     ``frequency``); latents missing from the table get NaN, which :func:`dead_mask` does not count as dead."""
     if column not in labels.columns:
@@ -226,12 +226,12 @@ class SelectionSettings:
             raise bad("concreteness_threshold", "must be in [0, 100]")
         if self.relevance_filter not in RELEVANCE_FILTERS:
             raise bad("relevance_filter", f"must be one of {', '.join(RELEVANCE_FILTERS)}")
-        if self.candidate_multiplier is not None and (not isinstance(self.candidate_multiplier, int)
-                                                      or self.candidate_multiplier < 1):
+        if self.candidate_multiplier is not None and (
+            not isinstance(self.candidate_multiplier, int) or self.candidate_multiplier < 1
+        ):
             raise bad("candidate_multiplier", "must be null or a positive integer")
         if self.dead_threshold < 0:
             raise bad("dead_threshold", "must be >= 0")
-
 
 
 @dataclass
@@ -287,8 +287,11 @@ class Selection:
 
     def trials(self) -> list[dict[str, int]]:
         """One row per trial: latent, trial index, prompt id and sampling seed."""
-        return [{"latent": s.latent, "trial": t, "prompt_id": p, "seed": sd}
-                for s in self.latents for t, (p, sd) in enumerate(zip(s.prompt_ids, s.trial_seeds))]
+        return [
+            {"latent": s.latent, "trial": t, "prompt_id": p, "seed": sd}
+            for s in self.latents
+            for t, (p, sd) in enumerate(zip(s.prompt_ids, s.trial_seeds))
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -296,33 +299,52 @@ class Selection:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
+    def from_dict(cls, d: Mapping[str, Any]) -> Selection:
         d = dict(d)
         d.pop("shortfall", None)
         d.pop("provenance", None)
         d["settings"] = SelectionSettings(**d["settings"])
         d["counts"] = FilterCounts(**d["counts"])
-        d["latents"] = [SelectedLatent(latent=int(s["latent"]), label=s["label"],
-                                       concreteness=float(s["concreteness"]),
-                                       prompt_ids=tuple(int(p) for p in s["prompt_ids"]),
-                                       trial_seeds=tuple(int(x) for x in s["trial_seeds"])) for s in d["latents"]]
+        d["latents"] = [
+            SelectedLatent(
+                latent=int(s["latent"]),
+                label=s["label"],
+                concreteness=float(s["concreteness"]),
+                prompt_ids=tuple(int(p) for p in s["prompt_ids"]),
+                trial_seeds=tuple(int(x) for x in s["trial_seeds"]),
+            )
+            for s in d["latents"]
+        ]
         return cls(**d)
 
 
-def assign_trials(seed: int, model: str, latent: int, n_prompts: int, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def assign_trials(
+    seed: int, model: str, latent: int, n_prompts: int, k: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``k`` distinct prompt ids out of ``n_prompts`` and ``k`` trial seeds for one latent (seeded per latent)."""
     if k > n_prompts:
-        raise SelectionError(f"config key 'selection.trials_per_latent' = {k} exceeds the {n_prompts} prompts "
-                             "(each latent needs distinct prompts)")
+        raise SelectionError(
+            f"config key 'selection.trials_per_latent' = {k} exceeds the {n_prompts} prompts "
+            "(each latent needs distinct prompts)"
+        )
     prompts = derive_rng(seed, model, f"prompts:{latent}").choice(n_prompts, size=k, replace=False)
     seeds = derive_rng(seed, model, f"trial_seeds:{latent}").integers(0, SEED_HIGH, size=k)
     return tuple(int(p) for p in prompts), tuple(int(s) for s in seeds)
 
 
-def select_latents(*, model: str, seed: int, settings: SelectionSettings, d_sae: int,
-                   labels: "pd.DataFrame | Mapping[int, Any]", grader: ConcretenessGrader,  # noqa: F821
-                   prompt_acts: np.ndarray | None, n_prompts: int, firing_freq: np.ndarray | None = None,
-                   progress: bool = False) -> Selection:
+def select_latents(
+    *,
+    model: str,
+    seed: int,
+    settings: SelectionSettings,
+    d_sae: int,
+    labels: pd.DataFrame | Mapping[int, Any],
+    grader: ConcretenessGrader,
+    prompt_acts: np.ndarray | None,
+    n_prompts: int,
+    firing_freq: np.ndarray | None = None,
+    progress: bool = False,
+) -> Selection:
     """Run the selection pipeline (module docstring) for one model and return the :class:`Selection`.
 
     ``labels``: frame or ``{latent: label}``; ``grader``: unique label texts -> 0-100 scores (None on failure);
@@ -343,8 +365,9 @@ def select_latents(*, model: str, seed: int, settings: SelectionSettings, d_sae:
         relevant_ok = np.ones(d_sae, dtype=bool)
     else:
         if np.asarray(prompt_acts).shape[-1] != d_sae:
-            raise SelectionError(f"prompt activations have {np.asarray(prompt_acts).shape[-1]} latents, "
-                                 f"expected d_sae = {d_sae}")
+            raise SelectionError(
+                f"prompt activations have {np.asarray(prompt_acts).shape[-1]} latents, expected d_sae = {d_sae}"
+            )
         relevant_ok = relevance_pass_mask(prompt_acts, settings.relevance_filter, settings.relevance_top_k)
     dead = dead_mask(firing_freq, d_sae, settings.dead_threshold)
 
@@ -360,14 +383,21 @@ def select_latents(*, model: str, seed: int, settings: SelectionSettings, d_sae:
     bar = tqdm(total=n, desc=f"selecting latents ({model})", disable=not progress)
     pos = 0
     while pos < limit and len(survivors) < n:
-        chunk = order[pos:min(pos + block, limit)]
+        chunk = order[pos : min(pos + block, limit)]
         pos += len(chunk)
         counts.candidates += len(chunk)
         to_grade: list[tuple[int, str]] = []
         for j in (int(x) for x in chunk):
             label = label_of.get(j)
-            reason = ("unlabeled" if label is None else "dead" if dead[j]
-                      else "relevance_fail" if not relevant_ok[j] else None)
+            reason = (
+                "unlabeled"
+                if label is None
+                else "dead"
+                if dead[j]
+                else "relevance_fail"
+                if not relevant_ok[j]
+                else None
+            )
             if reason:
                 rejected[reason].append(j)
             else:
@@ -393,13 +423,25 @@ def select_latents(*, model: str, seed: int, settings: SelectionSettings, d_sae:
     latents = []
     for j, label, score in chosen:
         prompt_ids, trial_seeds = assign_trials(seed, model, j, n_prompts, settings.trials_per_latent)
-        latents.append(SelectedLatent(latent=j, label=label, concreteness=score, prompt_ids=prompt_ids,
-                                      trial_seeds=trial_seeds))
-    rng_info = {"scheme": "numpy default_rng(int(sha256(json([seed, model, purpose]))[:16], 16) % (2**31-1))",
-                "candidates_seed": rng_candidates_seed,
-                "purposes": ["candidates", "prompts:<latent>", "trial_seeds:<latent>"]}
-    return Selection(model=model, seed=int(seed), d_sae=int(d_sae), n_prompts=int(n_prompts), settings=settings,
-                     counts=counts, latents=latents, rng=rng_info, rejected=rejected)
+        latents.append(
+            SelectedLatent(latent=j, label=label, concreteness=score, prompt_ids=prompt_ids, trial_seeds=trial_seeds)
+        )
+    rng_info = {
+        "scheme": "numpy default_rng(int(sha256(json([seed, model, purpose]))[:16], 16) % (2**31-1))",
+        "candidates_seed": rng_candidates_seed,
+        "purposes": ["candidates", "prompts:<latent>", "trial_seeds:<latent>"],
+    }
+    return Selection(
+        model=model,
+        seed=int(seed),
+        d_sae=int(d_sae),
+        n_prompts=int(n_prompts),
+        settings=settings,
+        counts=counts,
+        latents=latents,
+        rng=rng_info,
+        rejected=rejected,
+    )
 
 
 def write_selection(path: str | Path, selection: Selection, provenance: Mapping[str, Any] | None = None) -> Path:
@@ -412,8 +454,3 @@ def write_selection(path: str | Path, selection: Selection, provenance: Mapping[
 def read_selection(path: str | Path) -> Selection:
     """Read a selection file written by :func:`write_selection`."""
     return Selection.from_dict(read_json(path))
-
-
-def selection_counts(selections: Iterable[Selection]) -> dict[str, dict[str, int]]:
-    """``{model: filter counts}`` for :func:`esr.calibration.filter_counts_table`."""
-    return {s.model: s.counts.as_dict() for s in selections}

@@ -1,9 +1,10 @@
-"""Per-trial metrics and their intervals, exactly as the paper computes them (reference-protocol §5), plus the
+"""Per-trial metrics and their intervals, exactly as the authors' code computes the paper's numbers, plus the
 intervals the paper lacks (Wilson, latent-clustered bootstrap).
 
-Pipeline: ``include_trials`` applies the §5.1 inclusion rules in order and counts every exclusion by reason;
-``summarise`` turns the included trials into counts (k, n) and means, from which every rate and interval is derived.
-Nothing is ever computed from a rounded percentage.
+Pipeline: ``include_trials`` applies the authors' inclusion rules in order (``EXCLUSION_REASONS``: the latent
+failed, the trial failed, no attempts, no scored attempts, and, only if asked, a degraded output) and counts every
+exclusion by reason; ``summarise`` turns the included trials into counts (k, n) and means, from which every rate and
+interval is derived. Nothing is ever computed from a rounded percentage.
 
 Definitions (N = number of included trials; "scores" = the non-None attempt scores of a trial):
 
@@ -20,8 +21,9 @@ Definitions (N = number of included trials; "scores" = the non-None attempt scor
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,7 +33,7 @@ from scipy import stats as _st
 Z95 = 1.96
 #: ≥ this many consecutive identical words (each longer than one character) make an output "degraded".
 DEGRADED_MIN_RUN = 5
-#: Exclusion reasons, in the order the rules are applied (§5.1).
+#: Exclusion reasons, in the order the authors' code applies the rules.
 EXCLUSION_REASONS = ("latent_error", "trial_error", "no_attempts", "no_scores", "degraded")
 
 
@@ -101,7 +103,7 @@ class Interval:
     def as_list(self) -> list[float | None]:
         return [nan_to_none(self.lo), nan_to_none(self.hi)]
 
-    def scaled(self, factor: float) -> "Interval":
+    def scaled(self, factor: float) -> Interval:
         return Interval(self.lo * factor, self.hi * factor, self.method, self.level)
 
 
@@ -136,14 +138,6 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> Interval:
     return Interval(lo, hi, "wilson", level)
 
 
-def clopper_pearson_interval(k: int, n: int, level: float = 0.95) -> Interval:
-    """Exact (Clopper–Pearson) binomial interval."""
-    if n <= 0:
-        return Interval(math.nan, math.nan, "clopper_pearson", level)
-    ci = _st.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
-    return Interval(float(ci.low), float(ci.high), "clopper_pearson", level)
-
-
 @dataclass(frozen=True)
 class Proportion:
     """k successes out of n; every rate in the package is one of these, so intervals use exact counts."""
@@ -167,8 +161,11 @@ class Proportion:
 
     def to_dict(self, bootstrap: Interval | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "k": int(self.k), "n": int(self.n), "estimate": nan_to_none(self.estimate),
-            "wald": self.wald().as_list(), "wilson": self.wilson().as_list(),
+            "k": int(self.k),
+            "n": int(self.n),
+            "estimate": nan_to_none(self.estimate),
+            "wald": self.wald().as_list(),
+            "wilson": self.wilson().as_list(),
         }
         if bootstrap is not None:
             out["bootstrap"] = bootstrap.as_list()
@@ -184,7 +181,7 @@ class MeanEstimate:
     sd: float
 
     @classmethod
-    def of(cls, values: Iterable[float]) -> "MeanEstimate":
+    def of(cls, values: Iterable[float]) -> MeanEstimate:
         arr = np.asarray(list(values), dtype=float)
         n = int(arr.size)
         mean = float(arr.mean()) if n else math.nan
@@ -200,8 +197,11 @@ class MeanEstimate:
 
     def to_dict(self, bootstrap: Interval | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "n": int(self.n), "mean": nan_to_none(self.mean), "sd": nan_to_none(self.sd),
-            "se": nan_to_none(self.se), "ci": self.normal().as_list(),
+            "n": int(self.n),
+            "mean": nan_to_none(self.mean),
+            "sd": nan_to_none(self.sd),
+            "se": nan_to_none(self.se),
+            "ci": self.normal().as_list(),
         }
         if bootstrap is not None:
             out["bootstrap"] = bootstrap.as_list()
@@ -225,7 +225,8 @@ def pooled_mean(parts: Sequence[MeanEstimate]) -> MeanEstimate:
 
 @dataclass(frozen=True)
 class InclusionReport:
-    """Counts of the §5.1 rules, applied in order; each trial is counted under the first rule that drops it.
+    """Counts of the inclusion rules (``EXCLUSION_REASONS``), applied in order; each trial is counted under the first
+    rule that drops it.
 
     ``n_degraded`` counts degraded outputs among trials that passed rules 1–4; they are dropped (and counted in
     ``excluded['degraded']``) only when ``degraded_excluded`` is true."""
@@ -247,8 +248,8 @@ def _latent_error_mask(df: pd.DataFrame) -> pd.Series:
 
 
 def include_trials(df: pd.DataFrame, exclude_degraded: bool = False) -> tuple[pd.DataFrame, InclusionReport]:
-    """Apply the §5.1 inclusion rules in order to a graded trials table (``esr.trials``) and return (included
-    trials, report).
+    """Apply the inclusion rules (``EXCLUSION_REASONS``) in order to a graded trials table (``esr.trials``) and
+    return (included trials, report).
 
     The score columns ``first_score``, ``last_score`` and ``n_attempts`` (scored attempts) are read from the table,
     where grading computed them (``esr.trials.score_columns``). The returned frame keeps all input columns and adds
@@ -313,13 +314,14 @@ def cluster_codes(df: pd.DataFrame, cluster_cols: Sequence[str] = ("model", "lat
     return out
 
 
-def cluster_bootstrap_ratios(codes: np.ndarray, ratios: dict[str, tuple[np.ndarray, np.ndarray]],
-                             spec: BootstrapSpec = BootstrapSpec()) -> dict[str, Interval]:
+def cluster_bootstrap_ratios(
+    codes: np.ndarray, ratios: dict[str, tuple[np.ndarray, np.ndarray]], spec: BootstrapSpec = BootstrapSpec()
+) -> dict[str, Interval]:
     """Percentile CIs for statistics of the form Σnum/Σden, resampling clusters with replacement.
 
-    Every rate and mean in §5.3 is such a ratio (e.g. ESR rate: num = esr indicator, den = 1; MSI over multi-attempt
-    trials: num = delta·multi, den = multi). All statistics share the same resampled cluster sets (a seeded
-    ``numpy.random.Generator``); resamples with Σden = 0 are dropped."""
+    Every rate and mean of :class:`TrialSummary` is such a ratio (e.g. ESR rate: num = esr indicator, den = 1; MSI
+    over multi-attempt trials: num = delta·multi, den = multi). All statistics share the same resampled cluster sets
+    (a seeded ``numpy.random.Generator``); resamples with Σden = 0 are dropped."""
     codes = np.asarray(codes)
     if codes.size == 0:
         return {name: Interval(math.nan, math.nan, "cluster_bootstrap", spec.level) for name in ratios}
@@ -349,7 +351,7 @@ def cluster_bootstrap_ratios(codes: np.ndarray, ratios: dict[str, tuple[np.ndarr
 
 @dataclass(frozen=True)
 class TrialSummary:
-    """All §5.3 aggregates of one set of included trials, as counts and means (never rounded)."""
+    """All aggregates (module docstring) of one set of included trials, as counts and means (never rounded)."""
 
     inclusion: InclusionReport
     multi: Proportion
@@ -380,7 +382,7 @@ class TrialSummary:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrialSummary":
+    def from_dict(cls, d: dict[str, Any]) -> TrialSummary:
         """Rebuild a summary from its ``to_dict`` form (e.g. a cell of a summary JSON); bootstrap CIs kept."""
         m = d["metrics"]
 
@@ -389,20 +391,40 @@ class TrialSummary:
 
         def mean(key: str) -> MeanEstimate:
             x = m[key]
-            return MeanEstimate(int(x["n"]), math.nan if x["mean"] is None else float(x["mean"]),
-                                math.nan if x["sd"] is None else float(x["sd"]))
+            return MeanEstimate(
+                int(x["n"]),
+                math.nan if x["mean"] is None else float(x["mean"]),
+                math.nan if x["sd"] is None else float(x["sd"]),
+            )
 
         inc = d.get("inclusion") or {}
-        report = InclusionReport(int(inc.get("n_input", d["n"])), dict(inc.get("excluded", {})),
-                                 int(inc.get("n_degraded", 0)), bool(inc.get("degraded_excluded", False)),
-                                 int(inc.get("n_included", d["n"])))
-        boot = {k: Interval(v["bootstrap"][0], v["bootstrap"][1], "cluster_bootstrap") for k, v in m.items()
-                if v.get("bootstrap") and v["bootstrap"][0] is not None}
+        report = InclusionReport(
+            int(inc.get("n_input", d["n"])),
+            dict(inc.get("excluded", {})),
+            int(inc.get("n_degraded", 0)),
+            bool(inc.get("degraded_excluded", False)),
+            int(inc.get("n_included", d["n"])),
+        )
+        boot = {
+            k: Interval(v["bootstrap"][0], v["bootstrap"][1], "cluster_bootstrap")
+            for k, v in m.items()
+            if v.get("bootstrap") and v["bootstrap"][0] is not None
+        }
         spec = d.get("bootstrap")
-        return cls(report, prop("multi_rate"), prop("esr_rate"), prop("improvement_rate"), mean("first_score"),
-                   mean("msi_multi"), mean("msi_all"), int(d.get("n_latents", 0)), int(d.get("n_prompts", 0)),
-                   int(d.get("n_degraded_included", 0)), boot,
-                   BootstrapSpec(spec["n_resamples"], spec["seed"], spec["level"]) if spec else None)
+        return cls(
+            report,
+            prop("multi_rate"),
+            prop("esr_rate"),
+            prop("improvement_rate"),
+            mean("first_score"),
+            mean("msi_multi"),
+            mean("msi_all"),
+            int(d.get("n_latents", 0)),
+            int(d.get("n_prompts", 0)),
+            int(d.get("n_degraded_included", 0)),
+            boot,
+            BootstrapSpec(spec["n_resamples"], spec["seed"], spec["level"]) if spec else None,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -416,14 +438,15 @@ class TrialSummary:
                 "msi_multi": "mean(last - first) over multi-attempt trials only (authors' HEAD)",
                 "msi_all": "mean over all included trials, single-attempt trials contributing 0 (first README)",
             },
-            "bootstrap": None if self.bootstrap_spec is None else {**asdict(self.bootstrap_spec),
-                                                                   "cluster": "(model, latent)",
-                                                                   "method": "percentile"},
+            "bootstrap": None
+            if self.bootstrap_spec is None
+            else {**asdict(self.bootstrap_spec), "cluster": "(model, latent)", "method": "percentile"},
         }
 
 
-def summarise_included(inc: pd.DataFrame, report: InclusionReport, bootstrap: BootstrapSpec | None = None
-                       ) -> TrialSummary:
+def summarise_included(
+    inc: pd.DataFrame, report: InclusionReport, bootstrap: BootstrapSpec | None = None
+) -> TrialSummary:
     """Aggregate trials already passed through ``include_trials``."""
     multi = inc["multi"].to_numpy(bool)
     esr = inc["esr"].to_numpy(bool)
@@ -434,10 +457,18 @@ def summarise_included(inc: pd.DataFrame, report: InclusionReport, bootstrap: Bo
     boot: dict[str, Interval] = {}
     if bootstrap is not None and n > 0:
         ones = np.ones(n)
-        boot = cluster_bootstrap_ratios(cluster_codes(inc), {
-            "multi_rate": (multi, ones), "esr_rate": (esr, ones), "improvement_rate": (esr, multi),
-            "first_score": (first, ones), "msi_multi": (delta_all, multi), "msi_all": (delta_all, ones),
-        }, bootstrap)
+        boot = cluster_bootstrap_ratios(
+            cluster_codes(inc),
+            {
+                "multi_rate": (multi, ones),
+                "esr_rate": (esr, ones),
+                "improvement_rate": (esr, multi),
+                "first_score": (first, ones),
+                "msi_multi": (delta_all, multi),
+                "msi_all": (delta_all, ones),
+            },
+            bootstrap,
+        )
     return TrialSummary(
         inclusion=report,
         multi=Proportion(n_multi, n),
@@ -454,8 +485,7 @@ def summarise_included(inc: pd.DataFrame, report: InclusionReport, bootstrap: Bo
     )
 
 
-def summarise(df: pd.DataFrame, exclude_degraded: bool = False, bootstrap: BootstrapSpec | None = None
-              ) -> TrialSummary:
+def summarise(df: pd.DataFrame, exclude_degraded: bool = False, bootstrap: BootstrapSpec | None = None) -> TrialSummary:
     """Apply the inclusion rules to a raw trial table and aggregate it (see module docstring)."""
     inc, report = include_trials(df, exclude_degraded=exclude_degraded)
     return summarise_included(inc, report, bootstrap)

@@ -11,8 +11,8 @@ the full, all-reduced residual stream on every rank.
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
-        raise TypeError(f"{type(model).__name__} has no .model.layers; only Llama/Gemma-2 style causal LMs are "
-                        "supported")
+        raise TypeError(
+            f"{type(model).__name__} has no .model.layers; only Llama/Gemma-2 style causal LMs are supported"
+        )
     return layers
 
 
@@ -101,8 +102,11 @@ def disable_deepspeed_shm_allreduce() -> None:
     """CPU-only workaround: DeepSpeed's JIT-built shm all-reduce op segfaults on some CPUs under AutoTP tp>1; with
     this, ``inference_all_reduce`` falls back to torch.distributed (gloo). Call before ``deepspeed.init_distributed``
     (the op is built when the comm backend starts; ``init_inference`` starts it if nobody did).
-    (Import through importlib: ``deepspeed.comm`` re-exports a ``torch`` name that shadows the submodule.)"""
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    (The module is taken from ``sys.modules``: ``deepspeed.comm`` re-exports a ``torch`` name that shadows the
+    submodule attribute.)"""
+    import deepspeed.comm.torch  # noqa: F401  (registers the submodule in sys.modules)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
 def init_deepspeed(model, dtype: torch.dtype, tp_size: int = 1):
@@ -113,12 +117,15 @@ def init_deepspeed(model, dtype: torch.dtype, tp_size: int = 1):
         raise ValueError(f"tensor_parallel tp_size {tp_size} must be >= 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp_size > world:
-        raise ValueError(f"tensor_parallel tp_size {tp_size} needs {tp_size} processes, but WORLD_SIZE is {world}; "
-                         "launch with torchrun/deepspeed --nproc_per_node")
+        raise ValueError(
+            f"tensor_parallel tp_size {tp_size} needs {tp_size} processes, but WORLD_SIZE is {world}; "
+            "launch with torchrun/deepspeed --nproc_per_node"
+        )
     if tp_size > 1 and not torch.cuda.is_available():
         disable_deepspeed_shm_allreduce()
-    return deepspeed.init_inference(model, dtype=dtype, tensor_parallel={"tp_size": tp_size},
-                                    replace_with_kernel_inject=False)
+    return deepspeed.init_inference(
+        model, dtype=dtype, tensor_parallel={"tp_size": tp_size}, replace_with_kernel_inject=False
+    )
 
 
 def cpu_supports_bf16() -> bool:
@@ -129,8 +136,14 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def load_model_dir(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
-                   engine: str = "transformers", tp_size: int = 1, family: str | None = None) -> LoadedModel:
+def load_model_dir(
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    engine: str = "transformers",
+    tp_size: int = 1,
+    family: str | None = None,
+) -> LoadedModel:
     """Load model + tokenizer from a local HF directory (config.json, weights, tokenizer files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,12 +155,19 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = "float32", devic
     if engine == "transformers" and tp_size != 1:
         raise ValueError(f"tensor_parallel {tp_size} > 1 needs engine 'deepspeed'")
     torch_dtype = resolve_dtype(dtype)
-    if torch_dtype == torch.bfloat16 and (device is None or torch.device(device).type == "cpu") \
-            and not torch.cuda.is_available() and not cpu_supports_bf16():
+    if (
+        torch_dtype == torch.bfloat16
+        and (device is None or torch.device(device).type == "cpu")
+        and not torch.cuda.is_available()
+        and not cpu_supports_bf16()
+    ):
         import logging
 
-        logging.getLogger("esr.models").warning("this CPU has no bf16 units: loading %s in float32 instead of "
-                                                "bfloat16 (slower, same results up to rounding)", path)
+        logging.getLogger("esr.models").warning(
+            "this CPU has no bf16 units: loading %s in float32 instead of "
+            "bfloat16 (slower, same results up to rounding)",
+            path,
+        )
         torch_dtype = torch.float32
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path)))
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -155,12 +175,20 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype = "float32", devic
     if family == "gemma2" or model_type == "gemma2":
         kwargs["attn_implementation"] = "eager"  # logit soft-capping
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
-    return wrap_model(model, tokenizer, dtype=torch_dtype, device=device, engine=engine, tp_size=tp_size,
-                      path=str(path))
+    return wrap_model(
+        model, tokenizer, dtype=torch_dtype, device=device, engine=engine, tp_size=tp_size, path=str(path)
+    )
 
 
-def wrap_model(model, tokenizer, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
-               engine: str = "transformers", tp_size: int = 1, path: str | None = None) -> LoadedModel:
+def wrap_model(
+    model,
+    tokenizer,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    engine: str = "transformers",
+    tp_size: int = 1,
+    path: str | None = None,
+) -> LoadedModel:
     """Put an in-memory HF model on its engine (used by ``load_model_dir`` and by tests with tiny models)."""
     torch_dtype = resolve_dtype(dtype)
     model = model.to(dtype=torch_dtype).eval()
@@ -177,16 +205,27 @@ def wrap_model(model, tokenizer, dtype: str | torch.dtype = "float32", device: s
     return LoadedModel(model, tokenizer, torch_dtype, dev, "transformers", 1, path, None)
 
 
-def load_model(spec: ModelSpec, path: str | Path | None = None, device: str | torch.device | None = None,
-               engine: str | None = None, tp_size: int | None = None) -> LoadedModel:
+def load_model(
+    spec: ModelSpec,
+    path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    engine: str | None = None,
+    tp_size: int | None = None,
+) -> LoadedModel:
     """Load the model a config entry names, from ``path`` or the spec's local dir (``resources/models/<name>``)."""
     from esr.sae import resolve_path
 
     if spec.family not in FAMILIES:
         raise ValueError(f"model {spec.name!r}: family {spec.family!r} is not one of {FAMILIES}")
     model_dir = Path(path) if path is not None else resolve_path(spec.local_dir)
-    return load_model_dir(model_dir, dtype=spec.dtype, device=device, engine=engine or spec.engine,
-                          tp_size=tp_size or spec.tensor_parallel, family=spec.family)
+    return load_model_dir(
+        model_dir,
+        dtype=spec.dtype,
+        device=device,
+        engine=engine or spec.engine,
+        tp_size=tp_size or spec.tensor_parallel,
+        family=spec.family,
+    )
 
 
 def _model_type(path: Path) -> str | None:

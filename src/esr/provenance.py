@@ -15,8 +15,20 @@ from pathlib import Path
 from typing import Any
 
 TRACKED_PACKAGES = (
-    "esr", "torch", "transformers", "sae-lens", "deepspeed", "snakemake", "xarray", "zarr", "scipy", "numpy",
-    "statsmodels", "sentence-transformers", "gguf", "huggingface-hub",
+    "esr",
+    "torch",
+    "transformers",
+    "sae-lens",
+    "deepspeed",
+    "snakemake",
+    "xarray",
+    "zarr",
+    "scipy",
+    "numpy",
+    "statsmodels",
+    "sentence-transformers",
+    "gguf",
+    "huggingface-hub",
 )
 _SECRET_KEY = re.compile(r"(token|secret|api[_-]?key|password|authorization)", re.IGNORECASE)
 
@@ -38,8 +50,13 @@ def git_commit(repo: str | Path | None = None) -> dict[str, Any]:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return {"commit": None, "dirty": None}
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -48,7 +65,9 @@ def git_commit(repo: str | Path | None = None) -> dict[str, Any]:
 def redact(obj: Any) -> Any:
     """Copy of a config-like structure with secret-looking keys replaced by '<redacted>'."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v)) for k, v in obj.items()}
+        return {
+            k: ("<redacted>" if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v)) for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
     return obj
@@ -59,7 +78,7 @@ def provenance(config: dict[str, Any] | None = None, **extra: Any) -> dict[str, 
     from esr.io import stable_hash
 
     block: dict[str, Any] = {
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

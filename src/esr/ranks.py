@@ -7,7 +7,8 @@ a plain call: ``is_writer()`` is true, ``share(x)`` returns ``x``."""
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

@@ -16,42 +16,46 @@ from tqdm.auto import tqdm
 from esr.episodes import response_token_spans
 from esr.generation import left_pad
 from esr.models import LoadedModel
-from esr.steering import Intervention
 from esr.sae import SteeringDirections
-from esr.steering import SteeringPlan, apply_interventions
+from esr.steering import Intervention, SteeringPlan, apply_interventions
 
 
 def user_turn_ids(tokenizer, prompt: str) -> list[int]:
     """The user turn alone in the chat template, without a generation prompt (the authors' relevance read-out)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=False,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=False, tokenize=False
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def conversation_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """User prompt + assistant answer in the chat template; also the index of the first answer token."""
-    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response}], tokenize=False)
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
     if not full.startswith(head):
-        raise ValueError("the chat template does not extend the generation prompt with the answer; cannot locate "
-                         "the answer's tokens")
+        raise ValueError(
+            "the chat template does not extend the generation prompt with the answer; cannot locate the answer's tokens"
+        )
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     return list(ids), len(head_ids)
 
 
-def answer_token_spans(tokenizer, prompt: str, response: str
-                       ) -> tuple[list[int], list[tuple[int, int]], int, int, str]:
+def answer_token_spans(tokenizer, prompt: str, response: str) -> tuple[list[int], list[tuple[int, int]], int, int, str]:
     """The user+assistant conversation of an existing answer, for replaying it: (token ids, the answer's tokens'
     character spans relative to the stripped answer text, [first, stop) token range of the answer in the ids, the
     stripped answer text). Raises ``ValueError`` when the answer does not appear in its rendered conversation."""
     text = response.strip()
-    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": text}],
-                                         tokenize=False)
-    head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}], tokenize=False
+    )
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
     start = full.find(text, len(head) - 1 if len(head) else 0)
     if start < 0:
         raise ValueError("the answer text does not appear in its rendered conversation")
@@ -61,11 +65,18 @@ def answer_token_spans(tokenizer, prompt: str, response: str
 
 
 @torch.no_grad()
-def per_token_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[Sequence[int]],
-                      latents: Sequence[int] | None = None, batch_size: int = 8,
-                      interventions: Sequence[Intervention | None] | None = None,
-                      directions: SteeringDirections | None = None, plan: SteeringPlan | None = None,
-                      desc: str = "reading latents") -> list[torch.Tensor]:
+def per_token_latents(
+    loaded: LoadedModel,
+    sae,
+    layer: int,
+    sequences: Sequence[Sequence[int]],
+    latents: Sequence[int] | None = None,
+    batch_size: int = 8,
+    interventions: Sequence[Intervention | None] | None = None,
+    directions: SteeringDirections | None = None,
+    plan: SteeringPlan | None = None,
+    desc: str = "reading latents",
+) -> list[torch.Tensor]:
     """SAE activations at the output of decoder block ``layer`` for every token of every sequence:
     a list of [len(seq), n_latents] float32 tensors (all latents when ``latents`` is None).
 
@@ -80,15 +91,16 @@ def per_token_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[
 
     out: list[torch.Tensor] = []
     for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch", disable=len(sequences) < 64):
-        chunk = sequences[start:start + batch_size]
+        chunk = sequences[start : start + batch_size]
         ids, mask = left_pad(chunk, pad, torch.device("cpu"))
         captured.clear()
         with contextlib.ExitStack() as stack:
             if interventions is not None:
                 if plan is None:
                     raise ValueError("replay with interventions needs a SteeringPlan")
-                stack.enter_context(apply_interventions(loaded.model, interventions[start:start + batch_size],
-                                                        directions, plan))
+                stack.enter_context(
+                    apply_interventions(loaded.model, interventions[start : start + batch_size], directions, plan)
+                )
             # registered after the intervention hooks: on a shared layer it reads the steered stream
             handle = loaded.layers[layer].register_forward_hook(hook)
             stack.callback(handle.remove)
@@ -98,19 +110,26 @@ def per_token_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[
             f = f[..., cols]
         width = ids.shape[1]
         for i, s in enumerate(chunk):
-            out.append(f[i, width - len(s):].clone())
+            out.append(f[i, width - len(s) :].clone())
     return out
 
 
-def max_pooled_latents(loaded: LoadedModel, sae, layer: int, sequences: Sequence[Sequence[int]],
-                       batch_size: int = 8, desc: str = "max-pooling latents") -> np.ndarray:
+def max_pooled_latents(
+    loaded: LoadedModel,
+    sae,
+    layer: int,
+    sequences: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    desc: str = "max-pooling latents",
+) -> np.ndarray:
     """[n_sequences, d_sae]: each latent's maximum activation over each sequence's tokens."""
     per_tok = per_token_latents(loaded, sae, layer, sequences, None, batch_size, desc=desc)
     return np.stack([t.max(dim=0).values.numpy() for t in per_tok])
 
 
-def prompt_relevance_activations(loaded: LoadedModel, sae, layer: int, prompts: Sequence[str],
-                                 batch_size: int = 8) -> np.ndarray:
+def prompt_relevance_activations(
+    loaded: LoadedModel, sae, layer: int, prompts: Sequence[str], batch_size: int = 8
+) -> np.ndarray:
     """The relevance-filter input: [n_prompts, d_sae] max over each prompt's user-turn tokens."""
     seqs = [user_turn_ids(loaded.tokenizer, p) for p in prompts]
     return max_pooled_latents(loaded, sae, layer, seqs, batch_size, desc="prompt read-out")

@@ -5,8 +5,8 @@ Loading (``load_sae``):
 - ``sae.source: sae_lens``       -> ``SAE.from_pretrained(release, sae_id)`` (GemmaScope, Goodfire, ...);
   offline runs need a pre-populated ``HF_HOME`` and ``HF_HUB_OFFLINE=1``.
 - ``sae.source: local|embedded`` -> ``SAE.load_from_disk(path)`` (a folder with ``cfg.json`` +
-  ``sae_weights.safetensors``, as written by ``sae.save_model``). The embedded SAE is trained elsewhere (the lead's
-  training rule); this module only loads it.
+  ``sae_weights.safetensors``, as written by ``sae.save_model``). The embedded SAE is trained by the ``train_sae`` rule
+  (``esr.sae_training``); this module only loads it.
 
 Boost units (``SteeringDirections``), always recorded next to the boost in results:
 
@@ -45,8 +45,7 @@ def resolve_path(path: str | Path, root: str | Path | None = None) -> Path:
     return REPO_ROOT / p
 
 
-def load_sae(spec: SAESpec, device: str | torch.device = "cpu", dtype: str = "float32",
-             root: str | Path | None = None):
+def load_sae(spec: SAESpec, device: str | torch.device = "cpu", dtype: str = "float32", root: str | Path | None = None):
     """Load the SAE named by ``spec`` (a ``sae_lens.SAE``), in eval mode on ``device``."""
     from sae_lens import SAE
 
@@ -59,8 +58,9 @@ def load_sae(spec: SAESpec, device: str | torch.device = "cpu", dtype: str = "fl
             raise ValueError(f"SAE spec with source {spec.source!r} has no path")
         path = resolve_path(spec.path, root)
         if not (path / "cfg.json").exists():
-            raise FileNotFoundError(f"no SAE at {str(path)!r} (expected cfg.json + sae_weights.safetensors; "
-                                    f"sae.source={spec.source!r})")
+            raise FileNotFoundError(
+                f"no SAE at {str(path)!r} (expected cfg.json + sae_weights.safetensors; sae.source={spec.source!r})"
+            )
         sae = SAE.load_from_disk(str(path), device=str(device), dtype=dtype)
     else:
         raise ValueError(f"unknown sae.source {spec.source!r}; use sae_lens, local or embedded")
@@ -71,8 +71,10 @@ def read_median_resid_norm(sae_dir: str | Path) -> float:
     """``median_resid_norm`` from ``<sae_dir>/esr_stats.json``."""
     path = Path(sae_dir) / STATS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: boost_unit 'median_resid_norm' needs the median "
-                                "residual norm (pass it explicitly or write that file)")
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: boost_unit 'median_resid_norm' needs the median "
+            "residual norm (pass it explicitly or write that file)"
+        )
     with open(path, encoding="utf-8") as f:
         stats = json.load(f)
     if MEDIAN_NORM_KEY not in stats:
@@ -95,8 +97,9 @@ class SteeringDirections:
         if self.boost_unit not in BOOST_UNITS:
             raise ValueError(f"boost_unit {self.boost_unit!r} is not one of {BOOST_UNITS}")
         if self.boost_unit == "median_resid_norm" and not (self.median_resid_norm and self.median_resid_norm > 0):
-            raise ValueError(f"boost_unit 'median_resid_norm' needs a positive median_resid_norm, got "
-                             f"{self.median_resid_norm!r}")
+            raise ValueError(
+                f"boost_unit 'median_resid_norm' needs a positive median_resid_norm, got {self.median_resid_norm!r}"
+            )
 
     @property
     def d_sae(self) -> int:
@@ -133,22 +136,28 @@ class SteeringDirections:
 
     def describe(self, latent: int | None, boost: float) -> dict[str, Any]:
         """What a result record should carry so the boost's unit is explicit."""
-        out: dict[str, Any] = {"boost": float(boost), "boost_unit": self.boost_unit,
-                               "median_resid_norm": self.median_resid_norm}
+        out: dict[str, Any] = {
+            "boost": float(boost),
+            "boost_unit": self.boost_unit,
+            "median_resid_norm": self.median_resid_norm,
+        }
         if latent is not None:
             out["steer_coefficient"] = self.coefficient(latent, boost)
             out["steer_residual_norm"] = self.residual_norm(latent, boost)
         return out
 
 
-def steering_directions(spec: ModelSpec, sae, median_resid_norm: float | None = None,
-                        root: str | Path | None = None) -> SteeringDirections:
+def steering_directions(
+    spec: ModelSpec, sae, median_resid_norm: float | None = None, root: str | Path | None = None
+) -> SteeringDirections:
     """``SteeringDirections`` for a model spec; reads the median norm from the SAE dir when the unit needs it and it
     was not passed."""
     unit = spec.sae.boost_unit
     if unit == "median_resid_norm" and median_resid_norm is None:
         if not spec.sae.path:
-            raise ValueError(f"model {spec.name!r}: boost_unit 'median_resid_norm' needs median_resid_norm or an "
-                             "SAE path holding esr_stats.json")
+            raise ValueError(
+                f"model {spec.name!r}: boost_unit 'median_resid_norm' needs median_resid_norm or an "
+                "SAE path holding esr_stats.json"
+            )
         median_resid_norm = read_median_resid_norm(resolve_path(spec.sae.path, root))
     return SteeringDirections(sae=sae, boost_unit=unit, median_resid_norm=median_resid_norm)

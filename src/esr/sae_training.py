@@ -1,7 +1,7 @@
 """The embedded SAE: build a token corpus, collect residual-stream activations, train a TopK SAE with sae-lens,
 evaluate it on held-out activations, and label every latent from its top-activating tokens.
 
-Recipe and measurements: ../shared/docs/embedded-default.md §1-§3. Key choices, each recorded in the outputs:
+Key choices of the recipe, each recorded in the outputs:
 - activations are the output of decoder block ``layer`` (``hidden_states[layer+1]``), collected from a model
   truncated after that block, in bf16 where the CPU supports it (cosine 0.9999 to fp32);
 - position 0 of every row and attention-sink tokens (norm > ``outlier_norm_factor`` x median) are dropped;
@@ -35,6 +35,7 @@ SAE_STATS_FILE = "esr_stats.json"
 
 # --------------------------------------------------------------------------------------------- corpus -> rows
 
+
 @dataclass
 class CorpusManifest:
     total_tokens: int
@@ -48,8 +49,14 @@ class CorpusManifest:
     seed: int
 
 
-def build_token_rows(tokenizer, mix: dict[str, float], total_tokens: int, seq_len: int, seed: int,
-                     chat_format: Callable[[str, str], str] | None = None) -> tuple[torch.Tensor, CorpusManifest]:
+def build_token_rows(
+    tokenizer,
+    mix: dict[str, float],
+    total_tokens: int,
+    seq_len: int,
+    seed: int,
+    chat_format: Callable[[str, str], str] | None = None,
+) -> tuple[torch.Tensor, CorpusManifest]:
     """Draw documents from each source up to its token share, shuffle, join with the EOS token and pack into rows
     of ``seq_len`` tokens. Returns (rows [n_rows, seq_len] int32, manifest)."""
     used, missing = available_mix(mix)
@@ -67,7 +74,7 @@ def build_token_rows(tokenizer, mix: dict[str, float], total_tokens: int, seq_le
         for start in range(0, len(texts), 256):
             if got >= budget:
                 break
-            batch = texts[start:start + 256]
+            batch = texts[start : start + 256]
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 if got >= budget:
                     break
@@ -85,13 +92,22 @@ def build_token_rows(tokenizer, mix: dict[str, float], total_tokens: int, seq_le
         flat.append(sep)
     n_rows = len(flat) // seq_len
     rows = torch.tensor(flat[: n_rows * seq_len], dtype=torch.int32).view(n_rows, seq_len)
-    manifest = CorpusManifest(total_tokens=int(rows.numel()), seq_len=seq_len, n_rows=n_rows,
-                              tokens_by_source=tokens_by_source, docs_by_source=docs_by_source,
-                              mix_requested=dict(mix), mix_used=used, missing_sources=missing, seed=seed)
+    manifest = CorpusManifest(
+        total_tokens=int(rows.numel()),
+        seq_len=seq_len,
+        n_rows=n_rows,
+        tokens_by_source=tokens_by_source,
+        docs_by_source=docs_by_source,
+        mix_requested=dict(mix),
+        mix_used=used,
+        missing_sources=missing,
+        seed=seed,
+    )
     return rows, manifest
 
 
 # --------------------------------------------------------------------------------------------- activations
+
 
 def truncate_after_layer(model, layer: int):
     """Keep decoder blocks 0..layer (in place) so a forward pass stops being useful work after ``layer``."""
@@ -103,8 +119,9 @@ def truncate_after_layer(model, layer: int):
 
 
 @torch.no_grad()
-def collect_layer_activations(model, rows: torch.Tensor, layer: int, batch_size: int = 32,
-                              desc: str = "collecting activations") -> torch.Tensor:
+def collect_layer_activations(
+    model, rows: torch.Tensor, layer: int, batch_size: int = 32, desc: str = "collecting activations"
+) -> torch.Tensor:
     """Output of decoder block ``layer`` for every token of ``rows``: [n_rows, seq_len, d_model] in the model's
     dtype. ``model`` may be truncated after ``layer`` (see ``truncate_after_layer``)."""
     captured: list[torch.Tensor] = []
@@ -118,7 +135,7 @@ def collect_layer_activations(model, rows: torch.Tensor, layer: int, batch_size:
     out = []
     try:
         for start in tqdm(range(0, rows.shape[0], batch_size), desc=desc, unit="batch"):
-            ids = rows[start:start + batch_size].long()
+            ids = rows[start : start + batch_size].long()
             captured.clear()
             model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             out.append(captured[0].clone())
@@ -154,21 +171,27 @@ def filter_activations(acts: torch.Tensor, outlier_factor: float) -> tuple[torch
     kept = body[rows_idx, pos_idx]
     index = torch.stack([rows_idx, pos_idx + 1], dim=1).to(torch.int32)
     qs = torch.quantile(norms.flatten()[:: max(1, norms.numel() // 200_000)], torch.tensor([0.01, 0.5, 0.99]))
-    stats = {"n_position0_dropped": n_rows, "n_outliers_dropped": int((~keep).sum()),
-             "median_resid_norm": median, "outlier_threshold": threshold,
-             "norm_quantiles": {"q01": float(qs[0]), "q50": float(qs[1]), "q99": float(qs[2])}}
+    stats = {
+        "n_position0_dropped": n_rows,
+        "n_outliers_dropped": int((~keep).sum()),
+        "median_resid_norm": median,
+        "outlier_threshold": threshold,
+        "norm_quantiles": {"q01": float(qs[0]), "q50": float(qs[1]), "q99": float(qs[2])},
+    }
     return kept, index, stats
 
 
-def save_activations(path: str | Path, acts: torch.Tensor, index: torch.Tensor, rows: torch.Tensor,
-                     stats: ActivationStats) -> Path:
+def save_activations(
+    path: str | Path, acts: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, stats: ActivationStats
+) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
-        save_file({"acts": acts.contiguous(), "index": index.contiguous(), "rows": rows.contiguous()},
-                  str(tmp / ACTS_FILE))
+        save_file(
+            {"acts": acts.contiguous(), "index": index.contiguous(), "rows": rows.contiguous()}, str(tmp / ACTS_FILE)
+        )
         write_json(tmp / "stats.json", asdict(stats))
     return path
 
@@ -184,31 +207,48 @@ def load_activations(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torc
 
 # --------------------------------------------------------------------------------------------- training
 
+
 def _batches(acts: torch.Tensor, batch: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless shuffled float32 batches (one permutation per epoch)."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         perm = torch.randperm(acts.shape[0], generator=gen)
         for start in range(0, acts.shape[0] - batch + 1, batch):
-            yield acts[perm[start:start + batch]].float()
+            yield acts[perm[start : start + batch]].float()
 
 
-def train_topk_sae(train_acts: torch.Tensor, d_sae: int, k: int, lr: float, batch_tokens: int, seed: int,
-                   hook_layer: int, model_name: str, autocast: bool | None = None):
+def train_topk_sae(
+    train_acts: torch.Tensor,
+    d_sae: int,
+    k: int,
+    lr: float,
+    batch_tokens: int,
+    seed: int,
+    hook_layer: int,
+    model_name: str,
+    autocast: bool | None = None,
+):
     """Train a sae-lens ``TopKTrainingSAE`` for one epoch over ``train_acts`` [N, d_in]; return the training SAE
     (call ``save_inference_model`` on it)."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(seed)
     d_in = train_acts.shape[1]
     steps = train_acts.shape[0] // batch_tokens
     if steps < 10:
         raise ValueError(f"only {steps} training steps: need at least 10 x train_batch_tokens activations")
-    cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype="float32", device="cpu",
-                                normalize_activations="expected_average_only_in", aux_loss_coefficient=1.0)
+    cfg = TopKTrainingSAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        dtype="float32",
+        device="cpu",
+        normalize_activations="expected_average_only_in",
+        aux_loss_coefficient=1.0,
+    )
     sae = TopKTrainingSAE(cfg)
     sae.cfg.metadata.hook_name = f"blocks.{hook_layer}.hook_resid_post"
     sae.cfg.metadata.model_name = model_name
@@ -217,11 +257,20 @@ def train_topk_sae(train_acts: torch.Tensor, d_sae: int, k: int, lr: float, batc
 
         autocast = cpu_supports_bf16()
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * batch_tokens, train_batch_size_samples=batch_tokens, lr=lr, lr_end=lr / 10,
-        lr_scheduler_name="constant", lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=max(1, steps // 5),
-        device="cpu", autocast=autocast, dead_feature_window=max(1, steps // 10),
-        feature_sampling_window=max(1, steps // 4), n_batches_for_norm_estimate=min(50, steps),
-        logger=LoggingConfig(log_to_wandb=False))
+        total_training_samples=steps * batch_tokens,
+        train_batch_size_samples=batch_tokens,
+        lr=lr,
+        lr_end=lr / 10,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=max(1, steps // 20),
+        lr_decay_steps=max(1, steps // 5),
+        device="cpu",
+        autocast=autocast,
+        dead_feature_window=max(1, steps // 10),
+        feature_sampling_window=max(1, steps // 4),
+        n_batches_for_norm_estimate=min(50, steps),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_batches(train_acts, batch_tokens, seed))
     return trainer.fit()
 
@@ -249,7 +298,7 @@ def evaluate_sae(sae, heldout: torch.Tensor, chunk: int = 8192) -> SAEEvaluation
     mean = heldout.float().mean(0)
     sst = float(((heldout.float() - mean) ** 2).sum())
     for start in range(0, heldout.shape[0], chunk):
-        x = heldout[start:start + chunk].float()
+        x = heldout[start : start + chunk].float()
         f = sae.encode(x)
         xh = sae.decode(f)
         sse += float(((x - xh) ** 2).sum())
@@ -258,13 +307,20 @@ def evaluate_sae(sae, heldout: torch.Tensor, chunk: int = 8192) -> SAEEvaluation
         l0_sum += float(active.sum())
         fires += active.sum(0).float()
     n = heldout.shape[0]
-    return SAEEvaluation(n_heldout_tokens=n, explained_variance=1 - sse / sst, reconstruction_cosine=cos_sum / n,
-                         l0=l0_sum / n, dead_fraction=float((fires == 0).float().mean()),
-                         dense_fraction=float((fires / n > 0.1).float().mean()), d_sae=sae.cfg.d_sae,
-                         d_in=sae.cfg.d_in)
+    return SAEEvaluation(
+        n_heldout_tokens=n,
+        explained_variance=1 - sse / sst,
+        reconstruction_cosine=cos_sum / n,
+        l0=l0_sum / n,
+        dead_fraction=float((fires == 0).float().mean()),
+        dense_fraction=float((fires / n > 0.1).float().mean()),
+        d_sae=sae.cfg.d_sae,
+        d_in=sae.cfg.d_in,
+    )
 
 
 # --------------------------------------------------------------------------------------------- labels
+
 
 @dataclass
 class LatentLabel:
@@ -278,7 +334,9 @@ class LatentLabel:
 
 
 @torch.no_grad()
-def top_activations(sae, acts: torch.Tensor, top_k: int, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_activations(
+    sae, acts: torch.Tensor, top_k: int, chunk: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per latent: the ``top_k`` largest activations over ``acts`` and their row indices, plus firing counts.
     Returns (values [top_k, d_sae], indices [top_k, d_sae], fire_counts [d_sae])."""
     d_sae = sae.cfg.d_sae
@@ -286,7 +344,7 @@ def top_activations(sae, acts: torch.Tensor, top_k: int, chunk: int = 16384) -> 
     best_i = torch.zeros((top_k, d_sae), dtype=torch.long)
     fires = torch.zeros(d_sae)
     for start in tqdm(range(0, acts.shape[0], chunk), desc="labelling latents", unit="chunk"):
-        f = sae.encode(acts[start:start + chunk].float())
+        f = sae.encode(acts[start : start + chunk].float())
         fires += (f > 0).sum(0).float()
         kk = min(top_k, f.shape[0])
         v, i = torch.topk(f, kk, dim=0)
@@ -298,8 +356,17 @@ def top_activations(sae, acts: torch.Tensor, top_k: int, chunk: int = 16384) -> 
     return best_v, best_i, fires
 
 
-def label_latents(sae, acts: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, tokenizer, top_k: int = 32,
-                  n_label_tokens: int = 6, n_contexts: int = 8, min_whole_word_share: float = 0.5) -> list[LatentLabel]:
+def label_latents(
+    sae,
+    acts: torch.Tensor,
+    index: torch.Tensor,
+    rows: torch.Tensor,
+    tokenizer,
+    top_k: int = 32,
+    n_label_tokens: int = 6,
+    n_contexts: int = 8,
+    min_whole_word_share: float = 0.5,
+) -> list[LatentLabel]:
     """Automatic labels from each latent's top activations over ``acts``.
 
     A top activation counts as a *whole word* when its token starts a word (leading space) and the next token does
@@ -336,45 +403,51 @@ def label_latents(sae, acts: torch.Tensor, index: torch.Tensor, rows: torch.Tens
             if whole_word(row, pos):
                 words.append(toks[-1].strip())
             if len(ctxs) < n_contexts:
-                before = "".join(tok_str(int(t)) for t in rows[row, max(0, pos - 8):pos])
-                after = "".join(tok_str(int(t)) for t in rows[row, pos + 1:pos + 3])
+                before = "".join(tok_str(int(t)) for t in rows[row, max(0, pos - 8) : pos])
+                after = "".join(tok_str(int(t)) for t in rows[row, pos + 1 : pos + 3])
                 ctxs.append(f"{before}[[{toks[-1]}]]{after}")
         common_tokens = [t for t, _ in Counter(t.strip() for t in toks if t.strip()).most_common(n_label_tokens)]
         share = len(words) / len(toks)
-        label = ", ".join(w for w, _ in Counter(words).most_common(n_label_tokens)) if share >= min_whole_word_share else ""
-        labels.append(LatentLabel(j, label, float(fires[j] / n_tok), float(values[0, j]), common_tokens, ctxs,
-                                  round(share, 3)))
+        label = (
+            ", ".join(w for w, _ in Counter(words).most_common(n_label_tokens)) if share >= min_whole_word_share else ""
+        )
+        labels.append(
+            LatentLabel(j, label, float(fires[j] / n_tok), float(values[0, j]), common_tokens, ctxs, round(share, 3))
+        )
     return labels
 
 
 def write_labels_csv(path: str | Path, labels: list[LatentLabel]) -> Path:
     import pandas as pd
 
-    df = pd.DataFrame([{**asdict(l), "top_tokens": json.dumps(l.top_tokens), "contexts": json.dumps(l.contexts)}
-                       for l in labels])
+    df = pd.DataFrame(
+        [{**asdict(l), "top_tokens": json.dumps(l.top_tokens), "contexts": json.dumps(l.contexts)} for l in labels]
+    )
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)
 
 
 def sae_report_markdown(model: str, ev: SAEEvaluation, act_stats: dict, train_info: dict[str, Any]) -> str:
-    return "\n".join([
-        f"# Embedded SAE report: {model}",
-        "",
-        f"TopK SAE (sae-lens), d_in {ev.d_in}, d_sae {ev.d_sae}, k {train_info['k']}, trained on "
-        f"{train_info['train_tokens']:,} activations of decoder block {act_stats['layer']} "
-        f"(one epoch, {train_info['train_seconds']:.0f} s).",
-        "",
-        f"Held-out evaluation ({ev.n_heldout_tokens:,} activations never trained on):",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| explained variance | {ev.explained_variance:.3f} |",
-        f"| reconstruction cosine | {ev.reconstruction_cosine:.3f} |",
-        f"| L0 (mean active latents per token) | {ev.l0:.1f} |",
-        f"| dead fraction (never fires on held-out) | {ev.dead_fraction:.2%} |",
-        f"| dense fraction (fires on > 10% of tokens) | {ev.dense_fraction:.2%} |",
-        f"| median residual norm (layer {act_stats['layer']}) | {act_stats['median_resid_norm']:.1f} |",
-        f"| attention-sink outliers dropped | {act_stats['n_outliers_dropped']:,} |",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Embedded SAE report: {model}",
+            "",
+            f"TopK SAE (sae-lens), d_in {ev.d_in}, d_sae {ev.d_sae}, k {train_info['k']}, trained on "
+            f"{train_info['train_tokens']:,} activations of decoder block {act_stats['layer']} "
+            f"(one epoch, {train_info['train_seconds']:.0f} s).",
+            "",
+            f"Held-out evaluation ({ev.n_heldout_tokens:,} activations never trained on):",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| explained variance | {ev.explained_variance:.3f} |",
+            f"| reconstruction cosine | {ev.reconstruction_cosine:.3f} |",
+            f"| L0 (mean active latents per token) | {ev.l0:.1f} |",
+            f"| dead fraction (never fires on held-out) | {ev.dead_fraction:.2%} |",
+            f"| dense fraction (fires on > 10% of tokens) | {ev.dense_fraction:.2%} |",
+            f"| median residual norm (layer {act_stats['layer']}) | {act_stats['median_resid_norm']:.1f} |",
+            f"| attention-sink outliers dropped | {act_stats['n_outliers_dropped']:,} |",
+            "",
+        ]
+    )

@@ -7,13 +7,13 @@ one store of self-correction episodes (regions pre/off_topic/correction/on_topic
 * per latent: mean activation per region per episode; paired off-topic vs on-topic tests on **aligned pairs only**
   (episodes where both regions are non-empty; n reported): one-sided Wilcoxon signed-rank ('greater'), paired t
   ('greater'), Cohen's d_z = mean(diff) / sd(diff), Cliff's delta, and, for comparison, the authors' pooled-SD d
-  (independent-samples formula on paired data, §6.5 item 4);
+  (the independent-samples formula applied to paired data);
 * per latent group (e.g. OTD): per-episode group score = mean over the group's latents; the paired tests across
   episodes (ours) and across latents (the authors'); ratios off-topic / baseline and on-topic / baseline (paper:
   4.4x and 2.1x) with percentile bootstrap CIs resampling episodes (seeded);
 * the aligned window: per token group score in a +-150-token window around the correction start, NaN (not zero)
   where the window leaves the answer, averaged within 50 bins of 6 tokens and then across episodes with nan-aware
-  mean +- SEM (the authors zero-padded and averaged the zeros in, §9 item 34).
+  mean +- SEM (the authors zero-padded positions outside the answer and averaged the zeros in).
 
 Plots use matplotlib's Agg canvas directly (no global backend switch) and are written atomically with a JSON
 sidecar holding the plotted numbers.
@@ -24,9 +24,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,9 +71,16 @@ def store_region_means(ds, latents: Sequence[int] | None = None, regions: Sequen
         s = np.einsum("tk,tkl->tl", m.astype(np.float64), np.where(m[:, :, None], acts, 0.0))
         with np.errstate(invalid="ignore", divide="ignore"):
             means[:, j] = np.where(counts[:, j, None] > 0, s / counts[:, j, None], np.nan)
-    return xr.DataArray(means, dims=("trial", "region", "latent"),
-                        coords={"trial": ds.trial.values, "region": list(regions), "latent": sub.latent.values,
-                                "count": (("trial", "region"), counts)})
+    return xr.DataArray(
+        means,
+        dims=("trial", "region", "latent"),
+        coords={
+            "trial": ds.trial.values,
+            "region": list(regions),
+            "latent": sub.latent.values,
+            "count": (("trial", "region"), counts),
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,16 +171,31 @@ def paired_stats(a: Sequence[float], b: Sequence[float]) -> PairedStats:
     def sd(v: np.ndarray) -> float:
         return float(v.std(ddof=1)) if v.size >= 2 else nan
 
-    return PairedStats(n, float(x.mean()) if n else nan, float(y.mean()) if n else nan, sd(x), sd(y),
-                       float(d.mean()) if n else nan, sd(d), cohens_dz(x, y), cohens_d_pooled(x, y),
-                       cliffs_delta(x, y), w_stat, w_p, t_stat, t_p)
+    return PairedStats(
+        n,
+        float(x.mean()) if n else nan,
+        float(y.mean()) if n else nan,
+        sd(x),
+        sd(y),
+        float(d.mean()) if n else nan,
+        sd(d),
+        cohens_dz(x, y),
+        cohens_d_pooled(x, y),
+        cliffs_delta(x, y),
+        w_stat,
+        w_p,
+        t_stat,
+        t_p,
+    )
 
 
 def latent_tests(means, region_a: str = OFF_TOPIC, region_b: str = ON_TOPIC) -> dict[int, PairedStats]:
     """Per latent, paired stats of ``region_a`` vs ``region_b`` across episodes (``means`` from
     ``store_region_means``)."""
-    return {int(l): paired_stats(means.sel(latent=l, region=region_a).values,
-                                 means.sel(latent=l, region=region_b).values) for l in means.latent.values}
+    return {
+        int(l): paired_stats(means.sel(latent=l, region=region_a).values, means.sel(latent=l, region=region_b).values)
+        for l in means.latent.values
+    }
 
 
 def group_scores(means, latents: Sequence[int]):
@@ -180,8 +203,9 @@ def group_scores(means, latents: Sequence[int]):
     return means.sel(latent=list(latents)).mean("latent", skipna=False)
 
 
-def group_tests(means, latents: Sequence[int], region_a: str = OFF_TOPIC,
-                region_b: str = ON_TOPIC) -> dict[str, PairedStats]:
+def group_tests(
+    means, latents: Sequence[int], region_a: str = OFF_TOPIC, region_b: str = ON_TOPIC
+) -> dict[str, PairedStats]:
     """Group-level paired tests two ways: ``episode`` (ours: pairs = episodes, values = group scores) and
     ``latent`` (the authors': pairs = latents, values = each latent's mean over episodes with both regions)."""
     g = group_scores(means, latents)
@@ -220,8 +244,14 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
         return np.where(ok, x, 0).sum(-1) / ok.sum(-1)
 
 
-def detector_ratios(numerators: Mapping[str, Sequence[float]], baseline: Sequence[float], *, n_boot: int = 2000,
-                    seed: int = 0, confidence: float = 0.95) -> dict[str, Ratio]:
+def detector_ratios(
+    numerators: Mapping[str, Sequence[float]],
+    baseline: Sequence[float],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Ratio]:
     """Ratios mean(numerator) / mean(baseline) for each named per-episode score vector (e.g. 'off_topic',
     'on_topic'; all over the same self-correction episodes, NaN = empty region, dropped). The bootstrap resamples
     self-correction episodes (jointly for all numerators) and baseline episodes independently."""
@@ -245,9 +275,18 @@ def detector_ratios(numerators: Mapping[str, Sequence[float]], baseline: Sequenc
         with np.errstate(invalid="ignore", divide="ignore"):
             boot = _nanmean_rows(v[idx]) / base_boot
         boot = boot[np.isfinite(boot)]
-        lo, hi = (np.quantile(boot, [alpha, 1 - alpha]) if boot.size else (np.nan, np.nan))
-        out[name] = Ratio(num / float(base.mean()), float(lo), float(hi), num, float(base.mean()),
-                          int(np.isfinite(v).sum()), int(base.size), n_boot, confidence)
+        lo, hi = np.quantile(boot, [alpha, 1 - alpha]) if boot.size else (np.nan, np.nan)
+        out[name] = Ratio(
+            num / float(base.mean()),
+            float(lo),
+            float(hi),
+            num,
+            float(base.mean()),
+            int(np.isfinite(v).sum()),
+            int(base.size),
+            n_boot,
+            confidence,
+        )
     return out
 
 
@@ -287,8 +326,14 @@ class WindowResult:
     n: np.ndarray  # (n_bins,) episodes contributing to each bin
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bin_starts": self.bin_starts, "bin_centers": self.bin_centers, "mean": self.mean, "sem": self.sem,
-                "n": self.n, "n_episodes": int(self.tokens.shape[0])}
+        return {
+            "bin_starts": self.bin_starts,
+            "bin_centers": self.bin_centers,
+            "mean": self.mean,
+            "sem": self.sem,
+            "n": self.n,
+            "n_episodes": int(self.tokens.shape[0]),
+        }
 
 
 def nan_mean_sem(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -299,13 +344,14 @@ def nan_mean_sem(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, 
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(ok, x, 0).sum(axis=axis) / n
         dev = np.where(ok, x - np.expand_dims(mean, axis), 0)
-        sd = np.sqrt((dev ** 2).sum(axis=axis) / (n - 1))
+        sd = np.sqrt((dev**2).sum(axis=axis) / (n - 1))
         sem = np.where(n >= 2, sd / np.sqrt(n), np.nan)
     return mean, sem, n
 
 
-def aligned_window(series: np.ndarray, anchors: Sequence[int], n_valid: Sequence[int], *, half_width: int = 150,
-                   n_bins: int = 50) -> WindowResult:
+def aligned_window(
+    series: np.ndarray, anchors: Sequence[int], n_valid: Sequence[int], *, half_width: int = 150, n_bins: int = 50
+) -> WindowResult:
     """Align per-token values at ``anchors`` (e.g. correction starts) over offsets [-half_width, half_width).
 
     ``series``: (E, K) per-token values; only tokens [0, n_valid) belong to the answer, everything else in the
@@ -342,33 +388,60 @@ def aligned_window(series: np.ndarray, anchors: Sequence[int], n_valid: Sequence
 # Whole analysis
 
 
-def analyze(sc_ds, baseline_ds, groups: Mapping[str, Sequence[int]], *, n_boot: int = 2000, seed: int = 0,
-            half_width: int = 150, n_bins: int = 50, baseline_source: str = "unsteered") -> dict[str, Any]:
+def analyze(
+    sc_ds,
+    baseline_ds,
+    groups: Mapping[str, Sequence[int]],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    half_width: int = 150,
+    n_bins: int = 50,
+    baseline_source: str = "unsteered",
+) -> dict[str, Any]:
     """Run the exp9 analysis for each latent group (e.g. {'otd': [...], 'backtracking': [...]}). Returns a JSON-
     ready dict: per-group region means, paired tests (episodes and latents), per-latent tests, ratios to baseline
     with bootstrap CIs, and the binned aligned window."""
-    out: dict[str, Any] = {"n_episodes": int(sc_ds.sizes["trial"]), "n_baseline": int(baseline_ds.sizes["trial"]),
-                           "baseline_source": baseline_source, "seed": seed, "n_boot": n_boot,
-                           "window": {"half_width": half_width, "n_bins": n_bins}, "groups": {}}
+    out: dict[str, Any] = {
+        "n_episodes": int(sc_ds.sizes["trial"]),
+        "n_baseline": int(baseline_ds.sizes["trial"]),
+        "baseline_source": baseline_source,
+        "seed": seed,
+        "n_boot": n_boot,
+        "window": {"half_width": half_width, "n_bins": n_bins},
+        "groups": {},
+    }
     anchors = correction_starts(sc_ds)
     n_valid = np.asarray(sc_ds.n_tokens.values)
     for name, latents in groups.items():
         means = store_region_means(sc_ds, latents)
         g = group_scores(means, latents)
         base = baseline_scores(baseline_ds, latents)
-        ratios = detector_ratios({OFF_TOPIC: g.sel(region=OFF_TOPIC).values, ON_TOPIC: g.sel(region=ON_TOPIC).values,
-                                  CORRECTION: g.sel(region=CORRECTION).values}, base, n_boot=n_boot, seed=seed)
-        win = aligned_window(token_group_series(sc_ds, latents), anchors, n_valid, half_width=half_width,
-                             n_bins=n_bins)
+        ratios = detector_ratios(
+            {
+                OFF_TOPIC: g.sel(region=OFF_TOPIC).values,
+                ON_TOPIC: g.sel(region=ON_TOPIC).values,
+                CORRECTION: g.sel(region=CORRECTION).values,
+            },
+            base,
+            n_boot=n_boot,
+            seed=seed,
+        )
+        win = aligned_window(token_group_series(sc_ds, latents), anchors, n_valid, half_width=half_width, n_bins=n_bins)
         region_summary = {}
         for r in (OFF_TOPIC, CORRECTION, ON_TOPIC):
             v = g.sel(region=r).values
             v = v[np.isfinite(v)]
-            region_summary[r] = {"mean": float(v.mean()) if v.size else None,
-                                 "sd": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
-        region_summary[BASELINE] = {"mean": float(base.mean()),
-                                    "sd": float(base.std(ddof=1)) if base.size > 1 else None,
-                                    "n": int(base.size)}
+            region_summary[r] = {
+                "mean": float(v.mean()) if v.size else None,
+                "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+                "n": int(v.size),
+            }
+        region_summary[BASELINE] = {
+            "mean": float(base.mean()),
+            "sd": float(base.std(ddof=1)) if base.size > 1 else None,
+            "n": int(base.size),
+        }
         out["groups"][name] = {
             "latents": [int(x) for x in latents],
             "regions": region_summary,
@@ -418,8 +491,14 @@ def _save_figure(fig, path: Path, sidecar: Mapping[str, Any], provenance: Mappin
     return path
 
 
-def plot_aligned_window(windows: Mapping[str, WindowResult], path: str | os.PathLike, *, title: str = "",
-                        ylabel: str = "mean activation", provenance: Mapping[str, Any] | None = None) -> Path:
+def plot_aligned_window(
+    windows: Mapping[str, WindowResult],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    ylabel: str = "mean activation",
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
     """Binned aligned window(s): mean line +- SEM band per group, correction start at 0. Writes ``path`` and
     ``path + '.json'`` with the plotted numbers."""
     from matplotlib.figure import Figure
@@ -427,21 +506,30 @@ def plot_aligned_window(windows: Mapping[str, WindowResult], path: str | os.Path
     fig = Figure(figsize=(7, 3.5))
     ax = fig.add_subplot()
     for name, w in windows.items():
-        line, = ax.plot(w.bin_centers, w.mean, label=f"{name} (n={w.tokens.shape[0]})")
-        ax.fill_between(w.bin_centers, w.mean - w.sem, w.mean + w.sem, color=line.get_color(), alpha=0.25,
-                        linewidth=0)
+        (line,) = ax.plot(w.bin_centers, w.mean, label=f"{name} (n={w.tokens.shape[0]})")
+        ax.fill_between(w.bin_centers, w.mean - w.sem, w.mean + w.sem, color=line.get_color(), alpha=0.25, linewidth=0)
     ax.axvline(0, color="k", linestyle="--", linewidth=0.8)
     ax.set_xlabel("tokens from correction start")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.legend(frameon=False)
-    return _save_figure(fig, Path(path), {"kind": "aligned_window", "title": title,
-                                          "series": {k: w.to_dict() for k, w in windows.items()}}, provenance)
+    return _save_figure(
+        fig,
+        Path(path),
+        {"kind": "aligned_window", "title": title, "series": {k: w.to_dict() for k, w in windows.items()}},
+        provenance,
+    )
 
 
-def plot_region_bars(regions: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, *, title: str = "",
-                     error: str = "sd", provenance: Mapping[str, Any] | None = None) -> Path:
+def plot_region_bars(
+    regions: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    error: str = "sd",
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
     """Bars of region means (e.g. off_topic, on_topic, baseline from ``analyze``'s ``regions``) with +- ``error``
     ('sd', or 'sem' computed as sd / sqrt(n)). Writes ``path`` and a JSON sidecar."""
     from matplotlib.figure import Figure
@@ -457,16 +545,20 @@ def plot_region_bars(regions: Mapping[str, Mapping[str, Any]], path: str | os.Pa
     ax.set_ylabel(f"mean activation (+- {error})")
     if title:
         ax.set_title(title)
-    return _save_figure(fig, Path(path), {"kind": "region_bars", "title": title, "error": error,
-                                          "regions": dict(regions)}, provenance)
+    return _save_figure(
+        fig, Path(path), {"kind": "region_bars", "title": title, "error": error, "regions": dict(regions)}, provenance
+    )
 
 
 def summary_cell(model: str, group: str, result: dict[str, Any]) -> dict[str, Any]:
     """The exp9 summary cell (``esr.summary/1``, read by the audit) of one detector group's analysis result."""
     g = result["groups"][group]
     ratios, regions = g["ratios"], g["regions"]
-    d_values = [v.get("cohens_d_pooled") for v in g["latent_tests"].values()
-                if isinstance(v, dict) and v.get("cohens_d_pooled") is not None]
+    d_values = [
+        v.get("cohens_d_pooled")
+        for v in g["latent_tests"].values()
+        if isinstance(v, dict) and v.get("cohens_d_pooled") is not None
+    ]
 
     def val(estimate, ci=None, n=None):
         return {"estimate": estimate, "ci": ci, "n": n}
@@ -475,13 +567,22 @@ def summary_cell(model: str, group: str, result: dict[str, Any]) -> dict[str, An
         r = ratios.get(name)
         return val(r["estimate"], [r["ci_low"], r["ci_high"]], r.get("n_numerator")) if r else val(None)
 
-    return {"experiment": "exp9", "model": model, "cell": f"group={group}", "n": result["n_episodes"],
-            "values": {"offtopic_baseline_ratio": ratio("off_topic"), "ontopic_baseline_ratio": ratio("on_topic"),
-                       "otd_mean_off_topic": val(regions["off_topic"]["mean"], n=regions["off_topic"]["n"]),
-                       "otd_mean_on_topic": val(regions["on_topic"]["mean"], n=regions["on_topic"]["n"]),
-                       "otd_mean_baseline": val(regions["baseline"]["mean"], n=regions["baseline"]["n"]),
-                       "d_max": val(max(d_values) if d_values else None),
-                       "d_min": val(min(d_values) if d_values else None),
-                       "frac_d_positive": val(float(np.mean([d > 0 for d in d_values])) if d_values else None),
-                       "n_episodes": val(result["n_episodes"]), "n_baseline_episodes": val(result["n_baseline"]),
-                       "n_bins": val(result["window"]["n_bins"])}}
+    return {
+        "experiment": "exp9",
+        "model": model,
+        "cell": f"group={group}",
+        "n": result["n_episodes"],
+        "values": {
+            "offtopic_baseline_ratio": ratio("off_topic"),
+            "ontopic_baseline_ratio": ratio("on_topic"),
+            "otd_mean_off_topic": val(regions["off_topic"]["mean"], n=regions["off_topic"]["n"]),
+            "otd_mean_on_topic": val(regions["on_topic"]["mean"], n=regions["on_topic"]["n"]),
+            "otd_mean_baseline": val(regions["baseline"]["mean"], n=regions["baseline"]["n"]),
+            "d_max": val(max(d_values) if d_values else None),
+            "d_min": val(min(d_values) if d_values else None),
+            "frac_d_positive": val(float(np.mean([d > 0 for d in d_values])) if d_values else None),
+            "n_episodes": val(result["n_episodes"]),
+            "n_baseline_episodes": val(result["n_baseline"]),
+            "n_bins": val(result["window"]["n_bins"]),
+        },
+    }

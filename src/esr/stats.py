@@ -1,4 +1,6 @@
-"""Hypothesis tests and effect sizes the paper did not run (reference-protocol §9 items 29–32).
+"""Hypothesis tests and effect sizes the paper did not run: its code reports Wald intervals and simple ratios of
+rounded percentages, with no significance test for any headline comparison, although the ablation runs are paired
+with the baseline by seed and the 5 trials of a latent are not independent.
 
 * Paired comparisons (ablation / random-ablation replays share latent, prompt and seed with the baseline):
   McNemar's exact test on the discordant pairs, and paired differences with a bootstrap over latents.
@@ -13,15 +15,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
-from esr.metrics import (BootstrapSpec, Interval, Proportion, cluster_bootstrap_ratios, cluster_codes, z_for,
-                         nan_to_none)
+from esr.metrics import BootstrapSpec, Interval, Proportion, cluster_bootstrap_ratios, cluster_codes, nan_to_none, z_for
 
 #: Keys that identify the same trial across a baseline run and its replay (ablation, random ablation).
 PAIR_KEYS = ("model", "latent", "prompt_id", "seed")
@@ -84,8 +86,13 @@ class PairedDifference:
     ci: Interval
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_pairs": self.n_pairs, "n_clusters": self.n_clusters, "mean": nan_to_none(self.mean),
-                "ci": self.ci.as_list(), "ci_method": self.ci.method}
+        return {
+            "n_pairs": self.n_pairs,
+            "n_clusters": self.n_clusters,
+            "mean": nan_to_none(self.mean),
+            "ci": self.ci.as_list(),
+            "ci_method": self.ci.method,
+        }
 
 
 @dataclass(frozen=True)
@@ -113,19 +120,30 @@ class PairedComparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "label": self.label, "keys": list(self.keys), "n_pairs": self.n_pairs,
-            "n_base_only": self.n_base_only, "n_other_only": self.n_other_only,
-            "paired_rates": {"base_multi": self.base_multi.to_dict(), "other_multi": self.other_multi.to_dict(),
-                             "base_esr": self.base_esr.to_dict(), "other_esr": self.other_esr.to_dict()},
+            "label": self.label,
+            "keys": list(self.keys),
+            "n_pairs": self.n_pairs,
+            "n_base_only": self.n_base_only,
+            "n_other_only": self.n_other_only,
+            "paired_rates": {
+                "base_multi": self.base_multi.to_dict(),
+                "other_multi": self.other_multi.to_dict(),
+                "base_esr": self.base_esr.to_dict(),
+                "other_esr": self.other_esr.to_dict(),
+            },
             "mcnemar": {"multi_rate": self.multi_test.to_dict(), "esr_rate": self.esr_test.to_dict()},
-            "paired_differences": {"multi_rate": self.multi_diff.to_dict(), "esr_rate": self.esr_diff.to_dict(),
-                                   "first_score": self.first_score_diff.to_dict(),
-                                   "last_minus_first": self.delta_diff.to_dict()},
+            "paired_differences": {
+                "multi_rate": self.multi_diff.to_dict(),
+                "esr_rate": self.esr_diff.to_dict(),
+                "first_score": self.first_score_diff.to_dict(),
+                "last_minus_first": self.delta_diff.to_dict(),
+            },
         }
 
 
-def pair_trials(base: pd.DataFrame, other: pd.DataFrame, keys: Sequence[str] = PAIR_KEYS
-                ) -> tuple[pd.DataFrame, int, int]:
+def pair_trials(
+    base: pd.DataFrame, other: pd.DataFrame, keys: Sequence[str] = PAIR_KEYS
+) -> tuple[pd.DataFrame, int, int]:
     """Inner-join two *included* trial tables on ``keys`` (columns suffixed ``_base``/``_other``).
 
     Returns (pairs, #baseline rows without partner, #other rows without partner). Duplicate keys are an error:
@@ -148,9 +166,13 @@ def _paired_diff(diff: np.ndarray, codes: np.ndarray, spec: BootstrapSpec) -> Pa
     return PairedDifference(n, int(np.unique(codes).size), mean, Interval(ci.lo, ci.hi, "paired_cluster_bootstrap"))
 
 
-def paired_comparison(base: pd.DataFrame, other: pd.DataFrame, label: str = "other",
-                      keys: Sequence[str] = PAIR_KEYS, bootstrap: BootstrapSpec = BootstrapSpec()
-                      ) -> PairedComparison:
+def paired_comparison(
+    base: pd.DataFrame,
+    other: pd.DataFrame,
+    label: str = "other",
+    keys: Sequence[str] = PAIR_KEYS,
+    bootstrap: BootstrapSpec = BootstrapSpec(),
+) -> PairedComparison:
     """Compare two *included* trial tables (see ``metrics.include_trials``) pair by pair.
 
     Tests: McNemar exact on multi-attempt and on ESR indicators. Effect sizes: paired differences (other − base) of
@@ -162,16 +184,25 @@ def paired_comparison(base: pd.DataFrame, other: pd.DataFrame, label: str = "oth
     be, oe = pairs["esr_base"].to_numpy(bool), pairs["esr_other"].to_numpy(bool)
     n = len(pairs)
     return PairedComparison(
-        label=label, keys=tuple(k for k in keys if k in pairs.columns), n_pairs=n, n_base_only=n_b, n_other_only=n_o,
-        base_multi=Proportion(int(bm.sum()), n), other_multi=Proportion(int(om.sum()), n),
-        base_esr=Proportion(int(be.sum()), n), other_esr=Proportion(int(oe.sum()), n),
-        multi_test=mcnemar_from_pairs(bm, om), esr_test=mcnemar_from_pairs(be, oe),
+        label=label,
+        keys=tuple(k for k in keys if k in pairs.columns),
+        n_pairs=n,
+        n_base_only=n_b,
+        n_other_only=n_o,
+        base_multi=Proportion(int(bm.sum()), n),
+        other_multi=Proportion(int(om.sum()), n),
+        base_esr=Proportion(int(be.sum()), n),
+        other_esr=Proportion(int(oe.sum()), n),
+        multi_test=mcnemar_from_pairs(bm, om),
+        esr_test=mcnemar_from_pairs(be, oe),
         multi_diff=_paired_diff(om.astype(float) - bm, codes, bootstrap),
         esr_diff=_paired_diff(oe.astype(float) - be, codes, bootstrap),
-        first_score_diff=_paired_diff(pairs["first_score_other"].to_numpy(float) - pairs["first_score_base"].to_numpy(float),
-                                      codes, bootstrap),
-        delta_diff=_paired_diff(pairs["delta_other"].to_numpy(float) - pairs["delta_base"].to_numpy(float),
-                                codes, bootstrap),
+        first_score_diff=_paired_diff(
+            pairs["first_score_other"].to_numpy(float) - pairs["first_score_base"].to_numpy(float), codes, bootstrap
+        ),
+        delta_diff=_paired_diff(
+            pairs["delta_other"].to_numpy(float) - pairs["delta_base"].to_numpy(float), codes, bootstrap
+        ),
     )
 
 
@@ -192,10 +223,17 @@ class FisherResult:
     difference_ci: Interval
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k1": self.k1, "n1": self.n1, "k2": self.k2, "n2": self.n2,
-                "odds_ratio": nan_to_none(self.odds_ratio), "pvalue": self.pvalue,
-                "difference": nan_to_none(self.difference), "difference_ci": self.difference_ci.as_list(),
-                "test": "Fisher exact, two-sided; difference CI Newcombe hybrid score"}
+        return {
+            "k1": self.k1,
+            "n1": self.n1,
+            "k2": self.k2,
+            "n2": self.n2,
+            "odds_ratio": nan_to_none(self.odds_ratio),
+            "pvalue": self.pvalue,
+            "difference": nan_to_none(self.difference),
+            "difference_ci": self.difference_ci.as_list(),
+            "test": "Fisher exact, two-sided; difference CI Newcombe hybrid score",
+        }
 
 
 def newcombe_difference(k1: int, n1: int, k2: int, n2: int, level: float = 0.95) -> Interval:
@@ -216,8 +254,16 @@ def fisher_test(k1: int, n1: int, k2: int, n2: int) -> FisherResult:
     """Fisher's exact test on [[k1, n1−k1], [k2, n2−k2]]."""
     res = _st.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]])
     diff = (k2 / n2 - k1 / n1) if n1 and n2 else math.nan
-    return FisherResult(int(k1), int(n1), int(k2), int(n2), float(res.statistic), float(res.pvalue), diff,
-                        newcombe_difference(k1, n1, k2, n2))
+    return FisherResult(
+        int(k1),
+        int(n1),
+        int(k2),
+        int(n2),
+        float(res.statistic),
+        float(res.pvalue),
+        diff,
+        newcombe_difference(k1, n1, k2, n2),
+    )
 
 
 @dataclass(frozen=True)
@@ -242,10 +288,16 @@ class RelativeChange:
         return Interval(self.ratio_ci.lo - 1.0, self.ratio_ci.hi - 1.0, "katz_log_ratio")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k_base": self.k_base, "n_base": self.n_base, "k_other": self.k_other, "n_other": self.n_other,
-                "ratio": nan_to_none(self.ratio), "ratio_ci": self.ratio_ci.as_list(),
-                "relative_change": nan_to_none(self.relative_change),
-                "relative_change_ci": self.relative_change_ci.as_list()}
+        return {
+            "k_base": self.k_base,
+            "n_base": self.n_base,
+            "k_other": self.k_other,
+            "n_other": self.n_other,
+            "ratio": nan_to_none(self.ratio),
+            "ratio_ci": self.ratio_ci.as_list(),
+            "relative_change": nan_to_none(self.relative_change),
+            "relative_change_ci": self.relative_change_ci.as_list(),
+        }
 
 
 def relative_change(k_base: int, n_base: int, k_other: int, n_other: int, level: float = 0.95) -> RelativeChange:
@@ -332,8 +384,9 @@ def size_trend(trials: pd.DataFrame, n_params: Mapping[str, float], outcome: str
     n_clusters = int(np.unique(codes).size)
 
     def failed(msg: str) -> TrendResult:
-        return TrendResult(outcome, len(df), n_clusters, n_models, math.nan, math.nan, math.nan, math.nan, math.nan,
-                           nan_ci, msg)
+        return TrendResult(
+            outcome, len(df), n_clusters, n_models, math.nan, math.nan, math.nan, math.nan, math.nan, nan_ci, msg
+        )
 
     y = df[outcome].to_numpy(float)
     if n_models < 2:
@@ -349,9 +402,18 @@ def size_trend(trials: pd.DataFrame, n_params: Mapping[str, float], outcome: str
     except Exception as exc:  # perfect separation, singular matrix
         return failed(f"{type(exc).__name__}: {exc}")
     lo, hi = fit.conf_int()[1]
-    return TrendResult(outcome, len(df), n_clusters, n_models, float(fit.params[0]), float(fit.params[1]),
-                       float(fit.bse[1]), float(fit.tvalues[1]), float(fit.pvalues[1]),
-                       Interval(float(lo), float(hi), "wald_cluster"))
+    return TrendResult(
+        outcome,
+        len(df),
+        n_clusters,
+        n_models,
+        float(fit.params[0]),
+        float(fit.params[1]),
+        float(fit.bse[1]),
+        float(fit.tvalues[1]),
+        float(fit.pvalues[1]),
+        Interval(float(lo), float(hi), "wald_cluster"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- cross-judge
@@ -387,23 +449,32 @@ class JudgeAgreement:
     spearman_p: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"judge_a": self.judge_a, "judge_b": self.judge_b, "n_common": self.n_common,
-                "multi_agreement": self.multi_agreement.to_dict(), "multi_kappa": nan_to_none(self.multi_kappa),
-                "esr_direction_agreement": self.esr_direction_agreement.to_dict(),
-                "pearson_first": nan_to_none(self.pearson_first), "pearson_p": nan_to_none(self.pearson_p),
-                "spearman_first": nan_to_none(self.spearman_first), "spearman_p": nan_to_none(self.spearman_p)}
+        return {
+            "judge_a": self.judge_a,
+            "judge_b": self.judge_b,
+            "n_common": self.n_common,
+            "multi_agreement": self.multi_agreement.to_dict(),
+            "multi_kappa": nan_to_none(self.multi_kappa),
+            "esr_direction_agreement": self.esr_direction_agreement.to_dict(),
+            "pearson_first": nan_to_none(self.pearson_first),
+            "pearson_p": nan_to_none(self.pearson_p),
+            "spearman_first": nan_to_none(self.spearman_first),
+            "spearman_p": nan_to_none(self.spearman_p),
+        }
 
 
-def judge_agreement(a: pd.DataFrame, b: pd.DataFrame, judge_a: str = "a", judge_b: str = "b",
-                    keys: Sequence[str] = ("trial_id",)) -> JudgeAgreement:
+def judge_agreement(
+    a: pd.DataFrame, b: pd.DataFrame, judge_a: str = "a", judge_b: str = "b", keys: Sequence[str] = ("trial_id",)
+) -> JudgeAgreement:
     """Compare two judges' *included* trial tables matched on ``keys``.
 
     multi agreement: fraction of common trials where both agree on n ≥ 2 (plus Cohen's kappa of that flag);
     ESR-direction agreement: among trials both call multi-attempt, fraction agreeing on (last − first > 0);
     Pearson and Spearman correlations of the first-attempt scores."""
     keys = list(keys)
-    m = a[keys + ["multi", "delta", "first_score"]].merge(b[keys + ["multi", "delta", "first_score"]], on=keys,
-                                                    suffixes=("_a", "_b"))
+    m = a[keys + ["multi", "delta", "first_score"]].merge(
+        b[keys + ["multi", "delta", "first_score"]], on=keys, suffixes=("_a", "_b")
+    )
     n = len(m)
     ma, mb = m["multi_a"].to_numpy(bool), m["multi_b"].to_numpy(bool)
     both = ma & mb
@@ -413,24 +484,30 @@ def judge_agreement(a: pd.DataFrame, b: pd.DataFrame, judge_a: str = "a", judge_
     pr = _st.pearsonr(fa, fb) if corr_ok else None
     sr = _st.spearmanr(fa, fb) if corr_ok else None
     return JudgeAgreement(
-        judge_a, judge_b, n,
+        judge_a,
+        judge_b,
+        n,
         Proportion(int((ma == mb).sum()), n),
         cohen_kappa(ma, mb) if n else math.nan,
         Proportion(int((da == db).sum()), int(both.sum())),
-        float(pr.statistic) if pr else math.nan, float(pr.pvalue) if pr else math.nan,
-        float(sr.statistic) if sr else math.nan, float(sr.pvalue) if sr else math.nan,
+        float(pr.statistic) if pr else math.nan,
+        float(pr.pvalue) if pr else math.nan,
+        float(sr.statistic) if sr else math.nan,
+        float(sr.pvalue) if sr else math.nan,
     )
 
 
-def pairwise_judge_agreement(included: pd.DataFrame, judge_col: str = "judge_id",
-                             keys: Sequence[str] = ("trial_id",)) -> list[JudgeAgreement]:
+def pairwise_judge_agreement(
+    included: pd.DataFrame, judge_col: str = "judge_id", keys: Sequence[str] = ("trial_id",)
+) -> list[JudgeAgreement]:
     """``judge_agreement`` for every unordered pair of judges in one included-trials table."""
     judges = sorted(str(j) for j in included[judge_col].dropna().unique())
     out = []
     for i, ja in enumerate(judges):
-        for jb in judges[i + 1:]:
-            out.append(judge_agreement(included[included[judge_col] == ja], included[included[judge_col] == jb],
-                                       ja, jb, keys))
+        for jb in judges[i + 1 :]:
+            out.append(
+                judge_agreement(included[included[judge_col] == ja], included[included[judge_col] == jb], ja, jb, keys)
+            )
     return out
 
 

@@ -1,6 +1,6 @@
 """WHERE STEERING HAPPENS. The three interventions of the paper, as forward hooks on decoder-layer outputs.
 
-Given a batch in which row ``i`` carries an ``esr.records.Intervention`` (or ``None``), the hooks installed by
+Given a batch in which row ``i`` carries an :class:`Intervention` (or ``None``), the hooks installed by
 ``apply_interventions`` change the output ``h`` of decoder block ``L`` (HF ``model.model.layers[L]``, i.e.
 ``hidden_states[L+1]``, TransformerLens ``blocks.L.hook_resid_post``) on every forward pass:
 
@@ -21,8 +21,9 @@ capture. Hooks accept Tensor outputs (transformers 5) and tuple outputs (transfo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -42,6 +43,7 @@ class Intervention:
     boost: float = 0.0
     ablate: tuple[int, ...] = ()
     capture: tuple[int, ...] = ()
+
 
 Positions = Literal["all", "generated"]
 
@@ -66,8 +68,11 @@ class SteeringPlan:
         return self.injection_layer if self.ablation_layer is None else self.ablation_layer
 
     def check(self, n_layers: int) -> None:
-        for name, layer in (("injection_layer", self.injection_layer), ("sae_layer", self.sae_layer),
-                            ("ablation_layer", self.ablate_at)):
+        for name, layer in (
+            ("injection_layer", self.injection_layer),
+            ("sae_layer", self.sae_layer),
+            ("ablation_layer", self.ablate_at),
+        ):
             if not 0 <= layer < n_layers:
                 raise ValueError(f"{name} {layer} is outside the model's {n_layers} layers")
 
@@ -75,6 +80,7 @@ class SteeringPlan:
 # ----------------------------------------------------------------------------------------------------------------
 # The math (pure functions on tensors)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def encode(sae, h: torch.Tensor) -> torch.Tensor:
     """SAE activations ``f(h)`` ([..., d_sae]) computed in the SAE's dtype."""
@@ -91,8 +97,9 @@ def ablation_delta(sae, h: torch.Tensor, latents: torch.Tensor, row_mask: torch.
     return (f @ sae.W_dec[latents]).to(h.dtype)
 
 
-def steer_rows(h: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor, positions: Positions,
-               all_rows: bool = False) -> torch.Tensor:
+def steer_rows(
+    h: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor, positions: Positions, all_rows: bool = False
+) -> torch.Tensor:
     """``h`` with ``vectors[k]`` added to row ``rows[k]`` (all positions, or only the last one of a multi-token
     forward when ``positions == 'generated'``). Returns a new tensor; other rows are untouched.
     ``all_rows``: the caller guarantees ``rows == arange(B)`` (fast path, no indexing)."""
@@ -110,6 +117,7 @@ def steer_rows(h: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor, posit
 # Per-batch tensors and the hooks
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(eq=False)
 class BatchInterventions:
     """The per-row interventions of one batch, as index tensors on the model's device."""
@@ -126,8 +134,13 @@ class BatchInterventions:
     steer_all: bool = False  # every row of the batch is steered (steer_rows == arange(B))
 
     @classmethod
-    def build(cls, interventions: Sequence[Intervention | None], directions: SteeringDirections | None,
-              device: torch.device, dtype: torch.dtype) -> "BatchInterventions":
+    def build(
+        cls,
+        interventions: Sequence[Intervention | None],
+        directions: SteeringDirections | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> BatchInterventions:
         rows = list(interventions)
         needs_sae = any(iv is not None and (iv.steer_latent is not None or iv.ablate or iv.capture) for iv in rows)
         if needs_sae and directions is None:
@@ -165,11 +178,19 @@ class BatchInterventions:
 
         return cls(
             steer_rows=idx(steer_idx),
-            steer_vectors=(torch.stack(vectors).to(device=device, dtype=dtype) if vectors
-                           else torch.zeros(0, d, device=device, dtype=dtype)),
-            ablate_rows=idx(ablate_idx), ablate_latents=idx(ablate_union), ablate_mask=mask,
-            capture_rows=idx(capture_idx), capture_latents=idx(capture_union), capture_columns=capture_columns,
-            n_rows=len(rows), steer_all=steer_idx == list(range(len(rows))) and len(rows) > 0,
+            steer_vectors=(
+                torch.stack(vectors).to(device=device, dtype=dtype)
+                if vectors
+                else torch.zeros(0, d, device=device, dtype=dtype)
+            ),
+            ablate_rows=idx(ablate_idx),
+            ablate_latents=idx(ablate_union),
+            ablate_mask=mask,
+            capture_rows=idx(capture_idx),
+            capture_latents=idx(capture_union),
+            capture_columns=capture_columns,
+            n_rows=len(rows),
+            steer_all=steer_idx == list(range(len(rows))) and len(rows) > 0,
         )
 
     @property
@@ -197,8 +218,9 @@ class InterventionHooks:
     """Installs the hooks for one batch (use ``apply_interventions``). After each forward pass at the SAE layer,
     ``captured`` gets a [B, T, C] tensor (rows without capture are zero; C = ``batch.capture_latents``)."""
 
-    def __init__(self, layers: torch.nn.ModuleList, batch: BatchInterventions, plan: SteeringPlan,
-                 sae: Any | None) -> None:
+    def __init__(
+        self, layers: torch.nn.ModuleList, batch: BatchInterventions, plan: SteeringPlan, sae: Any | None
+    ) -> None:
         plan.check(len(layers))
         self.layers = layers
         self.batch = batch
@@ -240,7 +262,7 @@ class InterventionHooks:
 
         return hook
 
-    def install(self) -> "InterventionHooks":
+    def install(self) -> InterventionHooks:
         for layer, (a, s, c) in sorted(self._layer_ops().items()):
             self._handles.append(self.layers[layer].register_forward_hook(self._make_hook(a, s, c)))
         return self
@@ -252,8 +274,12 @@ class InterventionHooks:
 
 
 @contextlib.contextmanager
-def apply_interventions(model: torch.nn.Module, interventions: Sequence[Intervention | None],
-                        directions: SteeringDirections | None, plan: SteeringPlan) -> Iterator[InterventionHooks]:
+def apply_interventions(
+    model: torch.nn.Module,
+    interventions: Sequence[Intervention | None],
+    directions: SteeringDirections | None,
+    plan: SteeringPlan,
+) -> Iterator[InterventionHooks]:
     """Within the block, every forward pass of ``model`` (an HF causal LM, or ``engine.module``) applies row ``i``'s
     intervention to batch row ``i``. The batch size of each forward must equal ``len(interventions)``."""
     from esr.models import decoder_layers
@@ -263,8 +289,9 @@ def apply_interventions(model: torch.nn.Module, interventions: Sequence[Interven
     batch = BatchInterventions.build(interventions, directions, param.device, param.dtype)
     sae = directions.sae if directions is not None else None
     if sae is not None and sae.W_dec.device != param.device:
-        raise ValueError(f"SAE is on {sae.W_dec.device} but the model is on {param.device}; load it with "
-                         f"device={param.device}")
+        raise ValueError(
+            f"SAE is on {sae.W_dec.device} but the model is on {param.device}; load it with device={param.device}"
+        )
     hooks = InterventionHooks(layers, batch, plan, sae).install()
     try:
         yield hooks

@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,8 +54,15 @@ import pandas as pd
 from esr import io
 from esr.metrics import BootstrapSpec, TrialSummary, include_trials, is_set, summarise_included
 from esr.provenance import provenance
-from esr.stats import (PAIR_KEYS, ComparisonFamily, fisher_test, paired_comparison, pairwise_judge_agreement,
-                       relative_change, size_trend)
+from esr.stats import (
+    PAIR_KEYS,
+    ComparisonFamily,
+    fisher_test,
+    paired_comparison,
+    pairwise_judge_agreement,
+    relative_change,
+    size_trend,
+)
 from esr.trials import read_trials
 
 SUMMARY_SCHEMA = "esr.summary/1"
@@ -84,9 +92,9 @@ def parse_level(label: str) -> tuple[float | None, float | None]:
     """(σ units, relative-to-threshold units) encoded in a level label; None where the label has no such unit."""
     try:
         if label.startswith("global:") and label.endswith("sd"):
-            return float(label[len("global:"):-2]), None
+            return float(label[len("global:") : -2]), None
         if label.startswith("relative:"):
-            return None, float(label[len("relative:"):])
+            return None, float(label[len("relative:") :])
     except ValueError:
         pass
     return None, None
@@ -117,7 +125,7 @@ def level_extra(trials: pd.DataFrame, level: str) -> dict[str, Any]:
     sigma, rel = parse_level(level)
     boost = float(trials["boost"].astype(float).mean())
     if rel is None and "threshold" in trials.columns and trials["threshold"].notna().any():
-        r = (trials["boost"].astype(float) / trials["threshold"].astype(float))
+        r = trials["boost"].astype(float) / trials["threshold"].astype(float)
         r = r.replace([np.inf, -np.inf], np.nan).dropna()
         rel = float(r.median()) if len(r) else None
     return {"boost": boost, "boost_sigma": sigma, "boost_rel": rel}
@@ -133,18 +141,28 @@ def _ablation_extra(trials: pd.DataFrame) -> dict[str, Any]:
     return {"ablation_set": names.pop(), "n_ablated_latents": len(latents)}
 
 
-def _make_cell(experiment: str, model: str, cell: str, summary: TrialSummary,
-               extra: Mapping[str, Any]) -> dict[str, Any]:
-    return {"experiment": experiment, "model": model, "cell": cell, **summary.to_dict(),
-            "extra": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()}}
+def _make_cell(
+    experiment: str, model: str, cell: str, summary: TrialSummary, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    return {
+        "experiment": experiment,
+        "model": model,
+        "cell": cell,
+        **summary.to_dict(),
+        "extra": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in extra.items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------------- summaries
 
 
-def summarise_table(trials: pd.DataFrame, *, exclude_degraded: bool = False,
-                    bootstrap: BootstrapSpec | None = BootstrapSpec(),
-                    per_level_experiments: Sequence[str] = PER_LEVEL_EXPERIMENTS) -> list[dict[str, Any]]:
+def summarise_table(
+    trials: pd.DataFrame,
+    *,
+    exclude_degraded: bool = False,
+    bootstrap: BootstrapSpec | None = BootstrapSpec(),
+    per_level_experiments: Sequence[str] = PER_LEVEL_EXPERIMENTS,
+) -> list[dict[str, Any]]:
     """One summary cell per (experiment, model, cell) of a graded trials table (sorted by those keys)."""
     if trials.empty:
         return []
@@ -161,29 +179,51 @@ def summarise_table(trials: pd.DataFrame, *, exclude_degraded: bool = False,
     return cells
 
 
-def summarise_experiment(trials_paths: Sequence[PathLike], out_json: PathLike, *, exclude_degraded: bool = False,
-                         n_boot: int = 2000, seed: int = 0,
-                         per_level_experiments: Sequence[str] = PER_LEVEL_EXPERIMENTS) -> dict[str, Any]:
+def summarise_experiment(
+    trials_paths: Sequence[PathLike],
+    out_json: PathLike,
+    *,
+    exclude_degraded: bool = False,
+    n_boot: int = 2000,
+    seed: int = 0,
+    per_level_experiments: Sequence[str] = PER_LEVEL_EXPERIMENTS,
+) -> dict[str, Any]:
     """Snakemake ``summarise`` entry: read graded trials tables, write an ``esr.summary/1`` JSON, return it."""
     spec = BootstrapSpec(n_boot, seed) if n_boot > 0 else None
-    cells = summarise_table(read_trials(trials_paths), exclude_degraded=exclude_degraded, bootstrap=spec,
-                            per_level_experiments=per_level_experiments)
+    cells = summarise_table(
+        read_trials(trials_paths),
+        exclude_degraded=exclude_degraded,
+        bootstrap=spec,
+        per_level_experiments=per_level_experiments,
+    )
     out = {
         "schema": SUMMARY_SCHEMA,
         "provenance": provenance(None, inputs=[str(p) for p in trials_paths]),
-        "settings": {"exclude_degraded": exclude_degraded, "bootstrap": None if spec is None else asdict(spec),
-                     "rate_intervals": ["wald (paper, z=1.96, unclipped)", "wilson (primary)",
-                                        "bootstrap (percentile, clusters = (model, latent))"],
-                     "mean_interval": "mean ± 1.96·SD/√n (ddof = 1)"},
+        "settings": {
+            "exclude_degraded": exclude_degraded,
+            "bootstrap": None if spec is None else asdict(spec),
+            "rate_intervals": [
+                "wald (paper, z=1.96, unclipped)",
+                "wilson (primary)",
+                "bootstrap (percentile, clusters = (model, latent))",
+            ],
+            "mean_interval": "mean ± 1.96·SD/√n (ddof = 1)",
+        },
         "cells": cells,
     }
     io.write_json(out_json, out)
     return out
 
 
-def summarise_cross_judge(trials_paths: Sequence[PathLike], out_json: PathLike, *, keys: Sequence[str] = ("trial_id",),
-                          judge_col: str = "judge_id", exclude_degraded: bool = False,
-                          experiment: str = "exp7") -> dict[str, Any]:
+def summarise_cross_judge(
+    trials_paths: Sequence[PathLike],
+    out_json: PathLike,
+    *,
+    keys: Sequence[str] = ("trial_id",),
+    judge_col: str = "judge_id",
+    exclude_degraded: bool = False,
+    experiment: str = "exp7",
+) -> dict[str, Any]:
     """Cross-judge summary: per-judge × model cells (``cell = judge=<id>``; an enriched sample, not population
     rates) and one ``all`` cell (model ``all``) with every judge pair's agreement.
 
@@ -194,18 +234,23 @@ def summarise_cross_judge(trials_paths: Sequence[PathLike], out_json: PathLike, 
     if not trials.empty:
         inc, report = include_trials(trials, exclude_degraded)
         for (judge, model), g in inc.groupby([judge_col, "model"], sort=True):
-            cells.append(_make_cell(experiment, str(model), f"judge={judge}", summarise_included(g, report, None),
-                                    {}))
+            cells.append(_make_cell(experiment, str(model), f"judge={judge}", summarise_included(g, report, None), {}))
         pairs = pairwise_judge_agreement(inc, judge_col, keys)
-        all_cell = _make_cell(experiment, "all", "all", summarise_included(inc, report, None),
-                              {"n_judges": int(inc[judge_col].nunique()),
-                               "n_samples": int(trials.drop_duplicates(list(keys)).shape[0])})
+        all_cell = _make_cell(
+            experiment,
+            "all",
+            "all",
+            summarise_included(inc, report, None),
+            {"n_judges": int(inc[judge_col].nunique()), "n_samples": int(trials.drop_duplicates(list(keys)).shape[0])},
+        )
         all_cell["judge_pairs"] = [p.to_dict() for p in pairs]
         cells.append(all_cell)
-    out = {"schema": SUMMARY_SCHEMA,
-           "provenance": provenance(None, inputs=[str(p) for p in trials_paths]),
-           "settings": {"exclude_degraded": exclude_degraded, "match_keys": list(keys)},
-           "cells": cells}
+    out = {
+        "schema": SUMMARY_SCHEMA,
+        "provenance": provenance(None, inputs=[str(p) for p in trials_paths]),
+        "settings": {"exclude_degraded": exclude_degraded, "match_keys": list(keys)},
+        "cells": cells,
+    }
     io.write_json(out_json, out)
     return out
 
@@ -213,9 +258,16 @@ def summarise_cross_judge(trials_paths: Sequence[PathLike], out_json: PathLike, 
 # ----------------------------------------------------------------------------------------------- comparisons
 
 
-def compare_experiments(trials_paths: Sequence[PathLike], out_json: PathLike, *, others: Sequence[str],
-                        seed: int = 0, n_boot: int = 2000, n_params: Mapping[str, float] | None = None,
-                        baseline: str = "exp1") -> dict[str, Any]:
+def compare_experiments(
+    trials_paths: Sequence[PathLike],
+    out_json: PathLike,
+    *,
+    others: Sequence[str],
+    seed: int = 0,
+    n_boot: int = 2000,
+    n_params: Mapping[str, float] | None = None,
+    baseline: str = "exp1",
+) -> dict[str, Any]:
     """The ``baseline`` experiment's ``baseline`` cell against every cell of each experiment in ``others``, per
     model, as one Holm family per model.
 
@@ -243,19 +295,27 @@ def compare_experiments(trials_paths: Sequence[PathLike], out_json: PathLike, *,
                         fam.notes.append(f"{label}: no pairs under keys {list(PAIR_KEYS)}; unpaired tests only")
                 except ValueError as exc:
                     fam.notes.append(f"{label}: not paired ({exc}); unpaired tests only")
-                fam.unpaired[label] = {m: fisher_test(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
-                                       for m, c in (("multi_rate", "multi"), ("esr_rate", "esr"))}
-                fam.relative[label] = {m: relative_change(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
-                                       for m, c in (("multi_rate", "multi"), ("esr_rate", "esr"))}
+                fam.unpaired[label] = {
+                    m: fisher_test(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
+                    for m, c in (("multi_rate", "multi"), ("esr_rate", "esr"))
+                }
+                fam.relative[label] = {
+                    m: relative_change(int(base[c].sum()), len(base), int(g[c].sum()), len(g))
+                    for m, c in (("multi_rate", "multi"), ("esr_rate", "esr"))
+                }
         families.append(fam.to_dict())
     trends = {}
     if n_params:
         for outcome in ("esr", "multi"):
             trends[outcome] = size_trend(base_all, n_params, outcome).to_dict()
-    out = {"schema": COMPARISON_SCHEMA,
-           "provenance": provenance(None, inputs=[str(p) for p in trials_paths]),
-           "baseline": {"experiment": baseline, "cell": BASELINE_CELL},
-           "others": [{"experiment": e, "cell": "*"} for e in others], "paired_keys": list(PAIR_KEYS),
-           "families": families, "size_trend": trends}
+    out = {
+        "schema": COMPARISON_SCHEMA,
+        "provenance": provenance(None, inputs=[str(p) for p in trials_paths]),
+        "baseline": {"experiment": baseline, "cell": BASELINE_CELL},
+        "others": [{"experiment": e, "cell": "*"} for e in others],
+        "paired_keys": list(PAIR_KEYS),
+        "families": families,
+        "size_trend": trends,
+    }
     io.write_json(out_json, out)
     return out

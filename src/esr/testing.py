@@ -22,8 +22,9 @@ def tiny_tokenizer():
     vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(TINY_WORDS)))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
     tok.chat_template = (
         "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user> {{ m['content'] }} "
         "{% else %}<assistant> {{ m['content'] }} <eos> {% endif %}{% endfor %}"
@@ -37,9 +38,18 @@ def tiny_llama(vocab_size: int = 128, n_layers: int = 4, hidden: int = 64, seed:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -48,10 +58,22 @@ def tiny_gemma2(vocab_size: int = 128, n_layers: int = 4, hidden: int = 64, seed
 
     torch.manual_seed(seed)
     head_dim = hidden // 4
-    cfg = Gemma2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                       query_pre_attn_scalar=head_dim, sliding_window=64, max_position_embeddings=512,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager")
+    cfg = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=64,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     return Gemma2ForCausalLM(cfg).eval()
 
 
@@ -88,60 +110,103 @@ def save_tiny_model_dir(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
-TINY_PROMPTS = ("how do you bake bread", "explain how to make water", "how do you explain a dog",
-                "explain how the car and the tire", "how do you make a budget letter", "explain how to answer first")
+TINY_PROMPTS = (
+    "how do you bake bread",
+    "explain how to make water",
+    "how do you explain a dog",
+    "explain how the car and the tire",
+    "how do you make a budget letter",
+    "explain how to answer first",
+)
 TINY_LABELS = ("dog, cat", "bread, water", "car, tire", "letter, budget", "", "feature_5")
 
 
-def write_tiny_workflow(root: str | Path, *, judge_backend: str = "fake", d_sae: int = 64, n_latents: int = 4,
-                        trials_per_latent: int = 2, max_new_tokens: int = 8) -> Path:
+def write_tiny_workflow(
+    root: str | Path,
+    *,
+    judge_backend: str = "fake",
+    d_sae: int = 64,
+    n_latents: int = 4,
+    trials_per_latent: int = 2,
+    max_new_tokens: int = 8,
+) -> Path:
     """Write a complete tiny-model workflow config (tiny Llama + tokenizer, a local sae-lens SAE, a label CSV, a
     prompt list) under ``root`` and return the config path. Every experiment is switched on, with tiny sizes;
     used by the DAG tests (dry run and full run) and by in-process stage tests."""
     import yaml
 
     root = Path(root)
-    model_dir = save_tiny_model_dir(tiny_llama(vocab_size=len(tiny_tokenizer())), tiny_tokenizer(),
-                                    root / "tiny_model")
+    model_dir = save_tiny_model_dir(tiny_llama(vocab_size=len(tiny_tokenizer())), tiny_tokenizer(), root / "tiny_model")
     sae = tiny_sae(d_in=64, d_sae=d_sae, kind="standard", layer=2)
     sae.save_model(str(root / "tiny_sae"))
     labels = "latent,label,frequency\n" + "".join(
-        f"{j},\"{TINY_LABELS[j % len(TINY_LABELS)]}\",{0.0 if j % 9 == 8 else 0.01}\n" for j in range(d_sae))
+        f'{j},"{TINY_LABELS[j % len(TINY_LABELS)]}",{0.0 if j % 9 == 8 else 0.01}\n' for j in range(d_sae)
+    )
     (root / "labels.csv").write_text(labels)
     (root / "prompts.txt").write_text("\n".join(TINY_PROMPTS) + "\n")
     judge = {"backend": judge_backend, "cache_dir": str(root / "judge_cache")}
     if judge_backend == "offline_minilm":
         judge["anchors"] = "auto"
     config = {
-        "run_name": "tiny", "seed": 7,
+        "run_name": "tiny",
+        "seed": 7,
         "prompts": {"source": "file", "path": str(root / "prompts.txt")},
-        "models": {"tiny-llama": {
-            "hf_id": "esr-test/tiny-llama", "source": "local", "path": str(model_dir), "revision": "local",
-            "family": "llama", "n_layers": 4, "n_params": 1.0e5, "dtype": "float32", "injection_layer": 1,
-            "sae_layer": 2, "repetition_penalty": 1.1,
-            "sae": {"source": "local", "path": str(root / "tiny_sae"), "boost_unit": "raw"},
-            "boost": {"prior_mean": 4.0, "prior_std": 3.0, "lower": 0.0, "upper": 12.0},
-            "labels": {"source": "file", "path": str(root / "labels.csv")}}},
+        "models": {
+            "tiny-llama": {
+                "hf_id": "esr-test/tiny-llama",
+                "source": "local",
+                "path": str(model_dir),
+                "revision": "local",
+                "family": "llama",
+                "n_layers": 4,
+                "n_params": 1.0e5,
+                "dtype": "float32",
+                "injection_layer": 1,
+                "sae_layer": 2,
+                "repetition_penalty": 1.1,
+                "sae": {"source": "local", "path": str(root / "tiny_sae"), "boost_unit": "raw"},
+                "boost": {"prior_mean": 4.0, "prior_std": 3.0, "lower": 0.0, "upper": 12.0},
+                "labels": {"source": "file", "path": str(root / "labels.csv")},
+            }
+        },
         "judge": judge,
         "threshold_judge": dict(judge),
         "concreteness": {"backend": "wordnet", "threshold": 0},
         "generation": {"temperature": 0.6, "max_new_tokens": max_new_tokens, "batch_size": 8},
-        "selection": {"n_latents": n_latents, "trials_per_latent": trials_per_latent, "concreteness_threshold": 0,
-                      "relevance_filter": "none"},
+        "selection": {
+            "n_latents": n_latents,
+            "trials_per_latent": trials_per_latent,
+            "concreteness_threshold": 0,
+            "relevance_filter": "none",
+        },
         "calibration": {"target": 0.3, "n_steps": 3, "samples_per_step": 2, "max_new_tokens": max_new_tokens},
         "latent_shards": 2,
-        "detectors": {"min_shuffled_rate": 0.5, "max_latents": 6, "top_auc_k": 4,
-                      "random_control": {"n_sets": 2, "match_to": "discovered_top_auc"}},
-        "experiments": {"no_steering": True, "ablation": ["discovered_separability", "discovered_top_auc"],
-                        "random_control": True,
-                        "boost_sweep": {"enabled": True, "n_latents": 2, "prompts_per_latent": 1, "n_levels": 3,
-                                        "sd_range": 2.0, "relative_levels": [0.5, 1.0]},
-                        "meta_prompts": {"variants": ["self_monitor", "ignore_latent_label"]},
-                        "planted_control": {"enabled": True, "fraction": 1.0}},
-        "cross_judge": {"n_samples": 4, "judges": {"fake_gated": {"backend": "fake", "restart_gate": True,
-                                                                  "cache_dir": str(root / "judge_cache")}}},
-        "sequential": {"n_baseline": 4, "replay_steering": False, "primary_group": "discovered_top_auc",
-                       "n_boot": 50},
+        "detectors": {
+            "min_shuffled_rate": 0.5,
+            "max_latents": 6,
+            "top_auc_k": 4,
+            "random_control": {"n_sets": 2, "match_to": "discovered_top_auc"},
+        },
+        "experiments": {
+            "no_steering": True,
+            "ablation": ["discovered_separability", "discovered_top_auc"],
+            "random_control": True,
+            "boost_sweep": {
+                "enabled": True,
+                "n_latents": 2,
+                "prompts_per_latent": 1,
+                "n_levels": 3,
+                "sd_range": 2.0,
+                "relative_levels": [0.5, 1.0],
+            },
+            "meta_prompts": {"variants": ["self_monitor", "ignore_latent_label"]},
+            "planted_control": {"enabled": True, "fraction": 1.0},
+        },
+        "cross_judge": {
+            "n_samples": 4,
+            "judges": {"fake_gated": {"backend": "fake", "restart_gate": True, "cache_dir": str(root / "judge_cache")}},
+        },
+        "sequential": {"n_baseline": 4, "replay_steering": False, "primary_group": "discovered_top_auc", "n_boot": 50},
         "audit": {"model_map": {"llama-3.3-70b": "tiny-llama"}},
     }
     path = root / "tiny_config.yaml"

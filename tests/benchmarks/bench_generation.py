@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 
 from esr.generation import GenerationSettings, SteeredGenerator, TrialRequest
-from esr.steering import Intervention
 from esr.sae import SteeringDirections
-from esr.steering import SteeringPlan
+from esr.steering import Intervention, SteeringPlan
 
 DEFAULT_MODEL_DIR = "resources/models/smollm2-135m"
-PROMPTS = ["Explain how to bake a loaf of bread.", "Explain how to change a flat tire on a car.",
-           "Explain how to write a good cover letter.", "Explain how to set up a budget for the month."]
+PROMPTS = [
+    "Explain how to bake a loaf of bread.",
+    "Explain how to change a flat tire on a car.",
+    "Explain how to write a good cover letter.",
+    "Explain how to set up a budget for the month.",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,8 +52,9 @@ def load(args):
     from esr.models import load_model_dir, wrap_model
 
     if not args.tiny and Path(args.model_dir, "config.json").exists():
-        return load_model_dir(args.model_dir, dtype=args.dtype, device="cpu" if not torch.cuda.is_available()
-                              else None), Path(args.model_dir).name
+        return load_model_dir(
+            args.model_dir, dtype=args.dtype, device="cpu" if not torch.cuda.is_available() else None
+        ), Path(args.model_dir).name
     from esr.testing import tiny_llama, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -87,14 +91,22 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     rows = []
     for bs in sizes:
-        settings = GenerationSettings(temperature=args.temperature, max_new_tokens=args.new_tokens, batch_size=bs,
-                                      ignore_eos=True, repetition_penalty=1.1)
+        settings = GenerationSettings(
+            temperature=args.temperature,
+            max_new_tokens=args.new_tokens,
+            batch_size=bs,
+            ignore_eos=True,
+            repetition_penalty=1.1,
+        )
         gen = SteeredGenerator(loaded, directions, plan, settings, progress=False)
         latents = torch.randint(0, directions.d_sae, (bs,), generator=g).tolist()
         plain = [TrialRequest(PROMPTS[i % len(PROMPTS)], i) for i in range(bs)]
-        steered = [TrialRequest(p.prompt, p.seed, Intervention(steer_latent=j, boost=2.0,
-                                                               capture=(j,) if args.capture else ()))
-                   for p, j in zip(plain, latents)]
+        steered = [
+            TrialRequest(
+                p.prompt, p.seed, Intervention(steer_latent=j, boost=2.0, capture=(j,) if args.capture else ())
+            )
+            for p, j in zip(plain, latents)
+        ]
         timed(gen, plain[:1])  # warm-up
         best = {"unsteered": float("inf"), "steered": float("inf")}
         n_tok = {}
@@ -103,14 +115,24 @@ def main(argv=None) -> int:
                 dt, n = timed(gen, reqs)
                 best[kind] = min(best[kind], dt)
                 n_tok[kind] = n
-        rows.append((bs, n_tok["unsteered"] / best["unsteered"], n_tok["steered"] / best["steered"],
-                     best["steered"] / best["unsteered"] - 1))
+        rows.append(
+            (
+                bs,
+                n_tok["unsteered"] / best["unsteered"],
+                n_tok["steered"] / best["steered"],
+                best["steered"] / best["unsteered"] - 1,
+            )
+        )
         print(f"  batch {bs}: done", flush=True)
     base = {bs: (u, s) for bs, u, s, _ in rows}
-    print(f"\nmodel {name} ({loaded.dtype}, {torch.get_num_threads()} threads, layer {layer}, d_sae "
-          f"{directions.d_sae}, {args.new_tokens} new tokens, capture={args.capture}, best of {args.repeats})")
-    print(f"{'batch':>5} {'tok/s unsteered':>16} {'tok/s steered':>14} {'hook overhead':>14} "
-          f"{'x batch-1 (unst.)':>18} {'x batch-1 (steer.)':>19}")
+    print(
+        f"\nmodel {name} ({loaded.dtype}, {torch.get_num_threads()} threads, layer {layer}, d_sae "
+        f"{directions.d_sae}, {args.new_tokens} new tokens, capture={args.capture}, best of {args.repeats})"
+    )
+    print(
+        f"{'batch':>5} {'tok/s unsteered':>16} {'tok/s steered':>14} {'hook overhead':>14} "
+        f"{'x batch-1 (unst.)':>18} {'x batch-1 (steer.)':>19}"
+    )
     for bs, u, s, over in rows:
         r1 = base.get(sizes[0], (u, s))
         print(f"{bs:>5} {u:>16.1f} {s:>14.1f} {over * 100:>13.1f}% {u / r1[0]:>18.2f} {s / r1[1]:>19.2f}")

@@ -25,8 +25,8 @@ import random
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 WORD = re.compile(r"[a-z0-9']+")
 
@@ -97,8 +97,12 @@ def read_prompts(config: dict, n: int) -> list[str]:
     path = resolve_path(config["prompts"]["path"])
     if not path.exists():
         print(f"note: prompts file {str(path)!r} missing; using built-in prompts", file=sys.stderr)
-        lines = ["Explain how to bake a loaf of bread.", "Explain how to change a flat tire on a car.",
-                 "Explain how to write a good cover letter.", "Explain how to set up a budget for the month."]
+        lines = [
+            "Explain how to bake a loaf of bread.",
+            "Explain how to change a flat tire on a car.",
+            "Explain how to write a good cover letter.",
+            "Explain how to set up a budget for the month.",
+        ]
     else:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     return lines[:n]
@@ -122,9 +126,14 @@ def main(argv=None) -> int:
     if name not in specs:
         raise SystemExit(f"model {name!r} is not in {args.config!r} (models: {', '.join(specs)})")
     spec = specs[name]
-    gen = load_generator(spec, model_dir=args.model_dir, median_resid_norm=args.median_resid_norm,
-                         temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size)
+    gen = load_generator(
+        spec,
+        model_dir=args.model_dir,
+        median_resid_norm=args.median_resid_norm,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     directions = gen.directions
     median = directions.median_resid_norm
     if median is None and spec.sae.path:
@@ -147,14 +156,18 @@ def main(argv=None) -> int:
     for latent in latents:
         for boost in boosts:
             for p_id, prompt in enumerate(prompts):
-                for s in range(args.seeds):
+                for _ in range(args.seeds):
                     seed = rng.randint(0, 1_000_000)
-                    requests.append(TrialRequest(prompt, seed, Intervention(steer_latent=latent, boost=boost,
-                                                                            capture=(latent,))))
+                    requests.append(
+                        TrialRequest(prompt, seed, Intervention(steer_latent=latent, boost=boost, capture=(latent,)))
+                    )
                     meta.append((latent, boost, p_id))
-    print(f"{name}: {len(latents)} latents x {len(boosts)} boosts x {len(prompts)} prompts x {args.seeds} seeds = "
-          f"{len(requests)} answers, {args.max_new_tokens} tokens max; boost unit {directions.boost_unit}, "
-          f"median residual norm {median}", file=sys.stderr)
+    print(
+        f"{name}: {len(latents)} latents x {len(boosts)} boosts x {len(prompts)} prompts x {args.seeds} seeds = "
+        f"{len(requests)} answers, {args.max_new_tokens} tokens max; boost unit {directions.boost_unit}, "
+        f"median residual norm {median}",
+        file=sys.stderr,
+    )
     judge = load_judge(args.judge)
     results = gen.generate(requests)
     rows = []
@@ -162,16 +175,24 @@ def main(argv=None) -> int:
         label_row = labels.get(latent)
         label = (label_row or {}).get("label", "")
         norm = directions.residual_norm(latent, boost)
-        rows.append({
-            "latent": latent, "label": label, "boost": boost, "boost_unit": directions.boost_unit,
-            "residual_norm": norm, "x_median_norm": norm / median if median else math.nan, "prompt_id": p_id,
-            "seed": res.seed, "n_tokens": res.n_tokens,
-            "latent_activation": float(res.activations[:, 0].mean()) if res.n_tokens else math.nan,
-            "label_token_freq": token_frequency(res.response, label_tokens(label_row)),
-            "distinct2": distinct2(res.response),
-            "judge_score": float(judge(res.prompt, res.response, label)) if judge else math.nan,
-            "response": res.response,
-        })
+        rows.append(
+            {
+                "latent": latent,
+                "label": label,
+                "boost": boost,
+                "boost_unit": directions.boost_unit,
+                "residual_norm": norm,
+                "x_median_norm": norm / median if median else math.nan,
+                "prompt_id": p_id,
+                "seed": res.seed,
+                "n_tokens": res.n_tokens,
+                "latent_activation": float(res.activations[:, 0].mean()) if res.n_tokens else math.nan,
+                "label_token_freq": token_frequency(res.response, label_tokens(label_row)),
+                "distinct2": distinct2(res.response),
+                "judge_score": float(judge(res.prompt, res.response, label)) if judge else math.nan,
+                "response": res.response,
+            }
+        )
     if args.out:
         from esr.io import atomic_path
 
@@ -179,13 +200,17 @@ def main(argv=None) -> int:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    print(f"\n{'boost':>7} {'x median':>9} {'resid L2':>9} {'latent act':>11} {'label tok freq':>15} "
-          f"{'distinct-2':>11} {'judge':>7} {'n':>4}")
+    print(
+        f"\n{'boost':>7} {'x median':>9} {'resid L2':>9} {'latent act':>11} {'label tok freq':>15} "
+        f"{'distinct-2':>11} {'judge':>7} {'n':>4}"
+    )
     for boost in boosts:
         sel = [r for r in rows if r["boost"] == boost]
-        print(f"{boost:>7.3g} {mean(r['x_median_norm'] for r in sel):>9.3f} {mean(r['residual_norm'] for r in sel):>9.2f}"
-              f" {mean(r['latent_activation'] for r in sel):>11.3f} {mean(r['label_token_freq'] for r in sel):>15.4f}"
-              f" {mean(r['distinct2'] for r in sel):>11.3f} {mean(r['judge_score'] for r in sel):>7.1f} {len(sel):>4}")
+        print(
+            f"{boost:>7.3g} {mean(r['x_median_norm'] for r in sel):>9.3f} {mean(r['residual_norm'] for r in sel):>9.2f}"
+            f" {mean(r['latent_activation'] for r in sel):>11.3f} {mean(r['label_token_freq'] for r in sel):>15.4f}"
+            f" {mean(r['distinct2'] for r in sel):>11.3f} {mean(r['judge_score'] for r in sel):>7.1f} {len(sel):>4}"
+        )
     return 0
 
 

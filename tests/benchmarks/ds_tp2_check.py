@@ -30,13 +30,10 @@ def main() -> int:
     import torch.distributed as dist
 
     from esr.generation import GenerationSettings, SteeredGenerator, TrialRequest
-    from esr.models import wrap_model
-    from esr.steering import Intervention
+    from esr.models import disable_deepspeed_shm_allreduce, wrap_model
     from esr.sae import SteeringDirections
-    from esr.steering import SteeringPlan
+    from esr.steering import Intervention, SteeringPlan
     from esr.testing import tiny_gemma2, tiny_llama, tiny_sae, tiny_tokenizer
-
-    from esr.models import disable_deepspeed_shm_allreduce
 
     disable_deepspeed_shm_allreduce()  # before init_distributed: the shm op is built when the backend starts
     deepspeed.init_distributed(dist_backend="gloo")
@@ -46,9 +43,11 @@ def main() -> int:
         tok = tiny_tokenizer()
         directions = SteeringDirections(tiny_sae(kind="jumprelu"), "raw")
         plan = SteeringPlan(2, 2)
-        requests = [TrialRequest("how do you bake bread", 1, Intervention(steer_latent=5, boost=8.0, capture=(5,))),
-                    TrialRequest("the dog", 2, None),
-                    TrialRequest("explain the car tire", 3, Intervention(ablate=(1, 2), capture=(1,)))]
+        requests = [
+            TrialRequest("how do you bake bread", 1, Intervention(steer_latent=5, boost=8.0, capture=(5,))),
+            TrialRequest("the dog", 2, None),
+            TrialRequest("explain the car tire", 3, Intervention(ablate=(1, 2), capture=(1,))),
+        ]
         for temperature in (0.0, 0.6):
             settings = GenerationSettings(temperature=temperature, max_new_tokens=args.max_new_tokens)
             t0 = time.perf_counter()
@@ -56,14 +55,21 @@ def main() -> int:
             shard = tuple(ds_loaded.model.model.layers[0].self_attn.q_proj.weight.shape)
             ds = SteeredGenerator(ds_loaded, directions, plan, settings, progress=False).generate(requests)
             t_ds = time.perf_counter() - t0
-            plain = SteeredGenerator(wrap_model(build(vocab_size=len(tok)), tok, device="cpu"), directions, plan,
-                                     settings, progress=False).generate(requests)
+            plain = SteeredGenerator(
+                wrap_model(build(vocab_size=len(tok)), tok, device="cpu"), directions, plan, settings, progress=False
+            ).generate(requests)
             same = [a.token_ids == b.token_ids for a, b in zip(ds, plain)]
-            act_diff = max(float((a.activations - b.activations).abs().max()) for a, b in zip(ds, plain)
-                           if a.activations is not None)
+            act_diff = max(
+                float((a.activations - b.activations).abs().max())
+                for a, b in zip(ds, plain)
+                if a.activations is not None
+            )
             ok &= all(same)
-            print(f"[rank {rank}/{world}] {family} T={temperature}: q_proj shard {shard}, tokens equal per row "
-                  f"{same}, max|d act| {act_diff:.2e}, ds generate {t_ds:.2f}s", flush=True)
+            print(
+                f"[rank {rank}/{world}] {family} T={temperature}: q_proj shard {shard}, tokens equal per row "
+                f"{same}, max|d act| {act_diff:.2e}, ds generate {t_ds:.2f}s",
+                flush=True,
+            )
     flags = torch.tensor([int(ok)])
     dist.all_reduce(flags)
     if rank == 0:

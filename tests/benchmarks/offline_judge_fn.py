@@ -11,8 +11,10 @@ CALIBRATION = Path("results/judge/smollm2-135m/offline_calibration.json")
 def _judge():
     from esr.judge import build_judge
 
-    return build_judge({"backend": "offline_minilm",
-                        "calibration": str(CALIBRATION) if CALIBRATION.exists() else None}, show_progress=False)
+    return build_judge(
+        {"backend": "offline_minilm", "calibration": str(CALIBRATION) if CALIBRATION.exists() else None},
+        show_progress=False,
+    )
 
 
 def score(prompt: str, response: str, label: str) -> float:

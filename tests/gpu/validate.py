@@ -1,4 +1,4 @@
-"""GPU validation of the package's generation paths, in one script (issue 15).
+"""GPU validation of the package's generation paths, in one script.
 
 Run on a node with one CUDA device (written for one H200; ~4-6 minutes for both shapes with the defaults)::
 
@@ -133,8 +133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-deepspeed", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=7.5,
-                   help="sections that would start after this many minutes are skipped (0: no limit)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=7.5,
+        help="sections that would start after this many minutes are skipped (0: no limit)",
+    )
     p.add_argument("--out", default=None, help="also write the JSON summary here (rewritten after each shape)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in (args.batches or ("1,4" if args.tiny else "1,8,32,64")).split(",") if b]
@@ -152,22 +156,52 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Models, SAEs, requests
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def real_config(shape: Shape, tok):
     """The transformers config of the real model (random weights), with the stand-in tokenizer's special ids."""
     from transformers import Gemma2Config, LlamaConfig
 
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     if shape.family == "gemma2":
-        return Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                            sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                            hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
-                            tie_word_embeddings=True, attn_implementation="eager", **ids)
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, hidden_act="silu", rms_norm_eps=1e-5,
-                       max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, **ids)
+        return Gemma2Config(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=4096,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            hidden_activation="gelu_pytorch_tanh",
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            attn_implementation="eager",
+            **ids,
+        )
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        **ids,
+    )
 
 
 def build_model(shape: Shape, tiny: bool, device, dtype, seed: int):
@@ -230,8 +264,9 @@ def median_resid_norm(loaded, layer: int, prompts: list[str]) -> float:
 
     ids, mask, pos = encode_batch(loaded, [TrialRequest(p, 0) for p in prompts])
     with torch.inference_mode():
-        out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True,
-                           logits_to_keep=1)
+        out = loaded.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, logits_to_keep=1
+        )
     h = out.hidden_states[layer + 1].float()
     return float(h.norm(dim=-1)[mask.bool()].median())
 
@@ -244,8 +279,10 @@ def first_token_logits(loaded, directions, plan, requests):
     from esr.steering import apply_interventions
 
     ids, mask, pos = encode_batch(loaded, requests)
-    with torch.inference_mode(), apply_interventions(loaded.model, [r.intervention for r in requests], directions,
-                                                     plan):
+    with (
+        torch.inference_mode(),
+        apply_interventions(loaded.model, [r.intervention for r in requests], directions, plan),
+    ):
         out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
     return out.logits[:, -1, :].float().cpu()
 
@@ -253,6 +290,7 @@ def first_token_logits(loaded, directions, plan, requests):
 # ----------------------------------------------------------------------------------------------------------------
 # Timing helpers
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def sync(device) -> None:
     import torch
@@ -285,8 +323,11 @@ def copy_bandwidth(device, copies: int = 10) -> dict[str, Any]:
             dst.copy_(src)
 
     best = min(timed(device, run)[0] for _ in range(5))
-    return {"copy_bandwidth_gb_s": 2 * n_bytes * copies / best / 1e9, "copy_bytes": n_bytes,
-            "copy_seconds_per_copy": best / copies}
+    return {
+        "copy_bandwidth_gb_s": 2 * n_bytes * copies / best / 1e9,
+        "copy_bytes": n_bytes,
+        "copy_seconds_per_copy": best / copies,
+    }
 
 
 def weight_bytes_per_step(model) -> int:
@@ -308,6 +349,7 @@ def kv_bytes_per_row(config, seq_len: int, dtype_bytes: int) -> int:
 # Sections
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Ctx:
     args: argparse.Namespace
@@ -322,14 +364,23 @@ class Ctx:
     def device(self):
         return self.loaded.device
 
-    def generator(self, batch_size: int, temperature: float | None = None, new_tokens: int | None = None,
-                  ignore_eos: bool = True, loaded=None):
+    def generator(
+        self,
+        batch_size: int,
+        temperature: float | None = None,
+        new_tokens: int | None = None,
+        ignore_eos: bool = True,
+        loaded=None,
+    ):
         from esr.generation import GenerationSettings, SteeredGenerator
 
         settings = GenerationSettings(
             temperature=self.args.temperature if temperature is None else temperature,
-            repetition_penalty=self.shape.repetition_penalty, max_new_tokens=new_tokens or self.args.new_tokens,
-            batch_size=batch_size, ignore_eos=ignore_eos)
+            repetition_penalty=self.shape.repetition_penalty,
+            max_new_tokens=new_tokens or self.args.new_tokens,
+            batch_size=batch_size,
+            ignore_eos=ignore_eos,
+        )
         return SteeredGenerator(loaded or self.loaded, self.directions, self.plan, settings, progress=False)
 
     def requests(self, n: int, seed0: int = 0):
@@ -345,9 +396,11 @@ class Ctx:
         from esr.steering import Intervention
 
         g = torch.Generator().manual_seed(seed)
-        latents = torch.randperm(self.directions.d_sae, generator=g)[:len(requests)].tolist()
-        return [TrialRequest(r.prompt, r.seed, Intervention(steer_latent=j, boost=self.args.boost), r.trial_id)
-                for r, j in zip(requests, latents)]
+        latents = torch.randperm(self.directions.d_sae, generator=g)[: len(requests)].tolist()
+        return [
+            TrialRequest(r.prompt, r.seed, Intervention(steer_latent=j, boost=self.args.boost), r.trial_id)
+            for r, j in zip(requests, latents)
+        ]
 
 
 def hf_generate(ctx: Ctx, requests, new_tokens: int | None = None) -> int:
@@ -357,10 +410,17 @@ def hf_generate(ctx: Ctx, requests, new_tokens: int | None = None) -> int:
 
     ids, mask, _ = encode_batch(ctx.loaded, requests)
     n = new_tokens or ctx.args.new_tokens
-    cfg = GenerationConfig(do_sample=ctx.args.temperature > 0, temperature=ctx.args.temperature or None, top_k=0,
-                           top_p=1.0, repetition_penalty=ctx.shape.repetition_penalty, max_new_tokens=n,
-                           min_new_tokens=n, pad_token_id=ctx.loaded.tokenizer.pad_token_id,
-                           eos_token_id=ctx.loaded.eos_token_ids())
+    cfg = GenerationConfig(
+        do_sample=ctx.args.temperature > 0,
+        temperature=ctx.args.temperature or None,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=ctx.shape.repetition_penalty,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=ctx.loaded.tokenizer.pad_token_id,
+        eos_token_id=ctx.loaded.eos_token_ids(),
+    )
     torch.manual_seed(0)
     with torch.inference_mode():
         out = ctx.loaded.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
@@ -387,8 +447,7 @@ def section_throughput(ctx: Ctx) -> dict[str, Any]:
         n_tok: dict[str, int] = {}
         for rep in range(ctx.args.repeats):
             dt, res = timed(dev, gen.generate, plain)
-            best["esr_unsteered"], n_tok["esr_unsteered"] = min(best["esr_unsteered"], dt), sum(
-                r.n_tokens for r in res)
+            best["esr_unsteered"], n_tok["esr_unsteered"] = min(best["esr_unsteered"], dt), sum(r.n_tokens for r in res)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             dt, res = timed(dev, gen.generate, steer)
@@ -411,11 +470,20 @@ def section_throughput(ctx: Ctx) -> dict[str, Any]:
             for k in best:
                 row[f"{k}_roofline_fraction"] = row[f"{k}_tok_s"] / roof
         rows.append(row)
-        print(f"  [{ctx.shape.name}] throughput batch {bs}: esr {row['esr_unsteered_tok_s']:.1f} / steered "
-              f"{row['esr_steered_tok_s']:.1f} / hf {row['hf_generate_tok_s']:.1f} tok/s", flush=True)
-    return {"new_tokens": ctx.args.new_tokens, "temperature": ctx.args.temperature,
-            "repetition_penalty": ctx.shape.repetition_penalty, "repeats": ctx.args.repeats,
-            "weight_bytes_per_step": wbytes, "copy_bandwidth_gb_s": ctx.bandwidth, "rows": rows}
+        print(
+            f"  [{ctx.shape.name}] throughput batch {bs}: esr {row['esr_unsteered_tok_s']:.1f} / steered "
+            f"{row['esr_steered_tok_s']:.1f} / hf {row['hf_generate_tok_s']:.1f} tok/s",
+            flush=True,
+        )
+    return {
+        "new_tokens": ctx.args.new_tokens,
+        "temperature": ctx.args.temperature,
+        "repetition_penalty": ctx.shape.repetition_penalty,
+        "repeats": ctx.args.repeats,
+        "weight_bytes_per_step": wbytes,
+        "copy_bandwidth_gb_s": ctx.bandwidth,
+        "rows": rows,
+    }
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -430,8 +498,12 @@ def section_batch_invariance(ctx: Ctx) -> dict[str, Any]:
     batch = ctx.steered(ctx.requests(n, seed0=100), seed=1)
     k = min(ctx.args.invariance_rows, n)
     check = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
-    out: dict[str, Any] = {"batch_size": n, "rows_checked": check, "new_tokens": ctx.args.new_tokens,
-                           "dtype": str(ctx.loaded.dtype).replace("torch.", "")}
+    out: dict[str, Any] = {
+        "batch_size": n,
+        "rows_checked": check,
+        "new_tokens": ctx.args.new_tokens,
+        "dtype": str(ctx.loaded.dtype).replace("torch.", ""),
+    }
     for mode, temp in (("greedy", 0.0), ("sampled", ctx.args.temperature)):
         together = ctx.generator(n, temperature=temp, ignore_eos=False).generate(batch)
         alone_gen = ctx.generator(1, temperature=temp, ignore_eos=False)
@@ -441,10 +513,17 @@ def section_batch_invariance(ctx: Ctx) -> dict[str, Any]:
             pos = first_difference(alone.token_ids, together[i].token_ids)
             if pos is not None:
                 diffs[str(i)] = pos
-        out[mode] = {"temperature": temp, "matching_fraction": 1 - len(diffs) / len(check),
-                     "n_match": len(check) - len(diffs), "n_rows": len(check), "first_difference": diffs}
-        print(f"  [{ctx.shape.name}] batch invariance {mode}: {len(check) - len(diffs)}/{len(check)} rows match",
-              flush=True)
+        out[mode] = {
+            "temperature": temp,
+            "matching_fraction": 1 - len(diffs) / len(check),
+            "n_match": len(check) - len(diffs),
+            "n_rows": len(check),
+            "first_difference": diffs,
+        }
+        print(
+            f"  [{ctx.shape.name}] batch invariance {mode}: {len(check) - len(diffs)}/{len(check)} rows match",
+            flush=True,
+        )
     return out
 
 
@@ -461,9 +540,15 @@ def fit_memory(peaks: dict[int, int], static: int, total: int, headroom: float =
     else:
         per_row, fixed = (ys[0] - static) / xs[0], float(static)
     max_batch = int(((1 - headroom) * total - fixed) // per_row) if per_row > 0 else None
-    return {"peak_bytes_by_batch": {str(b): peaks[b] for b in xs}, "static_bytes": static, "fit_fixed_bytes": fixed,
-            "fit_per_row_bytes": per_row, "device_total_bytes": total, "headroom": headroom,
-            "max_batch_20pct_headroom": max_batch}
+    return {
+        "peak_bytes_by_batch": {str(b): peaks[b] for b in xs},
+        "static_bytes": static,
+        "fit_fixed_bytes": fixed,
+        "fit_per_row_bytes": per_row,
+        "device_total_bytes": total,
+        "headroom": headroom,
+        "max_batch_20pct_headroom": max_batch,
+    }
 
 
 def section_memory(ctx: Ctx) -> dict[str, Any]:
@@ -473,8 +558,12 @@ def section_memory(ctx: Ctx) -> dict[str, Any]:
 
     dev = ctx.device
     if dev.type != "cuda":
-        raise Skip(f"device {dev} has no torch.cuda memory statistics: peak memory and max batch are null",
-                   peak_bytes_by_batch=None, fit_per_row_bytes=None, max_batch_20pct_headroom=None)
+        raise Skip(
+            f"device {dev} has no torch.cuda memory statistics: peak memory and max batch are null",
+            peak_bytes_by_batch=None,
+            fit_per_row_bytes=None,
+            max_batch_20pct_headroom=None,
+        )
     steer_all = ctx.steered(ctx.requests(max(ctx.args.batches)), seed=2)
     for bs in ctx.args.batches:
         if bs not in ctx.peaks:  # the throughput section measures them; redo what it did not
@@ -520,23 +609,36 @@ def section_deepspeed(ctx: Ctx) -> dict[str, Any]:
     # every steered row's first-token logits move; the tokens of at least one pair differ over the decode loop
     hooks_fire = min(steer_shift) > tol and any(tokens_differ)
     matches = [a == b for a, b in zip(ds_tokens, ref_tokens)]
-    print(f"  [{ctx.shape.name}] deepspeed: logits max |diff| {diff:.3g} (tol {tol:.3g}), hooks fire {hooks_fire}",
-          flush=True)
-    return {"deepspeed_version": deepspeed.__version__, "engine": ds_loaded.engine,
-            "accelerator": os.environ.get("DS_ACCELERATOR"), "rows": len(pairs),
-            "first_token_logits_max_abs_diff": diff, "logit_tolerance": tol, "logits_within_tolerance": diff <= tol,
-            "steered_logit_shift_min": min(steer_shift), "steered_tokens_differ": tokens_differ,
-            "hooks_fire": hooks_fire, "token_match_fraction_vs_transformers": sum(matches) / len(matches),
-            "tok_s": sum(r.n_tokens for r in res) / dt, "new_tokens": ctx.args.new_tokens,
-            "dtype": str(lm.dtype).replace("torch.", "")}
+    print(
+        f"  [{ctx.shape.name}] deepspeed: logits max |diff| {diff:.3g} (tol {tol:.3g}), hooks fire {hooks_fire}",
+        flush=True,
+    )
+    return {
+        "deepspeed_version": deepspeed.__version__,
+        "engine": ds_loaded.engine,
+        "accelerator": os.environ.get("DS_ACCELERATOR"),
+        "rows": len(pairs),
+        "first_token_logits_max_abs_diff": diff,
+        "logit_tolerance": tol,
+        "logits_within_tolerance": diff <= tol,
+        "steered_logit_shift_min": min(steer_shift),
+        "steered_tokens_differ": tokens_differ,
+        "hooks_fire": hooks_fire,
+        "token_match_fraction_vs_transformers": sum(matches) / len(matches),
+        "tok_s": sum(r.n_tokens for r in res) / dt,
+        "new_tokens": ctx.args.new_tokens,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
 
-def run_section(results: dict[str, Any], section: str, shape: str, fn: Callable[..., dict[str, Any]],
-                *args: Any) -> None:
+
+def run_section(
+    results: dict[str, Any], section: str, shape: str, fn: Callable[..., dict[str, Any]], *args: Any
+) -> None:
     """``results[section][shape]`` = ``fn(*args)`` with status ok, or the skip reason, or the error."""
     t0 = time.perf_counter()
     try:
@@ -565,9 +667,14 @@ def versions() -> dict[str, Any]:
 def environment(device) -> dict[str, Any]:
     import torch
 
-    env: dict[str, Any] = {"device": str(device), **versions(), "torch_cuda": torch.version.cuda,
-                           "ds_accelerator": os.environ.get("DS_ACCELERATOR"), "threads": torch.get_num_threads(),
-                           "host": platform.node()}
+    env: dict[str, Any] = {
+        "device": str(device),
+        **versions(),
+        "torch_cuda": torch.version.cuda,
+        "ds_accelerator": os.environ.get("DS_ACCELERATOR"),
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device_name=props.name, device_total_bytes=props.total_memory)
@@ -582,30 +689,41 @@ def checks_of(results: dict[str, Any]) -> list[dict[str, Any]]:
     for shape, ds in results["deepspeed"].items():
         if ds.get("status") == "ok":
             checks.append({"name": f"deepspeed.hooks_fire[{shape}]", "passed": bool(ds["hooks_fire"])})
-            checks.append({"name": f"deepspeed.first_token_logits[{shape}]",
-                           "passed": bool(ds["logits_within_tolerance"])})
+            checks.append(
+                {"name": f"deepspeed.first_token_logits[{shape}]", "passed": bool(ds["logits_within_tolerance"])}
+            )
     return checks
 
 
 def markdown_tables(results: dict[str, Any]) -> str:
-    lines = ["| shape | batch | esr tok/s | esr steered tok/s | hf generate tok/s | hook overhead | roofline tok/s "
-             "| esr / roofline |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| shape | batch | esr tok/s | esr steered tok/s | hf generate tok/s | hook overhead | roofline tok/s "
+        "| esr / roofline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for shape, t in results["throughput"].items():
         for r in t.get("rows", []):
             roof = r.get("roofline_tok_s")
             frac = r.get("esr_unsteered_roofline_fraction")
-            lines.append(f"| {shape} | {r['batch']} | {r['esr_unsteered_tok_s']:.1f} | {r['esr_steered_tok_s']:.1f} "
-                         f"| {r['hf_generate_tok_s']:.1f} | {100 * r['hook_overhead']:+.1f}% | "
-                         f"{'-' if roof is None else f'{roof:.0f}'} | {'-' if frac is None else f'{frac:.1%}'} |")
-    lines += ["", "| shape | batch | peak GiB | per-row MiB (fit) | KV MiB/row (theory) | max batch (20% headroom) |",
-              "|---|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {shape} | {r['batch']} | {r['esr_unsteered_tok_s']:.1f} | {r['esr_steered_tok_s']:.1f} "
+                f"| {r['hf_generate_tok_s']:.1f} | {100 * r['hook_overhead']:+.1f}% | "
+                f"{'-' if roof is None else f'{roof:.0f}'} | {'-' if frac is None else f'{frac:.1%}'} |"
+            )
+    lines += [
+        "",
+        "| shape | batch | peak GiB | per-row MiB (fit) | KV MiB/row (theory) | max batch (20% headroom) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for shape, m in results["memory"].items():
         if m.get("status") != "ok":
             lines.append(f"| {shape} | - | null | null | null | null |")
             continue
         for b, peak in m["peak_bytes_by_batch"].items():
-            lines.append(f"| {shape} | {b} | {peak / 2**30:.2f} | {m['fit_per_row_bytes'] / 2**20:.1f} | "
-                         f"{m['kv_bytes_per_row_theoretical'] / 2**20:.1f} | {m['max_batch_20pct_headroom']} |")
+            lines.append(
+                f"| {shape} | {b} | {peak / 2**30:.2f} | {m['fit_per_row_bytes'] / 2**20:.1f} | "
+                f"{m['kv_bytes_per_row_theoretical'] / 2**20:.1f} | {m['max_batch_20pct_headroom']} |"
+            )
     return "\n".join(lines)
 
 
@@ -618,8 +736,13 @@ def build_ctx(args: argparse.Namespace, shape: Shape, device, dtype, bandwidth: 
     model, tok = build_model(shape, args.tiny, device, dtype, args.seed)
     loaded = wrap_model(model, tok, dtype=dtype, device=device)
     plan = layers_of(shape, args.tiny)
-    sae = tiny_sae(d_in=loaded.d_model, d_sae=TINY["d_sae"] if args.tiny else shape.d_sae, kind=shape.sae_kind,
-                   seed=args.seed, layer=plan.sae_layer).to(device)
+    sae = tiny_sae(
+        d_in=loaded.d_model,
+        d_sae=TINY["d_sae"] if args.tiny else shape.d_sae,
+        kind=shape.sae_kind,
+        seed=args.seed,
+        layer=plan.sae_layer,
+    ).to(device)
     norm = median_resid_norm(loaded, plan.injection_layer, make_prompts(8, 0))
     directions = SteeringDirections(sae, "median_resid_norm", median_resid_norm=norm)
     return Ctx(args, shape, loaded, directions, plan, bandwidth, {})
@@ -627,12 +750,20 @@ def build_ctx(args: argparse.Namespace, shape: Shape, device, dtype, bandwidth: 
 
 def describe_model(ctx: Ctx) -> dict[str, Any]:
     cfg = ctx.loaded.model.config
-    return {"family": ctx.shape.family, "n_params": sum(p.numel() for p in ctx.loaded.model.parameters()),
-            "hidden": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "vocab": cfg.vocab_size,
-            "dtype": str(ctx.loaded.dtype).replace("torch.", ""), "attn_implementation": cfg._attn_implementation,
-            "injection_layer": ctx.plan.injection_layer, "sae_layer": ctx.plan.sae_layer,
-            "d_sae": ctx.directions.d_sae, "sae_kind": ctx.shape.sae_kind,
-            "median_resid_norm": ctx.directions.median_resid_norm}
+    return {
+        "family": ctx.shape.family,
+        "n_params": sum(p.numel() for p in ctx.loaded.model.parameters()),
+        "hidden": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "vocab": cfg.vocab_size,
+        "dtype": str(ctx.loaded.dtype).replace("torch.", ""),
+        "attn_implementation": cfg._attn_implementation,
+        "injection_layer": ctx.plan.injection_layer,
+        "sae_layer": ctx.plan.sae_layer,
+        "d_sae": ctx.directions.d_sae,
+        "sae_kind": ctx.shape.sae_kind,
+        "median_resid_norm": ctx.directions.median_resid_norm,
+    }
 
 
 def summarize(results: dict[str, Any], elapsed: float, complete: bool) -> dict[str, Any]:
@@ -640,8 +771,9 @@ def summarize(results: dict[str, Any], elapsed: float, complete: bool) -> dict[s
     out = {k: results[k] for k in ("environment", *SECTIONS, "models", "settings")}
     out["checks"] = checks_of(results)
     out["failed_checks"] = [c["name"] for c in out["checks"] if not c["passed"]]
-    out["errored_sections"] = [f"{s}[{shape}]" for s in SECTIONS for shape, r in results[s].items()
-                               if r.get("status") == "error"]
+    out["errored_sections"] = [
+        f"{s}[{shape}]" for s in SECTIONS for shape, r in results[s].items() if r.get("status") == "error"
+    ]
     if results["environment"].get("status") == "error":
         out["errored_sections"].append("environment")
     out["out_of_time_sections"] = list(results["out_of_time"])
@@ -682,12 +814,21 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - recorded; the shapes still run (without a roofline)
         results["environment"] = {"status": "error", "error": f"{type(e).__name__}: {e}"}
     bandwidth = results["environment"].get("copy_bandwidth_gb_s")
-    results["settings"] = {"tiny": args.tiny, "shapes": args.shapes, "batches": args.batches,
-                           "new_tokens": args.new_tokens, "repeats": args.repeats, "temperature": args.temperature,
-                           "dtype": args.dtype, "boost_median_resid_norm": args.boost,
-                           "invariance_batch": args.invariance_batch, "invariance_rows": args.invariance_rows,
-                           "ds_pairs": args.ds_pairs, "max_minutes": args.max_minutes,
-                           "argv": sys.argv[1:] if argv is None else list(argv)}
+    results["settings"] = {
+        "tiny": args.tiny,
+        "shapes": args.shapes,
+        "batches": args.batches,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "temperature": args.temperature,
+        "dtype": args.dtype,
+        "boost_median_resid_norm": args.boost,
+        "invariance_batch": args.invariance_batch,
+        "invariance_rows": args.invariance_rows,
+        "ds_pairs": args.ds_pairs,
+        "max_minutes": args.max_minutes,
+        "argv": sys.argv[1:] if argv is None else list(argv),
+    }
     budget_note = {"status": "skipped", "reason": f"time budget (--max-minutes {args.max_minutes}) used up"}
     for name in args.shapes:
         if out_of_time():
@@ -700,8 +841,11 @@ def main(argv=None) -> int:
         try:
             ctx = build_ctx(args, SHAPES[name], device, dtype, bandwidth)
         except Exception as e:  # noqa: BLE001 - every section of this shape records the error
-            err = {"status": "error", "error": f"building {name}: {type(e).__name__}: {e}",
-                   "traceback": traceback.format_exc(limit=8)}
+            err = {
+                "status": "error",
+                "error": f"building {name}: {type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=8),
+            }
             print(f"  [{name}] build FAILED: {err['error']}", file=sys.stderr, flush=True)
             results["models"][name] = err
             for s in SECTIONS:
@@ -709,8 +853,12 @@ def main(argv=None) -> int:
         else:
             results["models"][name] = {**describe_model(ctx), "build_s": round(time.perf_counter() - t0, 2)}
             # deepspeed last: it wraps (and may move) the module the transformers engine uses
-            for section, fn in (("throughput", section_throughput), ("memory", section_memory),
-                                ("batch_invariance", section_batch_invariance), ("deepspeed", section_deepspeed)):
+            for section, fn in (
+                ("throughput", section_throughput),
+                ("memory", section_memory),
+                ("batch_invariance", section_batch_invariance),
+                ("deepspeed", section_deepspeed),
+            ):
                 if out_of_time():
                     results[section][name] = dict(budget_note)
                     results["out_of_time"].append(f"{section}[{name}]")

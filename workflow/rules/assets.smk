@@ -5,15 +5,15 @@
 rule fetch_prompts:
     output:
         prompt_list=PROMPTS,
-    params:
-        prompts=config["prompts"],
     log:
         "logs/fetch_prompts.log",
+    conda:
+        ENV
     resources:
         mem_mb=500,
         runtime=10,
-    conda:
-        ENV
+    params:
+        prompts=config["prompts"],
     script:
         "../scripts/fetch_prompts.py"
 
@@ -21,14 +21,14 @@ rule fetch_prompts:
 rule download_model:
     output:
         model_dir=directory("resources/models/{model}"),
-    params:
-        spec=model_spec,
     log:
         "logs/download_model/{model}.log",
+    conda:
+        ENV
     resources:
         mem_mb=8000,
         runtime=600,
-    conda:
-        ENV
+    params:
+        spec=model_spec,
     script:
         "../scripts/download_model.py"

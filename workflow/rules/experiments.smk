@@ -12,20 +12,20 @@ rule select_latents:
         prompts=PROMPTS,
     output:
         selection="results/selection/{model}/selection.json",
-    params:
-        spec=model_spec,
-        settings=config.get("selection"),
-        concreteness=config.get("concreteness"),
-        seed=config["seed"],
     log:
         "logs/select_latents/{model}.log",
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=model_resources("mem_mb", 8000),
         runtime=60,
         gpu=model_resources("gpu", 0),
-    conda:
-        ENV
+    params:
+        spec=model_spec,
+        settings=config.get("selection"),
+        concreteness=config.get("concreteness"),
+        seed=config["seed"],
     script:
         "../scripts/select_latents.py"
 
@@ -38,20 +38,20 @@ rule discover_detectors:
     output:
         detectors="results/detectors/{model}/detectors.json",
         answers="results/detectors/{model}/unsteered_answers.parquet",
-    params:
-        spec=model_spec,
-        generation=config.get("generation"),
-        settings=config.get("detectors"),
-        seed=config["seed"],
     log:
         "logs/discover_detectors/{model}.log",
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=model_resources("mem_mb", 8000),
         runtime=model_resources("runtime_min", 120),
         gpu=model_resources("gpu", 0),
-    conda:
-        ENV
+    params:
+        spec=model_spec,
+        generation=config.get("generation"),
+        settings=config.get("detectors"),
+        seed=config["seed"],
     script:
         "../scripts/discover_detectors.py"
 
@@ -63,11 +63,11 @@ rule anchor_judge:
         anchors=anchors_file("{model}"),
     log:
         "logs/anchor_judge/{model}.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     script:
         "../scripts/anchor_judge.py"
 
@@ -81,6 +81,15 @@ rule calibrate_boosts:
         judge_anchors=judge_anchors_input("threshold_judge"),
     output:
         shard_result="results/calibration/{model}/shard-{shard}.json",
+    log:
+        "logs/calibrate_boosts/{model}/shard-{shard}.log",
+    conda:
+        ENV
+    threads: 4
+    resources:
+        mem_mb=model_resources("mem_mb", 8000),
+        runtime=model_resources("runtime_min", 120),
+        gpu=model_resources("gpu", 0),
     params:
         spec=model_spec,
         generation=config.get("generation"),
@@ -89,15 +98,6 @@ rule calibrate_boosts:
         seed=config["seed"],
         n_shards=N_SHARDS,
         cache_dir="resources/calibration_cache",
-    log:
-        "logs/calibrate_boosts/{model}/shard-{shard}.log",
-    threads: 4
-    resources:
-        mem_mb=model_resources("mem_mb", 8000),
-        runtime=model_resources("runtime_min", 120),
-        gpu=model_resources("gpu", 0),
-    conda:
-        ENV
     script:
         "../scripts/calibrate_boosts.py"
 
@@ -110,11 +110,11 @@ rule gather_calibration:
         summary="results/calibration/{model}/summary.json",
     log:
         "logs/gather_calibration/{model}.log",
+    conda:
+        ENV
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        ENV
     script:
         "../scripts/gather_calibration.py"
 
@@ -130,23 +130,23 @@ rule generate:
     output:
         trials="results/{experiment}/{model}/shards/{condition}/gen-{shard}.parquet",
         activations=directory("results/{experiment}/{model}/shards/{condition}/acts-{shard}.zarr"),
+    log:
+        "logs/generate/{experiment}/{model}/{condition}-{shard}.log",
     wildcard_constraints:
         experiment=alternation(experiments_made_by("generate")),
+    conda:
+        ENV
+    threads: 4
+    resources:
+        mem_mb=model_resources("mem_mb", 8000),
+        runtime=model_resources("runtime_min", 120),
+        gpu=model_resources("gpu", 0),
     params:
         spec=model_spec,
         generation=config.get("generation"),
         settings=EXP,
         n_shards=N_SHARDS,
         seed=config["seed"],
-    log:
-        "logs/generate/{experiment}/{model}/{condition}-{shard}.log",
-    threads: 4
-    resources:
-        mem_mb=model_resources("mem_mb", 8000),
-        runtime=model_resources("runtime_min", 120),
-        gpu=model_resources("gpu", 0),
-    conda:
-        ENV
     script:
         "../scripts/generate.py"
 
@@ -157,16 +157,16 @@ rule plant_restarts:
         unsteered="results/exp8/{model}/shards/no_steering/gen-{shard}.parquet",
     output:
         trials="results/planted/{model}/shards/restart/gen-{shard}.parquet",
-    params:
-        fraction=EXP.get("planted_control", {}).get("fraction", 0.0),
-        seed=config["seed"],
     log:
         "logs/plant_restarts/{model}/{shard}.log",
+    conda:
+        ENV
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        ENV
+    params:
+        fraction=EXP.get("planted_control", {}).get("fraction", 0.0),
+        seed=config["seed"],
     script:
         "../scripts/plant_restarts.py"
 
@@ -178,18 +178,18 @@ rule grade:
     output:
         trials="results/{experiment}/{model}/shards/{condition}/graded-{shard}.parquet",
         judge_stats="results/{experiment}/{model}/shards/{condition}/judge-stats-{shard}.json",
-    wildcard_constraints:
-        experiment=alternation(experiments_made_by("generate", "plant_restarts")),
-    params:
-        judge=judge_config("judge"),
     log:
         "logs/grade/{experiment}/{model}/{condition}-{shard}.log",
+    wildcard_constraints:
+        experiment=alternation(experiments_made_by("generate", "plant_restarts")),
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=4000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        judge=judge_config("judge"),
     script:
         "../scripts/grade.py"
 
@@ -199,15 +199,15 @@ rule gather_trials:
         shards=graded_shards,
     output:
         trials="results/{experiment}/{model}/trials.parquet",
-    wildcard_constraints:
-        experiment=alternation(experiments_made_by("generate", "plant_restarts")),
     log:
         "logs/gather_trials/{experiment}/{model}.log",
+    wildcard_constraints:
+        experiment=alternation(experiments_made_by("generate", "plant_restarts")),
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        ENV
     script:
         "../scripts/gather_trials.py"
 
@@ -219,10 +219,10 @@ rule gather_activations:
         store=directory("results/activations/{model}/exp1.zarr"),
     log:
         "logs/gather_activations/{model}.log",
+    conda:
+        ENV
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        ENV
     script:
         "../scripts/gather_activations.py"

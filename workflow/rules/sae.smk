@@ -6,37 +6,37 @@
 rule fetch_sae:
     output:
         manifest="resources/sae_manifests/{model}.json",
-    params:
-        spec=model_spec,
     log:
         "logs/fetch_sae/{model}.log",
+    conda:
+        ENV
     resources:
         mem_mb=16000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        spec=model_spec,
     script:
         "../scripts/fetch_sae.py"
 
 
 rule download_labels:
-    # Latent labels for published SAEs: Neuronpedia exports (GemmaScope) or a user-supplied CSV (Goodfire, file).
-    wildcard_constraints:
-        model=alternation(download_label_models()),
     input:
         sae_manifest=sae_input,
     output:
         csv="resources/labels/{model}.csv",
         manifest="resources/labels/{model}.manifest.json",
-    params:
-        labels=lambda w: MODELS[w.model].labels,
     log:
         "logs/download_labels/{model}.log",
+    # Latent labels for published SAEs: Neuronpedia exports (GemmaScope) or a user-supplied CSV (Goodfire, file).
+    wildcard_constraints:
+        model=alternation(download_label_models()),
+    conda:
+        ENV
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        ENV
+    params:
+        labels=lambda w: MODELS[w.model].labels,
     script:
         "../scripts/download_labels.py"
 
@@ -46,17 +46,17 @@ rule build_corpus:
         model_dir=model_dir,
     output:
         corpus=directory("resources/corpus/{model}"),
+    log:
+        "logs/build_corpus/{model}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         spec=model_spec,
         sae_cfg=config.get("embedded_sae"),
         seed=config["seed"],
-    log:
-        "logs/build_corpus/{model}.log",
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        ENV
     script:
         "../scripts/build_corpus.py"
 
@@ -67,17 +67,17 @@ rule collect_activations:
         corpus="resources/corpus/{model}",
     output:
         activations=directory("resources/activations/{model}"),
-    params:
-        spec=model_spec,
-        sae_cfg=config.get("embedded_sae"),
     log:
         "logs/collect_activations/{model}.log",
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=12000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        spec=model_spec,
+        sae_cfg=config.get("embedded_sae"),
     script:
         "../scripts/collect_activations.py"
 
@@ -89,41 +89,41 @@ rule train_sae:
         sae=directory("resources/sae/{model}"),
         report="results/sae/{model}/sae_report.json",
         report_md="results/sae/{model}/sae_report.md",
-    params:
-        spec=model_spec,
-        sae_cfg=config.get("embedded_sae"),
-        seed=config["seed"],
     log:
         "logs/train_sae/{model}.log",
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=12000,
         runtime=120,
-    conda:
-        ENV
+    params:
+        spec=model_spec,
+        sae_cfg=config.get("embedded_sae"),
+        seed=config["seed"],
     script:
         "../scripts/train_sae.py"
 
 
 rule label_latents:
-    wildcard_constraints:
-        model=alternation(embedded_sae_models()),
     input:
         model_dir=model_dir,
         sae="resources/sae/{model}",
         activations="resources/activations/{model}",
     output:
         labels="resources/labels/{model}.csv",
-    params:
-        spec=model_spec,
-        sae_cfg=config.get("embedded_sae"),
     log:
         "logs/label_latents/{model}.log",
+    wildcard_constraints:
+        model=alternation(embedded_sae_models()),
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=12000,
         runtime=60,
-    conda:
-        ENV
+    params:
+        spec=model_spec,
+        sae_cfg=config.get("embedded_sae"),
     script:
         "../scripts/label_latents.py"

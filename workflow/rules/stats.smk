@@ -9,18 +9,18 @@ rule cross_judge:
         judge_anchors=cross_judge_anchors,
     output:
         regraded=trials_table("exp7", "{model}"),
-    params:
-        judges=cross_judges,
-        n_samples=config.get("cross_judge", {}).get("n_samples", 0),
-        seed=config["seed"],
     log:
         "logs/cross_judge/{model}.log",
+    conda:
+        ENV
     threads: 2
     resources:
         mem_mb=4000,
         runtime=240,
-    conda:
-        ENV
+    params:
+        judges=cross_judges,
+        n_samples=config.get("cross_judge", {}).get("n_samples", 0),
+        seed=config["seed"],
     script:
         "../scripts/cross_judge.py"
 
@@ -47,19 +47,19 @@ rule sequential:
             category="Sequential activations (exp9)",
             caption="../report/exp9_regions.rst",
         ),
-    params:
-        spec=model_spec,
-        settings=config.get("sequential"),
-        seed=config["seed"],
     log:
         "logs/sequential/{model}.log",
+    conda:
+        ENV
     threads: 4
     resources:
         mem_mb=model_resources("mem_mb", 8000),
         runtime=model_resources("runtime_min", 120),
         gpu=model_resources("gpu", 0),
-    conda:
-        ENV
+    params:
+        spec=model_spec,
+        settings=config.get("sequential"),
+        seed=config["seed"],
     script:
         "../scripts/sequential.py"
 
@@ -69,18 +69,18 @@ rule summarise:
         trials=trials_table("{experiment}", "{model}"),
     output:
         summary=summary_file("{experiment}", "{model}"),
-    wildcard_constraints:
-        experiment=alternation([e for e, x in REGISTRY.items() if x.summary]),
-    params:
-        n_boot=2000,
-        seed=config["seed"],
     log:
         "logs/summarise/{experiment}/{model}.log",
+    wildcard_constraints:
+        experiment=alternation([e for e, x in REGISTRY.items() if x.summary]),
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        ENV
+    params:
+        n_boot=2000,
+        seed=config["seed"],
     script:
         "../scripts/summarise.py"
 
@@ -90,16 +90,16 @@ rule compare:
         unpack(comparison_inputs),
     output:
         comparisons="results/comparisons/{model}.json",
-    params:
-        n_params={m: s.n_params for m, s in MODELS.items()},
-        seed=config["seed"],
     log:
         "logs/compare/{model}.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        ENV
+    params:
+        n_params={m: s.n_params for m, s in MODELS.items()},
+        seed=config["seed"],
     script:
         "../scripts/compare.py"
 
@@ -125,11 +125,11 @@ rule model_figures:
         ),
     log:
         "logs/model_figures/{model}.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        ENV
     script:
         "../scripts/model_figures.py"
 
@@ -143,15 +143,15 @@ rule esr_figure:
             category="ESR across models (exp1)",
             caption="../report/fig2.rst",
         ),
-    params:
-        order=list(MODELS),
     log:
         "logs/esr_figure.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        ENV
+    params:
+        order=list(MODELS),
     script:
         "../scripts/esr_figure.py"
 
@@ -172,15 +172,15 @@ rule audit:
             category="Audit of every paper number",
             caption="../report/overview.rst",
         ),
-    params:
-        config=config,
-        model_map=config.get("audit", {}).get("model_map", {}),
     log:
         "logs/audit.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=20,
-    conda:
-        ENV
+    params:
+        config=config,
+        model_map=config.get("audit", {}).get("model_map", {}),
     script:
         "../scripts/audit.py"

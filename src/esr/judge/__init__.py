@@ -7,23 +7,59 @@ restart-phrase segmentation + MiniLM relevance) and ``fake`` (unit tests only). 
 
 from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult, JudgeStats
 from esr.judge.cache import JudgeCache
-from esr.judge.concreteness import (ConcretenessScore, LLMConcretenessGrader, WordNetConcreteness,
-                                    PAPER_CONCRETENESS_MODEL, PAPER_THRESHOLD)
+from esr.judge.concreteness import (
+    PAPER_CONCRETENESS_MODEL,
+    PAPER_THRESHOLD,
+    ConcretenessScore,
+    LLMConcretenessGrader,
+    WordNetConcreteness,
+)
 from esr.judge.factory import build_concreteness_grader, build_judge
-from esr.judge.http_backends import (PAPER_JUDGE_MODEL, AnthropicBackend, ChatSettings, LLMJudge,
-                                     OpenAICompatBackend, anthropic_judge, openai_compat_judge)
-from esr.judge.offline import (DEFAULT_ANCHORS, OFFLINE_JUDGE_ID, Anchors, OfflineMiniLMJudge,
-                               fit_anchors)
+from esr.judge.http_backends import (
+    PAPER_JUDGE_MODEL,
+    AnthropicBackend,
+    ChatSettings,
+    LLMJudge,
+    OpenAICompatBackend,
+    anthropic_judge,
+    openai_compat_judge,
+)
+from esr.judge.offline import DEFAULT_ANCHORS, OFFLINE_JUDGE_ID, Anchors, OfflineMiniLMJudge, fit_anchors
 from esr.judge.parsing import MalformedJudgeOutput, parse_attempts
 from esr.judge.prompts import CONCRETENESS_TEMPLATE_VERSION, JUDGE_TEMPLATE_VERSION
 from esr.judge.segmentation import find_restarts, restart_gate, split_attempts
 
 __all__ = [
-    "Anchors", "Attempt", "DEFAULT_ANCHORS", "OFFLINE_JUDGE_ID", "OfflineMiniLMJudge", "fit_anchors",
-    "AnthropicBackend", "CONCRETENESS_TEMPLATE_VERSION", "ChatSettings",
-    "ConcretenessScore", "JUDGE_TEMPLATE_VERSION", "Judge", "JudgeCache", "JudgeRequest",
-    "JudgeResult", "JudgeStats", "LLMConcretenessGrader", "LLMJudge", "MalformedJudgeOutput", "OpenAICompatBackend",
-    "PAPER_CONCRETENESS_MODEL", "PAPER_JUDGE_MODEL", "PAPER_THRESHOLD", "WordNetConcreteness", "anthropic_judge",
-    "build_concreteness_grader", "build_judge", "find_restarts", "openai_compat_judge", "parse_attempts",
-    "restart_gate", "split_attempts",
+    "Anchors",
+    "Attempt",
+    "DEFAULT_ANCHORS",
+    "OFFLINE_JUDGE_ID",
+    "OfflineMiniLMJudge",
+    "fit_anchors",
+    "AnthropicBackend",
+    "CONCRETENESS_TEMPLATE_VERSION",
+    "ChatSettings",
+    "ConcretenessScore",
+    "JUDGE_TEMPLATE_VERSION",
+    "Judge",
+    "JudgeCache",
+    "JudgeRequest",
+    "JudgeResult",
+    "JudgeStats",
+    "LLMConcretenessGrader",
+    "LLMJudge",
+    "MalformedJudgeOutput",
+    "OpenAICompatBackend",
+    "PAPER_CONCRETENESS_MODEL",
+    "PAPER_JUDGE_MODEL",
+    "PAPER_THRESHOLD",
+    "WordNetConcreteness",
+    "anthropic_judge",
+    "build_concreteness_grader",
+    "build_judge",
+    "find_restarts",
+    "openai_compat_judge",
+    "parse_attempts",
+    "restart_gate",
+    "split_attempts",
 ]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from esr.io import stable_hash
 
@@ -73,7 +74,7 @@ class JudgeResult:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JudgeResult":
+    def from_dict(cls, data: dict[str, Any]) -> JudgeResult:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs["attempts"] = [Attempt(text=a["text"], score=a["score"]) for a in data.get("attempts", [])]
@@ -130,19 +131,34 @@ class Judge:
         return {}
 
     def cache_identity(self) -> dict[str, Any]:
-        return {"backend": self.backend, "model": self.model, "template_version": self.template_version,
-                "sampling": self.sampling_params()}
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "template_version": self.template_version,
+            "sampling": self.sampling_params(),
+        }
 
     def cache_key(self, request: JudgeRequest) -> str:
         """Content address of a request under this judge's settings (trial id excluded)."""
-        return stable_hash({"judge": self.cache_identity(), "prompt": request.prompt, "response": request.response,
-                            "latent_label": request.latent_label})
+        return stable_hash(
+            {
+                "judge": self.cache_identity(),
+                "prompt": request.prompt,
+                "response": request.response,
+                "latent_label": request.latent_label,
+            }
+        )
 
     def describe(self) -> dict[str, Any]:
         """Provenance block for this judge (no secrets)."""
-        return {"judge_id": self.judge_id, "backend": self.backend, "model": self.model,
-                "template_version": self.template_version, "approximation": self.approximation,
-                "sampling": self.sampling_params()}
+        return {
+            "judge_id": self.judge_id,
+            "backend": self.backend,
+            "model": self.model,
+            "template_version": self.template_version,
+            "approximation": self.approximation,
+            "sampling": self.sampling_params(),
+        }
 
     # ----------------------------------------------------------------------------------------------- grading
     async def _agrade_uncached(self, request: JudgeRequest, ctx: Any) -> JudgeResult:
@@ -164,8 +180,9 @@ class Judge:
         ``agrade_batch`` there)."""
         return asyncio.run(self.agrade_batch(requests, show_progress=show_progress))
 
-    async def agrade_batch(self, requests: Sequence[JudgeRequest],
-                           show_progress: bool | None = None) -> list[JudgeResult]:
+    async def agrade_batch(
+        self, requests: Sequence[JudgeRequest], show_progress: bool | None = None
+    ) -> list[JudgeResult]:
         """Grade many answers concurrently (at most ``concurrency`` in flight). Cached answers cost nothing; each
         fresh result is written to the cache as soon as it arrives, so a crash loses at most the in-flight ones.
         One failing answer never stops the batch: it comes back with ``error`` set."""
@@ -190,10 +207,12 @@ class Judge:
 
     async def _grade_misses(self, todo, results, show_progress) -> None:
         ctx = await self._open()
-        bar = _progress(len(todo), f"judge {self.judge_id}",
-                        self.show_progress if show_progress is None else show_progress)
+        bar = _progress(
+            len(todo), f"judge {self.judge_id}", self.show_progress if show_progress is None else show_progress
+        )
         sem = asyncio.Semaphore(self.concurrency)
         try:
+
             async def one(i: int, req: JudgeRequest, key: str) -> None:
                 async with sem:
                     try:
@@ -203,8 +222,9 @@ class Judge:
                 res.cache_key, res.trial_id = key, req.trial_id
                 self._count(res)
                 if self.cache is not None and res.error_kind in (None, "parse"):
-                    self.cache.put(key, _cacheable(res), inputs={"judge": self.cache_identity(),
-                                                                 "request": _request_inputs(req)})
+                    self.cache.put(
+                        key, _cacheable(res), inputs={"judge": self.cache_identity(), "request": _request_inputs(req)}
+                    )
                 results[i] = res
                 bar.update(1)
 
@@ -228,9 +248,16 @@ class Judge:
             self.stats.errors_other += 1
 
     def _error_result(self, message: str, kind: str, raw_text: str | None = None, n_calls: int = 0) -> JudgeResult:
-        return JudgeResult(attempts=[], raw_text=raw_text, judge_id=self.judge_id,
-                           template_version=self.template_version, error=message, error_kind=kind,
-                           n_calls=n_calls, metadata=self._base_metadata())
+        return JudgeResult(
+            attempts=[],
+            raw_text=raw_text,
+            judge_id=self.judge_id,
+            template_version=self.template_version,
+            error=message,
+            error_kind=kind,
+            n_calls=n_calls,
+            metadata=self._base_metadata(),
+        )
 
     def _base_metadata(self) -> dict[str, Any]:
         return {"approximation": True} if self.approximation else {}

@@ -60,8 +60,11 @@ class JudgeCache:
 
     def put(self, key: str, result: dict[str, Any], inputs: dict[str, Any] | None = None) -> Path:
         self.counts.writes += 1
-        return write_json(self.path_for(key), {"format": CACHE_FORMAT, "key": key, "result": result,
-                                               "inputs": inputs or {}}, indent=None)
+        return write_json(
+            self.path_for(key),
+            {"format": CACHE_FORMAT, "key": key, "result": result, "inputs": inputs or {}},
+            indent=None,
+        )
 
     def __contains__(self, key: str) -> bool:
         return self.path_for(key).is_file()

@@ -19,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 
 from esr.io import stable_hash
 from esr.judge.base import _progress
-from esr.judge.http_backends import ChatBackend, RateLimiter, TransportError, CallTally, scrub
+from esr.judge.http_backends import CallTally, ChatBackend, RateLimiter, TransportError, scrub
 from esr.judge.parsing import MalformedJudgeOutput, parse_concreteness
 from esr.judge.prompts import CONCRETENESS_TEMPLATE_VERSION, concreteness_messages
 from esr.judge.wordnet import DEFAULT_WORDNET_DIR, WordNet
@@ -36,9 +37,20 @@ PAPER_THRESHOLD = 65.0
 WORDNET_GRADER_ID = "offline-wordnet-concreteness (approximation)"
 WORDNET_TEMPLATE_VERSION = "wordnet-concreteness-v2"
 
-CONCRETE_SUPERSENSES = frozenset({"noun.animal", "noun.food", "noun.plant", "noun.artifact", "noun.body",
-                                  "noun.location", "noun.object", "noun.substance"})
-STOPWORDS = frozenset("""
+CONCRETE_SUPERSENSES = frozenset(
+    {
+        "noun.animal",
+        "noun.food",
+        "noun.plant",
+        "noun.artifact",
+        "noun.body",
+        "noun.location",
+        "noun.object",
+        "noun.substance",
+    }
+)
+STOPWORDS = frozenset(
+    """
 a about above after again against all also am an and any are as at be because been before being below between both
 but by can could did do does doing down during each either etc few for from further had has have having he her here
 hers him his how i if in into is it its itself just may me might more most my no nor not of off on once only or
@@ -46,14 +58,17 @@ other our out over own same she should so some such than that the their them the
 through to too under until up upon very via was we were what when where which while who whom why will with would
 you your
 till unto amid amidst whilst whereas hence thus forth versus towards toward within without onto among
-""".split())
+""".split()
+)
 # words that describe the label rather than its topic ("mentions of ...", "tokens related to ...")
-META_WORDS = frozenset("""
+META_WORDS = frozenset(
+    """
 reference references referring mention mentions mentioning term terms word words text texts token tokens phrase
 phrases concept concepts context contexts related relating relation topic topics usage use uses using discussion
 discussions description descriptions instance instances example examples various specific general thing things
 type types kind kinds aspect aspects content feature features pattern patterns sequence sequences language
-""".split())
+""".split()
+)
 _WORD = re.compile(r"[A-Za-z]+")
 
 
@@ -112,8 +127,12 @@ class _Grader:
         return [s.label for s in self.grade_labels(labels) if s.passes(self.threshold)]
 
     def describe(self) -> dict[str, Any]:
-        return {"grader_id": self.grader_id, "template_version": self.template_version,
-                "approximation": self.approximation, "threshold": self.threshold}
+        return {
+            "grader_id": self.grader_id,
+            "template_version": self.template_version,
+            "approximation": self.approximation,
+            "threshold": self.threshold,
+        }
 
 
 class WordNetConcreteness(_Grader):
@@ -123,8 +142,12 @@ class WordNetConcreteness(_Grader):
     template_version = WORDNET_TEMPLATE_VERSION
     approximation = True
 
-    def __init__(self, wordnet_dir: str = str(DEFAULT_WORDNET_DIR), threshold: float = PAPER_THRESHOLD,
-                 min_sense_ratio: float = 0.25) -> None:
+    def __init__(
+        self,
+        wordnet_dir: str = str(DEFAULT_WORDNET_DIR),
+        threshold: float = PAPER_THRESHOLD,
+        min_sense_ratio: float = 0.25,
+    ) -> None:
         super().__init__(threshold)
         self.wordnet = WordNet(wordnet_dir)
         self.min_sense_ratio = min_sense_ratio
@@ -133,8 +156,9 @@ class WordNetConcreteness(_Grader):
         lexnames = self.wordnet.noun_lexnames(word)
         if not lexnames or lexnames[0] not in CONCRETE_SUPERSENSES:
             return False
-        if self.wordnet.tagged_senses(word, "n") == 0 and any(self.wordnet.tagged_senses(word, pos)
-                                                              for pos in ("v", "a", "r")):
+        if self.wordnet.tagged_senses(word, "n") == 0 and any(
+            self.wordnet.tagged_senses(word, pos) for pos in ("v", "a", "r")
+        ):
             return False  # used only as a verb/adjective/adverb in running text ("forth": the River Forth aside)
         concrete = sum(name in CONCRETE_SUPERSENSES for name in lexnames)
         return concrete / max(1, self.wordnet.n_senses(word)) >= self.min_sense_ratio
@@ -154,10 +178,19 @@ class WordNetConcreteness(_Grader):
         # a label made mostly of function words ("which, to, boundary, will, can, a") names a syntactic latent
         coherent = (len(concrete) >= 2 or frac >= 0.5) and n_function <= len(lemmas)
         score = 100.0 * frac if coherent else min(100.0 * frac, 50.0)
-        return ConcretenessScore(label=label, score=round(score, 2), grader_id=self.grader_id,
-                                 template_version=self.template_version, approximation=True,
-                                 details={"content_lemmas": sorted(lemmas), "concrete_lemmas": concrete,
-                                          "function_words": n_function, "coherent": coherent})
+        return ConcretenessScore(
+            label=label,
+            score=round(score, 2),
+            grader_id=self.grader_id,
+            template_version=self.template_version,
+            approximation=True,
+            details={
+                "content_lemmas": sorted(lemmas),
+                "concrete_lemmas": concrete,
+                "function_words": n_function,
+                "coherent": coherent,
+            },
+        )
 
     def grade_labels(self, labels: Sequence[str]) -> list[ConcretenessScore]:
         self.stats.labels += len(labels)
@@ -170,9 +203,18 @@ class LLMConcretenessGrader(_Grader):
 
     template_version = CONCRETENESS_TEMPLATE_VERSION
 
-    def __init__(self, chat: ChatBackend, *, batch_size: int = 50, threshold: float = PAPER_THRESHOLD,
-                 fail_mode: str = "closed", max_parse_retries: int = 2, concurrency: int = 2, cache=None,
-                 show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        chat: ChatBackend,
+        *,
+        batch_size: int = 50,
+        threshold: float = PAPER_THRESHOLD,
+        fail_mode: str = "closed",
+        max_parse_retries: int = 2,
+        concurrency: int = 2,
+        cache=None,
+        show_progress: bool = True,
+    ) -> None:
         super().__init__(threshold)
         if fail_mode not in ("closed", "error"):
             raise ValueError("fail_mode must be 'closed' or 'error'")
@@ -191,8 +233,14 @@ class LLMConcretenessGrader(_Grader):
 
     def _identity(self) -> dict[str, Any]:
         s = self.chat.settings
-        return {"task": "concreteness", "backend": self.chat.name, "model": s.model,
-                "template_version": self.template_version, "temperature": s.temperature, "max_tokens": s.max_tokens}
+        return {
+            "task": "concreteness",
+            "backend": self.chat.name,
+            "model": s.model,
+            "template_version": self.template_version,
+            "temperature": s.temperature,
+            "max_tokens": s.max_tokens,
+        }
 
     def cache_key(self, label: str) -> str:
         return stable_hash({"grader": self._identity(), "label": label})
@@ -214,7 +262,7 @@ class LLMConcretenessGrader(_Grader):
                 self.stats.cache_misses += 1
                 todo.append(label)
         if todo:
-            batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
+            batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
             bar = _progress(len(batches), f"concreteness {self.grader_id}", self.show_progress)
             key = self.chat.api_key()
             sem = asyncio.Semaphore(self.concurrency)
@@ -239,7 +287,7 @@ class LLMConcretenessGrader(_Grader):
         tally = CallTally()
         for parse_try in range(self.max_parse_retries + 1):
             try:
-                reply = await self.chat.complete(client, limiter, system, user, key, _StatsView(self.stats), tally)
+                reply = await self.chat.complete(client, limiter, system, user, key, self.stats, tally)
             except TransportError as exc:
                 problem = str(exc)
                 break
@@ -253,11 +301,19 @@ class LLMConcretenessGrader(_Grader):
                 continue
             out = []
             for r in ratings:
-                score = ConcretenessScore(label=r.label, score=r.rating, grader_id=self.grader_id,
-                                          template_version=self.template_version, reason=r.reason)
+                score = ConcretenessScore(
+                    label=r.label,
+                    score=r.rating,
+                    grader_id=self.grader_id,
+                    template_version=self.template_version,
+                    reason=r.reason,
+                )
                 if self.cache is not None:
-                    self.cache.put(self.cache_key(r.label), dataclasses.asdict(score),
-                                   inputs={"grader": self._identity(), "label": r.label})
+                    self.cache.put(
+                        self.cache_key(r.label),
+                        dataclasses.asdict(score),
+                        inputs={"grader": self._identity(), "label": r.label},
+                    )
                 out.append(score)
             return out
         return self._failed(batch, scrub(problem, key) or "unknown failure")
@@ -269,29 +325,14 @@ class LLMConcretenessGrader(_Grader):
             self.stats.failed_closed += len(batch)
         else:
             self.stats.errors += len(batch)
-        return [ConcretenessScore(label=label, score=0.0 if closed else None, grader_id=self.grader_id,
-                                  template_version=self.template_version, error=problem, failed_closed=closed)
-                for label in batch]
-
-
-class _StatsView:
-    """Adapter so ``ChatBackend.complete`` can count calls and retries into ``ConcretenessStats``."""
-
-    def __init__(self, stats: ConcretenessStats) -> None:
-        self._stats = stats
-
-    @property
-    def backend_calls(self) -> int:
-        return self._stats.backend_calls
-
-    @backend_calls.setter
-    def backend_calls(self, value: int) -> None:
-        self._stats.backend_calls = value
-
-    @property
-    def http_retries(self) -> int:
-        return self._stats.http_retries
-
-    @http_retries.setter
-    def http_retries(self, value: int) -> None:
-        self._stats.http_retries = value
+        return [
+            ConcretenessScore(
+                label=label,
+                score=0.0 if closed else None,
+                grader_id=self.grader_id,
+                template_version=self.template_version,
+                error=problem,
+                failed_closed=closed,
+            )
+            for label in batch
+        ]

@@ -9,10 +9,16 @@ from typing import Any
 
 from esr.judge.base import Judge
 from esr.judge.cache import JudgeCache
-from esr.judge.concreteness import (PAPER_CONCRETENESS_MODEL, PAPER_THRESHOLD, LLMConcretenessGrader,
-                                    WordNetConcreteness)
-from esr.judge.http_backends import (PAPER_JUDGE_MODEL, AnthropicBackend, ChatBackend, ChatSettings, LLMJudge,
-                                     OpenAICompatBackend)
+from esr.judge.concreteness import PAPER_CONCRETENESS_MODEL, LLMConcretenessGrader, WordNetConcreteness
+from esr.judge.http_backends import (
+    PAPER_JUDGE_MODEL,
+    AnthropicBackend,
+    ChatBackend,
+    ChatSettings,
+    LLMJudge,
+    OpenAICompatBackend,
+)
+
 
 def _block_schema(name: str) -> dict[str, Any]:
     """The ``$defs`` entry of a judge-like block in the config schema (the one source of its keys and defaults)."""
@@ -40,9 +46,13 @@ def _chat_backend(cfg: dict[str, Any], default_model: str | None) -> ChatBackend
         model=model,
         base_url=cfg.get("base_url") or ("https://api.anthropic.com" if anthropic else "https://api.openai.com/v1"),
         api_key_env=cfg.get("api_key_env") or ("ANTHROPIC_API_KEY" if anthropic else "OPENAI_API_KEY"),
-        temperature=cfg["temperature"], max_tokens=cfg["max_tokens"], timeout_s=cfg["timeout_s"],
-        max_retries=cfg["max_retries"], rate_limit_per_s=cfg["rate_limit_per_s"],
-        backoff_base_s=cfg["backoff_base_s"])
+        temperature=cfg["temperature"],
+        max_tokens=cfg["max_tokens"],
+        timeout_s=cfg["timeout_s"],
+        max_retries=cfg["max_retries"],
+        rate_limit_per_s=cfg["rate_limit_per_s"],
+        backoff_base_s=cfg["backoff_base_s"],
+    )
     return AnthropicBackend(settings) if anthropic else OpenAICompatBackend(settings)
 
 
@@ -56,17 +66,29 @@ def build_judge(config: dict[str, Any], *, show_progress: bool = True, encoder=N
         from esr.judge.offline import Anchors, OfflineMiniLMJudge
 
         anchors = Anchors.load(cfg["anchors"]) if cfg["anchors"] else None
-        return OfflineMiniLMJudge(anchors, encoder=encoder, device=cfg["device"], cache=cache,
-                                  show_progress=show_progress)
+        return OfflineMiniLMJudge(
+            anchors, encoder=encoder, device=cfg["device"], cache=cache, show_progress=show_progress
+        )
     if backend == "fake":
         from esr.judge.fake import FakeJudge
 
-        return FakeJudge(cfg.get("model") or "fake-judge", restart_gate=cfg["restart_gate"], cache=cache,
-                         concurrency=cfg["concurrency"], show_progress=show_progress)
+        return FakeJudge(
+            cfg.get("model") or "fake-judge",
+            restart_gate=cfg["restart_gate"],
+            cache=cache,
+            concurrency=cfg["concurrency"],
+            show_progress=show_progress,
+        )
     if backend in ("anthropic", "openai_compat"):
         chat = _chat_backend(cfg, PAPER_JUDGE_MODEL if backend == "anthropic" else None)
-        return LLMJudge(chat, restart_gate=cfg["restart_gate"], max_parse_retries=cfg["max_parse_retries"],
-                        cache=cache, concurrency=cfg["concurrency"], show_progress=show_progress)
+        return LLMJudge(
+            chat,
+            restart_gate=cfg["restart_gate"],
+            max_parse_retries=cfg["max_parse_retries"],
+            cache=cache,
+            concurrency=cfg["concurrency"],
+            show_progress=show_progress,
+        )
     raise ValueError(f"unknown judge backend {backend!r}")
 
 
@@ -78,7 +100,14 @@ def build_concreteness_grader(config: dict[str, Any], *, show_progress: bool = T
     if cfg["backend"] in ("anthropic", "openai_compat"):
         chat = _chat_backend(cfg, PAPER_CONCRETENESS_MODEL if cfg["backend"] == "anthropic" else None)
         cache = JudgeCache(cfg["cache_dir"]) if cfg["cache_dir"] else None
-        return LLMConcretenessGrader(chat, batch_size=cfg["batch_size"], threshold=cfg["threshold"],
-                                     fail_mode=cfg["fail_mode"], max_parse_retries=cfg["max_parse_retries"],
-                                     concurrency=cfg["concurrency"], cache=cache, show_progress=show_progress)
+        return LLMConcretenessGrader(
+            chat,
+            batch_size=cfg["batch_size"],
+            threshold=cfg["threshold"],
+            fail_mode=cfg["fail_mode"],
+            max_parse_retries=cfg["max_parse_retries"],
+            concurrency=cfg["concurrency"],
+            cache=cache,
+            show_progress=show_progress,
+        )
     raise ValueError(f"unknown concreteness backend {cfg['backend']!r}")

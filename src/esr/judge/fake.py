@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from esr.judge.base import Judge, JudgeRequest, JudgeResult
+from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult
 from esr.judge.segmentation import split_attempts
-from esr.judge.base import Attempt
 
 FAKE_TEMPLATE_VERSION = "fake-v1"
 
@@ -30,9 +30,17 @@ class FakeJudge(Judge):
     backend = "fake"
     template_version = FAKE_TEMPLATE_VERSION
 
-    def __init__(self, model: str = "fake-judge", *, score_fn: Callable[[str, JudgeRequest], float] | None = None,
-                 fail_marker: str | None = "<<FAIL>>", restart_gate: bool = False, cache=None,
-                 concurrency: int = 4, show_progress: bool = False) -> None:
+    def __init__(
+        self,
+        model: str = "fake-judge",
+        *,
+        score_fn: Callable[[str, JudgeRequest], float] | None = None,
+        fail_marker: str | None = "<<FAIL>>",
+        restart_gate: bool = False,
+        cache=None,
+        concurrency: int = 4,
+        show_progress: bool = False,
+    ) -> None:
         super().__init__(cache=cache, concurrency=concurrency, show_progress=show_progress)
         self.model = model
         self.score_fn = score_fn or label_mention_score
@@ -48,8 +56,13 @@ class FakeJudge(Judge):
         self.stats.backend_calls += 1
         if self.fail_marker and self.fail_marker in request.response:
             return self._error_result("fake parse failure", "parse", raw_text="not json", n_calls=1)
-        attempts = [Attempt(text=p, score=float(self.score_fn(p, request)))
-                    for p in split_attempts(request.response)]
+        attempts = [Attempt(text=p, score=float(self.score_fn(p, request))) for p in split_attempts(request.response)]
         raw = {"attempts": [{"attempt_text": a.text, "score": a.score} for a in attempts]}
-        return JudgeResult(attempts=attempts, raw_text=f"<json>{json.dumps(raw)}</json>", judge_id=self.judge_id,
-                           template_version=self.template_version, n_calls=1, metadata={"fake": True})
+        return JudgeResult(
+            attempts=attempts,
+            raw_text=f"<json>{json.dumps(raw)}</json>",
+            judge_id=self.judge_id,
+            template_version=self.template_version,
+            n_calls=1,
+            metadata={"fake": True},
+        )

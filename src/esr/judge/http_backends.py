@@ -16,11 +16,11 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from esr.judge.base import Judge, JudgeRequest, JudgeResult, JudgeStats
+from esr.judge.base import Judge, JudgeRequest, JudgeResult
 from esr.judge.parsing import MalformedJudgeOutput, parse_attempts
 from esr.judge.prompts import JUDGE_TEMPLATE_VERSION, judge_messages
 from esr.judge.segmentation import restart_gate
@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 ANTHROPIC_VERSION = "2023-06-01"
 PAPER_JUDGE_MODEL = "claude-haiku-4-5-20251001"
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+
+
+class CallCounters(Protocol):
+    """What :meth:`ChatBackend.complete` counts into: ``JudgeStats`` and ``ConcretenessStats`` both qualify."""
+
+    backend_calls: int
+    http_retries: int
 
 
 @dataclass
@@ -146,7 +153,7 @@ class ChatBackend:
         s = self.settings
         if retry_after is not None:
             return min(retry_after, s.retry_after_max_s)
-        return min(s.backoff_max_s, s.backoff_base_s * (2 ** attempt)) * (0.5 + random.random() / 2)
+        return min(s.backoff_max_s, s.backoff_base_s * (2**attempt)) * (0.5 + random.random() / 2)
 
     async def _post_once(self, client: httpx.AsyncClient, system: str, user: str, key: str | None) -> str:
         url, headers, payload = self.request(system, user, key)
@@ -159,15 +166,24 @@ class ChatBackend:
         if resp.status_code != 200:
             retryable = resp.status_code in RETRYABLE_STATUS
             detail = resp.text[:300].replace("\n", " ")
-            raise TransportError(f"HTTP {resp.status_code}: {detail}", retryable,
-                                 parse_retry_after(resp.headers.get("retry-after")))
+            raise TransportError(
+                f"HTTP {resp.status_code}: {detail}", retryable, parse_retry_after(resp.headers.get("retry-after"))
+            )
         try:
             return self.reply_text(resp.json())
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise TransportError(f"unreadable response body ({type(exc).__name__}: {exc})", True) from None
 
-    async def complete(self, client: httpx.AsyncClient, limiter: RateLimiter, system: str, user: str,
-                       key: str | None, stats: JudgeStats, tally: "CallTally | None" = None) -> str:
+    async def complete(
+        self,
+        client: httpx.AsyncClient,
+        limiter: RateLimiter,
+        system: str,
+        user: str,
+        key: str | None,
+        stats: CallCounters,
+        tally: CallTally | None = None,
+    ) -> str:
         """The model's reply text, after up to ``max_retries`` transport retries; raises ``TransportError``.
         Every HTTP call is counted in ``stats`` and in ``tally`` (the per-request count)."""
         attempt = 0
@@ -183,8 +199,14 @@ class ChatBackend:
                     raise TransportError(scrub(f"{exc} (after {attempt + 1} tries)", key), False) from None
                 stats.http_retries += 1
                 delay = self.backoff(attempt, exc.retry_after)
-                log.info("%s %s: retry %d in %.2fs after %s", self.name, self.settings.model, attempt + 1, delay,
-                         scrub(str(exc), key))
+                log.info(
+                    "%s %s: retry %d in %.2fs after %s",
+                    self.name,
+                    self.settings.model,
+                    attempt + 1,
+                    delay,
+                    scrub(str(exc), key),
+                )
                 await asyncio.sleep(delay)
                 attempt += 1
 
@@ -196,10 +218,18 @@ class AnthropicBackend(ChatBackend):
 
     def request(self, system, user, api_key):
         s = self.settings
-        headers = {"x-api-key": api_key or "", "anthropic-version": ANTHROPIC_VERSION,
-                   "content-type": "application/json", **s.extra_headers}
-        payload: dict[str, Any] = {"model": s.model, "max_tokens": s.max_tokens, "system": system,
-                                   "messages": [{"role": "user", "content": user}]}
+        headers = {
+            "x-api-key": api_key or "",
+            "anthropic-version": ANTHROPIC_VERSION,
+            "content-type": "application/json",
+            **s.extra_headers,
+        }
+        payload: dict[str, Any] = {
+            "model": s.model,
+            "max_tokens": s.max_tokens,
+            "system": system,
+            "messages": [{"role": "user", "content": user}],
+        }
         if s.temperature is not None:
             payload["temperature"] = s.temperature
         return f"{s.base_url.rstrip('/')}/v1/messages", headers, payload
@@ -221,9 +251,11 @@ class OpenAICompatBackend(ChatBackend):
         headers = {"content-type": "application/json", **s.extra_headers}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        payload: dict[str, Any] = {"model": s.model, "max_tokens": s.max_tokens,
-                                   "messages": [{"role": "system", "content": system},
-                                                {"role": "user", "content": user}]}
+        payload: dict[str, Any] = {
+            "model": s.model,
+            "max_tokens": s.max_tokens,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        }
         if s.temperature is not None:
             payload["temperature"] = s.temperature
         return f"{s.base_url.rstrip('/')}/chat/completions", headers, payload
@@ -248,8 +280,16 @@ class LLMJudge(Judge):
 
     template_version = JUDGE_TEMPLATE_VERSION
 
-    def __init__(self, chat: ChatBackend, *, restart_gate: bool = False, max_parse_retries: int = 2,
-                 cache=None, concurrency: int = 4, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        chat: ChatBackend,
+        *,
+        restart_gate: bool = False,
+        max_parse_retries: int = 2,
+        cache=None,
+        concurrency: int = 4,
+        show_progress: bool = True,
+    ) -> None:
         super().__init__(cache=cache, concurrency=concurrency, show_progress=show_progress)
         self.chat = chat
         self.limiter = RateLimiter(chat.settings.rate_limit_per_s)
@@ -297,30 +337,53 @@ class LLMJudge(Judge):
                 attempts, merges = restart_gate(request.response, attempts)
                 metadata["restart_gate_merges"] = merges
                 self.stats.gate_merges += merges
-            return JudgeResult(attempts=attempts, raw_text=raw, judge_id=self.judge_id,
-                               template_version=self.template_version,
-                               n_calls=tally.calls, metadata=metadata)
-        res = self._error_result(f"malformed judge output after {self.max_parse_retries + 1} replies: "
-                                 f"{failures[-1]}", "parse", raw, tally.calls)
+            return JudgeResult(
+                attempts=attempts,
+                raw_text=raw,
+                judge_id=self.judge_id,
+                template_version=self.template_version,
+                n_calls=tally.calls,
+                metadata=metadata,
+            )
+        res = self._error_result(
+            f"malformed judge output after {self.max_parse_retries + 1} replies: {failures[-1]}",
+            "parse",
+            raw,
+            tally.calls,
+        )
         res.metadata["parse_failures"] = failures
         return res
 
 
-def anthropic_judge(model: str = PAPER_JUDGE_MODEL, *, base_url: str = "https://api.anthropic.com",
-                    api_key_env: str = "ANTHROPIC_API_KEY", **kwargs: Any) -> LLMJudge:
+def anthropic_judge(
+    model: str = PAPER_JUDGE_MODEL,
+    *,
+    base_url: str = "https://api.anthropic.com",
+    api_key_env: str = "ANTHROPIC_API_KEY",
+    **kwargs: Any,
+) -> LLMJudge:
     """An ``LLMJudge`` on the Anthropic Messages API (paper grader by default). ``kwargs``: ``ChatSettings``
     fields and ``LLMJudge`` options."""
     settings, judge_kwargs = _split_kwargs(kwargs)
-    return LLMJudge(AnthropicBackend(ChatSettings(model=model, base_url=base_url, api_key_env=api_key_env,
-                                                  **settings)), **judge_kwargs)
+    return LLMJudge(
+        AnthropicBackend(ChatSettings(model=model, base_url=base_url, api_key_env=api_key_env, **settings)),
+        **judge_kwargs,
+    )
 
 
-def openai_compat_judge(model: str, *, base_url: str = "https://api.openai.com/v1",
-                        api_key_env: str | None = "OPENAI_API_KEY", **kwargs: Any) -> LLMJudge:
+def openai_compat_judge(
+    model: str,
+    *,
+    base_url: str = "https://api.openai.com/v1",
+    api_key_env: str | None = "OPENAI_API_KEY",
+    **kwargs: Any,
+) -> LLMJudge:
     """An ``LLMJudge`` on an OpenAI-compatible server at ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``)."""
     settings, judge_kwargs = _split_kwargs(kwargs)
-    return LLMJudge(OpenAICompatBackend(ChatSettings(model=model, base_url=base_url, api_key_env=api_key_env,
-                                                     **settings)), **judge_kwargs)
+    return LLMJudge(
+        OpenAICompatBackend(ChatSettings(model=model, base_url=base_url, api_key_env=api_key_env, **settings)),
+        **judge_kwargs,
+    )
 
 
 _JUDGE_KWARGS = ("restart_gate", "max_parse_retries", "cache", "concurrency", "show_progress")

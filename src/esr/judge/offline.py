@@ -12,13 +12,13 @@ import dataclasses
 import datetime as _dt
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from esr.io import read_json, write_json
-from esr.judge.base import Judge, JudgeRequest, JudgeResult, _cacheable, _progress, _request_inputs
+from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult, _cacheable, _progress, _request_inputs
 from esr.judge.segmentation import split_attempts, strip_restarts
-from esr.judge.base import Attempt
 
 OFFLINE_JUDGE_ID = "offline-minilm-relevance (approximation)"
 OFFLINE_TEMPLATE_VERSION = "offline-minilm-v1"
@@ -56,15 +56,19 @@ class Anchors:
         write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Anchors":
+    def load(cls, path: str | os.PathLike) -> Anchors:
         data = read_json(path)
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 DEFAULT_ANCHORS = Anchors(
-    cos_off=0.086, cos_on=0.718, n_prompts=16, on_min=0.513, off_max=0.390,
+    cos_off=0.086,
+    cos_on=0.718,
+    n_prompts=16,
+    on_min=0.513,
+    off_max=0.390,
     source="built-in default: medians measured on 16 'Explain how to...' prompts with SmolLM2-135M-Instruct "
-           "unsteered answers (shared/docs/embedded-default.md section 4)",
+    "unsteered answers (on: each prompt vs its own answer; off: vs the other 15 prompts' answers)",
 )
 
 
@@ -78,14 +82,16 @@ def load_encoder(device: str = "cpu"):
 def _cosines(encoder, left: Sequence[str], right: Sequence[str], batch_size: int = 64) -> list[float]:
     """Row-wise cosine between ``left[i]`` and ``right[i]`` (embeddings normalised)."""
     texts = list(dict.fromkeys([*left, *right]))
-    emb = encoder.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                         show_progress_bar=False)
+    emb = encoder.encode(
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
     index = {t: i for i, t in enumerate(texts)}
     return [float(emb[index[a]] @ emb[index[b]]) for a, b in zip(left, right)]
 
 
-def fit_anchors(prompts: Sequence[str], answers: Sequence[str | Sequence[str]], encoder=None,
-                      source: str = "measured") -> Anchors:
+def fit_anchors(
+    prompts: Sequence[str], answers: Sequence[str | Sequence[str]], encoder=None, source: str = "measured"
+) -> Anchors:
     """Anchors from unsteered answers: ``answers[i]`` is one answer (or a list of answers) to ``prompts[i]``.
 
     On-topic anchor = median cos(prompt i, its own answers); off-topic anchor = median cos(prompt i, answers to every
@@ -104,9 +110,15 @@ def fit_anchors(prompts: Sequence[str], answers: Sequence[str | Sequence[str]], 
     cos = _cosines(encoder, left, right)
     on = [c for c, o in zip(cos, own) if o]
     off = [c for c, o in zip(cos, own) if not o]
-    return Anchors(cos_off=round(statistics.median(off), 6), cos_on=round(statistics.median(on), 6),
-                       source=source, n_prompts=len(prompts), on_min=round(min(on), 6), off_max=round(max(off), 6),
-                       created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return Anchors(
+        cos_off=round(statistics.median(off), 6),
+        cos_on=round(statistics.median(on), 6),
+        source=source,
+        n_prompts=len(prompts),
+        on_min=round(min(on), 6),
+        off_max=round(max(off), 6),
+        created_utc=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    )
 
 
 def distinct_2(text: str) -> float | None:
@@ -128,8 +140,17 @@ class OfflineMiniLMJudge(Judge):
     template_version = OFFLINE_TEMPLATE_VERSION
     approximation = True
 
-    def __init__(self, anchors: Anchors | None = None, *, encoder=None, device: str = "cpu",
-                 min_words: int = 3, batch_size: int = 64, cache=None, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        anchors: Anchors | None = None,
+        *,
+        encoder=None,
+        device: str = "cpu",
+        min_words: int = 3,
+        batch_size: int = 64,
+        cache=None,
+        show_progress: bool = True,
+    ) -> None:
         super().__init__(cache=cache, concurrency=1, show_progress=show_progress)
         self.anchors = anchors or DEFAULT_ANCHORS
         self._encoder = encoder
@@ -152,8 +173,11 @@ class OfflineMiniLMJudge(Judge):
         return {"cos_off": c.cos_off, "cos_on": c.cos_on, "min_words": self.min_words}
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "anchors": self.anchors.to_dict(),
-                "note": "topical relevance by sentence-embedding cosine; an approximation of the paper's LLM judge"}
+        return {
+            **super().describe(),
+            "anchors": self.anchors.to_dict(),
+            "note": "topical relevance by sentence-embedding cosine; an approximation of the paper's LLM judge",
+        }
 
     def grade_now(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
         """Grade without the cache (segmentation + one embedding pass for the whole list)."""
@@ -165,29 +189,44 @@ class OfflineMiniLMJudge(Judge):
         for req, ps in zip(requests, pieces):
             cosines = [next(cos) for _ in ps]
             attempts = [Attempt(text=p, score=self.anchors.score(c)) for p, c in zip(ps, cosines)]
-            meta = {"approximation": True, "cosines": [round(c, 6) for c in cosines],
-                    "anchors": {"cos_off": self.anchors.cos_off, "cos_on": self.anchors.cos_on},
-                    "distinct_2": distinct_2(req.response)}
-            out.append(JudgeResult(attempts=attempts, raw_text=None, judge_id=self.judge_id,
-                                   template_version=self.template_version, n_calls=1, metadata=meta))
+            meta = {
+                "approximation": True,
+                "cosines": [round(c, 6) for c in cosines],
+                "anchors": {"cos_off": self.anchors.cos_off, "cos_on": self.anchors.cos_on},
+                "distinct_2": distinct_2(req.response),
+            }
+            out.append(
+                JudgeResult(
+                    attempts=attempts,
+                    raw_text=None,
+                    judge_id=self.judge_id,
+                    template_version=self.template_version,
+                    n_calls=1,
+                    metadata=meta,
+                )
+            )
         return out
 
     async def _agrade_uncached(self, request: JudgeRequest, ctx: Any) -> JudgeResult:
         return self.grade_now([request])[0]
 
     async def _grade_misses(self, todo, results, show_progress) -> None:
-        bar = _progress(len(todo), f"judge {self.judge_id}",
-                        self.show_progress if show_progress is None else show_progress)
+        bar = _progress(
+            len(todo), f"judge {self.judge_id}", self.show_progress if show_progress is None else show_progress
+        )
         try:
             for start in range(0, len(todo), self.batch_size):
-                chunk = todo[start:start + self.batch_size]
+                chunk = todo[start : start + self.batch_size]
                 graded = self.grade_now([req for _, req, _ in chunk])
                 for (i, req, key), res in zip(chunk, graded):
                     res.cache_key, res.trial_id = key, req.trial_id
                     self.stats.backend_calls += 1
                     if self.cache is not None:
-                        self.cache.put(key, _cacheable(res), inputs={"judge": self.cache_identity(),
-                                                                     "request": _request_inputs(req)})
+                        self.cache.put(
+                            key,
+                            _cacheable(res),
+                            inputs={"judge": self.cache_identity(), "request": _request_inputs(req)},
+                        )
                     results[i] = res
                 bar.update(len(chunk))
         finally:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from esr.judge.base import Attempt
 
@@ -34,7 +35,7 @@ def extract_json_block(text: str) -> Any:
         start, end = text.find("{"), text.rfind("}")
         if start < 0 or end <= start:
             raise MalformedJudgeOutput("no <json> block and no JSON object in reply")
-        candidate = text[start:end + 1]
+        candidate = text[start : end + 1]
     try:
         return json.loads(candidate)
     except json.JSONDecodeError as exc:
@@ -92,12 +93,13 @@ def parse_concreteness(text: str, labels: Sequence[str]) -> list[LabelRating]:
     if start < 0 or end <= start:
         raise MalformedJudgeOutput("no JSON array in concreteness reply")
     try:
-        items = json.loads(body[start:end + 1])
+        items = json.loads(body[start : end + 1])
     except json.JSONDecodeError as exc:
         raise MalformedJudgeOutput(f"invalid JSON: {exc.msg}") from None
     if not isinstance(items, list) or len(items) != len(labels):
-        raise MalformedJudgeOutput(f"expected {len(labels)} ratings, got "
-                                   f"{len(items) if isinstance(items, list) else type(items).__name__}")
+        raise MalformedJudgeOutput(
+            f"expected {len(labels)} ratings, got {len(items) if isinstance(items, list) else type(items).__name__}"
+        )
     by_label: dict[str, dict] = {}
     for item in items:
         if not isinstance(item, dict):

@@ -6,7 +6,7 @@ result, so old and new gradings are never mixed silently."""
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 JUDGE_TEMPLATE_VERSION = "esr-judge-v1"
 CONCRETENESS_TEMPLATE_VERSION = "esr-concreteness-v1"
@@ -48,10 +48,12 @@ explicit correction the second try answers correctly.
 
 def judge_messages(prompt: str, response: str, latent_label: str) -> tuple[str, str]:
     """(system text, user text) for one grading request."""
-    user = (f"{JUDGE_INSTRUCTIONS}\n\n"
-            f"User's question: {prompt}\n"
-            f"Chatbot's answer: {response}\n"
-            f"Distracting concept: {latent_label}")
+    user = (
+        f"{JUDGE_INSTRUCTIONS}\n\n"
+        f"User's question: {prompt}\n"
+        f"Chatbot's answer: {response}\n"
+        f"Distracting concept: {latent_label}"
+    )
     return JUDGE_SYSTEM, user
 
 

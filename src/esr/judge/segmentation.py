@@ -7,8 +7,8 @@ boundary. The restart words belong to the attempt they open."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from esr.judge.base import Attempt
 
@@ -17,7 +17,7 @@ RESTART_PATTERNS: tuple[str, ...] = (
     rf"wait[,!.]?\s*(?:that{_APOS}s|that\s+is)\s+not\s+(?:right|correct)",
     r"let\s+me\s+start\s+over",
     rf"let{_APOS}s\s+start\s+over",
-    rf"sorry[,!.]?\s*i\s+got\s+off\s+track",
+    r"sorry[,!.]?\s*i\s+got\s+off\s+track",
     r"let\s+me\s+try\s+(?:that\s+)?again",
     rf"i{_APOS}ll\s+try\s+again",
     r"actually[,!.]?\s*i\s+made\s+a\s+mistake",
@@ -40,7 +40,7 @@ def find_restarts(text: str) -> list[Boundary]:
     """Restart spans in ``text``, adjacent phrases merged into one boundary."""
     spans: list[list[int]] = []
     for m in RESTART_RE.finditer(text):
-        if spans and _JOIN_GAP.match(text[spans[-1][1]:m.start()]):
+        if spans and _JOIN_GAP.match(text[spans[-1][1] : m.start()]):
             spans[-1][1] = m.end()
         else:
             spans.append([m.start(), m.end()])
@@ -108,7 +108,7 @@ def _boundary_has_restart(response: str, prev: Attempt, cur: Attempt, window: in
     pos = norm_response.find(head) if head else -1
     if pos < 0:
         return False
-    before = norm_response[max(0, pos - window):pos + len(head) // 2]
+    before = norm_response[max(0, pos - window) : pos + len(head) // 2]
     return has_restart(before)
 
 

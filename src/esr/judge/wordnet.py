@@ -24,8 +24,16 @@ LEXNAMES = (
 ).split()
 
 _SUFFIX_RULES = {
-    "n": (("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"), ("men", "man"), ("ies", "y"),
-          ("s", "")),
+    "n": (
+        ("ses", "s"),
+        ("xes", "x"),
+        ("zes", "z"),
+        ("ches", "ch"),
+        ("shes", "sh"),
+        ("men", "man"),
+        ("ies", "y"),
+        ("s", ""),
+    ),
     "v": (("s", ""), ("ies", "y"), ("es", "e"), ("es", ""), ("ed", "e"), ("ed", ""), ("ing", "e"), ("ing", "")),
     "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
     "r": (),
@@ -44,10 +52,12 @@ class WordNet:
         if not (self.root / "index.noun").is_file():
             raise WordNetMissing(f"no WordNet database at {self.root} (apt-get install wordnet-base)")
         self._tagged: dict[str, dict[str, int]] = {pos: {} for pos in POS_FILES}
-        self._index: dict[str, dict[str, tuple[int, ...]]] = {pos: self._read_index(name, self._tagged[pos])
-                                                             for pos, name in POS_FILES.items()}
-        self._exceptions: dict[str, dict[str, str]] = {pos: self._read_exceptions(name)
-                                                       for pos, name in POS_FILES.items()}
+        self._index: dict[str, dict[str, tuple[int, ...]]] = {
+            pos: self._read_index(name, self._tagged[pos]) for pos, name in POS_FILES.items()
+        }
+        self._exceptions: dict[str, dict[str, str]] = {
+            pos: self._read_exceptions(name) for pos, name in POS_FILES.items()
+        }
         self._lexfile = lru_cache(maxsize=None)(self._read_lexfile)
 
     def _read_index(self, name: str, tagged: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -59,7 +69,7 @@ class WordNet:
                     continue  # licence header
                 parts = line.split()
                 n_synsets, n_pointers = int(parts[2]), int(parts[3])
-                offsets = parts[4 + n_pointers + 2:]
+                offsets = parts[4 + n_pointers + 2 :]
                 out[parts[0]] = tuple(int(o) for o in offsets[:n_synsets])
                 tagged[parts[0]] = int(parts[4 + n_pointers + 1])
         return out
@@ -87,8 +97,11 @@ class WordNet:
         word = word.lower().replace(" ", "_")
         index = self._index[pos]
         cands = [word, self._exceptions[pos].get(word)]
-        cands += [word[: -len(suffix)] + repl for suffix, repl in _SUFFIX_RULES[pos]
-                  if word.endswith(suffix) and len(word) > len(suffix) + 1]
+        cands += [
+            word[: -len(suffix)] + repl
+            for suffix, repl in _SUFFIX_RULES[pos]
+            if word.endswith(suffix) and len(word) > len(suffix) + 1
+        ]
         return list(dict.fromkeys(c for c in cands if c and c in index))
 
     def base_form(self, word: str, pos: str = "n") -> str | None:

@@ -25,8 +25,9 @@ import inspect
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,8 +49,9 @@ def stage_logging(log_path: str | Path | None, threads: int | None = None) -> It
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", handlers=handlers, force=True
+    )
     logging.captureWarnings(True)
     if threads:
         torch.set_num_threads(threads)
@@ -99,8 +101,10 @@ def bind_rule(fn: Callable[..., Any], smk: Any) -> dict[str, Any]:
             raise RuleBindingError(f"rule {rule}: {name!r} is named in both {found[0]} and {found[1]}")
         if not found:
             if par.default is par.empty:
-                raise RuleBindingError(f"rule {rule}: {fn.__module__}.{fn.__qualname__} needs {name!r}, which the "
-                                       "rule names in none of output, input, params, wildcards")
+                raise RuleBindingError(
+                    f"rule {rule}: {fn.__module__}.{fn.__qualname__} needs {name!r}, which the "
+                    "rule names in none of output, input, params, wildcards"
+                )
             continue
         value = plain(sources[found[0]][name])
         if par.annotation is int and isinstance(value, str):
@@ -109,8 +113,10 @@ def bind_rule(fn: Callable[..., Any], smk: Any) -> dict[str, Any]:
     for kind in ("output", "params"):
         unused = [k for k in sources[kind] if k not in kwargs]
         if unused:
-            raise RuleBindingError(f"rule {rule}: {kind} {', '.join(map(repr, unused))} is not a parameter of "
-                                   f"{fn.__module__}.{fn.__qualname__}")
+            raise RuleBindingError(
+                f"rule {rule}: {kind} {', '.join(map(repr, unused))} is not a parameter of "
+                f"{fn.__module__}.{fn.__qualname__}"
+            )
     if var_kw:
         kwargs.update({k: plain(v) for k, v in sources["input"].items() if k not in kwargs})
     return kwargs

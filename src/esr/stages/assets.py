@@ -11,8 +11,9 @@ from esr.config import ModelSpec
 
 def fetch_prompts(*, prompts: dict[str, Any], prompt_list: str) -> None:
     """Write the prompt list (config ``prompts``: a file, or a URL checked against its sha256) to ``prompt_list``."""
-    _fetch_prompts(prompts["source"], prompts["path"], prompt_list, url=prompts.get("url"),
-                   sha256=prompts.get("sha256"))
+    _fetch_prompts(
+        prompts["source"], prompts["path"], prompt_list, url=prompts.get("url"), sha256=prompts.get("sha256")
+    )
 
 
 def download_model(*, spec: ModelSpec, model_dir: str) -> None:

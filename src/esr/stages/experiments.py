@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,18 +28,37 @@ from transformers import AutoTokenizer
 
 from esr.activations import gather_stores, record_from_capture, write_store
 from esr.assets import read_prompts
-from esr.calibration import (BoostPrior, CalibrationCache, CalibrationContext, CalibrationSettings,
-                             calibration_table, make_keys, read_shard_results, read_thresholds,
-                             run_calibration_shard, sample_plan, summarize_thresholds, write_table)
+from esr.calibration import (
+    BoostPrior,
+    CalibrationCache,
+    CalibrationContext,
+    CalibrationSettings,
+    calibration_table,
+    make_keys,
+    read_shard_results,
+    read_thresholds,
+    run_calibration_shard,
+    sample_plan,
+    summarize_thresholds,
+    write_table,
+)
 from esr.config import ModelSpec
-from esr.detectors import (PAPER_SETS, derangement, frequency_detectors, match_quality, matched_random_sets,
-                           read_detector_sets, separability_detectors, top_auc_detectors)
+from esr.detectors import (
+    PAPER_SETS,
+    derangement,
+    frequency_detectors,
+    match_quality,
+    matched_random_sets,
+    read_detector_sets,
+    separability_detectors,
+    top_auc_detectors,
+)
 from esr.experiments import PlanInputs, capture_latents, experiment, latent_plans, plan, shard_of, shard_trials
 from esr.generation import GenerationResult, TrialRequest, load_configured_generator
 from esr.io import derive_seed, stable_hash, write_json, write_parquet
 from esr.judge import JudgeRequest, build_concreteness_grader, build_judge, fit_anchors
-from esr.latents import SelectionSettings, firing_frequency, read_labels, read_selection, select_latents as _select
-from esr.latents import write_selection
+from esr.latents import SelectionSettings, firing_frequency, read_labels, read_selection, write_selection
+from esr.latents import select_latents as _select
 from esr.models import load_model
 from esr.provenance import provenance
 from esr.ranks import from_writer, is_writer, share
@@ -55,8 +75,17 @@ log = logging.getLogger("esr.stages.experiments")
 
 
 @model_stage
-def select_latents(*, spec: ModelSpec, model_dir: str, prompts: str, labels: str, settings: dict[str, Any],
-                   concreteness: dict[str, Any], seed: int, selection: str) -> None:
+def select_latents(
+    *,
+    spec: ModelSpec,
+    model_dir: str,
+    prompts: str,
+    labels: str,
+    settings: dict[str, Any],
+    concreteness: dict[str, Any],
+    seed: int,
+    selection: str,
+) -> None:
     """Sample the latents every experiment replays (paper Sec. 2.2): labelled, alive, not active on the prompts,
     concrete labels; each with its prompts and per-trial seeds. Writes ``selection.json``."""
     prompt_list = read_prompts(prompts)
@@ -64,8 +93,11 @@ def select_latents(*, spec: ModelSpec, model_dir: str, prompts: str, labels: str
     loaded = load_model(spec, path=model_dir)
     sae = load_sae(spec.sae, device=loaded.device)
     d_sae = int(sae.cfg.d_sae)
-    prompt_acts = (prompt_relevance_activations(loaded, sae, spec.sae_layer, prompt_list)
-                   if sel_settings.relevance_filter != "none" else None)
+    prompt_acts = (
+        prompt_relevance_activations(loaded, sae, spec.sae_layer, prompt_list)
+        if sel_settings.relevance_filter != "none"
+        else None
+    )
     if not is_writer():  # tensor parallel: the model work is done; the writer grades labels and writes
         return
     label_table = read_labels(labels)
@@ -75,11 +107,24 @@ def select_latents(*, spec: ModelSpec, model_dir: str, prompts: str, labels: str
     def grade(names: Sequence[str]) -> list[float | None]:
         return [None if (s.score is None or s.failed_closed) else float(s.score) for s in grader.grade_labels(names)]
 
-    sel = _select(model=spec.name, seed=seed, settings=sel_settings, d_sae=d_sae, labels=label_table, grader=grade,
-                  prompt_acts=prompt_acts, n_prompts=len(prompt_list), firing_freq=freq, progress=True)
+    sel = _select(
+        model=spec.name,
+        seed=seed,
+        settings=sel_settings,
+        d_sae=d_sae,
+        labels=label_table,
+        grader=grade,
+        prompt_acts=prompt_acts,
+        n_prompts=len(prompt_list),
+        firing_freq=freq,
+        progress=True,
+    )
     log.info("selected %d latents; filter counts %s", len(sel.latents), sel.counts)
-    write_selection(selection, sel, provenance(selection=settings, concreteness=grader.describe(), model=spec.name,
-                                               sae=spec.sae.ident, seed=seed))
+    write_selection(
+        selection,
+        sel,
+        provenance(selection=settings, concreteness=grader.describe(), model=spec.name, sae=spec.sae.ident, seed=seed),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ detectors
@@ -87,15 +132,30 @@ def select_latents(*, spec: ModelSpec, model_dir: str, prompts: str, labels: str
 
 def _unsteered_answers(generator, prompts: list[str], seed: int) -> pd.DataFrame:
     """One seeded unsteered answer per prompt (detector discovery's "normal" pairs and the judge's anchors)."""
-    reqs = [TrialRequest(prompt=p, seed=derive_seed(seed, "normal", str(i)), trial_id=f"normal|P{i}")
-            for i, p in enumerate(prompts)]
-    return pd.DataFrame([{"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response,
-                          "n_tokens": r.n_tokens} for i, r in enumerate(generator.generate(reqs))])
+    reqs = [
+        TrialRequest(prompt=p, seed=derive_seed(seed, "normal", str(i)), trial_id=f"normal|P{i}")
+        for i, p in enumerate(prompts)
+    ]
+    return pd.DataFrame(
+        [
+            {"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response, "n_tokens": r.n_tokens}
+            for i, r in enumerate(generator.generate(reqs))
+        ]
+    )
 
 
 @model_stage
-def discover_detectors(*, spec: ModelSpec, model_dir: str, prompts: str, generation: dict[str, Any],
-                       settings: dict[str, Any], seed: int, detectors: str, answers: str) -> None:
+def discover_detectors(
+    *,
+    spec: ModelSpec,
+    model_dir: str,
+    prompts: str,
+    generation: dict[str, Any],
+    settings: dict[str, Any],
+    seed: int,
+    detectors: str,
+    answers: str,
+) -> None:
     """Off-topic-detector discovery (paper Sec. 2.3/3.4): the model's unsteered answer to every prompt, then the
     separability, frequency (and top-AUC) methods on own-answer vs deranged-answer conversations, then matched
     random control sets. Writes ``detectors.json`` and the unsteered answers."""
@@ -114,36 +174,63 @@ def discover_detectors(*, spec: ModelSpec, model_dir: str, prompts: str, generat
         return
     freq, mean_act = (normal > 0).mean(axis=0), normal.mean(axis=0)
     alive = np.maximum(normal, shuffled).max(axis=0) > 0
-    found = [separability_detectors(normal, shuffled, alive=alive, min_auc=settings.get("min_auc", 1.0)),
-             frequency_detectors(normal, shuffled, settings["min_shuffled_rate"], max_latents=settings["max_latents"])]
+    found = [
+        separability_detectors(normal, shuffled, alive=alive, min_auc=settings.get("min_auc", 1.0)),
+        frequency_detectors(normal, shuffled, settings["min_shuffled_rate"], max_latents=settings["max_latents"]),
+    ]
     if settings.get("top_auc_k"):
         found.append(top_auc_detectors(normal, shuffled, settings["top_auc_k"], alive=alive))
     sets: dict[str, dict[str, Any]] = {}
     for ds in found:
         latents = ds.latents[: settings["max_latents"]]
-        sets[ds.name] = {"method": ds.method, "latents": latents, "params": ds.params,
-                         "stats": {str(k): v for k, v in ds.stats.items() if k in latents}}
+        sets[ds.name] = {
+            "method": ds.method,
+            "latents": latents,
+            "params": ds.params,
+            "stats": {str(k): v for k, v in ds.stats.items() if k in latents},
+        }
     for name in spec.paper_detector_sets:
         if max(PAPER_SETS[name]) >= sae.cfg.d_sae:
-            raise ValueError(f"detectors.paper_sets names {name!r}, whose latent ids exceed this SAE's "
-                             f"{sae.cfg.d_sae} latents (the paper's sets belong to the 70B Goodfire SAE)")
+            raise ValueError(
+                f"detectors.paper_sets names {name!r}, whose latent ids exceed this SAE's "
+                f"{sae.cfg.d_sae} latents (the paper's sets belong to the 70B Goodfire SAE)"
+            )
         sets[name] = {"method": "paper", "latents": list(PAPER_SETS[name])}
     target = settings["random_control"]["match_to"]
     controls: dict[str, dict[str, Any]] = {}
     if target in sets and sets[target]["latents"]:
-        rand = matched_random_sets(sets[target]["latents"], freq, mean_act, settings["random_control"]["n_sets"],
-                                   derive_seed(seed, spec.name, "random_control"))
+        rand = matched_random_sets(
+            sets[target]["latents"],
+            freq,
+            mean_act,
+            settings["random_control"]["n_sets"],
+            derive_seed(seed, spec.name, "random_control"),
+        )
         for i, latents in enumerate(rand):
-            controls[f"random_{i}"] = {"method": "matched_random", "matched_to": target, "latents": latents,
-                                       "match": match_quality(sets[target]["latents"], latents, freq, mean_act)}
+            controls[f"random_{i}"] = {
+                "method": "matched_random",
+                "matched_to": target,
+                "latents": latents,
+                "match": match_quality(sets[target]["latents"], latents, freq, mean_act),
+            }
     else:
         log.warning("detector set %r is empty: no random control sets", target)
-    write_json(detectors, {"model": spec.name, "n_prompts": len(prompt_list), "derangement": perm.tolist(),
-                           "detector_sets": sets, "random_sets": controls,
-                           "provenance": provenance(detectors=settings, model=spec.name, sae=spec.sae.ident,
-                                                    seed=seed)})
-    log.info("detector sets: %s; random sets: %s", {k: len(v["latents"]) for k, v in sets.items()},
-             {k: len(v["latents"]) for k, v in controls.items()})
+    write_json(
+        detectors,
+        {
+            "model": spec.name,
+            "n_prompts": len(prompt_list),
+            "derangement": perm.tolist(),
+            "detector_sets": sets,
+            "random_sets": controls,
+            "provenance": provenance(detectors=settings, model=spec.name, sae=spec.sae.ident, seed=seed),
+        },
+    )
+    log.info(
+        "detector sets: %s; random sets: %s",
+        {k: len(v["latents"]) for k, v in sets.items()},
+        {k: len(v["latents"]) for k, v in controls.items()},
+    )
 
 
 def anchor_judge(*, answers: str, anchors: str) -> None:
@@ -159,9 +246,21 @@ def anchor_judge(*, answers: str, anchors: str) -> None:
 
 
 @model_stage
-def calibrate_boosts(*, spec: ModelSpec, model_dir: str, prompts: str, selection: str, generation: dict[str, Any],
-                     settings: dict[str, Any], judge: dict[str, Any], seed: int, n_shards: int, shard: int,
-                     cache_dir: str, shard_result: str) -> None:
+def calibrate_boosts(
+    *,
+    spec: ModelSpec,
+    model_dir: str,
+    prompts: str,
+    selection: str,
+    generation: dict[str, Any],
+    settings: dict[str, Any],
+    judge: dict[str, Any],
+    seed: int,
+    n_shards: int,
+    shard: int,
+    cache_dir: str,
+    shard_result: str,
+) -> None:
     """Boost calibration of one latent shard (paper Sec. 2.2; algorithm in ``esr.calibration``): per latent, the
     boost (in the SAE's boost unit) at which the judge's mean first-attempt score reaches the target. Answers are
     scored by the ``threshold_judge`` block; results are cached on the full configuration."""
@@ -172,23 +271,37 @@ def calibrate_boosts(*, spec: ModelSpec, model_dir: str, prompts: str, selection
     latents = [lat for lat in labels if shard_of(lat, n_shards) == shard]
     scorer = build_judge(judge, show_progress=False)
     gen = load_configured_generator(spec, model_dir, generation, max_new_tokens=cal.max_new_tokens)
-    context = CalibrationContext.from_spec(spec, judge_id=scorer.judge_id, template_version=scorer.template_version,
-                                           seed=seed, extra={"temperature": generation["temperature"],
-                                                             "median_resid_norm": gen.directions.median_resid_norm})
+    context = CalibrationContext.from_spec(
+        spec,
+        judge_id=scorer.judge_id,
+        template_version=scorer.template_version,
+        seed=seed,
+        extra={"temperature": generation["temperature"], "median_resid_norm": gen.directions.median_resid_norm},
+    )
     keys = make_keys(context, cal, BoostPrior.from_spec(spec), latents)
 
     def score_batch(requests):
         reqs, owners = [], []
         for k, r in enumerate(requests):
             for pid, s in sample_plan(r, len(prompt_list)):
-                reqs.append(TrialRequest(prompt=prompt_list[pid], seed=s,
-                                         intervention=Intervention(steer_latent=r.latent, boost=float(r.boost))))
+                reqs.append(
+                    TrialRequest(
+                        prompt=prompt_list[pid],
+                        seed=s,
+                        intervention=Intervention(steer_latent=r.latent, boost=float(r.boost)),
+                    )
+                )
                 owners.append((k, pid))
         answers = gen.generate(reqs)
 
         def grade() -> list[float | None]:
-            graded = scorer.grade_batch([JudgeRequest(prompt_list[pid], a.response, labels[requests[k].latent])
-                                         for (k, pid), a in zip(owners, answers)], show_progress=False)
+            graded = scorer.grade_batch(
+                [
+                    JudgeRequest(prompt_list[pid], a.response, labels[requests[k].latent])
+                    for (k, pid), a in zip(owners, answers)
+                ],
+                show_progress=False,
+            )
             per: dict[int, list[float]] = {}
             for (k, _), g in zip(owners, graded):
                 if g.ok and g.scores:
@@ -199,22 +312,44 @@ def calibrate_boosts(*, spec: ModelSpec, model_dir: str, prompts: str, selection
         return from_writer(grade)  # tensor parallel: the writer calls the judge, every rank steps the same search
 
     writer = is_writer()
-    results = run_calibration_shard(keys, score_batch, CalibrationCache(cache_dir, read_only=not writer),
-                                    batch_size=generation["batch_size"], progress=writer,
-                                    out_path=shard_result if writer else None, provenance=provenance(
-                                        calibration=settings, judge=scorer.describe(), model=spec.name,
-                                        sae=spec.sae.ident, seed=seed, shard=shard, n_shards=n_shards))
+    results = run_calibration_shard(
+        keys,
+        score_batch,
+        CalibrationCache(cache_dir, read_only=not writer),
+        batch_size=generation["batch_size"],
+        progress=writer,
+        out_path=shard_result if writer else None,
+        provenance=provenance(
+            calibration=settings,
+            judge=scorer.describe(),
+            model=spec.name,
+            sae=spec.sae.ident,
+            seed=seed,
+            shard=shard,
+            n_shards=n_shards,
+        ),
+    )
     if writer:
-        log.info("calibrated %d latents (%d failed); judge %s", len(results),
-                 sum(r.error is not None for r in results), scorer.stats.as_dict())
+        log.info(
+            "calibrated %d latents (%d failed); judge %s",
+            len(results),
+            sum(r.error is not None for r in results),
+            scorer.stats.as_dict(),
+        )
 
 
 def gather_calibration(*, shards: list[str], thresholds: str, summary: str) -> None:
     """One thresholds table (``thresholds.parquet``) and its quantile summary from the calibration shards."""
     table = calibration_table([r for p in shards for r in read_shard_results(p)])
     write_table(table, thresholds)
-    write_json(summary, {"summary": json.loads(summarize_thresholds(table).to_json(orient="records")),
-                         "n_latents": len(table), "provenance": provenance()})
+    write_json(
+        summary,
+        {
+            "summary": json.loads(summarize_thresholds(table).to_json(orient="records")),
+            "n_latents": len(table),
+            "provenance": provenance(),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -222,41 +357,74 @@ def gather_calibration(*, shards: list[str], thresholds: str, summary: str) -> N
 
 def _request(t: TrialSpec, store_latents: Sequence[int]) -> TrialRequest:
     cap = tuple(sorted(set(store_latents) | ({t.latent} if t.latent is not None else set())))
-    iv = Intervention(steer_latent=t.latent if t.steer else None, boost=t.boost if t.steer else 0.0,
-                      ablate=t.ablate, capture=cap if store_latents else ())
+    iv = Intervention(
+        steer_latent=t.latent if t.steer else None,
+        boost=t.boost if t.steer else 0.0,
+        ablate=t.ablate,
+        capture=cap if store_latents else (),
+    )
     return TrialRequest(prompt=t.prompt, seed=t.seed, intervention=iv, trial_id=t.trial_id)
 
 
 def _generated_row(t: TrialSpec, r: GenerationResult) -> dict[str, Any]:
     if r.trial_id != t.trial_id:
         raise RuntimeError(f"generation returned trial {r.trial_id!r} where {t.trial_id!r} was expected")
-    return {**t.to_dict(), "response": r.response, "n_tokens": r.n_tokens, "finish_reason": r.finish_reason,
-            "token_ids": list(r.token_ids), "boost_unit": r.steering.get("boost_unit"),
-            "steer_coefficient": r.steering.get("steer_coefficient"),
-            "steer_residual_norm": r.steering.get("steer_residual_norm"),
-            "settings": json.dumps(r.settings, sort_keys=True, default=str)}
+    return {
+        **t.to_dict(),
+        "response": r.response,
+        "n_tokens": r.n_tokens,
+        "finish_reason": r.finish_reason,
+        "token_ids": list(r.token_ids),
+        "boost_unit": r.steering.get("boost_unit"),
+        "steer_coefficient": r.steering.get("steer_coefficient"),
+        "steer_residual_norm": r.steering.get("steer_residual_norm"),
+        "settings": json.dumps(r.settings, sort_keys=True, default=str),
+    }
 
 
 @model_stage
-def generate(*, spec: ModelSpec, model_dir: str, prompts: str, selection: str, thresholds: str, detectors: str,
-             generation: dict[str, Any], settings: dict[str, Any], experiment: str, condition: str, n_shards: int,
-             shard: int, seed: int, trials: str, activations: str) -> None:
+def generate(
+    *,
+    spec: ModelSpec,
+    model_dir: str,
+    prompts: str,
+    selection: str,
+    thresholds: str,
+    detectors: str,
+    generation: dict[str, Any],
+    settings: dict[str, Any],
+    experiment: str,
+    condition: str,
+    n_shards: int,
+    shard: int,
+    seed: int,
+    trials: str,
+    activations: str,
+) -> None:
     """Generate one shard of one (experiment, condition): the plan from ``esr.experiments.REGISTRY``, in batches.
 
     Each finished batch is checkpointed in ``<trials>.partial/<plan hash>/`` so a killed job resumes where it
     stopped. Experiments registered with ``capture`` store the per-token SAE activations of every detector,
     control and selected latent in the Zarr store ``activations`` (others leave it an empty folder)."""
     sel, det = read_selection(selection), read_detector_sets(detectors)
-    inputs = PlanInputs(spec.name, latent_plans(sel, read_thresholds(thresholds)), read_prompts(prompts), det,
-                        settings)
+    inputs = PlanInputs(spec.name, latent_plans(sel, read_thresholds(thresholds)), read_prompts(prompts), det, settings)
     planned = shard_trials(plan(experiment, condition, inputs), n_shards, shard)
     if not planned:
-        log.warning("%s/%s shard %d has no trials (empty latent set or no calibrated latent)", experiment,
-                    condition, shard)
+        log.warning(
+            "%s/%s shard %d has no trials (empty latent set or no calibrated latent)", experiment, condition, shard
+        )
     store_latents, groups = capture_latents(det, sel) if _captures(experiment) else ([], {})
-    run_provenance = provenance(generation=generation, experiments=settings, model=spec.name, sae=spec.sae.ident,
-                                revision=spec.revision, seed=seed, experiment=experiment, condition=condition,
-                                shard=shard)
+    run_provenance = provenance(
+        generation=generation,
+        experiments=settings,
+        model=spec.name,
+        sae=spec.sae.ident,
+        revision=spec.revision,
+        seed=seed,
+        experiment=experiment,
+        condition=condition,
+        shard=shard,
+    )
     out = Path(trials)
     plan_hash = stable_hash([t.to_dict() for t in planned] + [generation, spec.name, store_latents])[:16]
     partial = out.with_name(out.name + ".partial") / plan_hash
@@ -275,9 +443,10 @@ def generate(*, spec: ModelSpec, model_dir: str, prompts: str, selection: str, t
         gen = load_configured_generator(spec, model_dir, generation)
         settings_record = gen.settings_record()
         bs = generation["batch_size"]
-        for start in tqdm(range(0, len(todo), bs), desc=f"generate {experiment}/{condition}", unit="batch",
-                          disable=not writer):
-            chunk = todo[start:start + bs]
+        for start in tqdm(
+            range(0, len(todo), bs), desc=f"generate {experiment}/{condition}", unit="batch", disable=not writer
+        ):
+            chunk = todo[start : start + bs]
             results = gen.generate_batch([_request(t, store_latents) for t in chunk])
             rows = [_generated_row(t, r) for t, r in zip(chunk, results)]
             batch_acts = {t.trial_id: r.activations for t, r in zip(chunk, results) if r.activations is not None}
@@ -310,13 +479,26 @@ def _write_activations(spec, model_dir, planned, rows, acts, store_latents, grou
             continue
         cap = sorted(set(store_latents) | ({t.latent} if t.latent is not None else set()))
         texts = [tok.decode([i]) for i in row["token_ids"]]
-        records.append(record_from_capture(t.trial_id, acts[t.trial_id], cap, store_latents, texts,
-                                           steered_latent=t.latent))
+        records.append(
+            record_from_capture(t.trial_id, acts[t.trial_id], cap, store_latents, texts, steered_latent=t.latent)
+        )
     if not records:
         raise ValueError(f"no activations were captured for {path}")
-    write_store(path, records, store_latents, latent_groups=groups, dtype="float32",
-                provenance={**run_provenance, "model": spec.name, "sae": spec.sae.ident, "layer": spec.sae_layer,
-                            "capture": "during generation (steered, as generated)"}, overwrite=True)
+    write_store(
+        path,
+        records,
+        store_latents,
+        latent_groups=groups,
+        dtype="float32",
+        provenance={
+            **run_provenance,
+            "model": spec.name,
+            "sae": spec.sae.ident,
+            "layer": spec.sae_layer,
+            "capture": "during generation (steered, as generated)",
+        },
+        overwrite=True,
+    )
 
 
 def plant_restarts(*, steered: str, unsteered: str, fraction: float, seed: int, trials: str) -> None:
@@ -332,9 +514,15 @@ def plant_restarts(*, steered: str, unsteered: str, fraction: float, seed: int, 
         if not flag:
             continue
         answer = base.loc[(r["latent"], r["prompt_id"], r["seed"])]["response"]
-        rows.append({**r, "response": f"{r['response'].rstrip()} Wait, that's not right. Let me start over. {answer}",
-                     "experiment": "planted", "condition": "restart",
-                     "trial_id": r["trial_id"].replace("exp1|steered", "planted|restart")})
+        rows.append(
+            {
+                **r,
+                "response": f"{r['response'].rstrip()} Wait, that's not right. Let me start over. {answer}",
+                "experiment": "planted",
+                "condition": "restart",
+                "trial_id": r["trial_id"].replace("exp1|steered", "planted|restart"),
+            }
+        )
     write_trials(trials, pd.DataFrame(rows, columns=steered_table.columns), "generated")
     log.info("planted restarts into %d of %d steered answers", len(rows), len(steered_table))
 
@@ -348,8 +536,15 @@ def grade(*, generated: str, judge: dict[str, Any], trials: str, judge_stats: st
     grader = build_judge(judge, show_progress=True)
     out = grade_trials(table, grader)
     write_trials(trials, out, "graded")
-    write_json(judge_stats, {"judge": grader.describe(), "stats": grader.stats.as_dict(), "n_trials": len(out),
-                             "provenance": provenance(judge=grader.describe())})
+    write_json(
+        judge_stats,
+        {
+            "judge": grader.describe(),
+            "stats": grader.stats.as_dict(),
+            "n_trials": len(out),
+            "provenance": provenance(judge=grader.describe()),
+        },
+    )
     log.info("graded %d answers: %s", len(out), grader.stats.as_dict())
 
 

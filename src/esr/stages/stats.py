@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from esr import audit as paper_audit
 from esr.activations import ActivationRecord, open_store, write_store
 from esr.config import ModelSpec
 from esr.detectors import read_detector_sets
@@ -25,13 +26,20 @@ from esr.ranks import is_writer
 from esr.readout import answer_token_spans, per_token_latents
 from esr.report import run_overview
 from esr.sae import load_sae, steering_directions
-from esr.sequential import (aligned_window, analyze, correction_starts, plot_aligned_window, plot_region_bars,
-                            summary_cell, token_group_series, write_analysis)
+from esr.sequential import (
+    aligned_window,
+    analyze,
+    correction_starts,
+    plot_aligned_window,
+    plot_region_bars,
+    summary_cell,
+    token_group_series,
+    write_analysis,
+)
 from esr.stages import model_stage
 from esr.steering import Intervention, SteeringPlan
 from esr.summaries import compare_experiments, summarise_cross_judge, summarise_experiment
 from esr.trials import grade_trials, read_trials, write_trials
-from esr import audit as paper_audit
 
 log = logging.getLogger("esr.stages.stats")
 
@@ -39,8 +47,7 @@ log = logging.getLogger("esr.stages.stats")
 # ------------------------------------------------------------------------------------------------ exp7
 
 
-def cross_judge(*, trials: str, judges: dict[str, dict[str, Any]], n_samples: int, seed: int,
-                regraded: str) -> None:
+def cross_judge(*, trials: str, judges: dict[str, dict[str, Any]], n_samples: int, seed: int, regraded: str) -> None:
     """exp7: regrade a sample of exp1 trials with other judges: every trial the original judge called
     multi-attempt plus a seeded random fill to ``n_samples`` (so per-judge rates are NOT population rates;
     agreement is the point). Each row keeps the original ``trial_id``; ``judge_id`` names the judge (the original
@@ -56,8 +63,9 @@ def cross_judge(*, trials: str, judges: dict[str, dict[str, Any]], n_samples: in
     frames = [sample.assign(judge_id="original", sample_reason=reasons)]
     for name, cfg in judges.items():
         judge = build_judge(cfg, show_progress=False)
-        frames.append(grade_trials(sample, judge).assign(judge_id=name, judge_model=judge.judge_id,
-                                                         sample_reason=reasons))
+        frames.append(
+            grade_trials(sample, judge).assign(judge_id=name, judge_model=judge.judge_id, sample_reason=reasons)
+        )
         log.info("cross-judge %s (%s): %s", name, judge.judge_id, judge.stats.as_dict())
     out = pd.concat(frames, ignore_index=True).assign(experiment="exp7")
     write_trials(regraded, out, "graded", unique=("trial_id", "judge_id"))  # one row per (trial, judge)
@@ -67,9 +75,22 @@ def cross_judge(*, trials: str, judges: dict[str, dict[str, Any]], n_samples: in
 
 
 @model_stage
-def sequential(*, spec: ModelSpec, model_dir: str, trials: list[str], baseline: str, detectors: str,
-               settings: dict[str, Any], seed: int, store: str, baseline_store: str, analysis: str, summary: str,
-               window: str, regions: str) -> None:
+def sequential(
+    *,
+    spec: ModelSpec,
+    model_dir: str,
+    trials: list[str],
+    baseline: str,
+    detectors: str,
+    settings: dict[str, Any],
+    seed: int,
+    store: str,
+    baseline_store: str,
+    analysis: str,
+    summary: str,
+    window: str,
+    regions: str,
+) -> None:
     """exp9 (paper Sec. 3.6, App. A.4): self-correction episodes (exactly two attempts, last > first) located in tokens by
     restart-phrase alignment, replayed through the model (unsteered by default, as the authors' exp9;
     ``replay_steering`` for their exp6's steered replay), per-token activations of every detector and control set
@@ -79,14 +100,18 @@ def sequential(*, spec: ModelSpec, model_dir: str, trials: list[str], baseline: 
     groups = {k: v for k, v in groups.items() if v}
     pool = read_trials(trials).to_dict("records")
     episodes_src = select_self_correction(pool, exclude_ablation=True)
-    baseline_src = select_baseline(read_trials(baseline).to_dict("records"), source="unsteered",
-                                   n=settings["n_baseline"], seed=seed)
+    baseline_src = select_baseline(
+        read_trials(baseline).to_dict("records"), source="unsteered", n=settings["n_baseline"], seed=seed
+    )
     prov = provenance(sequential=settings, model=spec.name, sae=spec.sae.ident, seed=seed)
     if not episodes_src or not store_latents:
         if not is_writer():
             return
-        log.warning("no self-correction episodes (%d) or no detector latents (%d): exp9 has nothing to analyse",
-                    len(episodes_src), len(store_latents))
+        log.warning(
+            "no self-correction episodes (%d) or no detector latents (%d): exp9 has nothing to analyse",
+            len(episodes_src),
+            len(store_latents),
+        )
         write_json(analysis, {"n_episodes": len(episodes_src), "skipped": True, "provenance": prov})
         write_json(summary, {"schema": "esr.summary/1", "provenance": prov, "cells": []})
         for f in (window, regions):
@@ -112,24 +137,48 @@ def sequential(*, spec: ModelSpec, model_dir: str, trials: list[str], baseline: 
                 labels = ep.tokens.region_labels()
             else:
                 labels = ["baseline"] * (stop - first)
-            iv = ([Intervention(steer_latent=t["latent"], boost=float(t["boost"]))]
-                  if directions is not None and kind == "episode" else None)
-            acts = per_token_latents(loaded, sae, spec.sae_layer, [ids], store_latents, interventions=iv,
-                                     directions=directions, plan=plan if iv else None)[0][first:stop]
-            records.append(ActivationRecord(t["trial_id"], acts.numpy(), [tok.decode([i]) for i in ids[first:stop]],
-                                            labels))
+            iv = (
+                [Intervention(steer_latent=t["latent"], boost=float(t["boost"]))]
+                if directions is not None and kind == "episode"
+                else None
+            )
+            acts = per_token_latents(
+                loaded,
+                sae,
+                spec.sae_layer,
+                [ids],
+                store_latents,
+                interventions=iv,
+                directions=directions,
+                plan=plan if iv else None,
+            )[0][first:stop]
+            records.append(
+                ActivationRecord(t["trial_id"], acts.numpy(), [tok.decode([i]) for i in ids[first:stop]], labels)
+            )
         return records, skipped
 
     ep_records, n_skipped = replay(episodes_src, "episode")
     base_records, _ = replay(baseline_src, "baseline")
     if not is_writer():  # tensor parallel: the replay is done; the writer stores and analyses
         return
-    meta = {**prov, "replay": "steered" if directions is not None else "unsteered",
-            "boundaries": "restart-phrase alignment", "baseline_source": "unsteered (exp8 answers)"}
-    write_store(store, ep_records, store_latents, latent_groups=groups, dtype="float32", provenance=meta,
-                overwrite=True)
-    write_store(baseline_store, base_records, store_latents, latent_groups=groups, dtype="float32",
-                provenance=meta, overwrite=True)
+    meta = {
+        **prov,
+        "replay": "steered" if directions is not None else "unsteered",
+        "boundaries": "restart-phrase alignment",
+        "baseline_source": "unsteered (exp8 answers)",
+    }
+    write_store(
+        store, ep_records, store_latents, latent_groups=groups, dtype="float32", provenance=meta, overwrite=True
+    )
+    write_store(
+        baseline_store,
+        base_records,
+        store_latents,
+        latent_groups=groups,
+        dtype="float32",
+        provenance=meta,
+        overwrite=True,
+    )
     sc_ds, base_ds = open_store(store), open_store(baseline_store)
     result = analyze(sc_ds, base_ds, groups, seed=seed, n_boot=settings["n_boot"])
     result["n_episodes_without_boundaries"] = n_skipped
@@ -137,13 +186,21 @@ def sequential(*, spec: ModelSpec, model_dir: str, trials: list[str], baseline: 
     write_analysis(analysis, result, meta)
     anchors, n_valid = correction_starts(sc_ds), np.asarray(sc_ds.n_tokens.values)
     windows = {name: aligned_window(token_group_series(sc_ds, lat), anchors, n_valid) for name, lat in groups.items()}
-    plot_aligned_window(windows, window, title=f"{spec.name}: detector activation around the correction",
-                        provenance=meta)
-    primary = settings["primary_group"] if settings["primary_group"] in result["groups"] else next(iter(result["groups"]))
-    plot_region_bars(result["groups"][primary]["regions"], regions,
-                     title=f"{spec.name}: {primary} mean activation by region", provenance=meta)
-    write_json(summary, {"schema": "esr.summary/1", "provenance": meta,
-                         "cells": [summary_cell(spec.name, primary, result)]})
+    plot_aligned_window(
+        windows, window, title=f"{spec.name}: detector activation around the correction", provenance=meta
+    )
+    primary = (
+        settings["primary_group"] if settings["primary_group"] in result["groups"] else next(iter(result["groups"]))
+    )
+    plot_region_bars(
+        result["groups"][primary]["regions"],
+        regions,
+        title=f"{spec.name}: {primary} mean activation by region",
+        provenance=meta,
+    )
+    write_json(
+        summary, {"schema": "esr.summary/1", "provenance": meta, "cells": [summary_cell(spec.name, primary, result)]}
+    )
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -176,8 +233,9 @@ def model_figures(*, model: str, ablation: str, meta_prompts: str, boost_sweep: 
         if REGISTRY[name].figure:
             by_figure.setdefault(REGISTRY[name].figure, {})[name] = path
     ablation_figure(model, trials["exp1"], by_figure.get("ablation", {}), ablation)
-    meta_prompt_figure(model, trials["exp1"], next(iter(by_figure.get("meta_prompts", {}).values()), None),
-                       meta_prompts)
+    meta_prompt_figure(
+        model, trials["exp1"], next(iter(by_figure.get("meta_prompts", {}).values()), None), meta_prompts
+    )
     sweep_figure(model, next(iter(by_figure.get("boost_sweep", {}).values()), None), boost_sweep)
 
 
@@ -186,10 +244,19 @@ def esr_figure(*, trials: list[str], order: list[str], figure: str) -> None:
     esr_by_model_figure(trials, figure, order)
 
 
-def audit(*, summaries: list[str], config: dict[str, Any], model_map: dict[str, str], table_json: str,
-          table_md: str, table_html: str, overview: str) -> None:
+def audit(
+    *,
+    summaries: list[str],
+    config: dict[str, Any],
+    model_map: dict[str, str],
+    table_json: str,
+    table_md: str,
+    table_html: str,
+    overview: str,
+) -> None:
     """The audit of every paper number (``esr/data/paper_numbers.yaml``): paper value, ours, interval, n and
     verdict, as JSON, Markdown and HTML, plus the report's overview page."""
-    paper_audit.build_audit(summaries, out_json=table_json, out_md=table_md, out_html=table_html, config=config,
-                            model_map=model_map)
+    paper_audit.build_audit(
+        summaries, out_json=table_json, out_md=table_md, out_html=table_html, config=config, model_map=model_map
+    )
     run_overview(config, summaries, table_json, overview)
