@@ -179,3 +179,36 @@ def test_grading_planted_control_sequential_and_audit(tiny, tmp_path):
     )
     rows = read_json(out["table_json"])["numbers"]
     assert "not run in this configuration" in {r["verdict"] for r in rows} and len(rows) > 40
+
+
+def test_generation_resumes_past_a_truncated_checkpoint(tiny, tmp_path, monkeypatch, caplog):
+    """A job killed mid-generation leaves batch checkpoints; one cut short (a kill while writing, before checkpoints
+    were atomic) is discarded with a warning naming it and regenerated; the result equals an uninterrupted run."""
+    from esr.generation import SteeredGenerator
+
+    cfg = {**tiny["cfg"], "generation": {**tiny["cfg"]["generation"], "batch_size": 2}}
+    clean = generate_kwargs(cfg, tiny, "exp1", "steered", tmp_path / "clean")
+    st.generate(**clean)
+    kw = generate_kwargs(cfg, tiny, "exp1", "steered", tmp_path / "killed")
+    real, calls = SteeredGenerator.generate_batch, []
+
+    def dies_after_two(self, requests):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(self, requests)
+
+    monkeypatch.setattr(SteeredGenerator, "generate_batch", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        st.generate(**kw)
+    monkeypatch.setattr(SteeredGenerator, "generate_batch", real)
+    checkpoints = sorted(kw["trials"].parent.glob("*.partial/*/batch-*.pt"))
+    assert len(checkpoints) == 2 and not list(kw["trials"].parent.glob("*.partial/*/.*"))  # no temporary left
+    data = checkpoints[1].read_bytes()
+    checkpoints[1].write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING", logger="esr.stages.experiments"):
+        st.generate(**kw)
+    assert str(checkpoints[1]) in caplog.text and "unreadable generation checkpoint" in caplog.text
+    a, b = (read_trials(k["trials"], "generated").drop(columns="provenance") for k in (clean, kw))
+    pd.testing.assert_frame_equal(a, b)
+    assert not list(kw["trials"].parent.glob("*.partial"))

@@ -55,7 +55,7 @@ from esr.detectors import (
 )
 from esr.experiments import PlanInputs, capture_latents, experiment, latent_plans, plan, shard_of, shard_trials
 from esr.generation import GenerationResult, TrialRequest, load_configured_generator
-from esr.io import derive_seed, stable_hash, write_json, write_parquet
+from esr.io import atomic_path, derive_seed, stable_hash, write_json, write_parquet
 from esr.judge import JudgeRequest, build_concreteness_grader, build_judge, fit_anchors
 from esr.latents import SelectionSettings, firing_frequency, read_labels, read_selection, write_selection
 from esr.latents import select_latents as _select
@@ -429,12 +429,7 @@ def generate(
     plan_hash = stable_hash([t.to_dict() for t in planned] + [generation, spec.name, store_latents])[:16]
     partial = out.with_name(out.name + ".partial") / plan_hash
     partial.mkdir(parents=True, exist_ok=True)
-    done: dict[str, dict[str, Any]] = {}
-    acts: dict[str, torch.Tensor] = {}
-    for f in sorted(partial.glob("batch-*.pt")):  # read by every rank before the first batch: no writes yet
-        blob = torch.load(f, weights_only=False)
-        done.update({r["trial_id"]: r for r in blob["rows"]})
-        acts.update(blob["acts"])
+    done, acts = read_checkpoints(partial)  # read by every rank before the first batch: no writes yet
     todo = [t for t in planned if t.trial_id not in done]
     log.info("%d trials planned, %d already generated (resuming), %d to generate", len(planned), len(done), len(todo))
     settings_record: dict[str, Any] = {}
@@ -451,7 +446,8 @@ def generate(
             rows = [_generated_row(t, r) for t, r in zip(chunk, results)]
             batch_acts = {t.trial_id: r.activations for t, r in zip(chunk, results) if r.activations is not None}
             if writer:
-                torch.save({"rows": rows, "acts": batch_acts}, partial / f"batch-{start:06d}.pt")
+                with atomic_path(partial / f"batch-{start:06d}.pt") as tmp:  # a kill never leaves half a file
+                    torch.save({"rows": rows, "acts": batch_acts}, tmp)
             done.update({row["trial_id"]: row for row in rows})
             acts.update(batch_acts)
     if not writer:
@@ -464,6 +460,25 @@ def generate(
         Path(activations).mkdir(parents=True, exist_ok=True)
     write_trials(out, table[columns("generated")], "generated")
     shutil.rmtree(partial.parent, ignore_errors=True)
+
+
+def read_checkpoints(partial: Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The generated rows and captured activations of the batch checkpoints in ``partial`` (trial id -> row, trial
+    id -> activations). A checkpoint that cannot be read (a file cut short by a kill before checkpoints were written
+    atomically, a full disk) is removed with a warning naming it; its trials are generated again."""
+    done: dict[str, dict[str, Any]] = {}
+    acts: dict[str, torch.Tensor] = {}
+    for f in sorted(partial.glob("batch-*.pt")):
+        try:
+            blob = torch.load(f, weights_only=False)
+        except Exception as err:  # any unreadable checkpoint is regenerated, never trusted
+            log.warning("discarding unreadable generation checkpoint %s (%s: %s)", f, type(err).__name__, err)
+            if is_writer():
+                f.unlink(missing_ok=True)
+            continue
+        done.update({r["trial_id"]: r for r in blob["rows"]})
+        acts.update(blob["acts"])
+    return done, acts
 
 
 def _captures(name: str) -> bool:
