@@ -75,3 +75,28 @@ def test_tensor_parallel_needs_a_gpu_per_rank(paper):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_renamed_keys_still_work_with_a_deprecation_warning(repo_root):
+    import warnings
+
+    import yaml
+
+    from esr.config import ConfigError, validate_config
+
+    cfg = yaml.safe_load((repo_root / "config/config.yaml").read_text())
+    cfg["calibration_judge"] = cfg.pop("threshold_judge")
+    cfg["calibration_judge"]["calibration"] = cfg["calibration_judge"].pop("anchors")
+    cfg["judge"]["calibration"] = cfg["judge"].pop("anchors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = validate_config(cfg)
+    assert out["threshold_judge"]["anchors"] == "auto" and out["judge"]["anchors"] == "auto"
+    assert "calibration_judge" not in out and "calibration" not in out["judge"]
+    messages = " ".join(str(w.message) for w in caught if w.category is DeprecationWarning)
+    assert "'calibration_judge' is deprecated: it is now 'threshold_judge'" in messages
+    assert "'judge.calibration' is deprecated" in messages
+    both = yaml.safe_load((repo_root / "config/config.yaml").read_text())
+    both["calibration_judge"] = dict(both["threshold_judge"])
+    with pytest.raises(ConfigError, match="old name of 'threshold_judge'"):
+        validate_config(both)

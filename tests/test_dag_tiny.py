@@ -81,5 +81,5 @@ def test_tiny_dag_runs_end_to_end_and_reruns_only_grading_after_a_judge_change(r
     plan = _snakemake(repo_root, work, tiny_config, "-n", "--cores", "1", "--rerun-triggers", "params")
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert "rule grade:" in plan.stdout and "Params have changed" in plan.stdout
-    for rule in ("generate", "generate_exp1", "calibrate_boosts", "select_latents", "discover_detectors"):
+    for rule in ("generate", "calibrate_boosts", "select_latents", "discover_detectors"):
         assert f"rule {rule}:" not in plan.stdout, rule

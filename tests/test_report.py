@@ -36,3 +36,11 @@ def test_run_overview_lists_cells_and_verdicts(tmp_path, repo_root):
     assert "- exp1 / m / baseline: n=10, multi-attempt 3/10, ESR 2/10" in md
     assert "- consistent: 4" in md and "- not testable: 2" in md
     assert json.loads((tmp_path / "overview.json").read_text())["fidelity_notes"] == fidelity_notes(cfg)
+
+
+def test_fidelity_notes_name_a_separate_threshold_judge(repo_root):
+    cfg = _config(repo_root)
+    cfg["threshold_judge"] = {**cfg["judge"], "backend": "anthropic", "model": "claude-haiku-4-5-20251001"}
+    assert any("Boost calibration was scored by a different judge (anthropic:" in n for n in fidelity_notes(cfg))
+    cfg["threshold_judge"] = dict(cfg["judge"])
+    assert not any("different judge" in n for n in fidelity_notes(cfg))

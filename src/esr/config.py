@@ -95,9 +95,9 @@ def _rename(block: dict[str, Any], renames: dict[str, str], where: str) -> None:
     for old, new in renames.items():
         if old in block:
             if new in block:
-                raise ConfigError(f"config key {where}{old!r} is the old name of {where}{new!r}; give only {new!r}")
+                raise ConfigError(f"config key '{where}{old}' is the old name of '{where}{new}'; give only '{new}'")
             warnings.warn(
-                f"config key {where}{old!r} is deprecated: it is now {where}{new!r}", DeprecationWarning, stacklevel=3
+                f"config key '{where}{old}' is deprecated: it is now '{where}{new}'", DeprecationWarning, stacklevel=3
             )
             block[new] = block.pop(old)
 

@@ -22,11 +22,11 @@ def fidelity_notes(config: Mapping[str, Any]) -> list[str]:
             "Judge: offline MiniLM relevance judge with restart-phrase segmentation, an APPROXIMATION of "
             "the paper's Claude Haiku 4.5 judge."
         )
-    cal_judge = config.get("calibration_judge") or judge
-    if cal_judge != judge:
+    threshold_judge = config.get("threshold_judge") or judge
+    if threshold_judge != judge:
         notes.append(
-            f"Boost calibration was scored by a different judge ({cal_judge.get('backend')}:"
-            f"{cal_judge.get('model')}) than the trials ({judge.get('backend')}:{judge.get('model')})."
+            f"Boost calibration was scored by a different judge ({threshold_judge.get('backend')}:"
+            f"{threshold_judge.get('model')}) than the trials ({judge.get('backend')}:{judge.get('model')})."
         )
     if config.get("concreteness", {}).get("backend") == "wordnet":
         notes.append("Concreteness: WordNet heuristic, an APPROXIMATION of the paper's Claude Sonnet 4.5 grader.")

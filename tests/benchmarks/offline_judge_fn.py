@@ -1,10 +1,10 @@
 """``--judge offline_judge_fn:score`` for dose_response.py: the embedded offline judge (an APPROXIMATION of the
-paper's LLM judge), anchored on SmolLM2's own unsteered answers when the workflow has written that calibration."""
+paper's LLM judge), anchored on SmolLM2's own unsteered answers when the workflow has written those anchors (rule anchor_judge)."""
 
 from functools import lru_cache
 from pathlib import Path
 
-CALIBRATION = Path("results/judge/smollm2-135m/offline_calibration.json")
+ANCHORS = Path("results/judge/smollm2-135m/anchors.json")
 
 
 @lru_cache(maxsize=1)
@@ -12,7 +12,7 @@ def _judge():
     from esr.judge import build_judge
 
     return build_judge(
-        {"backend": "offline_minilm", "calibration": str(CALIBRATION) if CALIBRATION.exists() else None},
+        {"backend": "offline_minilm", "anchors": str(ANCHORS) if ANCHORS.exists() else None},
         show_progress=False,
     )
 
