@@ -118,9 +118,10 @@ def plan_no_steering(model: str, plans: list[LatentPlan], prompts: list[str]) ->
 
 
 def plan_ablation(
-    model: str, plans: list[LatentPlan], prompts: list[str], set_name: str, latents: list[int], experiment: str = "exp3"
+    model: str, plans: list[LatentPlan], prompts: list[str], set_name: str, latents: list[int], *, experiment: str
 ) -> list[TrialSpec]:
-    """exp3 / exp10: exp1's trials with ``latents`` ablated at the injection layer (paired with exp1)."""
+    """exp3 / exp10 (and any ablation experiment): exp1's trials with ``latents`` ablated at the ablation layer,
+    paired with exp1 by latent, prompt and seed."""
     return plan_steered(model, plans, prompts, experiment, set_name, ablation_set=set_name, ablate=tuple(latents))
 
 
@@ -263,14 +264,19 @@ def _exp(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return config.get("experiments") or {}
 
 
-def _ablation_sets(inputs: PlanInputs, condition: str, group: str) -> list[TrialSpec]:
-    latents = getattr(inputs.detectors, group).get(condition) or []
-    if not latents:
-        # a discovery that found no detectors (or no control matched to them) leaves this condition empty: it is
-        # run as zero trials and reported as empty, never silently replaced by another set
-        return []
-    experiment = "exp3" if group == "detector_sets" else "exp10"
-    return plan_ablation(inputs.model, inputs.latents, inputs.prompts, condition, latents, experiment)
+def ablation_planner(experiment: str, latent_sets: Callable[[PlanInputs], Mapping[str, list[int]]]) -> Planner:
+    """A planner for an ablation experiment: the condition names a latent set in ``latent_sets(inputs)``; its trials
+    are exp1's with that set ablated (``plan_ablation``)."""
+
+    def planner(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
+        latents = latent_sets(inputs).get(condition) or []
+        if not latents:
+            # a discovery that found no detectors (or no control matched to them) leaves this condition empty: it
+            # is run as zero trials and reported as empty, never silently replaced by another set
+            return []
+        return plan_ablation(inputs.model, inputs.latents, inputs.prompts, condition, latents, experiment=experiment)
+
+    return planner
 
 
 def _sweep(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
@@ -322,7 +328,7 @@ REGISTRY: dict[str, Experiment] = {
             "ablation of off-topic-detector sets",
             lambda c, s: list(_exp(c).get("ablation", [])) + list(s.paper_detector_sets),
             "generate",
-            plan=lambda i, cond: _ablation_sets(i, cond, "detector_sets"),
+            plan=ablation_planner("exp3", lambda i: i.detectors.detector_sets),
             compare=True,
             figure="ablation",
         ),
@@ -331,7 +337,7 @@ REGISTRY: dict[str, Experiment] = {
             "ablation of matched random latent sets (control for exp3)",
             _random_sets,
             "generate",
-            plan=lambda i, cond: _ablation_sets(i, cond, "random_sets"),
+            plan=ablation_planner("exp10", lambda i: i.detectors.random_sets),
             compare=True,
             figure="ablation",
         ),
