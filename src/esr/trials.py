@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from esr.io import write_parquet
@@ -250,8 +251,6 @@ def validate(
 
 
 def _is_kind(v: Any, kind: str) -> bool:
-    import numpy as np
-
     if kind in ("str", "json"):
         return isinstance(v, str)
     if kind == "int":

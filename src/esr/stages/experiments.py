@@ -53,7 +53,7 @@ from esr.detectors import (
     separability_detectors,
     top_auc_detectors,
 )
-from esr.experiments import PlanInputs, capture_latents, experiment, latent_plans, plan, shard_of, shard_trials
+from esr.experiments import REGISTRY, PlanInputs, capture_latents, latent_plans, plan, shard_of, shard_trials
 from esr.generation import GenerationResult, TrialRequest, load_configured_generator
 from esr.io import atomic_path, derive_seed, stable_hash, write_json, write_parquet
 from esr.judge import JudgeRequest, build_concreteness_grader, build_judge, fit_anchors
@@ -413,7 +413,7 @@ def generate(
         log.warning(
             "%s/%s shard %d has no trials (empty latent set or no calibrated latent)", experiment, condition, shard
         )
-    store_latents, groups = capture_latents(det, sel) if _captures(experiment) else ([], {})
+    store_latents, groups = capture_latents(det, sel) if REGISTRY[experiment].capture else ([], {})
     run_provenance = provenance(
         generation=generation,
         experiments=settings,
@@ -479,10 +479,6 @@ def read_checkpoints(partial: Path) -> tuple[dict[str, dict[str, Any]], dict[str
         done.update({r["trial_id"]: r for r in blob["rows"]})
         acts.update(blob["acts"])
     return done, acts
-
-
-def _captures(name: str) -> bool:
-    return experiment(name).capture
 
 
 def _write_activations(spec, model_dir, planned, rows, acts, store_latents, groups, path, run_provenance) -> None:
