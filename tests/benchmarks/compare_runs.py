@@ -4,8 +4,8 @@
 
 For every file under ``results/`` of either run: present in both? Trials tables (``*/trials.parquet``) are compared
 row for row and column by column; summaries, comparisons and the audit JSON value by value. Run-specific fields are
-ignored: ``provenance`` (timestamps, git commit) and ``settings``' absolute paths; renames are mapped with
-``--rename old=new`` (JSON keys and column names; repeatable). Prints one line per file and a final count; exits 1 when
+ignored: ``provenance`` (timestamps, git commit) and timings (``train_seconds``); renamed JSON keys are mapped with
+``--rename old=new`` (repeatable) and renamed files with ``--map-path old=new``. Prints one line per file and a final count; exits 1 when
 a compared file differs.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-IGNORED_KEYS = {"provenance", "generated_at", "created", "timestamp"}
+IGNORED_KEYS = {"provenance", "generated_at", "created", "timestamp", "train_seconds"}
 
 
 def _norm(value: Any, renames: dict[str, str]) -> Any:
@@ -62,7 +62,6 @@ def _json_diff(a: Any, b: Any, path: str = "") -> str | None:
 
 def compare_tables(a: Path, b: Path, renames: dict[str, str]) -> str | None:
     x, y = pd.read_parquet(a), pd.read_parquet(b)
-    x = x.rename(columns=renames)
     if len(x) != len(y):
         return f"{len(x)} vs {len(y)} rows"
     if not len(x) and not len(y):
@@ -85,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
-    p.add_argument("--rename", action="append", default=[], help="old=new (JSON keys, columns, values of keys)")
+    p.add_argument(
+        "--rename", action="append", default=[], help="old=new: a renamed JSON key (also inside JSON cells of tables)"
+    )
     p.add_argument("--map-path", action="append", default=[], help="old=new: a results file renamed")
     a = p.parse_args(argv)
     renames = dict(r.split("=", 1) for r in a.rename)
