@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-IGNORED_KEYS = {"provenance", "generated_at", "created", "timestamp", "train_seconds"}
+IGNORED_KEYS = {"provenance", "generated_at", "created", "created_utc", "timestamp", "train_seconds"}
 
 
 def _norm(value: Any, renames: dict[str, str]) -> Any:
