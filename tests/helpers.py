@@ -197,3 +197,20 @@ def synthetic_trials(experiment: str, model: str, n_latents: int, multi_every: i
                 )
             )
     return pd.DataFrame(rows)
+
+
+def exp1_and_ablation_tables():
+    """A 70B-named exp1 table (1000 trials: ESR 40, multi-attempt 80) and an exp3 table ablating the paper's 26-latent
+    set (ESR 20, multi-attempt 53), for the summary and audit tests."""
+    base = synthetic_trials("exp1", "llama-3.3-70b", 200, 20, 25)
+    abl = synthetic_trials(
+        "exp3",
+        "llama-3.3-70b",
+        200,
+        30,
+        50,
+        condition="otd_paper_26",
+        ablation_set="otd_paper_26",
+        ablate=tuple(range(26)),
+    )
+    return base, abl

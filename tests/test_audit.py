@@ -29,7 +29,7 @@ from esr.metrics import MeanEstimate, Proportion
 from esr.summaries import summarise_experiment
 from esr.trials import write_trials
 
-from helpers import synthetic_trials
+from helpers import exp1_and_ablation_tables
 
 PAPER_MODELS = ["llama-3.3-70b", "llama-3.1-8b", "gemma-2-27b", "gemma-2-9b", "gemma-2-2b"]
 
@@ -261,17 +261,7 @@ def _parse(html):
 
 
 def test_build_audit_writes_json_markdown_and_html(tmp_path):
-    base = synthetic_trials("exp1", "llama-3.3-70b", 200, 20, 25)  # 1000 trials: ESR 40, multi 40 + 50 - 10
-    abl = synthetic_trials(
-        "exp3",
-        "llama-3.3-70b",
-        200,
-        30,
-        50,
-        condition="otd_paper_26",
-        ablation_set="otd_paper_26",
-        ablate=tuple(range(26)),
-    )
+    base, abl = exp1_and_ablation_tables()
     paths = [tmp_path / "base.parquet", tmp_path / "abl.parquet"]
     write_trials(paths[0], base, "graded")
     write_trials(paths[1], abl, "graded")

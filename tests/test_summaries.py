@@ -18,7 +18,7 @@ from esr.summaries import (
 )
 from esr.trials import empty_frame, score_columns, write_trials
 
-from helpers import synthetic_trials
+from helpers import exp1_and_ablation_tables, synthetic_trials
 
 
 def _write(df, path):
@@ -41,17 +41,7 @@ def test_labels():
 
 
 def test_summarise_experiment_and_compare(tmp_path):
-    base = synthetic_trials("exp1", "llama-3.3-70b", 200, 20, 25)  # 1000 trials: ESR 40, multi 40 + 50 - 10
-    abl = synthetic_trials(
-        "exp3",
-        "llama-3.3-70b",
-        200,
-        30,
-        50,
-        condition="otd_paper_26",
-        ablation_set="otd_paper_26",
-        ablate=tuple(range(26)),
-    )
+    base, abl = exp1_and_ablation_tables()
     abl["seed"] = base["seed"]
     paths = [_write(base, tmp_path / "base.parquet"), _write(abl, tmp_path / "abl.parquet")]
     summ = summarise_experiment(paths, tmp_path / "summary.json", n_boot=200)
