@@ -8,6 +8,7 @@ to their new names, with a ``DeprecationWarning``."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -77,13 +78,13 @@ class ModelSpec:
 
 
 @functools.lru_cache(maxsize=1)
-def _schema_text() -> str:
-    return SCHEMA_PATH.read_text(encoding="utf-8")
+def _parsed_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 def load_schema() -> dict[str, Any]:
-    """The workflow's config schema (a fresh copy)."""
-    return yaml.safe_load(_schema_text())
+    """The workflow's config schema (a fresh copy of the schema parsed once per process)."""
+    return copy.deepcopy(_parsed_schema())
 
 
 #: Old key -> new key, applied with a DeprecationWarning. Top-level keys, and keys inside every judge block.

@@ -130,7 +130,6 @@ def _named(namedlist: Any) -> dict[str, Any]:
 
 def run_rule(fn: Callable[..., Any], smk: Any) -> Any:
     """The one call of every ``workflow/scripts/<rule>.py``: ``fn(**bind_rule(fn, smk))`` with the job's log file
-    and thread count."""
-    kwargs = bind_rule(fn, smk)
+    and thread count (a binding error is logged there too)."""
     with stage_logging(smk.log[0] if len(smk.log) else None, getattr(smk, "threads", None)):
-        return fn(**kwargs)
+        return fn(**bind_rule(fn, smk))
