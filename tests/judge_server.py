@@ -5,6 +5,8 @@ Behaviour is scripted per request: ``plan`` maps a marker substring (looked for 
 list of actions applied on the 1st, 2nd, ... request carrying that marker; once the list is used up (or for requests
 without a marker) the server answers ``good``. Actions: ``good``; ``malformed`` (reply text without a verdict);
 ``badscore`` (score 150); ``oversplit`` (an attempt per sentence); ``429:<secs>`` (429 with Retry-After);
+``429ms:<millis>`` (429 with only ``retry-after-ms``); ``stubborn`` (a temperature-0 judge: malformed unless the
+request carries a corrective follow-up turn); ``proseverdict`` (reasoning that mentions the tag before the verdict); ``cut`` (a verdict cut off at max_tokens);
 ``500``; ``503``; ``404``; ``stall:<secs>`` (sleep, then answer good); ``badbody`` (200 with a non-JSON body);
 ``401echo`` (401 whose body echoes the API key)."""
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from esr.judge.segmentation import split_attempts
+from esr.judge.segmentation import PATTERNS_ONLY, split_attempts
 
 _ANSWER = re.compile(r"Chatbot's answer: (.*)\nDistracting concept: ", re.DOTALL)
 
@@ -85,6 +87,8 @@ class ScriptedServer:
         messages = body.get("messages", [])
         user = next((m["content"] for m in messages if m.get("role") == "user"), "")
         action = self._action(user)
+        if action == "stubborn":  # same request, same reply; a corrective turn changes the request
+            action = "good" if sum(m.get("role") == "user" for m in messages) > 1 else "malformed"
         with self._lock:
             self.hits.append(Hit(handler.path, {k.lower(): v for k, v in handler.headers.items()}, body, user, action))
         if self.delay_s:
@@ -94,12 +98,16 @@ class ScriptedServer:
             time.sleep(float(arg))
             kind = "good"
         try:
-            if kind in ("good", "malformed", "badscore", "oversplit"):
+            if kind in ("good", "malformed", "badscore", "oversplit", "proseverdict"):
                 self._reply(handler, 200, self._wire(handler.path, self._text(kind, user)))
+            elif kind == "cut":
+                self._reply(handler, 200, self._wire(handler.path, self._text("good", user)[:60], cut=True))
             elif kind == "badbody":
                 self._reply(handler, 200, b"<html>not json</html>", "text/html")
             elif kind == "429":
                 self._reply(handler, 429, {"error": "rate limited"}, headers={"Retry-After": arg or "1"})
+            elif kind == "429ms":
+                self._reply(handler, 429, {"error": "rate limited"}, headers={"retry-after-ms": arg or "1000"})
             elif kind == "401echo":
                 key = handler.headers.get("x-api-key") or handler.headers.get("authorization", "")
                 self._reply(handler, 401, {"error": f"invalid key {key}"})
@@ -119,15 +127,17 @@ class ScriptedServer:
             return 'Reasoning: fine answer. <json>{"attempts": [{"attempt_text": "x", "score": }]}</json>'
         m = _ANSWER.search(user)
         answer = m.group(1) if m else ""
-        pieces = split_attempts(answer) or [answer or "empty"]
+        pieces = split_attempts(answer, detector=PATTERNS_ONLY) or [answer or "empty"]
         if kind == "oversplit":  # a judge that splits at every sentence, restart language or not
             pieces = [p.strip() + "." for p in answer.split(". ") if p.strip()]
         scores = [10.0] * (len(pieces) - 1) + [150.0 if kind == "badscore" else 90.0]
         verdict = {"attempts": [{"attempt_text": p, "score": s} for p, s in zip(pieces, scores)]}
+        if kind == "proseverdict":
+            return f"I put the verdict in <json> tags below {{as asked}}.\n<json>{json.dumps(verdict)}</json>"
         return f"The answer looks fine.\n<json>{json.dumps(verdict)}</json>"
 
     @staticmethod
-    def _wire(path: str, text: str) -> dict[str, Any]:
+    def _wire(path: str, text: str, cut: bool = False) -> dict[str, Any]:
         if path.endswith("/v1/messages"):
             return {
                 "id": "msg_1",
@@ -135,12 +145,18 @@ class ScriptedServer:
                 "role": "assistant",
                 "model": "m",
                 "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
+                "stop_reason": "max_tokens" if cut else "end_turn",
             }
         return {
             "id": "c1",
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length" if cut else "stop",
+                }
+            ],
         }
 
     @staticmethod

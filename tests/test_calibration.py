@@ -158,7 +158,9 @@ def test_threshold_not_rounded_unless_asked():
     mean = logistic_mean(0.4137, 0.05)
     res = calibrate(0, mean, BoostPrior(0.5, 0.3, 0.0, 1.0), CalibrationSettings(n_steps=15), check=False)
     assert res.threshold != round(res.threshold, 2)
-    res2 = calibrate(0, mean, BoostPrior(0.5, 0.3, 0.0, 1.0), CalibrationSettings(n_steps=15, round_to=2), check=False)
+    res2 = calibrate(
+        0, mean, BoostPrior(0.5, 0.3, 0.0, 1.0), CalibrationSettings(n_steps=15, round_decimals=2), check=False
+    )
     assert res2.threshold == round(res2.threshold, 2)
 
 
@@ -253,6 +255,11 @@ def make_key(latent: int = 5, **changes) -> CalibrationKey:
         sae_layer=15,
         seed=20260127,
         boost_unit="median_resid_norm",
+        model_settings={"dtype": "bfloat16", "engine": "transformers", "boost": {"prior_mean": 0.45}},
+        generation={"temperature": 0.6, "positions": "all", "ablation_layer": None, "dtype": "torch.bfloat16"},
+        judge={"config": {"backend": "offline_minilm", "temperature": 0.0, "restart_gate": False}, "identity": {}},
+        prompts_sha256="0" * 64,
+        weights={"model_files": None, "sae_files": {"sae_weights.safetensors": "1" * 64}},
     )
     settings = CalibrationSettings(n_steps=6, samples_per_step=3, check_samples=1, grid_points=1000)
     prior = BoostPrior(0.45, 0.3, 0.0, 1.5)
@@ -410,3 +417,145 @@ def test_keys_normalise_numbers_and_sample_plan():
     assert other_model.seed != req.seed
     with pytest.raises(CalibrationError, match="samples_per_step"):
         sample_plan(req, n_prompts=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the authors' query-point weight and rounding (reference protocol Sec. 3)
+
+
+def authors_bisection(score_fn, prior: BoostPrior, n_steps: int, grid_points: int, target: float = 0.3):
+    """The authors' algorithm as the reference protocol (Sec. 3) states it, in probability space: Gaussian prior on a
+    linspace grid; query the first grid point where the CDF reaches 0.5; y = +1 if s >= target; p from
+    Beta(0.5 + 5s, 0.5 + 5(1-s)) with the flip; x p on the indicated side, x (1-p) on the other, x sqrt(p(1-p)) at
+    k = searchsorted(grid, x); renormalise; the result is the final median rounded to 2 decimals."""
+    from scipy.stats import beta
+
+    grid = np.linspace(prior.lower, prior.upper, grid_points)
+    post = np.exp(-0.5 * ((grid - prior.mean) / prior.std) ** 2)
+    post /= post.sum()
+    queries = []
+    for _ in range(n_steps):
+        x = grid[np.searchsorted(np.cumsum(post), 0.5)]
+        s = score_fn(x)
+        y = 1 if s >= target else -1
+        p_below = beta.cdf(target, 0.5 + 5 * s, 0.5 + 5 * (1 - s))
+        p = 1 - p_below if y == 1 else p_below
+        if p < 0.5:
+            y, p = -y, 1 - p
+        k = int(np.searchsorted(grid, x))
+        like = np.empty_like(grid)
+        like[k + 1 :], like[:k] = (p, 1 - p) if y == 1 else (1 - p, p)
+        like[k] = math.sqrt(p * (1 - p))
+        post = post * like / (post * like).sum()
+        queries.append(float(x))
+    return round(float(grid[np.searchsorted(np.cumsum(post), 0.5)]), 2), post, queries
+
+
+AUTHORS = dict(confidence="authors_beta", beta_weight=5.0, query_weight="authors_sqrt", round_decimals=2)
+
+
+def test_authors_mode_reproduces_the_protocols_algorithm():
+    prior = BoostPrior(mean=7.0, std=5.0, lower=0.0, upper=100.0)  # the authors' 70B prior and bounds
+    mean = logistic_mean(11.37, 2.0)
+    settings = CalibrationSettings(n_steps=10, grid_points=2001, check_samples=0, **AUTHORS)
+    state = BisectionState(latent=0, prior=prior, settings=settings)
+    res = calibrate_many([state], scalar_score_fn(mean), check=False)[0]
+    expected, post, queries = authors_bisection(mean, prior, n_steps=10, grid_points=2001)
+    assert [h.query for h in res.history] == queries
+    np.testing.assert_allclose(state.posterior(), post, rtol=1e-9, atol=1e-15)
+    assert res.threshold == expected and res.threshold == round(res.threshold, 2)
+    assert abs(res.threshold - 11.37) < 1.0
+    # our default weight (0.5) gives another posterior on the same observations
+    ours = BisectionState(latent=0, prior=prior, settings=dataclasses.replace(settings, query_weight="half"))
+    for h in res.history:
+        ours.update(h.query, h.observed)
+    assert not np.allclose(ours.posterior(), post, rtol=1e-6, atol=0)
+
+
+def test_query_point_weight_on_a_five_point_grid():
+    """One update by hand: grid 0..4, prior N(2, 1), observed 0.6 at the median 2 (above a 0.3 target, y = +1)."""
+    from scipy.stats import beta
+
+    prior = BoostPrior(mean=2.0, std=1.0, lower=0.0, upper=4.0)
+    grid = np.arange(5.0)
+    base = np.exp(-0.5 * (grid - 2.0) ** 2)
+    p = 1 - beta.cdf(0.3, 0.5 + 5 * 0.6, 0.5 + 5 * 0.4)
+    for weight, at_query in (("authors_sqrt", math.sqrt(p * (1 - p))), ("half", 0.5)):
+        settings = CalibrationSettings(grid_points=5, confidence="authors_beta", query_weight=weight)
+        state = BisectionState(latent=0, prior=prior, settings=settings)
+        assert state.next_query() == 2.0
+        rec = state.update(2.0, 0.6)
+        assert rec.direction == 1 and rec.p == pytest.approx(p, rel=1e-12)
+        expected = base * np.array([1 - p, 1 - p, at_query, p, p])
+        np.testing.assert_allclose(state.posterior(), expected / expected.sum(), rtol=1e-12)
+
+
+def test_rounding_is_to_round_decimals():
+    prior = BoostPrior(0.5, 0.3, 0.0, 1.0)
+    mean = logistic_mean(0.4137, 0.05)
+    for decimals in (None, 0, 1, 2, 3):
+        res = calibrate(0, mean, prior, CalibrationSettings(n_steps=12, round_decimals=decimals), check=False)
+        raw = BisectionState(latent=0, prior=prior, settings=CalibrationSettings(n_steps=12))
+        for h in res.history:
+            raw.update(h.query, h.observed)
+        assert res.threshold == (raw.median() if decimals is None else round(raw.median(), decimals))
+    with pytest.raises(CalibrationError, match="calibration.round_decimals"):
+        CalibrationSettings(round_decimals=-1)
+    with pytest.raises(CalibrationError, match="calibration.query_weight"):
+        CalibrationSettings(query_weight="sqrt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-model settings
+
+
+def test_model_calibration_block_overrides_the_top_level_one():
+    from esr.calibration import model_settings
+
+    class Spec:
+        name = "llama-3.3-70b"
+        calibration = {"samples_per_step": 5}
+
+    block = {"target": 0.3, "n_steps": 10, "samples_per_step": 1}
+    assert model_settings(block, Spec()).samples_per_step == 5
+    assert model_settings(block, Spec()).n_steps == 10
+    Spec.calibration = {}
+    assert model_settings(block, Spec()).samples_per_step == 1
+    Spec.calibration = {"samples_per_stp": 5}
+    with pytest.raises(CalibrationError, match=r"models\.llama-3\.3-70b\.calibration\.samples_per_stp"):
+        model_settings(block, Spec())
+    Spec.calibration = {"samples_per_step": 0}
+    with pytest.raises(CalibrationError, match=r"samples_per_step.*models\.llama-3\.3-70b\.calibration"):
+        model_settings(block, Spec())
+
+
+def test_paper_config_has_the_authors_calibration_settings():
+    from esr.calibration import model_settings
+    from esr.config import REPO_ROOT, load_config, model_specs
+
+    cfg = load_config(REPO_ROOT / "config" / "paper.yaml")
+    per_model = {name: model_settings(cfg["calibration"], spec) for name, spec in model_specs(cfg).items()}
+    assert {m: s.samples_per_step for m, s in per_model.items()} == {
+        "llama-3.3-70b": 5,
+        "llama-3.1-8b": 1,
+        "gemma-2-2b": 1,
+        "gemma-2-9b": 1,
+        "gemma-2-27b": 1,
+    }
+    for s in per_model.values():
+        assert (s.query_weight, s.round_decimals, s.n_steps, s.grid_points) == ("authors_sqrt", 2, 10, 10_000)
+    default = load_config(REPO_ROOT / "config" / "config.yaml")
+    assert default["calibration"]["query_weight"] == "half" and default["calibration"]["round_decimals"] is None
+
+
+def test_config_rejects_unknown_model_calibration_keys(tmp_path):
+    from esr.config import ConfigError, load_config
+    from esr.testing import write_tiny_workflow
+
+    path = write_tiny_workflow(tmp_path)
+    ok = load_config(path, {"models": {"tiny-llama": {"calibration": {"samples_per_step": 3}}}})
+    assert ok["models"]["tiny-llama"]["calibration"] == {"samples_per_step": 3}
+    with pytest.raises(ConfigError, match="calibration"):
+        load_config(path, {"models": {"tiny-llama": {"calibration": {"targt": 0.3}}}})
+    with pytest.raises(ConfigError, match="query_weight"):
+        load_config(path, {"calibration": {"query_weight": "third"}})

@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
+from esr.audit import not_run_rows_with_inputs
 from esr.io import read_json
 from esr.testing import write_tiny_workflow
 
@@ -52,9 +53,11 @@ def test_tiny_dag_plans_every_experiment(repo_root, tiny_config):
         "sequential",
         "summarise",
         "compare",
+        "specificity",
         "audit",
     ):
         assert f"rule {rule}:" in res.stdout, rule
+    assert "rule cross_model:" not in res.stdout  # one model: the size trend is not planned
     assert "build_corpus" not in res.stdout  # a local SAE needs no embedded SAE build
 
 
@@ -67,6 +70,8 @@ def test_tiny_dag_runs_end_to_end_and_reruns_only_grading_after_a_judge_change(r
     assert len(trials) == 8 and {"attempt_scores", "first_score", "judge_id", "seed", "boost"} <= set(trials.columns)
     audit = read_json(work / "results/audit/paper_numbers.json")
     assert audit["verdict_counts"]
+    # no row says "not run" while the summaries it reads exist (a key the table reads that the code never writes)
+    assert not_run_rows_with_inputs(work / "results/audit/paper_numbers.json", work / "results", base_dir=work) == []
     assert (work / "results/figures/fig2_esr_by_model.png").exists()
 
     # editing a judge setting reruns grading and what depends on it, never generation

@@ -164,3 +164,16 @@ def test_make_episode_both_methods():
         E.make_episode(t, "x", method="judge_offsets")
     b = E.Episode("bl_0001", "h", "baseline", "an answer", source="unsteered")
     assert b.region_labels(n_tokens=4) == ["baseline"] * 4
+
+
+@pytest.mark.parametrize(
+    "phrase", ["Wait, that's not quite right.", "Scratch that.", "Let's get back to your question."]
+)
+def test_episode_boundaries_use_the_judges_restart_detector(phrase):
+    """exp9 aligns on the same restarts the offline judge splits attempts at (one detector, not a second list)."""
+    from esr.judge.segmentation import find_restarts
+
+    text = OFF + phrase + " " + ON
+    b = E.find_restart(text)
+    assert b is not None and text[b.correction :].startswith(phrase.split()[0]) and text[b.on_topic :] == ON
+    assert [r.start for r in find_restarts(text)] == [b.correction]

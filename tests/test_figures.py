@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
+from esr import figures
 from esr.figures import (
     ablation_figure,
     empty_figure,
@@ -175,3 +177,140 @@ def test_not_run_figures_are_honest(tmp_path):
         == d
         == {"figure": "e.png", "kind": "empty", "message": "no self-correction episodes"}
     )
+
+
+# --------------------------------------------------------------------------------------- readability
+
+
+MODEL_NAMES = ["llama-3.3-70b", "llama-3.1-8b", "gemma-2-27b", "gemma-2-9b", "gemma-2-2b", "smollm2-135m-instruct"]
+
+
+def _visible_texts(fig):
+    """Every drawn, non-empty Text artist of a figure: titles, axis labels, tick labels, texts, legend entries."""
+    fig.canvas.draw()
+    texts = list(fig.texts) + ([fig._suptitle] if fig._suptitle is not None else [])
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            texts.append(axis.get_offset_text())
+            for tick in axis._update_ticks():
+                texts += [tick.label1, tick.label2]
+        if ax.get_legend() is not None:
+            texts += list(ax.get_legend().get_texts())
+    unique = list({id(t): t for t in texts}.values())  # the suptitle is also in fig.texts
+    return [t for t in unique if t.get_visible() and t.get_text().strip()]
+
+
+def _overlaps(fig):
+    renderer = fig.canvas.get_renderer()
+    texts = _visible_texts(fig)
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    bad = []
+    for i, (ta, a) in enumerate(boxes):
+        for tb, b in boxes[i + 1 :]:
+            w = min(a.x1, b.x1) - max(a.x0, b.x0)
+            h = min(a.y1, b.y1) - max(a.y0, b.y0)
+            if w > 1 and h > 1:  # more than a pixel in both directions
+                bad.append((ta, tb))
+    return bad
+
+
+def _panel_texts(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 6])
+def test_fig2_readable_with_1_to_6_models(n_models):
+    names = MODEL_NAMES[:n_models]
+    df = pd.concat([_trials(m, 6, 0.3 if i % 2 else 0.05, i) for i, m in enumerate(names)], ignore_index=True)
+    fig, side = figures._draw_esr_by_model(df, names)
+    try:
+        assert _overlaps(fig) == []
+        assert len(side["models"]) == n_models
+        kn = [t for t in _panel_texts(fig.axes[2]) if "/" in t]
+        assert len(kn) == n_models  # one k/n label per model, in the label column
+    finally:
+        plt.close(fig)
+
+
+def test_fig2_empty_histogram_says_why():
+    df = _trials("m", 4, 0.0, 0)  # no multi-attempt trial
+    fig, side = figures._draw_esr_by_model(df, ["m"])
+    try:
+        assert any("no multi-attempt trials" in t for t in _panel_texts(fig.axes[0]))
+        assert _overlaps(fig) == []
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("n_levels", [1, 2, 6])
+def test_fig3_readable_with_1_to_6_levels(n_levels):
+    boosts = tuple(float(b) for b in range(n_levels))
+    df = _trials("m", 3, 0.2, 2, experiment="exp2", boosts=boosts)
+    df["boost_level"] = [f"global:{b - 1:+.2f}sd" for b in df["boost"]]
+    df["threshold"] = 1.0
+    fig, _ = figures._draw_boost_sweep(sweep_table(df), model="m")
+    try:
+        assert _overlaps(fig) == []
+    finally:
+        plt.close(fig)
+
+
+def test_fig3_first_score_intervals_stay_in_0_100_and_empty_panels_say_why():
+    rows = []
+    for level, score in (("global:-1.00sd", 0.0), ("global:+1.00sd", 100.0)):
+        for j in range(3):
+            rows.append(graded_row(f"{level}-{j}", "exp2", "m", j, "l", 1.0, j, "p", j, scores=[score], response="x"))
+    df = pd.DataFrame(rows)
+    df["boost_level"] = ["global:-1.00sd"] * 3 + ["global:+1.00sd"] * 3
+    df["threshold"] = 1.0
+    fig, side = figures._draw_boost_sweep(sweep_table(df), model="m")
+    try:
+        for p in side["curves"]["first_score"]:
+            assert 0.0 <= p["ci"][0] <= p["mean"] <= p["ci"][1] <= 100.0 and p["ci"][1] > p["ci"][0]
+        assert any("no multi-attempt trials" in t for t in _panel_texts(fig.axes[1]))  # improvement: no multi
+        assert _overlaps(fig) == []
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("n_conditions", [1, 2, 6])
+def test_fig4_and_fig5_readable_with_1_to_6_conditions(n_conditions):
+    conds = [
+        (f"exp3: {name}" if i else "exp1: no ablation", summarise(_trials("m", 4, 0.1 + 0.05 * i, 10 + i)))
+        for i, name in enumerate(["base", "discovered_separability", "discovered_frequency", "random_0", "r_1", "r2"])
+    ][:n_conditions]
+    for draw in (
+        lambda: figures._draw_condition_bars(
+            conds, "fig5", "Latent ablation m", "wilson", ("first_score", "multi", "esr")
+        ),
+        lambda: figures._draw_condition_bars(conds, "fig4", "Meta-prompts m", "wilson", ("multi", "esr")),
+    ):
+        fig, side = draw()
+        try:
+            assert _overlaps(fig) == []
+            for p in side["panels"].get("first_score", []):
+                assert 0.0 <= p["ci"][0] <= p["ci"][1] <= 100.0
+        finally:
+            plt.close(fig)
+
+
+def test_condition_panel_without_trials_says_why():
+    from esr.metrics import summarise as summ
+
+    empty = summ(_trials("m", 2, 0.1, 0).assign(error="judge failed"))  # every trial excluded
+    fig, _ = figures._draw_condition_bars([("exp1", empty)], "fig4", "t", "wilson", ("multi", "esr"))
+    try:
+        assert all(any("no included trials" in t for t in _panel_texts(ax)) for ax in fig.axes)
+    finally:
+        plt.close(fig)
+
+
+def test_overlap_check_finds_overlapping_labels():
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.text(0.5, 0.5, "185/4877", transform=ax.transAxes)
+    ax.text(0.52, 0.5, "llama-3.3-70b", transform=ax.transAxes)
+    try:
+        assert _overlaps(fig) == [("185/4877", "llama-3.3-70b")]
+    finally:
+        plt.close(fig)

@@ -1,5 +1,6 @@
-"""LLM judge backends against a real HTTP server on loopback: good, malformed and out-of-range verdicts, 429 with
-Retry-After, 5xx, stalls, unreadable bodies, caching, crash + rerun, secrets hygiene, concreteness grading."""
+"""LLM judge backends (official anthropic / openai SDK transports) against a real HTTP server on loopback: good,
+malformed and out-of-range verdicts, corrective re-asks, 429 with retry-after-ms / Retry-After, 5xx, stalls,
+unreadable bodies, caching, crash + rerun, secrets hygiene, concreteness grading."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from esr.judge import (
     build_concreteness_grader,
     build_judge,
 )
-from esr.judge.http_backends import parse_retry_after
 
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"
 ON = "To bake bread, mix flour, water, yeast and salt, knead, let it rise, shape and bake at 220 C."
@@ -80,9 +80,11 @@ def test_good_reply_wire_format(server, backend):
     assert res.judge_id == f"{backend}:judge-model"
     assert [a.score for a in res.attempts] == [10.0, 90.0] and "<json>" in res.raw_text
     hit = server.hits[0]
-    if backend == "anthropic":
-        assert hit.path == "/v1/messages" and hit.headers["x-api-key"] == KEY
-        assert hit.headers["anthropic-version"] == "2023-06-01"
+    if backend == "anthropic":  # the SDK's auth header and API version
+        assert (
+            hit.path == "/v1/messages" and KEY in f"{hit.headers.get('x-api-key')} {hit.headers.get('authorization')}"
+        )
+        assert hit.headers["anthropic-version"] and hit.headers["user-agent"].startswith("AsyncAnthropic/Python")
         assert set(hit.body) == {"model", "max_tokens", "system", "messages", "temperature"}
         assert hit.body["messages"][0]["role"] == "user"
     else:
@@ -112,14 +114,47 @@ def test_transient_failures_are_retried(server, backend):
     assert judge.stats.parse_retries == 2 and judge.stats.http_retries == 5
 
 
-def test_retry_after_is_honoured_not_backoff(server):
-    server.plan = {"#ra": ["429:0.4"]}
-    judge = judge_for(server, "anthropic", backoff_base_s=0.0)
+@pytest.mark.parametrize("backend", ["anthropic", "openai_compat"])
+@pytest.mark.parametrize("action, hint_s", [("429ms:1500", 1.5), ("429:1.2", 1.2)])
+def test_retry_hints_are_honoured(server, backend, action, hint_s):
+    """A 429 carrying only ``retry-after-ms`` (or only ``Retry-After`` seconds) waits the hint, not the backoff."""
+    server.plan = {"#ra": [action]}
+    judge = judge_for(server, backend, backoff_base_s=0.0)
     t0 = time.monotonic()
-    assert judge.grade_batch([req(ON, "#ra")])[0].ok
-    assert time.monotonic() - t0 >= 0.4
-    assert parse_retry_after("2") == 2.0 and parse_retry_after(None) is None
-    assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") < 1
+    res = judge.grade_batch([req(ON, "#ra")])[0]
+    waited = time.monotonic() - t0
+    assert res.ok and res.n_calls == 2 and judge.stats.http_retries == 1
+    assert hint_s <= waited < hint_s + 1.0, waited
+
+
+def test_temperature_zero_judge_gets_a_grade_after_a_corrective_reask(server):
+    """A judge that repeats itself for the same request: the re-ask must change the request (corrective turn,
+    raised temperature), so the trial gets a grade instead of three identical failures."""
+    server.plan = {"#stub": ["stubborn"] * 5}
+    judge = judge_for(server, "anthropic", temperature=0.0, reask_temperature=0.5)
+    res = judge.grade_batch([req(ON, "#stub")])[0]
+    assert res.ok and res.n_calls == 2 and res.scores == [90.0] and len(res.metadata["parse_failures"]) == 1
+    first, second = server.hits
+    assert len(first.body["messages"]) == 1 and first.body["temperature"] == 0.0
+    roles = [m["role"] for m in second.body["messages"]]
+    assert roles == ["user", "assistant", "user"] and second.body["temperature"] == 0.5
+    assert "could not be read" in second.body["messages"][2]["content"]
+    assert second.body["messages"][1]["content"].startswith("Reasoning")
+
+
+@pytest.mark.parametrize("backend", ["anthropic", "openai_compat"])
+def test_reply_cut_at_max_tokens_is_a_truncated_error(server, backend):
+    server.plan = {"#cut": ["cut"] * 5}
+    judge = judge_for(server, backend, max_parse_retries=1)
+    res = judge.grade_batch([req(ON, "#cut")])[0]
+    assert res.error_kind == "truncated" and "max_tokens" in res.error and res.n_calls == 2
+    assert judge.stats.errors_truncated == 1 and judge.stats.errors_parse == 0
+
+
+def test_reply_mentioning_the_tag_before_the_verdict_parses(server):
+    server.plan = {"#prose": ["proseverdict"]}
+    res = judge_for(server, "openai_compat").grade_batch([req(ON, "#prose")])[0]
+    assert res.ok and res.n_calls == 1 and res.scores == [90.0]
 
 
 def test_failures_recorded_without_stopping_batch(server):
@@ -289,7 +324,7 @@ def test_secrets_never_reach_disk_or_logs(server, tmp_path, caplog, capsys):
         grader.grade_labels(["dogs and puppies"])
         server.plan = {"#echo": ["401echo"], "#retry": ["429:0.01", "500"]}
         server._seen.clear()
-    assert any(h.headers.get("x-api-key") == KEY for h in server.hits)  # the key was really used
+    assert any(KEY in f"{h.headers.get('x-api-key')} {h.headers.get('authorization')}" for h in server.hits)
     out = capsys.readouterr()
     blobs = [caplog.text, out.out, out.err]
     blobs += [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]

@@ -119,3 +119,63 @@ def test_offline_cache_rerun_skips_model(encoder, tmp_path):
     other.anchors = Anchors(cos_off=0.0, cos_on=0.9, source="test")
     other.grade_batch(reqs[:1])
     assert other.stats.cache_misses == 1
+
+
+# ------------------------------------------------------------------------------------- restart recognition
+def _restart_cases():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "restart_cases.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_restart_recognition_precision_recall_floors(encoder):
+    """Labelled set (tests/data/restart_cases.jsonl, written for this test; 'heldout' rows were written after the
+    margin was set): an answer with a restart must split into >= 2 attempts, one without must stay one attempt.
+    Measured when written: all 114 P=1.00 R=0.88 (patterns alone R=0.25); held-out 24 P=1.00 R=0.50."""
+    cases = _restart_cases()
+    assert len(cases) >= 60 and {c["restart"] for c in cases} == {True, False}
+    judge = OfflineMiniLMJudge(encoder=encoder, show_progress=False)
+    results = judge.grade_now([JudgeRequest("Explain how to do it.", c["text"], "x") for c in cases])
+    pred = [len(r.attempts) >= 2 for r in results]
+    tp = sum(p and c["restart"] for p, c in zip(pred, cases))
+    fp = sum(p and not c["restart"] for p, c in zip(pred, cases))
+    fn = sum(c["restart"] and not p for p, c in zip(pred, cases))
+    precision, recall = tp / max(1, tp + fp), tp / (tp + fn)
+    assert precision >= 0.95 and recall >= 0.80, (precision, recall)
+    held = [(p, c) for p, c in zip(pred, cases) if c.get("heldout")]
+    assert not [c["text"] for p, c in held if p and not c["restart"]]  # no false restart on unseen elaboration
+
+
+def test_issue_examples(encoder):
+    judge = OfflineMiniLMJudge(encoder=encoder, show_progress=False)
+    drift = "The tide rises twice a day as the moon pulls on the oceans. "
+    restarts = [
+        "Wait, that's not quite right - I drifted into talking about tides.",
+        "Hmm, no, that's unrelated.",
+        "I apologize, I made a mistake.",
+        "Let's get back to your question.",
+        "Scratch that.",
+    ]
+    answer = "To plan a party, start with a guest list and a budget."
+    for phrase in restarts:
+        res = judge.grade("Explain how to plan a party.", f"{drift}{phrase} {answer}", "tides")
+        assert len(res.attempts) == 2, phrase
+        assert res.attempts[1].text.startswith(phrase.split(",")[0].split(" ")[0]), res.attempts
+        assert res.scores[1] > res.scores[0], res.metadata
+    for elaboration in ["Actually, you can also hire a caterer.", "Let me explain the next step again."]:
+        res = judge.grade("Explain how to plan a party.", f"{answer} {elaboration} Send invitations early.", "x")
+        assert len(res.attempts) == 1, elaboration
+
+
+def test_find_restarts_matches_the_offline_judge(encoder):
+    """tests/test_workflow.py counts restarts with ``find_restarts``; it must agree with the judge's split."""
+    from esr.judge.segmentation import RestartDetector, find_restarts
+
+    detector = RestartDetector(encoder=encoder)
+    text = f"{OFF_TOPIC} Sorry, I went off on a tangent there. {ANSWERS[0]}"
+    found = find_restarts(text, detector)
+    assert len(found) == 1 and text[found[0].start :].startswith("Sorry")
+    res = OfflineMiniLMJudge(encoder=encoder, show_progress=False).grade(PROMPTS[0], text, "dogs")
+    assert len(res.attempts) == 2

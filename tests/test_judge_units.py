@@ -244,3 +244,137 @@ def test_wordnet_concreteness(wordnet_grader, label, concrete):
     score = wordnet_grader.grade_labels([label])[0]
     assert score.approximation and score.grader_id.endswith("(approximation)")
     assert score.passes() is concrete, (label, score.score, score.details)
+
+
+# ------------------------------------------------------------------------------- verdict extraction (the kind)
+GOOD = '{"attempts": [{"attempt_text": "Mix flour and water, then bake.", "score": 80}]}'
+DRAFT = '{"attempts": [{"attempt_text": "draft", "score": 5}]}'
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        f"I put the verdict in <json> tags below.\n<json>{GOOD}</json>",  # the issue's example
+        f"Reasoning: the answer uses {{braces}} and a set {{1, 2}}.\n<json>{GOOD}</json>",
+        f"The tags are <json> and </json>; here it is: <json>{GOOD}</json>",
+        f"<json>\n```json\n{GOOD}\n```\n</json>",
+        f"```json\n{GOOD}\n```",
+        f'Thoughts... {{"attempts": "not a list"}} then the real one <json>{GOOD}</json>',
+        f'<json>{{"attempts": [{{"attempt_text": "x", "score": 150}}]}}</json> fixed: <json>{GOOD}</json>',
+        f"<json>{GOOD}</json>\nHope this helps! (score range is {{0..100}})",
+        f"Stray </json> and <json> tags, then <JSON>{GOOD}</JSON>",
+        f"No tags at all: {GOOD} - done.",
+        f"An untagged draft {DRAFT} and the tagged verdict <json>{GOOD}</json>",
+    ],
+)
+def test_verdict_found_whatever_the_prose_around_it(reply):
+    assert parse_attempts(reply) == [Attempt("Mix flour and water, then bake.", 80.0)]
+
+
+def test_block_choice_first_or_last():
+    reply = f"<json>{DRAFT}</json> on reflection: <json>{GOOD}</json>"
+    assert parse_attempts(reply)[0].score == 80.0
+    assert parse_attempts(reply, block="last")[0].score == 80.0
+    assert parse_attempts(reply, block="first")[0].score == 5.0
+    with pytest.raises(ValueError, match="block"):
+        parse_attempts(reply, block="middle")
+
+
+def test_concreteness_reply_with_prose_brackets():
+    reply = 'Ratings [as asked]:\n[{"label": "a", "rating": 80}] and [note] [{"label": "a", "rating": 60}]'
+    assert parse_concreteness(reply, ["a"])[0].rating == 60.0
+    assert parse_concreteness(reply, ["a"], block="first")[0].rating == 80.0
+
+
+# ------------------------------------------------------------------------------------------ cache key audit
+def _changed(value):
+    """Another value of the same kind (used to perturb every settings field)."""
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return 0.25
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-x"
+    if isinstance(value, dict):
+        return {**value, "x-extra": "1"}
+    raise TypeError(type(value))
+
+
+def _judges():
+    from esr.judge.offline import OfflineMiniLMJudge
+
+    llm = build_judge({"backend": "anthropic", "cache_dir": None})
+    return {"llm": llm, "offline": OfflineMiniLMJudge(encoder=object()), "fake": FakeJudge()}
+
+
+@pytest.mark.parametrize("kind", ["llm", "offline", "fake"])
+def test_every_settings_field_is_in_the_cache_key_unless_marked(kind):
+    """Enumerates the settings dataclass (recursively): changing any field changes the key, except fields marked
+    not_in_key (with a reason). A field added later is covered automatically."""
+    import copy
+    import dataclasses
+
+    from esr.judge.settings import in_key
+
+    def replace(obj, name, value):  # like dataclasses.replace, without the value checks of __post_init__
+        new = copy.copy(obj)
+        object.__setattr__(new, name, value)
+        return new
+
+    judge = _judges()[kind]
+    request = JudgeRequest("p", "r", "l")
+    base = judge.cache_key(request)
+    checked = 0
+
+    def walk(obj, rebuild):
+        nonlocal checked
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, lambda new, f=f: rebuild(replace(obj, f.name, new)))
+                continue
+            judge.settings = rebuild(replace(obj, f.name, _changed(value)))
+            changed = judge.cache_key(request) != base
+            assert changed == in_key(f), (kind, f.name, "in key" if in_key(f) else "marked not_in_key")
+            checked += 1
+
+    original = judge.settings
+    try:
+        walk(original, lambda new: new)
+    finally:
+        judge.settings = original
+    assert checked >= 5 and judge.cache_key(request) == base
+
+
+def test_llm_judge_runs_from_the_settings_it_is_keyed_on():
+    judge = build_judge(
+        {
+            "backend": "openai_compat",
+            "model": "m",
+            "temperature": 0.3,
+            "max_tokens": 99,
+            "json_block": "first",
+            "reask_temperature": 0.9,
+            "restart_gate": True,
+            "max_parse_retries": 1,
+            "cache_dir": None,
+        }
+    )
+    s = judge.settings
+    assert judge.chat.settings is s.chat and (s.chat.temperature, s.chat.max_tokens) == (0.3, 99)
+    assert (s.json_block, s.reask_temp(), s.restart_gate, s.max_parse_retries) == ("first", 0.9, True, 1)
+    assert s.restart_patterns and judge.cache_identity()["chat"]["base_url"] == "https://api.openai.com/v1"
+    assert "api_key_env" not in judge.cache_identity()["chat"]  # a variable name, never the key
+    other = build_judge({"backend": "openai_compat", "model": "m", "cache_dir": None, "json_block": "last"})
+    assert other.cache_key(JudgeRequest("p", "r", "l")) != judge.cache_key(JudgeRequest("p", "r", "l"))
+
+
+# ------------------------------------------------------------------------------------------- restart patterns
+def test_paper_restart_phrase_with_quite_is_found_without_a_model():
+    text = (
+        "Tides rise twice a day with the moon. Wait, that's not quite right - I drifted. To plan a party, list guests."
+    )
+    assert len(split_attempts(text)) == 2
+    assert len(split_attempts(f"{ON} Wait, that is not correct. {ON}")) == 2

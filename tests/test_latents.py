@@ -69,11 +69,15 @@ def test_relevance_zero_on_prompts():
 
 
 def test_relevance_top_k_per_prompt():
-    keep = relevance_pass_mask(crafted_acts(), "top100_per_prompt", top_k=2)
+    keep = relevance_pass_mask(crafted_acts(), "top100_on_prompt_tokens", top_k=2)
     # prompt 0 top-2: {0, 1}; prompt 1 top-2: {3, 4}; prompt 2 top-2 with act > 0: {0, 6}
     assert np.flatnonzero(~keep).tolist() == [0, 1, 3, 4, 6]
-    keep100 = relevance_pass_mask(crafted_acts(), "top100_per_prompt")  # top-100 never includes zero activations
+    keep100 = relevance_pass_mask(crafted_acts(), "top100_on_prompt_tokens")  # top-100 never holds zero activations
     assert np.flatnonzero(keep100).tolist() == [7]
+    # the old name is a deprecated alias: the same filter, with a warning saying what it ranks on
+    with pytest.warns(DeprecationWarning, match="prompt's tokens, not on unsteered responses"):
+        old = relevance_pass_mask(crafted_acts(), "top100_per_prompt", top_k=2)
+    assert (old == keep).all()
     assert relevance_pass_mask(crafted_acts(), "none").all()
     with pytest.raises(SelectionError, match="relevance_filter"):
         relevance_pass_mask(crafted_acts(), "top10")
@@ -196,7 +200,7 @@ def test_top100_variant_changes_counts():
     acts, freq = crafted_inputs()
     acts[1, :] = np.arange(D_SAE)  # prompt 1 activates every latent but 0
     settings = SelectionSettings(
-        n_latents=10, trials_per_latent=2, relevance_filter="top100_per_prompt", relevance_top_k=2
+        n_latents=10, trials_per_latent=2, relevance_filter="top100_on_prompt_tokens", relevance_top_k=2
     )
     sel = select_latents(
         model="m",
@@ -343,6 +347,10 @@ def test_selection_input_errors(tmp_path):
         )
     with pytest.raises(SelectionError, match="selection.relevance_filter"):
         SelectionSettings(relevance_filter="top100")
+    with pytest.warns(DeprecationWarning, match="top100_on_prompt_tokens"):
+        assert SelectionSettings(relevance_filter="top100_per_prompt").relevance_filter == "top100_on_prompt_tokens"
+    with pytest.raises(SelectionError, match="selection.n_latents_per_model.m"):
+        SelectionSettings(n_latents_per_model={"m": 0})
     from esr.config import ConfigError, load_config
     from esr.testing import write_tiny_workflow
 
@@ -355,3 +363,26 @@ def test_seed_derivation():
     assert derive_seed(1, "m", "candidates") != derive_seed(1, "m", "prompts:0")
     assert derive_rng(1, "m", "x").integers(1 << 30) == derive_rng(1, "m", "x").integers(1 << 30)
     assert labels_dict(pd.DataFrame({"latent": [0, 1], "label": ["a", ""]})) == {0: "a", 1: None}
+
+
+def test_n_latents_per_model_overrides_the_block():
+    from esr.latents import model_selection_settings
+
+    block = {"n_latents": 500, "trials_per_latent": 5, "n_latents_per_model": {"big": 1000}}
+    assert model_selection_settings(block, "big").n_latents == 1000
+    assert model_selection_settings(block, "small").n_latents == 500
+    assert model_selection_settings(block, "big").trials_per_latent == 5
+    settings = model_selection_settings(
+        {"n_latents": 1, "trials_per_latent": 1, "relevance_filter": "none", "n_latents_per_model": {"big": 2}}, "big"
+    )
+    sel = select_latents(
+        model="big",
+        seed=0,
+        settings=settings,
+        d_sae=4,
+        labels={0: "dogs", 1: "cats", 2: "fish"},
+        grader=lambda labs: [90.0] * len(labs),
+        prompt_acts=None,
+        n_prompts=10,
+    )
+    assert len(sel.latents) == 2 and sel.shortfall == 0

@@ -210,3 +210,36 @@ def test_summary_dict_roundtrip():
     s = summarise(crafted_table(), bootstrap=BootstrapSpec(100, 0))
     back = type(s).from_dict(s.to_dict())
     assert back.to_dict() == s.to_dict()
+
+
+# --------------------------------------------------------------------------------------- bounded means
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[0.0, 0.0, 5.0], [0.0, 0.0, 0.0, 0.0], [100.0, 95.0, 100.0], [100.0, 100.0], [3.0], [0.0, 100.0], [50.0, 50.0]],
+)
+def test_small_n_score_means_stay_inside_0_100(scores):
+    m = MeanEstimate.of(scores, bounds=(0.0, 100.0))
+    ci = m.interval()
+    assert 0.0 <= ci.lo <= m.mean <= ci.hi <= 100.0
+    assert ci.hi > ci.lo  # a real interval, never a point
+    assert ci.method in ("logit", "wilson_bounded")
+
+
+def test_bounded_interval_values():
+    wald = MeanEstimate.of([0.0, 0.0, 5.0]).normal()
+    assert wald.lo < 0  # the paper's mean ± 1.96·SE leaves the scale at small n
+    m = MeanEstimate.of([0.0, 0.0, 5.0], bounds=(0.0, 100.0))
+    p, se = m.mean / 100, m.sd / 100 / math.sqrt(3)
+    half = 1.959964 * se / (p * (1 - p))
+    expit = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = (100 * expit(math.log(p / (1 - p)) - half), 100 * expit(math.log(p / (1 - p)) + half))
+    assert (m.interval().lo, m.interval().hi) == pytest.approx(want, rel=1e-6)
+    # all scores 0: the conservative Wilson bound of the rescaled mean, z²/(n + z²)
+    allzero = MeanEstimate.of([0.0] * 4, bounds=(0.0, 100.0)).interval()
+    assert allzero.lo == 0.0 and allzero.hi == pytest.approx(100 * 3.8414588 / (4 + 3.8414588), rel=1e-6)
+    # the summary reports the bounded interval as "ci" and keeps the paper's bar as "wald_paper"
+    d = m.to_dict()
+    assert d["ci"] == [pytest.approx(want[0]), pytest.approx(want[1])] and d["ci_method"] == "logit"
+    assert d["wald_paper"][0] == pytest.approx(wald.lo)

@@ -7,6 +7,7 @@ import json
 import yaml
 
 from esr.config import validate_config
+from esr.fidelity import MISSING, fidelity_table
 from esr.io import write_json
 from esr.report import fidelity_notes, run_overview
 
@@ -17,7 +18,51 @@ def _config(repo_root):
 
 def test_fidelity_notes_state_the_approximations(repo_root):
     notes = " ".join(fidelity_notes(_config(repo_root)))
-    assert "APPROXIMATION" in notes and "Planted positive control" in notes and "layer 15" in notes
+    assert "APPROXIMATION" in notes and "Planted restarts" in notes and "15/15" in notes
+
+
+def test_fidelity_table_lists_every_deviation_the_issue_names_with_this_runs_value(repo_root):
+    """Every deviation of issue 17's list has a row, read from the resolved config (not a fixed text)."""
+    cfg = _config(repo_root)
+    rows = fidelity_table(cfg)
+    settings = {r["setting"] for r in rows}
+    for key in (
+        "calibration.confidence",
+        "calibration.query_weight",
+        "calibration.round_decimals",
+        "models.smollm2-135m.calibration.samples_per_step",
+        "selection.n_latents_per_model.smollm2-135m",
+        "experiments.meta_prompts.judge_sees_variant",
+        "experiments.meta_prompts.wording",
+        "experiments.boost_sweep.merge_clamped",
+        "selection.relevance_filter",
+        "sequential.baseline_source",
+        "sequential.boundary_source",
+        "judge.json_block",
+        "judge.max_tokens",
+        "cross_judge.judges.*.temperature",
+        "detectors.random_control",
+    ):
+        assert key in settings, key
+    engine = " ".join(r["reference"] for r in rows if r["setting"] == "engine")
+    assert "bf16 SAE round trip" in engine and "double-counts" in engine  # SmolLM2 is a Llama
+    assert "MLP branch" not in engine  # no Gemma model in the embedded default
+    assert all(r["this_run"] != MISSING for r in rows), [r["setting"] for r in rows if r["this_run"] == MISSING]
+    by_key = {r["setting"]: r for r in rows}
+    assert by_key["generation.max_new_tokens"]["this_run"] == str(cfg["generation"]["max_new_tokens"])
+    assert by_key["generation.max_new_tokens"]["matches_reference"] is (cfg["generation"]["max_new_tokens"] == 512)
+    cfg["generation"]["max_new_tokens"] = 512
+    assert {r["setting"]: r for r in fidelity_table(cfg)}["generation.max_new_tokens"]["matches_reference"] is True
+
+
+def test_paper_config_fidelity_names_gemma_readouts_and_per_model_values(repo_root):
+    cfg = validate_config(yaml.safe_load((repo_root / "config/paper.yaml").read_text()))
+    rows = fidelity_table(cfg)
+    assert any("MLP branch" in r["reference"] for r in rows)
+    samples = {r["setting"]: r["this_run"] for r in rows if r["setting"].endswith("calibration.samples_per_step")}
+    assert samples["models.llama-3.3-70b.calibration.samples_per_step"] == "5"
+    assert samples["models.gemma-2-2b.calibration.samples_per_step"] == "1"
+    assert all(r["this_run"] != MISSING for r in rows), [r["setting"] for r in rows if r["this_run"] == MISSING]
 
 
 def test_run_overview_lists_cells_and_verdicts(tmp_path, repo_root):

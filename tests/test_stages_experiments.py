@@ -68,8 +68,17 @@ def test_detectors_and_matched_controls(tiny):
     det = read_json(tiny["detectors"])
     assert set(det["detector_sets"]) == {"discovered_separability", "discovered_frequency", "discovered_top_auc"}
     assert len(det["detector_sets"]["discovered_top_auc"]["latents"]) == 4
-    for rs in det["random_sets"].values():
-        assert not set(rs["latents"]) & set(det["detector_sets"]["discovered_separability"]["latents"])
+    detector_latents = {j for s in det["detector_sets"].values() for j in s["latents"]}
+    assert set(det["random_sets"]) == {"random_discovered_top_auc_0", "random_discovered_top_auc_1"}
+    info = det["random_control"]
+    assert info["match_to"] == ["discovered_top_auc"] and info["stats_on"] == "all_pairs"
+    drawn = [set(rs["latents"]) for rs in det["random_sets"].values()]
+    if info["disjoint"]:  # disjoint from every detector set and from each other
+        assert not (drawn[0] | drawn[1]) & detector_latents and not drawn[0] & drawn[1]
+    else:
+        assert info["notes"] and "pool too small" in info["notes"][0]
+    assert det["discovery_prompts"] == "evaluation"
+    assert det["detector_sets"]["discovered_top_auc"]["params"]["rank"].startswith("AUC")
     assert len(pd.read_parquet(tiny["answers"])) == 6
 
 
@@ -84,12 +93,12 @@ def test_thresholds_are_within_bounds_and_cached(tiny):
 def test_generation_is_paired_resumable_and_captures(tiny, tmp_path):
     exp1 = _plan(tiny, "exp1", "steered")
     abl = _plan(tiny, "exp3", "discovered_top_auc")
-    ctl = _plan(tiny, "exp10", "random_0")
+    ctl = _plan(tiny, "exp10", "random_discovered_top_auc_0")
     key = [(t.latent, t.prompt_id, t.seed) for t in exp1]
     assert key == [(t.latent, t.prompt_id, t.seed) for t in abl] == [(t.latent, t.prompt_id, t.seed) for t in ctl]
     det = read_json(tiny["detectors"])
     assert all(t.ablate == tuple(sorted(det["detector_sets"]["discovered_top_auc"]["latents"])) for t in abl)
-    assert all(t.ablate == tuple(det["random_sets"]["random_0"]["latents"]) for t in ctl)
+    assert all(t.ablate == tuple(det["random_sets"]["random_discovered_top_auc_0"]["latents"]) for t in ctl)
     # an empty discovered set runs as zero trials, never as another set
     if not det["detector_sets"]["discovered_frequency"]["latents"]:
         assert _plan(tiny, "exp3", "discovered_frequency") == []
@@ -162,6 +171,26 @@ def test_grading_planted_control_sequential_and_audit(tiny, tmp_path):
     analysis = read_json(seq["analysis"])
     assert analysis.get("skipped") or analysis["n_episodes"] > 0
     assert seq["window"].exists() and seq["regions"].exists()
+    n_base = cfg["sequential"]["n_baseline"]
+    assert analysis["baseline_source"] == "unsteered"
+    assert analysis["n_baseline"] == min(n_base, len(read_trials(graded["exp8"])))
+    # the authors' baseline: steered exp1 answers that stayed on topic in one attempt (score >= 50)
+    authors = {k: tmp_path / f"authors-{v.name}" for k, v in seq.items()}
+    settings = {**cfg["sequential"], "baseline_source": "steered_on_topic"}
+    stats.sequential(
+        spec=tiny["spec"],
+        model_dir=tiny["model_dir"],
+        trials=[graded["exp1"], graded["planted"]],
+        baseline=graded["exp8"],
+        detectors=tiny["detectors"],
+        settings=settings,
+        seed=cfg["seed"],
+        **authors,
+    )
+    pool = read_trials([graded["exp1"], graded["planted"]])
+    on_topic = ((pool.n_attempts == 1) & (pool.first_score >= 50) & (pool.boost > 0)).sum()
+    assert read_json(authors["analysis"])["n_baseline"] == min(on_topic, n_base)
+    assert read_json(authors["analysis"])["baseline_source"] == "steered_on_topic"
 
     summaries = []
     for name in ("exp1", "planted"):

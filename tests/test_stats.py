@@ -11,6 +11,8 @@ from statsmodels.stats.proportion import confint_proportions_2indep
 
 from esr.metrics import BootstrapSpec
 from esr.stats import (
+    ComparisonFamily,
+    cluster_sign_flip_test,
     cohen_kappa,
     fisher_test,
     holm,
@@ -152,3 +154,57 @@ def test_judge_agreement():
     # kappa: A multi [1,0,1,0,1], B [1,0,1,1,1]: po 0.8, pe 0.6*0.8+0.4*0.2 = 0.56 → 0.24/0.44
     assert ag.multi_kappa == pytest.approx(0.24 / 0.44)
     assert ag.pearson_first == pytest.approx(np.corrcoef([10, 50, 20, 70, 5], [15, 55, 25, 60, 0])[0, 1])
+
+
+# --------------------------------------------------------------------------------------- clustered data
+
+
+def test_one_latent_has_no_cluster_interval_and_no_clustered_evidence():
+    # 10 trials of one latent, 3 ESR at baseline, 1 under the replay: iid tools would give [0.3, 0.3] and
+    # [−0.2, −0.2]; with one cluster there is no interval, and the clustered test cannot reject
+    rows_b = [("m", 1, i, i, 20, 60 if i < 3 else 20, 2 if i < 3 else 1) for i in range(10)]
+    rows_o = [("m", 1, i, i, 20, 60 if i < 1 else 20, 2 if i < 1 else 1) for i in range(10)]
+    base, other = _included(rows_b), _included(rows_o)
+    pc = paired_comparison(base, other, "abl", bootstrap=BootstrapSpec(500, 0))
+    assert pc.esr_diff.mean == pytest.approx(-0.2)
+    assert math.isnan(pc.esr_diff.ci.lo) and math.isnan(pc.esr_diff.ci.hi)
+    assert "1 cluster" in pc.esr_diff.ci.reason and pc.to_dict()["paired_differences"]["esr_rate"]["ci"] == [None] * 2
+    assert pc.esr_cluster_test.pvalue == 1.0 and pc.esr_cluster_test.n_clusters == 1
+    from esr.metrics import InclusionReport, summarise_included
+
+    report = InclusionReport(10, {}, 0, False, 10)
+    s = summarise_included(base.assign(degraded=False), report, BootstrapSpec(500, 0))
+    assert s.esr.estimate == pytest.approx(0.3)
+    assert (
+        math.isnan(s.bootstrap["esr_rate"].lo) and "no interval" in s.to_dict()["metrics"]["esr_rate"]["bootstrap_note"]
+    )
+
+
+def test_cluster_sign_flip_exact_by_hand():
+    # per-latent sums of paired differences: +2, +1, +3, −1 → T = 5; |±2 ±1 ±3 ±1| >= 5 for all-equal signs (7) and
+    # with one of the two 1s flipped (5, twice): 3 patterns and their mirrors, p = 6/16
+    diff = np.array([1, 1, 1, 0, 1, 1, 1, -1], dtype=float)
+    codes = np.array([0, 0, 1, 1, 2, 2, 2, 3])
+    r = cluster_sign_flip_test(diff, codes)
+    assert r.exact and r.n_clusters == 4 and r.statistic == pytest.approx(5 / 8)
+    assert r.pvalue == pytest.approx(6 / 16) and r.min_pvalue == pytest.approx(1 / 8)
+    with pytest.raises(ValueError):
+        cluster_sign_flip_test(diff, codes[:3])
+
+
+def test_clustered_test_is_less_confident_than_mcnemar_under_clustering():
+    # 6 latents × 5 trials: ablation removes ESR in whole latents 0–2 only; McNemar counts 15 discordant pairs as
+    # independent (p = 2/2^15); the clustered test sees 3 latents moving together (per-latent sums −5, −5, −5, 0, 0, 0:
+    # 16 of the 64 sign patterns reach |T| = 15, p = 1/4)
+    rows_b, rows_o = [], []
+    for lat in range(6):
+        for j in range(5):
+            esr_b = lat < 3
+            rows_b.append(("m", lat, j, 10 * lat + j, 20, 60 if esr_b else 20, 2 if esr_b else 1))
+            rows_o.append(("m", lat, j, 10 * lat + j, 20, 20, 1))
+    pc = paired_comparison(_included(rows_b), _included(rows_o), "abl", bootstrap=BootstrapSpec(300, 0))
+    assert pc.esr_test.pvalue == pytest.approx(2 / 2**15)
+    assert pc.esr_cluster_test.pvalue == pytest.approx(16 / 64)
+    fam = ComparisonFamily("f", paired=[pc]).to_dict()
+    assert fam["holm_clustered"]["paired_clustered:abl:esr_rate"]["pvalue"] == pc.esr_cluster_test.pvalue
+    assert fam["holm"]["paired:abl:esr_rate"]["pvalue"] == pc.esr_test.pvalue

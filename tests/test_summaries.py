@@ -64,6 +64,10 @@ def test_summarise_experiment_and_compare(tmp_path):
     fam = comp["families"][0]
     assert fam["paired"][0]["n_pairs"] == 1000
     assert set(fam["holm"]) >= {"paired:exp3/ablation_set=otd_paper_26:esr_rate"}
+    # beside McNemar: the latent-clustered sign-flip test, and Holm over the clustered p-values
+    flip = fam["paired"][0]["cluster_sign_flip"]["esr_rate"]
+    assert flip["n_clusters"] == 200 and 0 < flip["pvalue"] <= 1
+    assert fam["holm_clustered"]["paired_clustered:exp3/ablation_set=otd_paper_26:esr_rate"]["pvalue"] == flip["pvalue"]
     assert json.loads((tmp_path / "comp.json").read_text())["families"][0]["family"] == fam["family"]
 
 
@@ -147,3 +151,13 @@ def test_bootstrap_setting(tmp_path, n_boot):
     boot = out["cells"][0]["metrics"]["esr_rate"].get("bootstrap")
     assert (boot is None) == (n_boot == 0)
     assert out["settings"]["bootstrap"] == (None if n_boot == 0 else {"n_resamples": 50, "seed": 1, "level": 0.95})
+
+
+def test_one_latent_cell_has_no_bootstrap_interval_and_bounded_means():
+    df = synthetic_trials("exp1", "m", 1, 3, 4)  # 5 trials of one latent
+    [c] = summarise_table(df)
+    m = c["metrics"]
+    assert m["esr_rate"]["bootstrap"] == [None, None] and "cluster" in m["esr_rate"]["bootstrap_note"]
+    lo, hi = m["first_score"]["ci"]
+    assert 0 <= lo <= m["first_score"]["mean"] <= hi <= 100 and m["first_score"]["bounds"] == [0.0, 100.0]
+    assert m["msi_all"]["bounds"] == [-100.0, 100.0]

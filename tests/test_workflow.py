@@ -39,6 +39,7 @@ def test_dry_run_embedded_default(repo_root):
         "label_latents",
     ):
         assert counts.get(rule) == 1, counts
+    assert "cross_model" not in counts  # one model: no size trend to test
 
 
 def test_dry_run_paper_plans_all_five_models_offline(repo_root):
@@ -47,6 +48,11 @@ def test_dry_run_paper_plans_all_five_models_offline(repo_root):
     counts = job_counts(res.stdout)
     assert counts["download_model"] == 5 and counts["fetch_sae"] == 5, counts
     assert "build_corpus" not in counts  # paper models use published SAEs
+    assert counts["cross_model"] == 1 and counts["specificity"] == 5, counts  # size trend; exp3 vs exp10 per model
+    # exp10: one group of 3 controls per set exp3 ablates (the 70B also ablates the paper's two sets)
+    for s in ("otd_paper_26", "otd_separability_25", "discovered_separability", "discovered_frequency"):
+        assert f"results/exp10/llama-3.3-70b/shards/random_{s}_2/" in res.stdout, s
+    assert "results/exp10/gemma-2-2b/shards/random_otd_paper_26_0/" not in res.stdout
     for model in ("llama-3.3-70b", "llama-3.1-8b", "gemma-2-2b", "gemma-2-9b", "gemma-2-27b"):
         assert f"resources/models/{model}" in res.stdout
 
@@ -89,4 +95,8 @@ def test_embedded_workflow_end_to_end(repo_root):
     assert (planted.n_attempts[only_planted] == 2).all()
     audit = json.loads((repo_root / "results/audit/paper_numbers.json").read_text())
     assert sum(audit["verdict_counts"].values()) == len(audit["numbers"]) > 40
+    from esr.audit import not_run_rows_with_inputs
+
+    # issue 17: no audit row is "not run" while the summaries it reads exist in this run
+    assert not_run_rows_with_inputs(repo_root / "results/audit/paper_numbers.json", repo_root / "results") == []
     assert (repo_root / f"results/exp9/{m}/aligned_window.png").exists()

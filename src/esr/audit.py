@@ -28,18 +28,34 @@ import yaml
 from scipy.ndimage import gaussian_filter1d
 
 from esr import io
-from esr.metrics import MeanEstimate, Proportion, pooled_mean, wilson_interval
+from esr.metrics import (
+    METRIC_BOUNDS,
+    MeanEstimate,
+    Proportion,
+    pooled_mean,
+    wilson_fraction_interval,
+    wilson_interval,
+)
 from esr.provenance import provenance
 from esr.stats import relative_change
 
 AUDIT_SCHEMA = "esr.paper_numbers/1"
 PAPER = "McKenzie et al., arXiv 2602.06941 v1"
 DEFAULT_TABLE = "esr/data/paper_numbers.yaml"
+SUMMARY_SCHEMA = "esr.summary/1"
 
 CONSISTENT = "consistent"
 INCONSISTENT = "inconsistent"
+INCONCLUSIVE = "inconclusive (underpowered)"
 NOT_RUN = "not run in this configuration"
+NOT_IMPLEMENTED = "not implemented in this package"
 NOT_TESTABLE = "not testable"
+VERDICTS = (CONSISTENT, INCONSISTENT, INCONCLUSIVE, NOT_RUN, NOT_IMPLEMENTED, NOT_TESTABLE)
+
+#: Why a row is "not run": the input is absent (model, experiment, cell, config key), the configuration's design
+#: differs from the paper's (``on_mismatch: not_run``), or the selected summary cell exists but lacks the field the
+#: row reads (a key the code does not write: a defect, listed by ``not_run_rows_with_inputs``).
+MISSING_INPUT, DESIGN_DIFFERS, MISSING_FIELD = "missing_input", "design_differs", "missing_field"
 
 # ----------------------------------------------------------------------------------------------- verdict definition
 # Rich text as runs of (style, text), style "" (plain), "b", "i" or "code": rendered to Markdown and to HTML alike.
@@ -64,7 +80,11 @@ def _code(text: str) -> tuple[str, str]:
 
 
 DEFINITION_INTRO: Runs = _runs(
-    _b("Verdicts."), " Each paper number is compared with our estimate and its 95 % interval:"
+    _b("Verdicts."),
+    " Each paper number is compared with our estimate and its 95 % interval. A verdict must be able to fail: where"
+    " our interval cannot tell the paper's claim from no effect, the row is ",
+    _b(INCONCLUSIVE),
+    ", with the sample size that would decide it.",
 )
 #: (item, sub-items) of the verdict definition.
 DEFINITION_ITEMS: tuple[tuple[Runs, tuple[Runs, ...]], ...] = (
@@ -86,7 +106,18 @@ DEFINITION_ITEMS: tuple[tuple[Runs, tuple[Runs, ...]], ...] = (
                 _b("Wilson"),
                 " 95 % interval;",
             ),
-            _runs("means (", _code("ci"), " rule): it overlaps our mean ± 1.96·SE interval (SD with ddof = 1);"),
+            _runs(
+                "means (",
+                _code("ci"),
+                " rule): it overlaps our interval for the mean; for bounded scores (0–100) a logit-transformed "
+                "interval that stays inside the scale (the paper's mean ± 1.96·SE is kept in the JSON as ",
+                _code("wald_paper"),
+                ");",
+            ),
+            _runs(
+                "values the summary gives without an interval (exp9 region means, Cohen's d extremes): our value ± "
+                "the tolerance stated in the table is the interval;"
+            ),
             _runs(
                 "ratios and relative changes (",
                 _code("ci"),
@@ -94,10 +125,12 @@ DEFINITION_ITEMS: tuple[tuple[Runs, tuple[Runs, ...]], ...] = (
                 "computed from our unrounded counts (independent-samples formula, conservative for paired replays);",
             ),
             _runs(
-                'bounds ("< 1 %", "> 95 %"): our interval reaches the claimed side of the bound (the claim is not '
-                "rejected);"
+                "and, when the paper's value differs from the no-effect value (0 for a rate, a change or a "
+                "difference, 1 for a ratio), our interval excludes the no-effect value; when the paper's value is "
+                'itself no effect ("0 %"), our interval lies within its printed precision;'
             ),
-            _runs('ranges ("88–92", "93–97 %"): our interval overlaps the range;'),
+            _runs('bounds ("< 1 %", "> 95 %"): our whole interval lies on the claimed side of the bound;'),
+            _runs('ranges ("88–92", "93–97 %"): our whole interval lies inside the range;'),
             _runs(
                 "constants and design values (",
                 _code("exact"),
@@ -106,17 +139,49 @@ DEFINITION_ITEMS: tuple[tuple[Runs, tuple[Runs, ...]], ...] = (
                 "): within the stated relative tolerance;",
             ),
             _runs(
-                "peak locations (", _code("level_spacing"), "): within one boost-level spacing of the paper's location;"
+                "peak locations (",
+                _code("level_spacing"),
+                "): within one boost-level spacing of the paper's location, on a curve whose peak stands out (its "
+                "lower bound above the lowest level's estimate and above 0; otherwise inconclusive);",
             ),
             _runs("claims over several cells (every judge pair, every random set) must hold for each of them."),
         ),
     ),
-    (_runs(_b(INCONSISTENT), " otherwise."), ()),
+    (
+        _runs(
+            _b(INCONSISTENT),
+            " when our interval excludes every value the claim allows (no overlap with the printed-precision "
+            "interval or the range; wholly on the wrong side of a bound), or a design value differs.",
+        ),
+        (),
+    ),
+    (
+        _runs(
+            _b(INCONCLUSIVE),
+            " otherwise: our interval holds both values the claim allows and a value it excludes (the no-effect value,"
+            " or the far side of a bound or range). The row gives ",
+            _code("n_to_decide"),
+            ": for rates, the smallest n at which a Wilson interval around the paper's value would exclude the "
+            "no-effect value and one around the no-effect value would exclude the paper's value (for bounds and "
+            "ranges: one around our estimate would clear the bound); for other estimates, our n scaled by "
+            "(half-width / distance)². Counts, design values and constants have no sampling error and are never "
+            "inconclusive; rows whose quantity has no no-effect value (mean scores) keep the overlap rule.",
+        ),
+        (),
+    ),
     (
         _runs(
             _b(NOT_RUN),
             ": the run that would produce the number (model, experiment, summary cell or config key) is "
             "not part of this configuration; the reason is given.",
+        ),
+        (),
+    ),
+    (
+        _runs(
+            _b(NOT_IMPLEMENTED),
+            ": the experiment that produces the number (exp4 fine-tuning, the Figure 1 example) is not implemented "
+            "in this package, so no configuration can run it (reason given).",
         ),
         (),
     ),
@@ -149,13 +214,25 @@ class NotRun(Exception):
     """The number needs a run (model, experiment, summary cell, config key) this configuration did not do."""
 
 
+class MissingField(NotRun):
+    """The selected summary cell exists but lacks the field, metric or value the row reads."""
+
+
 class NotTestable(Exception):
     """The paper's statement defines no computable quantity."""
 
 
+class NotImplementedHere(Exception):
+    """The experiment producing the number is not implemented in this package."""
+
+
 @dataclass(frozen=True)
 class Obs:
-    """One computed value (in the unit of the table entry) with its interval and sample size."""
+    """One computed value (in the unit of the table entry) with its interval and sample size.
+
+    ``proportion_scale``: set (100 for percent, 1 for a fraction) when the value is a proportion k/n with a Wilson
+    interval, so the audit can give the n that would decide an inconclusive row. ``undecided``: a reason, set by the
+    formula, why this value cannot decide the claim (e.g. a peak location on a curve with no significant peak)."""
 
     value: float | list | None
     ci: tuple[float, float] | None = None
@@ -163,6 +240,8 @@ class Obs:
     label: str = ""
     spacing: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    proportion_scale: float | None = None
+    undecided: str | None = None
 
 
 @dataclass
@@ -181,6 +260,8 @@ class AuditRow:
     reason: str = ""
     observations: list[dict[str, Any]] = field(default_factory=list)
     notes: str = ""
+    n_to_decide: int | None = None
+    not_run_cause: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,14 +289,20 @@ class CellIndex:
             cells.extend(io.read_json(p).get("cells", []))
         return cls(cells)
 
-    def find(self, experiment: str, model: str, cell: str = "*") -> list[Mapping[str, Any]]:
-        return [
-            c
-            for c in self.cells
-            if c.get("experiment") == experiment
-            and c.get("model") == model
-            and fnmatch.fnmatchcase(str(c.get("cell")), cell)
-        ]
+    def find(self, experiment: str, model: str, cell: str | Sequence[str] = "*") -> list[Mapping[str, Any]]:
+        """Cells of ``experiment`` and ``model`` whose label matches ``cell`` (an ``fnmatch`` pattern), or, for a list
+        of patterns, the matches of the first pattern that matches any cell (a specific pattern, then fallbacks)."""
+        for pattern in [cell] if isinstance(cell, str) else cell:
+            found = [
+                c
+                for c in self.cells
+                if c.get("experiment") == experiment
+                and c.get("model") == model
+                and fnmatch.fnmatchcase(str(c.get("cell")), pattern)
+            ]
+            if found:
+                return found
+        return []
 
     @property
     def experiments(self) -> list[str]:
@@ -269,8 +356,27 @@ def _scale(unit: str) -> float:
     return 100.0 if unit == "percent" else 1.0
 
 
+def _metric(c: Mapping[str, Any], metric: str) -> Mapping[str, Any]:
+    try:
+        return c["metrics"][metric]
+    except (KeyError, TypeError):
+        raise MissingField(
+            f"summary cell {c.get('experiment')}/{c.get('model')}/{c.get('cell')} has no metric {metric!r}"
+        ) from None
+
+
+def _field(c: Mapping[str, Any], path: str) -> Any:
+    try:
+        v = _get_path(c, path)
+    except KeyError:
+        raise MissingField(f"summary cell {c.get('experiment')}/{c.get('cell')} has no field {path}") from None
+    if v is None:
+        raise MissingField(f"summary cell {c.get('experiment')}/{c.get('cell')} has no value for {path}")
+    return v
+
+
 def _rate_obs(c: Mapping[str, Any], metric: str, unit: str) -> Obs:
-    m = c["metrics"][metric]
+    m = _metric(c, metric)
     s = _scale(unit)
     est = m.get("estimate")
     ci = m.get("wilson")
@@ -285,18 +391,24 @@ def _rate_obs(c: Mapping[str, Any], metric: str, unit: str) -> Obs:
             "wald": [None if v is None else v * s for v in m.get("wald", [None, None])],
             "bootstrap": [None if v is None else v * s for v in (m.get("bootstrap") or [None, None])],
         },
+        proportion_scale=s,
     )
 
 
 def _mean_obs(c: Mapping[str, Any], metric: str) -> Obs:
-    m = c["metrics"][metric]
+    m = _metric(c, metric)
     ci = m.get("ci")
     return Obs(
         m.get("mean"),
         None if not ci or ci[0] is None else (ci[0], ci[1]),
         m.get("n"),
         str(c.get("cell")),
-        details={"sd": m.get("sd"), "bootstrap": m.get("bootstrap")},
+        details={
+            "sd": m.get("sd"),
+            "ci_method": m.get("ci_method", "normal"),
+            "wald_paper": m.get("wald_paper"),
+            "bootstrap": m.get("bootstrap"),
+        },
     )
 
 
@@ -318,8 +430,8 @@ def _f_rate(ctx, e, src):
 
 def _f_pooled_rate(ctx, e, src):
     cells = _pooled_cells(ctx, src)
-    k = sum(int(c["metrics"][src["metric"]]["k"]) for c in cells)
-    n = sum(int(c["metrics"][src["metric"]]["n"]) for c in cells)
+    k = sum(int(_metric(c, src["metric"])["k"]) for c in cells)
+    n = sum(int(_metric(c, src["metric"])["n"]) for c in cells)
     p, ci, s = Proportion(k, n), wilson_interval(k, n), _scale(e["unit"])
     return [
         Obs(
@@ -328,6 +440,7 @@ def _f_pooled_rate(ctx, e, src):
             n,
             f"pooled over {len(cells)}",
             details={"k": k, "n": n, "cells": len(cells)},
+            proportion_scale=s,
         )
     ]
 
@@ -341,28 +454,28 @@ def _f_pooled_mean(ctx, e, src):
         return math.nan if x is None else float(x)
 
     cells = _pooled_cells(ctx, src)
-    ms = [c["metrics"][src["metric"]] for c in cells]
-    pm = pooled_mean([MeanEstimate(int(m["n"]), nan_if_none(m["mean"]), nan_if_none(m["sd"])) for m in ms])
-    ci = pm.normal()
-    return [Obs(pm.mean, (ci.lo, ci.hi), pm.n, f"pooled over {len(cells)}")]
+    ms = [_metric(c, src["metric"]) for c in cells]
+    bounds = METRIC_BOUNDS.get(src["metric"])
+    pm = pooled_mean([MeanEstimate(int(m["n"]), nan_if_none(m["mean"]), nan_if_none(m["sd"]), bounds) for m in ms])
+    ci, wald = pm.interval(), pm.normal()
+    return [
+        Obs(
+            None if math.isnan(pm.mean) else pm.mean,
+            None if ci.is_nan else (ci.lo, ci.hi),
+            pm.n,
+            f"pooled over {len(cells)}",
+            details={"ci_method": ci.method, "wald_paper": wald.as_list()},
+        )
+    ]
 
 
 def _f_count(ctx, e, src):
-    out = []
-    for c in _cells(ctx, src):
-        try:
-            v = _get_path(c, src["field"])
-        except KeyError:
-            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('cell')} has no field {src['field']}") from None
-        if v is None:
-            raise NotRun(f"summary cell {c.get('experiment')}/{c.get('cell')} has no value for {src['field']}")
-        out.append(Obs(v, None, c.get("n"), str(c.get("cell"))))
-    return out
+    return [Obs(_field(c, src["field"]), None, c.get("n"), str(c.get("cell"))) for c in _cells(ctx, src)]
 
 
 def _f_pooled_count(ctx, e, src):
     cells = _pooled_cells(ctx, src)
-    return [Obs(sum(int(_get_path(c, src["field"])) for c in cells), None, None, f"pooled over {len(cells)}")]
+    return [Obs(sum(int(_field(c, src["field"])) for c in cells), None, None, f"pooled over {len(cells)}")]
 
 
 def _f_n_cells(ctx, e, src):
@@ -379,7 +492,7 @@ def _ratio_parts(ctx, a: Mapping[str, Any], b: Mapping[str, Any]):
     ca, cb = _cells(ctx, a), _cells(ctx, b)
     if len(ca) != 1 or len(cb) != 1:
         raise NotRun(f"ratio needs one cell each; found {len(ca)} and {len(cb)}")
-    ma, mb = ca[0]["metrics"][a["metric"]], cb[0]["metrics"][b["metric"]]
+    ma, mb = _metric(ca[0], a["metric"]), _metric(cb[0], b["metric"])
     return int(ma["k"]), int(ma["n"]), int(mb["k"]), int(mb["n"])
 
 
@@ -408,7 +521,7 @@ def _f_sweep_peak(ctx, e, src):
     if len(cells) < 2:
         raise NotRun("fewer than two boost levels in σ units summarised (global levels)")
     x = np.asarray([c["extra"]["boost_sigma"] for c in cells], dtype=float)
-    ms = [c["metrics"][src["metric"]] for c in cells]
+    ms = [_metric(c, src["metric"]) for c in cells]
     est = np.array([m["estimate"] if m["estimate"] is not None else 0.0 for m in ms], dtype=float)
     lo = np.array([m["wilson"][0] if m["wilson"][0] is not None else 0.0 for m in ms], dtype=float)
     hi = np.array([m["wilson"][1] if m["wilson"][1] is not None else 1.0 for m in ms], dtype=float)
@@ -419,6 +532,9 @@ def _f_sweep_peak(ctx, e, src):
     spacing = float(np.median(np.diff(x)))
     s = _scale(e["unit"])
     if src.get("part") == "location":
+        # A peak location is only a finding when the peak stands out: its (smoothed) lower bound above the lowest
+        # level's estimate and above 0.
+        flat = lo[i] <= 0.0 or lo[i] <= float(np.min(est))
         return [
             Obs(
                 float(x[i]),
@@ -426,7 +542,13 @@ def _f_sweep_peak(ctx, e, src):
                 ms[i]["n"],
                 f"level {i}",
                 spacing=spacing,
-                details={"boost": cells[i]["extra"]["boost"]},
+                details={"boost": cells[i]["extra"]["boost"], "peak_lower": float(lo[i] * s)},
+                undecided=(
+                    f"the curve has no significant peak (lower bound at the peak {lo[i] * s:.3g} does not exceed "
+                    f"the lowest level's estimate {float(np.min(est)) * s:.3g} or 0)"
+                    if flat
+                    else None
+                ),
             )
         ]
     return [
@@ -436,6 +558,7 @@ def _f_sweep_peak(ctx, e, src):
             ms[i]["n"],
             f"boost_sigma={x[i]:.3g}",
             details={"smoothed": sig > 0},
+            proportion_scale=None if sig > 0 else s,
         )
     ]
 
@@ -453,7 +576,11 @@ def _f_judge_agreement(ctx, e, src):
             continue
         out.append(
             Obs(
-                m["estimate"] * s, (m["wilson"][0] * s, m["wilson"][1] * s), m["n"], f"{p['judge_a']} vs {p['judge_b']}"
+                m["estimate"] * s,
+                (m["wilson"][0] * s, m["wilson"][1] * s),
+                m["n"],
+                f"{p['judge_a']} vs {p['judge_b']}",
+                proportion_scale=s,
             )
         )
     if not out:
@@ -464,9 +591,9 @@ def _f_judge_agreement(ctx, e, src):
 def _f_value(ctx, e, src):
     out = []
     for c in _cells(ctx, src):
-        vals = c.get("values", {})
+        vals = c.get("values") or {}
         if src["key"] not in vals:
-            raise NotRun(f"summary {c.get('experiment')}/{c.get('model')} has no value {src['key']!r}")
+            raise MissingField(f"summary {c.get('experiment')}/{c.get('model')} has no value {src['key']!r}")
         v = vals[src["key"]]
         if isinstance(v, Mapping):
             ci = v.get("ci")
@@ -519,6 +646,10 @@ def _f_not_testable(ctx, e, src):
     raise NotTestable(src.get("reason", "no computable quantity"))
 
 
+def _f_not_implemented(ctx, e, src):
+    raise NotImplementedHere(src.get("reason", "the experiment producing this number is not implemented"))
+
+
 FORMULAS = {
     "rate": _f_rate,
     "pooled_rate": _f_pooled_rate,
@@ -537,6 +668,7 @@ FORMULAS = {
     "prompts_file": _f_prompts_file,
     "constant": _f_constant,
     "not_testable": _f_not_testable,
+    "not_implemented": _f_not_implemented,
 }
 
 
@@ -601,6 +733,184 @@ def check(obs: Obs, paper_value: Any, tol: Mapping[str, Any], decimals: int | No
     raise ValueError(f"unknown tolerance rule {rule!r}")
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """The verdict of one observation under one rule; ``n_to_decide`` for an inconclusive one (None when no n
+    decides it, e.g. our estimate sits on the bound)."""
+
+    verdict: str
+    reason: str = ""
+    n_to_decide: int | None = None
+
+
+#: Largest n the "n that would decide" search considers.
+_N_MAX = 10**9
+
+
+def null_value(entry: Mapping[str, Any]) -> float | None:
+    """The no-effect value of a table entry, in its unit: the entry's ``null_value`` when given (null: none), else
+    0 for rates (rate, pooled_rate, judge_agreement, a sweep-peak value), 1 for a ratio, 0 for a relative change;
+    None (no no-effect value) for everything else (mean scores, counts, design values)."""
+    if "null_value" in entry:
+        return None if entry["null_value"] is None else float(entry["null_value"])
+    formula = entry.get("formula")
+    if formula in ("rate", "pooled_rate", "judge_agreement", "rel_change"):
+        return 0.0
+    if formula == "sweep_peak" and (entry.get("source") or {}).get("part") != "location":
+        return 0.0
+    if formula == "ratio":
+        return 1.0
+    return None
+
+
+def _transform(entry: Mapping[str, Any]):
+    """The scale on which an estimate's interval is roughly symmetric (log for ratios), for ``n_to_decide``."""
+    if entry.get("formula") == "ratio":
+        return lambda x: math.log(x) if x > 0 else -math.inf
+    if entry.get("formula") == "rel_change":
+        s = _scale(entry.get("unit", ""))
+        return lambda x: math.log(1.0 + x / s) if 1.0 + x / s > 0 else -math.inf
+    return lambda x: x
+
+
+def _wilson_excludes(p: float, n: float, target: float) -> bool:
+    w = wilson_fraction_interval(p, n)
+    return target < w.lo or target > w.hi
+
+
+def n_to_separate(
+    obs: Obs, centre: float, target: float, interval: tuple[float, float] | None = None, transform=lambda x: x
+) -> int | None:
+    """The smallest sample size at which an interval centred on ``centre`` would exclude ``target`` (same unit).
+
+    Proportions (``obs.proportion_scale`` set): the Wilson interval of the fraction centre/scale, searched over n
+    (doubling, then bisection; None beyond 10⁹). Other estimates: our n scaled by (half-width / distance)² on the
+    ``transform`` scale, from our ``interval`` at our n. None when centre equals target or nothing is known."""
+    if obs.proportion_scale:
+        p, t = centre / obs.proportion_scale, target / obs.proportion_scale
+        if not 0.0 <= p <= 1.0 or p == t:
+            return None
+        hi = 1
+        while not _wilson_excludes(p, hi, t):
+            hi *= 2
+            if hi > _N_MAX:
+                return None
+        lo = hi // 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _wilson_excludes(p, mid, t) else (mid, hi)
+        return hi
+    if interval is None or not obs.n:
+        return None
+    a, b, c, t = (transform(float(x)) for x in (interval[0], interval[1], centre, target))
+    half, dist = (b - a) / 2.0, abs(c - t)
+    if not (math.isfinite(half) and math.isfinite(dist)) or dist == 0 or half <= 0:
+        return None
+    return max(1, math.ceil(obs.n * (half / dist) ** 2))
+
+
+def _interval_of(obs: Obs, tol: Mapping[str, Any]) -> tuple[float, float] | None:
+    """Our interval: the observation's, else (for values the summary gives without one) value ± the entry's stated
+    tolerance ``tol_abs`` / ``tol_rel`` (the larger), else None."""
+    if obs.ci is not None:
+        return (float(obs.ci[0]), float(obs.ci[1]))
+    if isinstance(obs.value, (int, float)) and ("tol_abs" in tol or "tol_rel" in tol):
+        h = max(float(tol.get("tol_abs", 0.0)), float(tol.get("tol_rel", 0.0)) * abs(float(obs.value)))
+        return (float(obs.value) - h, float(obs.value) + h)
+    return None
+
+
+def _fmt_iv(iv: tuple[float, float]) -> str:
+    return f"[{_fmt_num(iv[0])}, {_fmt_num(iv[1])}]"
+
+
+def judge(
+    obs: Obs,
+    paper_value: Any,
+    tol: Mapping[str, Any],
+    *,
+    decimals: int | None = None,
+    null: float | None = None,
+    transform=lambda x: x,
+) -> Judgement:
+    """The verdict of one observation (``CONSISTENCY_DEFINITION``): consistent, inconsistent or inconclusive
+    (underpowered), with the n that would decide an inconclusive one. ``null``: the no-effect value (``null_value``);
+    ``transform``: the scale for scaling n (``_transform``). Raises ValueError for an unknown rule."""
+    rule = tol["rule"]
+    v = obs.value
+    if v is None and obs.ci is None:
+        return Judgement(INCONCLUSIVE, "no estimate (no trials, or a zero count where a ratio needs one)")
+    if obs.undecided:
+        return Judgement(INCONCLUSIVE, obs.undecided)
+    if rule in ("exact", "rel_tol", "abs_tol", "level_spacing"):
+        return Judgement(CONSISTENT if check(obs, paper_value, tol, decimals) else INCONSISTENT)
+    iv = _interval_of(obs, tol)
+    if rule == "ci":
+        pv = float(paper_value)
+        p = paper_interval(pv, decimals)
+        if iv is None:
+            return Judgement(CONSISTENT if p[0] <= float(v) <= p[1] else INCONSISTENT)
+        if not _overlaps(p, iv):
+            return Judgement(INCONSISTENT)
+        if null is None:
+            return Judgement(CONSISTENT)
+        if p[0] <= null <= p[1]:  # the paper reports no effect: our interval must stay within its precision
+            if p[0] <= iv[0] and iv[1] <= p[1]:
+                return Judgement(CONSISTENT)
+            edge = p[1] if iv[1] > p[1] else p[0]
+            return Judgement(
+                INCONCLUSIVE,
+                f"our interval {_fmt_iv(iv)} reaches past {_fmt_num(edge)}, beyond the printed precision of the "
+                f"paper's no-effect value {paper_value}",
+                n_to_separate(obs, null, edge, iv, transform),
+            )
+        if iv[0] <= null <= iv[1]:
+            n_a = n_to_separate(obs, pv, null, iv, transform)
+            n_b = n_to_separate(obs, null, pv, iv, transform) if obs.proportion_scale else None
+            ns = [n for n in (n_a, n_b) if n is not None]
+            return Judgement(
+                INCONCLUSIVE,
+                f"our interval {_fmt_iv(iv)} also contains the no-effect value {_fmt_num(null)}",
+                max(ns) if ns else None,
+            )
+        return Judgement(CONSISTENT)
+    lo, hi = iv if iv is not None else (float(v), float(v))
+    if rule in ("upper_bound", "lower_bound"):
+        b, inclusive = float(paper_value), bool(tol.get("inclusive"))
+        if rule == "upper_bound":
+            wrong = lo > b if inclusive else lo >= b
+            right = hi <= b if inclusive else hi < b
+        else:
+            wrong = hi < b if inclusive else hi <= b
+            right = lo >= b if inclusive else lo > b
+        if wrong:
+            return Judgement(INCONSISTENT)
+        if right:
+            return Judgement(CONSISTENT)
+        return Judgement(
+            INCONCLUSIVE,
+            f"our interval {_fmt_iv((lo, hi))} contains the bound {_fmt_num(b)}",
+            n_to_separate(obs, float(v), b, iv, transform) if v is not None else None,
+        )
+    if rule == "range":
+        a, b = float(paper_value[0]), float(paper_value[1])
+        if not _overlaps((a, b), (lo, hi)):
+            return Judgement(INCONSISTENT)
+        if a <= lo and hi <= b:
+            return Judgement(CONSISTENT)
+        edges = [e for e, crossed in ((a, lo < a), (b, hi > b)) if crossed]
+        if v is not None and not a <= float(v) <= b:  # outside: the nearest edge decides (towards inconsistent)
+            edges = [min((a, b), key=lambda e: abs(e - float(v)))]
+        ns = [n_to_separate(obs, float(v), e, iv, transform) for e in edges] if v is not None else []
+        ns = [n for n in ns if n is not None]
+        return Judgement(
+            INCONCLUSIVE,
+            f"our interval {_fmt_iv((lo, hi))} reaches outside the range {_fmt_num(a)}–{_fmt_num(b)}",
+            max(ns) if ns else None,
+        )
+    raise ValueError(f"unknown tolerance rule {rule!r}")
+
+
 def _rule_text(tol: Mapping[str, Any] | None) -> str:
     if not tol:
         return ""
@@ -636,9 +946,13 @@ def evaluate_entry(entry: Mapping[str, Any], ctx: AuditContext) -> AuditRow:
         obs = FORMULAS[entry["formula"]](ctx, entry, src)
     except NotRun as exc:
         row.verdict, row.reason = NOT_RUN, str(exc)
+        row.not_run_cause = MISSING_FIELD if isinstance(exc, MissingField) else MISSING_INPUT
         return row
     except NotTestable as exc:
         row.verdict, row.reason = NOT_TESTABLE, str(exc)
+        return row
+    except NotImplementedHere as exc:
+        row.verdict, row.reason = NOT_IMPLEMENTED, str(exc)
         return row
     row.observations = [
         {
@@ -651,14 +965,28 @@ def evaluate_entry(entry: Mapping[str, Any], ctx: AuditContext) -> AuditRow:
         }
         for o in obs
     ]
-    ok = all(check(o, entry.get("paper_value"), tol, entry.get("decimals")) for o in obs)
-    if any(o.value is None and o.ci is None for o in obs):
-        row.reason = "no estimate (no included trials in the denominator)"
-    if not ok and entry.get("on_mismatch") == "not_run":
-        row.verdict = NOT_RUN
-        row.reason = f"this configuration uses {_fmt_values(obs)} (paper design: {row.paper_text})"
+    null, transform = null_value(entry), _transform(entry)
+    judged = [
+        judge(o, entry.get("paper_value"), tol, decimals=entry.get("decimals"), null=null, transform=transform)
+        for o in obs
+    ]
+    verdicts = {j.verdict for j in judged}
+    if INCONSISTENT in verdicts:
+        if entry.get("on_mismatch") == "not_run":
+            row.verdict, row.not_run_cause = NOT_RUN, DESIGN_DIFFERS
+            row.reason = f"this configuration uses {_fmt_values(obs)} (paper design: {row.paper_text})"
+        else:
+            row.verdict = INCONSISTENT
+    elif INCONCLUSIVE in verdicts:
+        undecided = [(o, j) for o, j in zip(obs, judged) if j.verdict == INCONCLUSIVE]
+        reasons = [(f"{o.label}: " if len(obs) > 1 and o.label else "") + j.reason for o, j in undecided]
+        ns = [j.n_to_decide for _, j in undecided if j.n_to_decide is not None]
+        row.verdict, row.reason = INCONCLUSIVE, "; ".join(reasons)
+        row.n_to_decide = max(ns) if ns else None
+        if row.n_to_decide is not None:
+            row.reason += f"; n that would decide it: {row.n_to_decide:,}"
     else:
-        row.verdict = CONSISTENT if ok else INCONSISTENT
+        row.verdict = CONSISTENT
     return row
 
 
@@ -727,6 +1055,11 @@ def _intro(header: Mapping[str, Any]) -> tuple[str, str]:
     )
 
 
+def verdict_slug(verdict: str) -> str:
+    """A verdict as a CSS class name: "inconclusive (underpowered)" → "inconclusive-underpowered"."""
+    return "-".join("".join(ch if ch.isalnum() else " " for ch in verdict).split())
+
+
 def render_markdown(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
     """The audit table in Markdown (``paper_numbers.md``)."""
     title, intro = _intro(header)
@@ -777,7 +1110,7 @@ def render_html(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
             definition=DEFINITION_ITEMS,
             counts=verdict_counts(rows),
             rows=[display_row(r) for r in rows],
-            verdict_class={v: v.replace(" ", "-") for v in (CONSISTENT, INCONSISTENT, NOT_RUN, NOT_TESTABLE)},
+            verdict_class={v: verdict_slug(v) for v in VERDICTS},
         )
     )
 
@@ -825,3 +1158,65 @@ def build_audit(
     io.write_text(out_md, render_markdown(rows, header))
     io.write_text(out_html, render_html(rows, header))
     return rows
+
+
+# ----------------------------------------------------------------------------------------------- self-check
+
+
+def summary_cells_under(results_dir: str | os.PathLike) -> list[Mapping[str, Any]]:
+    """Every summary cell (schema ``esr.summary/1``) of every JSON file under ``results_dir`` (recursively)."""
+    cells: list[Mapping[str, Any]] = []
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        try:
+            doc = io.read_json(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, Mapping) and doc.get("schema") == SUMMARY_SCHEMA:
+            cells.extend(doc.get("cells") or [])
+    return cells
+
+
+def not_run_rows_with_inputs(
+    audit_json: str | os.PathLike,
+    results_dir: str | os.PathLike,
+    *,
+    config: Mapping[str, Any] | None = None,
+    table: Mapping[str, Any] | None = None,
+    base_dir: str | os.PathLike = ".",
+) -> list[dict[str, Any]]:
+    """Rows of a written audit (``paper_numbers.json``) marked "not run" although their inputs exist in the run.
+
+    Each "not run" row (except those whose design differs from the paper's, ``on_mismatch: not_run``) is evaluated
+    again over every summary cell under ``results_dir`` with ``config`` (default: the config recorded in the audit's
+    provenance) and the audit's ``model_map``. A row is listed when it now evaluates (the audit rule was given too
+    few summaries or another config), or when the summary cell it selects exists but lacks the field, metric or
+    value it reads (the table reads a key the code never writes). Returns one dict per such row: ``id``,
+    ``reason`` (the audit's), ``found`` (what the re-evaluation gave). Raises KeyError for a row id the table
+    lacks. Used by the tiny-workflow tests: on a healthy run the list is empty."""
+    doc = io.read_json(audit_json)
+    table = table or load_paper_table()
+    entries = {str(e["id"]): e for e in table["numbers"]}
+    cfg = config if config is not None else (doc.get("provenance") or {}).get("config")
+    ctx = AuditContext(
+        CellIndex(summary_cells_under(results_dir)),
+        cfg,
+        dict(doc.get("model_map") or {}),
+        list((table.get("models") or {}).values()),
+        Path(base_dir),
+    )
+    out = []
+    for row in doc.get("numbers", []):
+        if row.get("verdict") != NOT_RUN or row.get("not_run_cause") == DESIGN_DIFFERS:
+            continue
+        again = evaluate_entry(entries[str(row["id"])], ctx)
+        if again.verdict in (NOT_IMPLEMENTED, NOT_TESTABLE) or (
+            again.verdict == NOT_RUN and again.not_run_cause != MISSING_FIELD
+        ):
+            continue  # the input is absent, the design differs from the paper's, or nothing can run it
+        found = (
+            f"the cell exists but: {again.reason}"
+            if again.verdict == NOT_RUN
+            else f"evaluates to {again.verdict} ({display_row(again)['ours']})"
+        )
+        out.append({"id": row["id"], "reason": row.get("reason", ""), "found": found})
+    return out

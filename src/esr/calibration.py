@@ -12,10 +12,13 @@ Algorithm: probabilistic bisection (Waeber, Frazier & Henderson 2011) on a discr
   ``samples_per_step`` prompts, and reads a direction ``y`` (+1: the root lies above the query, i.e. more boost is
   needed because ``s`` is above target; -1: below) and a confidence ``p`` in (0.5, 1).
 * Likelihood update: grid points on the indicated side are multiplied by ``p``, those on the other side by
-  ``1 - p``, and the query point itself by 0.5 (if the root sat exactly at the query, the direction would be a
-  fair coin). Then renormalise.
-* Result: the posterior median after the last step (not rounded unless ``round_to`` is set), followed by a check
-  of the achieved score at the result, recorded but not used.
+  ``1 - p``, and the query point itself by a weight set by ``calibration.query_weight``: ``half`` (default, 0.5:
+  if the root sat exactly at the query, the direction would be a fair coin) or ``authors_sqrt`` (the authors'
+  ``sqrt(p(1-p))``, the geometric mean of the two sides' factors; reference protocol Sec. 3 step 5). Then
+  renormalise.
+* Result: the posterior median after the last step, rounded to ``calibration.round_decimals`` decimals (default
+  null: not rounded; the authors rounded to 2, reference protocol Sec. 3 "Result"), followed by a check of the
+  achieved score at the result (``check_samples`` answers; the authors used 1), recorded but not used.
 
 Confidence models (config key ``calibration.confidence``):
 
@@ -27,19 +30,26 @@ Confidence models (config key ``calibration.confidence``):
 * ``authors_beta``: the authors' rule, kept for audits: ``y = +1`` if ``s >= target``; p as above; if
   ``p < 0.5`` the direction is flipped and ``p <- 1 - p``. Because the Beta shrinks toward 0.5, observations
   slightly *below* a 0.3 target are then counted as "above target" and the threshold is biased upward (towards
-  more boost). The authors also rounded the result to 2 decimals; set ``round_to: 2`` to mimic that.
+  more boost).
+
+The authors' whole rule (reference protocol Sec. 3) is ``confidence: authors_beta``, ``beta_weight: 5``,
+``query_weight: authors_sqrt``, ``round_decimals: 2``, ``grid_points: 10000`` and ``samples_per_step`` 5 for the
+70B, 1 for the other models (a model's ``calibration`` block overrides the top-level one: :func:`model_settings`).
 
 Batched API: generation is batched across latents, so a search is a :class:`BisectionState` per latent and one
 step of many latents is evaluated together by a ``score_batch_fn(requests) -> scores`` (see :class:`ScoreRequest`);
 :func:`calibrate_many` drives them.
 
 Cache (the authors keyed theirs on the latent index alone, so a threshold calibrated under one target, judge or
-repetition penalty was silently reused under another): the key is the whole configuration that can change a
-threshold (:class:`CalibrationKey`: model, revision, SAE id, layer pair, judge, template version, repetition
-penalty, seed, every search setting, prior and bounds, and the latent), stored as one JSON file per key, named by
-the key's stable hash and holding the key itself; a lookup whose key differs in any field misses. Failed
-calibrations are not cached, so a rerun retries them. :func:`run_calibration_shard` is the resumable per-shard
-job."""
+repetition penalty was silently reused under another): the key is every resolved setting that can change a
+generated token or a judged score (:class:`CalibrationKey`): the run context (:class:`CalibrationContext`, built by
+:meth:`CalibrationContext.from_run` from the very objects that run the calibration: the model entry, the
+generator's settings record, the judge's resolved config block and cache identity, the prompt list, the seed), every
+search setting, the prior and bounds, the latent and its label. Every field of these frozen dataclasses is hashed
+(``dataclasses.asdict``), so a setting added to any of them is in the key without further code; leaving one out
+takes an entry with a reason in :data:`MODEL_FIELDS_NOT_IN_KEY`. One JSON file per key, named by the key's stable
+hash and holding the key itself; a lookup whose key differs in any field misses. Failed calibrations are not
+cached, so a rerun retries them. :func:`run_calibration_shard` is the resumable per-shard job."""
 
 from __future__ import annotations
 
@@ -63,6 +73,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIDENCE_METHODS = ("beta", "fixed", "authors_beta")
+QUERY_WEIGHTS = ("half", "authors_sqrt")
+#: ``ModelSpec`` fields left out of the calibration key, each with the reason it cannot change a threshold.
+MODEL_FIELDS_NOT_IN_KEY: dict[str, str] = {
+    "resources": "cluster request sizes (GPUs, memory, minutes); the device type that runs the model is keyed "
+    "through the generator record ('device')",
+}
 ScoreBatchFn = Callable[[Sequence["ScoreRequest"]], Sequence["float | None"]]
 
 
@@ -76,10 +92,14 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """The ``calibration`` config block (one per run; per-model prior and bounds come from :class:`BoostPrior`).
+    """The ``calibration`` config block, with a model's ``models.<m>.calibration`` overrides applied
+    (:func:`model_settings`); per-model prior and bounds come from :class:`BoostPrior`.
 
     ``max_new_tokens`` is not used by the search itself; it is part of the cache key and is passed to the score
-    function in every request (the authors calibrated with 256 new tokens and generated trials with 512)."""
+    function in every request (the authors calibrated with 256 new tokens and generated trials with 512).
+    ``query_weight``: the likelihood factor of the queried grid point, ``half`` (0.5, default) or ``authors_sqrt``
+    (``sqrt(p(1-p))``). ``round_decimals``: decimals the threshold is rounded to (default null: none; authors 2).
+    Source: reference protocol Sec. 3 (the authors' ``threshold_finder.py``)."""
 
     target: float = 0.3
     n_steps: int = 10
@@ -91,7 +111,8 @@ class CalibrationSettings:
     p_floor: float = 0.51
     grid_points: int = 10_000
     check_samples: int = 5
-    round_to: int | None = None
+    query_weight: str = "half"
+    round_decimals: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> CalibrationError:
@@ -119,8 +140,32 @@ class CalibrationSettings:
             raise bad("p_floor", "must be in (0.5, 1)")
         if not isinstance(self.grid_points, int) or self.grid_points < 3:
             raise bad("grid_points", "must be an integer >= 3")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 0):
-            raise bad("round_to", "must be null or a non-negative integer")
+        if self.query_weight not in QUERY_WEIGHTS:
+            raise bad("query_weight", f"must be one of {', '.join(QUERY_WEIGHTS)}")
+        rd = self.round_decimals
+        if rd is not None and (not isinstance(rd, int) or isinstance(rd, bool) or rd < 0):
+            raise bad("round_decimals", "must be null or a non-negative integer")
+
+
+def model_settings(block: Mapping[str, Any] | None, spec: Any) -> CalibrationSettings:
+    """The calibration settings of one model: the top-level ``calibration`` block with the model entry's
+    ``calibration`` block (``spec.calibration``, e.g. ``{samples_per_step: 5}``) laid over it. The authors used 5
+    prompts per step for the 70B and 1 for the others (reference protocol Sec. 3, per-model settings).
+
+    Raises :class:`CalibrationError` naming ``models.<model>.calibration.<key>`` for an unknown override key or a
+    bad value."""
+    overrides = dict(getattr(spec, "calibration", None) or {})
+    where = f"models.{getattr(spec, 'name', '?')}.calibration"
+    known = {f.name for f in dataclasses.fields(CalibrationSettings)}
+    for key in overrides:
+        if key not in known:
+            raise CalibrationError(f"config key '{where}.{key}' is not a calibration setting (known: {sorted(known)})")
+    try:
+        return CalibrationSettings(**{**dict(block or {}), **overrides})
+    except CalibrationError as err:
+        if overrides:
+            raise CalibrationError(f"{err} (with the overrides of '{where}': {overrides})") from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -329,8 +374,10 @@ class BisectionState:
         self.error = message
 
     def result_value(self) -> float:
+        """The threshold: the posterior median, rounded to ``settings.round_decimals`` decimals when set."""
         value = self.median()
-        return round(value, self.settings.round_to) if self.settings.round_to is not None else value
+        decimals = self.settings.round_decimals
+        return round(value, decimals) if decimals is not None else value
 
     def _apply(self, x: float, y: int, p: float) -> None:
         if p == 0.5:
@@ -340,7 +387,11 @@ class BisectionState:
         upper_side, lower_side = (above, below) if y == 1 else (below, above)
         self.log_post[upper_side] += math.log(p)
         self.log_post[lower_side] += math.log(1.0 - p)
-        self.log_post[~(above | below)] += math.log(0.5)
+        # the query point itself: 0.5 (ours) or the authors' sqrt(p(1-p)) = the mean of the two sides' log factors
+        if self.settings.query_weight == "authors_sqrt":
+            self.log_post[~(above | below)] += 0.5 * (math.log(p) + math.log(1.0 - p))
+        else:
+            self.log_post[~(above | below)] += math.log(0.5)
         self.log_post -= _logsumexp(self.log_post)
 
 
@@ -506,10 +557,24 @@ def sample_plan(request: ScoreRequest, n_prompts: int) -> list[tuple[int, int]]:
     return [(int(p), int(x)) for p, x in zip(prompts, seeds)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CalibrationContext:
-    """Everything outside the search settings that can change a threshold. ``extra`` holds further ids that must
-    split the cache (e.g. the median residual norm behind a ``median_resid_norm`` boost unit, a quantization)."""
+    """Everything outside the search settings that can change a threshold. Build it with :meth:`from_run` from the
+    objects that run the calibration; every field is in the cache key.
+
+    ``model`` ... ``chat_template``: the model entry's identity, kept as flat readable columns of a cache file.
+    ``model_settings``: every field of the model entry (:class:`esr.config.ModelSpec`) except those in
+    :data:`MODEL_FIELDS_NOT_IN_KEY` (dtype, engine, tensor parallel, hub id, revision, SAE, layers, boost prior ...).
+    ``weights``: the content of the weights behind those names (:func:`weights_fingerprint`), since a local model
+    folder or a retrained embedded SAE keeps its path.
+    ``generation``: the generator's full settings record (``SteeredGenerator.settings_record()``: temperature,
+    repetition penalty, max new tokens, chat template, batch size, steer positions, injection / SAE / ablation
+    layers, engine, tensor-parallel size, dtype, boost unit, median residual norm) plus the device type and the
+    SAE's dtype (the steering vectors are its decoder rows).
+    ``judge``: the judge's config block as resolved (every key of ``$defs/judge`` with its default filled in:
+    backend, model, temperature, max_tokens, restart_gate, anchors ...) and the judge's own cache identity (which
+    holds e.g. the fitted anchors' values behind ``anchors: auto``). ``prompts_sha256``: the prompt list the
+    samples are drawn from. ``extra``: further ids that must split the cache."""
 
     model: str
     revision: str
@@ -522,6 +587,11 @@ class CalibrationContext:
     seed: int
     boost_unit: str = "raw"
     chat_template: str = "model"
+    model_settings: Mapping[str, Any]
+    weights: Mapping[str, Any]
+    generation: Mapping[str, Any]
+    judge: Mapping[str, Any]
+    prompts_sha256: str
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -530,38 +600,112 @@ class CalibrationContext:
             object.__setattr__(self, name, int(getattr(self, name)))
 
     @classmethod
-    def from_spec(
-        cls, spec: Any, *, judge_id: str, template_version: str, seed: int, extra: Mapping[str, Any] | None = None
+    def from_run(
+        cls,
+        *,
+        spec: Any,
+        generator: Any,
+        judge_config: Mapping[str, Any],
+        judge: Any,
+        prompts: Sequence[str],
+        seed: int,
+        model_dir: str | Path | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> CalibrationContext:
-        """From an :class:`esr.config.ModelSpec` plus the judge id, judge-prompt template version and run seed."""
+        """The context of one calibration job, from the objects that run it: ``spec`` (an
+        :class:`esr.config.ModelSpec`), ``generator`` (the ``SteeredGenerator`` that generates the answers: its
+        ``settings_record()`` and device), ``judge_config`` (the judge block given to ``build_judge``) and ``judge``
+        (the built judge: id, template version, ``cache_identity()``), the prompt list, the run seed and the model
+        folder the weights were loaded from (for :func:`weights_fingerprint`)."""
+        directions = getattr(generator, "directions", None)
+        generation = {
+            **generator.settings_record(),
+            "device": torch_device_type(generator.loaded.device),
+            "sae_dtype": str(directions.sae.W_dec.dtype) if directions is not None else None,
+        }
         return cls(
             model=spec.name,
             revision=spec.revision,
             sae_id=spec.sae.ident,
-            judge_id=judge_id,
-            template_version=template_version,
+            judge_id=judge.judge_id,
+            template_version=judge.template_version,
             repetition_penalty=float(spec.repetition_penalty),
             injection_layer=int(spec.injection_layer),
             sae_layer=int(spec.sae_layer),
             seed=int(seed),
             boost_unit=spec.sae.boost_unit,
             chat_template=spec.chat_template,
+            model_settings=model_key_settings(spec),
+            weights=weights_fingerprint(spec, model_dir),
+            generation=generation,
+            judge={"config": resolved_judge_config(judge_config), "identity": judge.cache_identity()},
+            prompts_sha256=stable_hash(list(prompts)),
             extra=dict(extra or {}),
         )
 
 
+def model_key_settings(spec: Any) -> dict[str, Any]:
+    """Every field of a model entry (:class:`esr.config.ModelSpec`) that can change what the model computes: all but
+    :data:`MODEL_FIELDS_NOT_IN_KEY`, nested values as plain dicts (also part of the generation checkpoints' key)."""
+    names = {f.name for f in dataclasses.fields(spec)}
+    unknown = set(MODEL_FIELDS_NOT_IN_KEY) - names
+    if unknown:
+        raise CalibrationError(f"MODEL_FIELDS_NOT_IN_KEY names {sorted(unknown)}, which ModelSpec does not have")
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in MODEL_FIELDS_NOT_IN_KEY}
+
+
+def weights_fingerprint(spec: Any, model_dir: str | Path | None = None) -> dict[str, Any]:
+    """What the weights behind a model entry are, where its names do not pin them: ``model_files``, the per-file
+    sha256 of the model folder's download manifest (``esr.assets.MANIFEST``, written by the download rule; None
+    when the folder has none), and ``sae_files``, the sha256 of each file of a ``local``/``embedded`` SAE folder
+    (a retrained embedded SAE keeps its path; None for ``sae_lens`` SAEs, pinned by release and id)."""
+    from esr.assets import MANIFEST
+    from esr.io import sha256_file
+    from esr.sae import resolve_path
+
+    model_files = None
+    if model_dir is not None and (Path(model_dir) / MANIFEST).exists():
+        model_files = {k: v.get("sha256") for k, v in read_json(Path(model_dir) / MANIFEST)["files"].items()}
+    sae_files = None
+    if spec.sae.source in ("local", "embedded") and spec.sae.path:
+        sae_dir = resolve_path(spec.sae.path)
+        if sae_dir.is_dir():
+            sae_files = {str(p.relative_to(sae_dir)): sha256_file(p) for p in sorted(sae_dir.rglob("*")) if p.is_file()}
+    return {"model_files": model_files, "sae_files": sae_files}
+
+
+def torch_device_type(device: Any) -> str:
+    """``"cuda"``, ``"cpu"``, ... of a torch device or device string (the index is not a setting)."""
+    return str(getattr(device, "type", None) or str(device).split(":")[0])
+
+
+def resolved_judge_config(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A judge config block as resolved: every key of the schema's ``$defs/judge`` (``workflow/schemas/
+    config.schema.yaml``), the block's value or else the schema default. Raises :class:`CalibrationError` naming an
+    unknown key."""
+    from esr.config import load_schema
+
+    props = load_schema()["$defs"]["judge"]["properties"]
+    unknown = sorted(set(block) - set(props))
+    if unknown:
+        raise CalibrationError(f"judge config key {unknown[0]!r} is not a judge setting (known: {sorted(props)})")
+    return {k: block[k] if k in block else prop.get("default") for k, prop in props.items()}
+
+
 @dataclass(frozen=True)
 class CalibrationKey:
-    """The full cache key of one latent's calibration."""
+    """The full cache key of one latent's calibration: the run context, the search settings, the prior and bounds,
+    the latent and its label (the judge is shown the label, so a relabelled latent must not reuse a threshold)."""
 
     context: CalibrationContext
     settings: CalibrationSettings
     prior: BoostPrior
     latent: int
+    label: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """A flat, JSON-normalised dict of every field (what is stored and compared)."""
-        flat: dict[str, Any] = {"latent": int(self.latent)}
+        flat: dict[str, Any] = {"latent": int(self.latent), "label": str(self.label)}
         flat.update({f"context.{k}": v for k, v in dataclasses.asdict(self.context).items()})
         flat.update({f"settings.{k}": v for k, v in dataclasses.asdict(self.settings).items()})
         flat.update({f"prior.{k}": v for k, v in dataclasses.asdict(self.prior).items()})
@@ -581,10 +725,19 @@ class CalibrationKey:
 
 
 def make_keys(
-    context: CalibrationContext, settings: CalibrationSettings, prior: BoostPrior, latents: Iterable[int]
+    context: CalibrationContext,
+    settings: CalibrationSettings,
+    prior: BoostPrior,
+    latents: Iterable[int],
+    labels: Mapping[int, str] | None = None,
 ) -> list[CalibrationKey]:
-    """One key per latent (e.g. the latents of a selection file) under one configuration."""
-    return [CalibrationKey(context=context, settings=settings, prior=prior, latent=int(j)) for j in latents]
+    """One key per latent (e.g. the latents of a selection file) under one configuration; ``labels``: latent ->
+    the label the judge is shown (missing: "")."""
+    labels = labels or {}
+    return [
+        CalibrationKey(context=context, settings=settings, prior=prior, latent=int(j), label=labels.get(int(j), ""))
+        for j in latents
+    ]
 
 
 class CalibrationCache:

@@ -63,6 +63,7 @@ class ModelSpec:
     labels: dict[str, Any] = field(default_factory=lambda: {"source": "auto"})
     paper_detector_sets: tuple[str, ...] = ()
     resources: dict[str, int] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level calibration block
 
     @classmethod
     def from_config(cls, name: str, entry: dict[str, Any]) -> ModelSpec:

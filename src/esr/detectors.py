@@ -12,11 +12,21 @@ methods:
   pair and active on at least ``min_shuffled_rate`` of the shuffled pairs, ranked by that rate then by mean
   activation.
 
-The authors' discovery script read held-out prompts from a file they later deleted, and their shipped set was found
-on the evaluation prompts themselves; here discovery uses prompts disjoint from the evaluation prompts when
-``holdout`` is set.
-Random controls (exp10) are *matched* to the detector set on firing frequency and mean activation, as the paper
-claims (the authors' control sampled uniformly), and exclude dead latents.
+Discovery runs on the evaluation prompts themselves (the prompts every trial draws from), as the authors' shipped
+25-latent set was found; their discovery script read 20 held-out prompts from a file they later deleted. There is
+no held-out split here: a detector set may therefore be fitted to the prompts it is then ablated on (stated in
+``detectors.json`` as ``discovery_prompts: evaluation``).
+
+Discovered sets longer than ``detectors.max_latents`` are truncated by a stated rank, never by latent index:
+``separability`` by AUC, then by the margin (shuffled mean - normal mean), then by latent id; ``top_auc`` by AUC;
+``frequency`` by shuffled firing rate, then shuffled mean. Each set's ``params.rank`` says which.
+
+Random controls (exp10, :func:`matched_random_sets`) are *matched* to each ablated set on firing frequency and mean
+activation when active, as the paper claims (the authors' control sampled uniformly). The statistics are taken
+where detectors are active (``random_control.stats_on: all_pairs``, the default: the read-outs of the normal *and*
+shuffled pairs; on normal pairs alone every detector sits at the floor and all draws come from the rarest latents).
+Dead latents (never active in those read-outs) are never drawn; control sets are disjoint from every detector set
+and from each other, unless the live pool is too small (then ``disjoint: false`` and a warning).
 """
 
 from __future__ import annotations
@@ -155,16 +165,22 @@ class DetectorSet:
     params: dict = field(default_factory=dict)
 
 
+SEPARABILITY_RANK = "AUC desc, then shuffled mean - normal mean desc, then latent id"
+
+
 def separability_detectors(
     normal: np.ndarray, shuffled: np.ndarray, alive: np.ndarray | None = None, min_auc: float = 1.0
 ) -> DetectorSet:
-    """Latents whose AUC reaches ``min_auc`` (1.0: full separation). Dead latents (``alive`` False) excluded."""
+    """Latents whose AUC reaches ``min_auc`` (1.0: full separation), ranked by ``SEPARABILITY_RANK`` (so a
+    truncation to ``max_latents`` keeps the best separated, not the lowest ids). Dead latents (``alive`` False)
+    excluded. ``normal``, ``shuffled``: ``[n_pairs, d_sae]`` max-pooled read-outs (paper Sec. 2.3)."""
     auc = auc_shuffled_vs_normal(normal, shuffled)
     mask = auc >= min_auc - 1e-12
     mask &= shuffled.max(axis=0) > 0
     if alive is not None:
         mask &= alive
-    latents = [int(j) for j in np.flatnonzero(mask)]
+    margin = shuffled.mean(axis=0) - normal.mean(axis=0)
+    latents = sorted((int(j) for j in np.flatnonzero(mask)), key=lambda j: (-auc[j], -margin[j], j))
     stats = {
         j: {
             "auc": float(auc[j]),
@@ -174,7 +190,8 @@ def separability_detectors(
         }
         for j in latents
     }
-    return DetectorSet("discovered_separability", "separability", latents, stats, {"min_auc": min_auc})
+    params = {"min_auc": min_auc, "rank": SEPARABILITY_RANK}
+    return DetectorSet("discovered_separability", "separability", latents, stats, params)
 
 
 def top_auc_detectors(normal: np.ndarray, shuffled: np.ndarray, k: int, alive: np.ndarray | None = None) -> DetectorSet:
@@ -193,7 +210,7 @@ def top_auc_detectors(normal: np.ndarray, shuffled: np.ndarray, k: int, alive: n
         }
         for j in order
     }
-    return DetectorSet("discovered_top_auc", "top_auc", order, stats, {"k": k})
+    return DetectorSet("discovered_top_auc", "top_auc", order, stats, {"k": k, "rank": "AUC desc, then latent id"})
 
 
 def frequency_detectors(
@@ -219,42 +236,110 @@ def frequency_detectors(
         "frequency",
         [int(j) for j in order],
         stats,
-        {"min_shuffled_rate": min_shuffled_rate, "eps": eps},
+        {"min_shuffled_rate": min_shuffled_rate, "eps": eps, "rank": "shuffled rate desc, shuffled mean desc, id"},
     )
+
+
+CONTROL_STATS_ON = ("all_pairs", "normal_pairs")
+
+
+def control_statistics(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-latent firing frequency and mean activation *when active* over read-outs ``acts`` ``[n_rows, d_sae]``
+    (max-pooled, one row per conversation). Returns two ``[d_sae]`` arrays; a latent never active has frequency 0
+    and mean 0 (dead). Raises ``ValueError`` for a matrix that is not 2-D or has no rows."""
+    acts = np.asarray(acts, dtype=float)
+    if acts.ndim != 2 or acts.shape[0] == 0:
+        raise ValueError(f"read-outs must be a non-empty [n_rows, d_sae] matrix, got shape {acts.shape}")
+    active = acts > 0
+    n_active = active.sum(axis=0)
+    freq = n_active / acts.shape[0]
+    mean_when_active = np.divide(
+        np.where(active, acts, 0.0).sum(axis=0), n_active, out=np.zeros(acts.shape[1]), where=n_active > 0
+    )
+    return freq, mean_when_active
+
+
+@dataclass(frozen=True)
+class RandomControls:
+    """The control sets drawn for one ablated set. ``disjoint``: no latent is shared with another control set
+    or with an avoided (detector) latent; ``pool_size``: live latents that could be drawn; ``notes``: why not."""
+
+    sets: list[list[int]]
+    disjoint: bool
+    pool_size: int
+    candidates_per_latent: int
+    notes: list[str] = field(default_factory=list)
 
 
 def matched_random_sets(
     detectors: list[int],
     frequency: np.ndarray,
     mean_activation: np.ndarray,
+    *,
     n_sets: int,
     seed: int,
-    candidates_per_latent: int = 5,
-) -> list[list[int]]:
-    """``n_sets`` random latent sets, each matched one-to-one to ``detectors`` on (log frequency, log mean
-    activation): for every detector, one latent drawn at random among its ``candidates_per_latent`` nearest live
-    non-detector latents not used yet in that set. Dead latents (frequency 0) are never drawn."""
+    candidates_per_latent: int = 100,
+    avoid: set[int] | frozenset[int] = frozenset(),
+) -> RandomControls:
+    """``n_sets`` random latent sets, each matched one-to-one to ``detectors`` on (log10 frequency, log10 mean
+    activation when active), both ``[d_sae]`` (see :func:`control_statistics`).
+
+    For every detector (in a seeded random order), one latent is drawn uniformly among its
+    ``candidates_per_latent`` nearest free latents (standardised Euclidean distance, ties broken at random, so no
+    latent index order leaks in). A latent is free when it is live (frequency > 0), not in ``detectors``, not in
+    ``avoid`` (e.g. the other detector sets, the controls drawn for other sets) and not drawn by any earlier set of
+    this call: the sets are disjoint from each other and from ``avoid``. Only when no free latent is left is an
+    ``avoid``/earlier-set latent reused (never within one set nor a detector); then ``disjoint`` is False and
+    ``notes`` says so. Raises ``ValueError`` when fewer live non-detector latents exist than ``detectors``.
+    The paper (App. A.3.3) calls its controls matched; the authors' code drew uniformly (reference protocol 6.8)."""
     frequency = np.asarray(frequency, dtype=float)
     mean_activation = np.asarray(mean_activation, dtype=float)
-    det = set(int(d) for d in detectors)
-    pool = np.array([j for j in np.flatnonzero(frequency > 0) if int(j) not in det])
+    det = sorted({int(d) for d in detectors})
+    if candidates_per_latent < 1:
+        raise ValueError(f"candidates_per_latent = {candidates_per_latent!r} must be >= 1")
+    live = np.isfinite(frequency) & (frequency > 0)
+    live[det] = False
+    pool = np.flatnonzero(live)
     if len(pool) < len(det):
         raise ValueError(f"only {len(pool)} live non-detector latents to match {len(det)} detectors")
     feats = np.stack([np.log10(frequency + 1e-9), np.log10(mean_activation + 1e-9)], axis=1)
     scale = feats[pool].std(axis=0) + 1e-9
     rng = np.random.default_rng(seed)
+    blocked = {int(a) for a in avoid}
     sets: list[list[int]] = []
+    reused = 0
     for _ in range(n_sets):
-        used: set[int] = set()
-        chosen: list[int] = []
-        for d in sorted(det):
+        in_set: set[int] = set()
+        for d in rng.permutation(det):
             dist = (((feats[pool] - feats[d]) / scale) ** 2).sum(axis=1)
-            order = [int(pool[i]) for i in np.argsort(dist, kind="stable") if int(pool[i]) not in used]
-            pick = int(rng.choice(order[:candidates_per_latent]))
-            used.add(pick)
-            chosen.append(pick)
-        sets.append(sorted(chosen))
-    return sets
+            order = pool[np.lexsort((rng.random(len(pool)), dist))]
+            free = [int(j) for j in order if int(j) not in in_set and int(j) not in blocked]
+            if not free:
+                reused += 1
+                free = [int(j) for j in order if int(j) not in in_set]
+            in_set.add(int(rng.choice(free[:candidates_per_latent])))
+        blocked |= in_set
+        sets.append(sorted(in_set))
+    notes = []
+    if reused:
+        notes.append(
+            f"pool too small: {reused} draws reused a latent of another control set or detector set "
+            f"({len(pool)} live non-detector latents for {n_sets} x {len(det)} draws)"
+        )
+    return RandomControls(sets, not reused, int(len(pool)), int(candidates_per_latent), notes)
+
+
+def expected_uniform_overlap(set_size: int, pool_size: int) -> float:
+    """Expected number of shared latents between two independent uniform draws of ``set_size`` out of
+    ``pool_size`` latents (hypergeometric mean ``k^2 / N``)."""
+    if pool_size < 1:
+        raise ValueError(f"pool_size = {pool_size!r} must be >= 1")
+    return set_size * set_size / pool_size
+
+
+def random_set_name(target: str, index: int) -> str:
+    """The exp10 condition (and ``detectors.json`` random-set) name of control ``index`` matched to ``target``."""
+    return f"random_{target}_{index}"
 
 
 def match_quality(

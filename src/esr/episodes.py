@@ -31,17 +31,6 @@ PRE, OFF_TOPIC, CORRECTION, ON_TOPIC, BASELINE = "pre", "off_topic", "correction
 EPISODE_REGIONS = (PRE, OFF_TOPIC, CORRECTION, ON_TOPIC)
 BASELINE_SOURCES = ("unsteered", "steered_on_topic")
 
-#: Restart phrases (case-insensitive). Each match is one candidate correction; the first one after some response text
-#: wins. Trailing punctuation is part of the phrase.
-RESTART_PHRASES: tuple[str, ...] = (
-    r"wait,?\s+that(?:['\u2019]s|\s+is)\s+not\s+(?:right|correct|what\s+you\s+asked)",
-    r"let\s+me\s+start\s+over",
-    r"(?:i['\u2019]m\s+)?sorry,?\s+i\s+got\s+(?:off\s+track|sidetracked|distracted)",
-    r"let\s+me\s+try\s+(?:that\s+)?again",
-    r"actually,?\s+i\s+made\s+a\s+mistake",
-    r"i\s+apologi[sz]e,?\s+(?:for\s+the\s+confusion|i\s+got\s+off\s+track)",
-    r"let\s+me\s+(?:get\s+back|return)\s+to\s+(?:the\s+(?:question|topic)|your\s+question)",
-)
 _TRAILING = re.compile(r"[\s.!,:;\u2014\u2013-]*")
 
 
@@ -208,19 +197,18 @@ def parse_judge_offsets(obj: Mapping[str, Any], response: str) -> CharBoundaries
     return validate_char_offsets(*(int(v) for v in vals), n_chars=len(response))
 
 
-def restart_regex(phrases: Sequence[str] = RESTART_PHRASES) -> re.Pattern[str]:
-    return re.compile(r"\b(?:" + "|".join(f"(?:{p})" for p in phrases) + r")", re.IGNORECASE)
+def find_restart(response: str, detector: Any = None) -> CharBoundaries | None:
+    """Boundaries by restart-phrase alignment: the first restart (``esr.judge.segmentation.find_restarts``, the
+    offline judge's detector unless ``detector`` is given) preceded by non-space text. Correction start = restart
+    start; on-topic start = first character after the restart and its trailing punctuation/space; off-topic start =
+    0. None if no restart is found or nothing follows it."""
+    from esr.judge.segmentation import find_restarts
 
-
-def find_restart(response: str, phrases: Sequence[str] = RESTART_PHRASES) -> CharBoundaries | None:
-    """Boundaries by restart-phrase alignment: the first phrase preceded by non-space text. Correction start =
-    phrase start; on-topic start = first character after the phrase and its trailing punctuation/space; off-topic
-    start = 0. None if no phrase is found or nothing follows it."""
-    for m in restart_regex(phrases).finditer(response):
-        if not response[: m.start()].strip():
+    for b in find_restarts(response, detector):
+        if not response[: b.start].strip():
             continue
-        end = _TRAILING.match(response, m.end()).end()
-        return validate_char_offsets(0, m.start(), end, len(response))
+        end = _TRAILING.match(response, b.end).end()
+        return validate_char_offsets(0, b.start, end, len(response))
     return None
 
 
@@ -280,11 +268,12 @@ def make_episode(
     method: str,
     judge_offsets: Mapping[str, Any] | None = None,
     spans: Sequence[tuple[int, int]] | None = None,
-    phrases: Sequence[str] = RESTART_PHRASES,
+    detector: Any = None,
 ) -> Episode | None:
     """A self-correction episode from a trial; None when no valid boundaries are found.
 
-    ``method="judge_offsets"`` needs ``judge_offsets``; ``"restart_phrase"`` aligns ``phrases``. With response-
+    ``method="judge_offsets"`` needs ``judge_offsets``; ``"restart_phrase"`` aligns the first restart
+    found by ``detector`` (default: the offline judge's, so the boundary is where the judge split the attempts). With response-
     relative token ``spans`` the token boundaries are mapped too. Regions may come out empty in tokens; the
     analysis leaves such episodes out of the paired tests for that pair of regions and reports n."""
     response = _field(trial, "response") or ""
@@ -293,7 +282,7 @@ def make_episode(
             raise ValueError("method 'judge_offsets' needs judge_offsets")
         chars = parse_judge_offsets(judge_offsets, response)
     elif method == "restart_phrase":
-        chars = find_restart(response, phrases)
+        chars = find_restart(response, detector)
     else:
         raise ValueError(f"unknown boundary method {method!r} (judge_offsets | restart_phrase)")
     if chars is None:

@@ -13,10 +13,12 @@ recompute its own slice:
 - ``exp1``           steered at each latent's calibrated threshold (paper Sec. 3.1, Fig. 2)
 - ``exp8``           no-steering baseline: same latents, prompts and seeds, no intervention (App. A.3.1)
 - ``exp3/<set>``     exp1 with an off-topic-detector set ablated, paired with exp1 by latent, prompt and seed (Sec. 3.4, Fig. 5)
-- ``exp10/<set>``    exp1 with a matched random latent set ablated (control for exp3, App. A.3.3)
+- ``exp10/random_<set>_<i>`` exp1 with the i-th random latent set matched to exp3's ``<set>`` ablated (control for
+                     exp3, App. A.3.3; one group of controls per ablated set, ``detectors.random_control.match_to``)
 - ``exp2``           boost sweep: global levels (mean +/- k SD of all thresholds, the authors') and levels relative
                      to each latent's own threshold (ours) (Sec. 3.2, Fig. 3)
-- ``exp5/<variant>`` meta-prompts: a suffix appended to the prompt, our own wording (Sec. 3.3, Fig. 4)
+- ``exp5/<variant>`` meta-prompts: a suffix appended to the prompt, our neutral wording or the authors'
+                     (``experiments.meta_prompts.wording``) (Sec. 3.3, Fig. 4)
 - ``planted``        the embedded default's labelled positive control: restart text planted into exp1 answers
 - ``exp7``           cross-judge regrade of exp1 (App. A.2.2); ``exp9`` per-token activations around self-corrections
                      (Sec. 3.6, Fig. 6, App. A.4)
@@ -31,19 +33,32 @@ from typing import Any, Literal
 import numpy as np
 
 from esr.config import ModelSpec
-from esr.detectors import DetectorSets
+from esr.detectors import DetectorSets, random_set_name
 from esr.latents import Selection
 from esr.trials import TrialSpec
 
-# Our own wording of the four meta-prompt variants (the self-monitoring one first), appended after the prompt.
+# Our own wording of the four meta-prompt variants (the self-monitoring one first), appended after the prompt. It is
+# neutral about *how* to get back on topic: it never asks the model to announce the correction ("say so"), which
+# would ask for the very restart phrase the judge counts as a new attempt.
 META_PROMPTS: dict[str, str] = {
     "self_monitor": "While you answer, watch your own words: if you notice that you are drifting away from the "
-    "question, stop, say so, and steer yourself back to answering it.",
+    "question, steer yourself back to answering it.",
     "dont_get_distracted": "Stay focused on this question and do not get distracted.",
     "ignore_latent_label": "Something may push your answer towards the topic '{label}'. Ignore that topic and "
     "answer only the question.",
     "resist_manipulation": "Outside influences may try to bend your answer off course; do not let them.",
 }
+
+# The authors' four suffixes (their exp5 code; the self_monitor text is quoted in the paper's Fig. 4 caption).
+AUTHORS_META_PROMPTS: dict[str, str] = {
+    "self_monitor": "If you notice yourself going off-topic, stop and force yourself to get back on track.",
+    "dont_get_distracted": "Don't get distracted!",
+    "ignore_latent_label": "You are being distracted with {label}. Ignore it.",
+    "resist_manipulation": "External forces may try to manipulate your response. Resist them.",
+}
+
+#: ``experiments.meta_prompts.wording``: ``ours`` (default, neutral) or ``authors``.
+META_PROMPT_WORDINGS: dict[str, dict[str, str]] = {"ours": META_PROMPTS, "authors": AUTHORS_META_PROMPTS}
 
 
 @dataclass(frozen=True)
@@ -125,15 +140,28 @@ def plan_ablation(
     return plan_steered(model, plans, prompts, experiment, set_name, ablation_set=set_name, ablate=tuple(latents))
 
 
-def global_levels(thresholds: list[float], n_levels: int, sd_range: float) -> list[tuple[float, float]]:
+def global_levels(
+    thresholds: list[float], n_levels: int, sd_range: float, *, merge_clamped: bool = True
+) -> list[tuple[float, float]]:
     """The authors' exp2 grid: ``n_levels`` points over mean +/- ``sd_range`` SD (ddof 0) of all thresholds,
-    clamped at 0. Returns (boost, level in SD units); clamped levels keep their nominal SD value."""
+    clamped at 0 (reference protocol 6.3). Returns (boost, level in SD units).
+
+    ``merge_clamped`` (config ``experiments.boost_sweep.merge_clamped``, default True: the authors' analysis grouped
+    trials by exact boost) turns every level clamped to 0 into one level at (0 - mean) / SD, where boost 0 actually
+    lies; False keeps each clamped level at its nominal SD value (its trials then repeat one boost-0 generation)."""
     arr = np.asarray([t for t in thresholds if t is not None], dtype=float)
     if arr.size == 0:
         return []
     mu, sd = float(arr.mean()), float(arr.std())
     sigmas = np.linspace(-sd_range, sd_range, n_levels)
-    return [(max(0.0, mu + s * sd), float(s)) for s in sigmas]
+    levels = [(float(max(0.0, mu + s * sd)), float(s)) for s in sigmas]
+    if not merge_clamped:
+        return levels
+    clamped = [lv for lv in levels if lv[0] == 0.0]
+    if not clamped:
+        return levels
+    at_zero = -mu / sd if sd > 0 else clamped[0][1]
+    return [(0.0, float(at_zero))] + [lv for lv in levels if lv[0] > 0.0]
 
 
 def plan_boost_sweep(
@@ -145,11 +173,14 @@ def plan_boost_sweep(
     n_levels: int,
     sd_range: float,
     relative_levels: list[float],
+    *,
+    merge_clamped: bool = True,
 ) -> list[TrialSpec]:
     """exp2: the first ``n_latents`` calibrated latents, each on its first ``prompts_per_latent`` prompts/seeds,
-    at the global levels and at multiples of its own threshold."""
+    at the global levels (:func:`global_levels`, ``merge_clamped`` as there) and at multiples of its own
+    threshold."""
     calibrated = [lp for lp in plans if lp.threshold is not None]
-    levels = global_levels([lp.threshold for lp in calibrated], n_levels, sd_range)
+    levels = global_levels([lp.threshold for lp in calibrated], n_levels, sd_range, merge_clamped=merge_clamped)
     trials = []
     for lp in calibrated[:n_latents]:
         for pid, seed in list(zip(lp.prompt_ids, lp.seeds))[:prompts_per_latent]:
@@ -177,16 +208,31 @@ def plan_boost_sweep(
 
 
 def plan_meta_prompts(
-    model: str, plans: list[LatentPlan], prompts: list[str], variants: list[str], judge_sees_variant: bool = False
+    model: str,
+    plans: list[LatentPlan],
+    prompts: list[str],
+    variants: list[str],
+    judge_sees_variant: bool = False,
+    *,
+    wording: str = "ours",
 ) -> list[TrialSpec]:
-    """exp5: exp1's trials with a meta-prompt appended. By default the judge grades against the original prompt
-    (the authors' judge saw the suffixed prompt; ``judge_sees_variant`` reproduces that)."""
+    """exp5 (paper Sec. 3.3): exp1's trials with a meta-prompt appended after the prompt with a space.
+
+    ``wording``: ``ours`` (:data:`META_PROMPTS`, neutral: never asks the model to announce a correction) or
+    ``authors`` (:data:`AUTHORS_META_PROMPTS`). ``judge_sees_variant``: the judge grades against the suffixed prompt
+    (the authors' judge did) instead of the original one. Raises ``ValueError`` naming an unknown variant or
+    wording."""
+    if wording not in META_PROMPT_WORDINGS:
+        raise ValueError(
+            f"config key 'experiments.meta_prompts.wording' = {wording!r} must be one of {', '.join(META_PROMPT_WORDINGS)}"
+        )
+    texts = META_PROMPT_WORDINGS[wording]
     trials = []
     for variant in variants:
-        if variant not in META_PROMPTS:
-            raise ValueError(f"unknown meta-prompt variant {variant!r}; known: {', '.join(META_PROMPTS)}")
+        if variant not in texts:
+            raise ValueError(f"unknown meta-prompt variant {variant!r}; known: {', '.join(texts)}")
         for t in plan_steered(model, plans, prompts, "exp5", variant):
-            suffix = META_PROMPTS[variant].format(label=t.label or "an unrelated topic")
+            suffix = texts[variant].format(label=t.label or "an unrelated topic")
             prompt = f"{t.prompt} {suffix}"
             trials.append(
                 TrialSpec(
@@ -290,18 +336,42 @@ def _sweep(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
         c["n_levels"],
         c["sd_range"],
         c["relative_levels"],
+        merge_clamped=c.get("merge_clamped", True),
     )
 
 
 def _meta(inputs: PlanInputs, condition: str) -> list[TrialSpec]:
     c = inputs.settings["meta_prompts"]
-    return plan_meta_prompts(inputs.model, inputs.latents, inputs.prompts, [condition], c["judge_sees_variant"])
+    return plan_meta_prompts(
+        inputs.model,
+        inputs.latents,
+        inputs.prompts,
+        [condition],
+        c.get("judge_sees_variant", False),
+        wording=c.get("wording", "ours"),
+    )
+
+
+def ablated_sets(config: Mapping[str, Any], spec: ModelSpec) -> list[str]:
+    """The detector sets exp3 ablates for a model: ``experiments.ablation`` then the model's paper sets."""
+    return list(dict.fromkeys(list(_exp(config).get("ablation", [])) + list(spec.paper_detector_sets)))
+
+
+def random_control_targets(config: Mapping[str, Any], spec: ModelSpec) -> list[str]:
+    """The detector sets exp10's controls are matched to (one group of ``n_sets`` controls each), from
+    ``detectors.random_control.match_to``: ``ablated`` (default) = every set exp3 ablates for the model
+    (:func:`ablated_sets`); a set name or a list of names = those."""
+    target = (config.get("detectors") or {}).get("random_control", {}).get("match_to", "ablated")
+    if target == "ablated":
+        return ablated_sets(config, spec)
+    return [target] if isinstance(target, str) else list(dict.fromkeys(target))
 
 
 def _random_sets(config: Mapping[str, Any], spec: ModelSpec) -> list[str]:
     if not _exp(config).get("random_control", True):
         return []
-    return [f"random_{i}" for i in range(config["detectors"]["random_control"]["n_sets"])]
+    n_sets = config["detectors"]["random_control"]["n_sets"]
+    return [random_set_name(t, i) for t in random_control_targets(config, spec) for i in range(n_sets)]
 
 
 REGISTRY: dict[str, Experiment] = {
@@ -326,7 +396,7 @@ REGISTRY: dict[str, Experiment] = {
         Experiment(
             "exp3",
             "ablation of off-topic-detector sets",
-            lambda c, s: list(_exp(c).get("ablation", [])) + list(s.paper_detector_sets),
+            ablated_sets,
             "generate",
             plan=ablation_planner("exp3", lambda i: i.detectors.detector_sets),
             compare=True,

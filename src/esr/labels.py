@@ -388,6 +388,28 @@ def _write_manifest(path: str | os.PathLike, manifest: dict[str, Any]) -> None:
     write_json(path, {**manifest, "provenance": provenance()})
 
 
+def check_label_columns(df: pd.DataFrame, src: str) -> pd.DataFrame:  # noqa: F821
+    """``df`` (a labels CSV read as strings) with its latent column renamed ``latent`` (int64) and its label column
+    ``label``. Raises ``LabelsError`` naming ``src`` for a missing column, a non-integer or a negative latent."""
+    import pandas as pd
+
+    latent_col = next((c for c in _LATENT_COLUMNS if c in df.columns), None)
+    label_col = next((c for c in _LABEL_COLUMNS if c in df.columns), None)
+    if latent_col is None or label_col is None:
+        raise LabelsError(
+            f"labels file {src} needs a latent column (one of {list(_LATENT_COLUMNS)}) and a label "
+            f"column (one of {list(_LABEL_COLUMNS)}); it has {list(df.columns)}"
+        )
+    df = df.rename(columns={latent_col: "latent", label_col: "label"})
+    try:
+        df["latent"] = pd.to_numeric(df["latent"].str.strip(), errors="raise").astype("int64")
+    except (ValueError, TypeError) as err:
+        raise LabelsError(f"labels file {src}: column {latent_col!r} must hold integers ({err})") from None
+    if (df["latent"] < 0).any():
+        raise LabelsError(f"labels file {src}: negative latent index {int(df['latent'][df['latent'] < 0].iloc[0])}")
+    return df
+
+
 def fetch_csv_labels(
     url_or_path: str | os.PathLike,
     out_csv: str | os.PathLike,
@@ -439,20 +461,7 @@ def fetch_csv_labels(
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
-    latent_col = next((c for c in _LATENT_COLUMNS if c in df.columns), None)
-    label_col = next((c for c in _LABEL_COLUMNS if c in df.columns), None)
-    if latent_col is None or label_col is None:
-        raise LabelsError(
-            f"labels file {src} needs a latent column (one of {list(_LATENT_COLUMNS)}) and a label "
-            f"column (one of {list(_LABEL_COLUMNS)}); it has {list(df.columns)}"
-        )
-    df = df.rename(columns={latent_col: "latent", label_col: "label"})
-    try:
-        df["latent"] = pd.to_numeric(df["latent"].str.strip(), errors="raise").astype("int64")
-    except (ValueError, TypeError) as err:
-        raise LabelsError(f"labels file {src}: column {latent_col!r} must hold integers ({err})") from None
-    if (df["latent"] < 0).any():
-        raise LabelsError(f"labels file {src}: negative latent index {int(df['latent'][df['latent'] < 0].iloc[0])}")
+    df = check_label_columns(df, src)
     df["label"] = [" ".join(str(v).split()) for v in df["label"]]
     n_rows = len(df)
     # keep the first non-empty label per latent (stable order), else the first row

@@ -18,8 +18,11 @@ Pipeline (the authors' selection, with fixes where their code departs from the p
    sees labels that could still be selected.
 4. **Relevance filter** (:func:`relevance_pass_mask`), two variants on a ``[n_prompts, d_sae]`` matrix of
    activations max-pooled over each prompt's tokens: ``zero_on_prompts`` (the authors' code: keep a latent only
-   if it is exactly 0 on every prompt) and ``top100_per_prompt`` (the paper text: drop each prompt's top-100
-   activated latents; only latents with a positive activation can be in a top-k). ``none`` disables it.
+   if it is exactly 0 on every prompt) and ``top100_on_prompt_tokens`` (drop each prompt's top-100 activated
+   latents, ranked on the prompt's tokens; only latents with a positive activation can be in a top-k). ``none``
+   disables it. The paper's text ranks latents on the *unsteered responses*, which is not built: its old name here,
+   ``top100_per_prompt``, is a deprecated alias of ``top100_on_prompt_tokens`` (accepted with a warning).
+   ``n_latents`` may be set per model (``selection.n_latents_per_model``, :func:`model_selection_settings`).
 5. **Final list**: survivors in candidate order, truncated to ``n_latents``. Each selected latent gets
    ``trials_per_latent`` *distinct* prompts and one sampling seed per trial, drawn from generators seeded by
    ``(seed, model, "prompts:<latent>")`` and ``(seed, model, "trial_seeds:<latent>")``, so a latent's prompts and
@@ -33,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +49,9 @@ from esr.io import SEED_HIGH, derive_seed, read_json, write_json
 if TYPE_CHECKING:
     import pandas as pd
 
-RELEVANCE_FILTERS = ("zero_on_prompts", "top100_per_prompt", "none")
+RELEVANCE_FILTERS = ("zero_on_prompts", "top100_on_prompt_tokens", "none")
+#: Deprecated names of relevance filters -> the filter they now name.
+DEPRECATED_RELEVANCE_FILTERS = {"top100_per_prompt": "top100_on_prompt_tokens"}
 FILTER_ORDER = ("unlabeled", "dead", "relevance_fail", "concreteness_error", "concreteness_fail")
 _PLACEHOLDER = re.compile(r"^feature_\d+$")
 
@@ -131,8 +137,11 @@ def relevance_pass_mask(prompt_acts: np.ndarray, variant: str, top_k: int = 100)
 
     ``prompt_acts``: ``[n_prompts, d_sae]`` activations max-pooled over each prompt's tokens.
     ``zero_on_prompts``: pass iff the activation is exactly 0 on every prompt (the authors' code).
-    ``top100_per_prompt``: fail iff among some prompt's ``top_k`` most activated latents with activation > 0
-    (paper text; ties broken by lower latent index). ``none``: everything passes."""
+    ``top100_on_prompt_tokens``: fail iff among some prompt's ``top_k`` most activated latents with activation > 0
+    over the prompt's tokens (ties broken by lower latent index; the paper's text ranks on unsteered responses
+    instead). ``top100_per_prompt``: deprecated alias of it (a ``DeprecationWarning``). ``none``: everything
+    passes."""
+    variant = _relevance_variant(variant)
     acts = np.asarray(prompt_acts)
     if acts.ndim != 2:
         raise SelectionError(f"prompt activations must be [n_prompts, d_sae], got shape {acts.shape}")
@@ -142,7 +151,7 @@ def relevance_pass_mask(prompt_acts: np.ndarray, variant: str, top_k: int = 100)
         raise SelectionError("prompt activations contain NaN or inf")
     if variant == "zero_on_prompts":
         return ~np.any(acts != 0, axis=0)
-    if variant == "top100_per_prompt":
+    if variant == "top100_on_prompt_tokens":
         if top_k < 1:
             raise SelectionError(f"config key 'selection.relevance_top_k' = {top_k!r} must be >= 1")
         relevant = np.zeros(acts.shape[1], dtype=bool)
@@ -153,6 +162,20 @@ def relevance_pass_mask(prompt_acts: np.ndarray, variant: str, top_k: int = 100)
     raise SelectionError(
         f"config key 'selection.relevance_filter' = {variant!r} must be one of {', '.join(RELEVANCE_FILTERS)}"
     )
+
+
+def _relevance_variant(variant: str) -> str:
+    """``variant`` with a deprecated name replaced by the filter it names (and a ``DeprecationWarning`` saying so)."""
+    if variant in DEPRECATED_RELEVANCE_FILTERS:
+        new = DEPRECATED_RELEVANCE_FILTERS[variant]
+        warnings.warn(
+            f"config key 'selection.relevance_filter' = {variant!r} is deprecated: it ranks latents on the prompt's "
+            f"tokens, not on unsteered responses as the paper's text does; use {new!r} (same filter)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return new
+    return variant
 
 
 def firing_frequency(labels: pd.DataFrame, d_sae: int, column: str = "frequency") -> np.ndarray:
@@ -213,6 +236,7 @@ class SelectionSettings:
     relevance_top_k: int = 100
     candidate_multiplier: int | None = None
     dead_threshold: float = 0.0
+    n_latents_per_model: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> SelectionError:
@@ -224,6 +248,8 @@ class SelectionSettings:
                 raise bad(key, "must be a positive integer")
         if not 0.0 <= self.concreteness_threshold <= 100.0:
             raise bad("concreteness_threshold", "must be in [0, 100]")
+        if self.relevance_filter in DEPRECATED_RELEVANCE_FILTERS:
+            object.__setattr__(self, "relevance_filter", _relevance_variant(self.relevance_filter))
         if self.relevance_filter not in RELEVANCE_FILTERS:
             raise bad("relevance_filter", f"must be one of {', '.join(RELEVANCE_FILTERS)}")
         if self.candidate_multiplier is not None and (
@@ -232,6 +258,20 @@ class SelectionSettings:
             raise bad("candidate_multiplier", "must be null or a positive integer")
         if self.dead_threshold < 0:
             raise bad("dead_threshold", "must be >= 0")
+        for model, value in dict(self.n_latents_per_model or {}).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SelectionError(
+                    f"config key 'selection.n_latents_per_model.{model}' = {value!r}: must be a positive integer"
+                )
+
+
+def model_selection_settings(block: Mapping[str, Any] | None, model: str) -> SelectionSettings:
+    """The :class:`SelectionSettings` of ``model`` from the ``selection`` config block: ``n_latents`` replaced by
+    ``n_latents_per_model[model]`` where that is set (the paper ran about 1,000 latents x 5 trials per model,
+    reference protocol 2.6). Raises :class:`SelectionError` naming a bad key (``TypeError`` for an unknown one)."""
+    settings = SelectionSettings(**dict(block or {}))
+    per_model = dict(settings.n_latents_per_model or {})
+    return dataclasses.replace(settings, n_latents=per_model.get(model, settings.n_latents))
 
 
 @dataclass

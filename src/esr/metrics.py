@@ -16,6 +16,11 @@ Definitions (N = number of included trials; "scores" = the non-None attempt scor
 * mean score improvement (MSI), two definitions, both reported and labelled:
   ``msi_multi`` (authors' HEAD): mean(last - first) over multi-attempt trials only;
   ``msi_all`` (authors' first README): mean over all N trials, single-attempt trials contributing 0.
+
+Intervals: Wilson for rates; for means of bounded scores (first score in [0, 100], MSI in [-100, 100];
+``METRIC_BOUNDS``) an interval that stays inside the bounds (``MeanEstimate.bounded``: logit-transformed
+delta-method interval), with the paper's unbounded mean ± 1.96·SE kept beside it as ``wald_paper``; a
+latent-clustered percentile bootstrap, NaN with a reason when there are fewer than ``MIN_CLUSTERS`` clusters.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ Z95 = 1.96
 DEGRADED_MIN_RUN = 5
 #: Exclusion reasons, in the order the authors' code applies the rules.
 EXCLUSION_REASONS = ("latent_error", "trial_error", "no_attempts", "no_scores", "degraded")
+#: The range each mean metric can take (judge scores are 0-100, paper Sec. 2.3); their intervals stay inside it.
+METRIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "first_score": (0.0, 100.0),
+    "msi_multi": (-100.0, 100.0),
+    "msi_all": (-100.0, 100.0),
+}
+#: A cluster bootstrap needs at least this many clusters (latents); with one cluster every resample is the same
+#: cluster and the percentile interval has zero width, which is not an interval.
+MIN_CLUSTERS = 2
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
@@ -90,12 +104,14 @@ def nan_to_none(x: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Interval:
-    """A two-sided interval with the name of the method that produced it."""
+    """A two-sided interval with the name of the method that produced it; ``reason`` says why it is NaN (or
+    otherwise qualified) where it is."""
 
     lo: float
     hi: float
     method: str
     level: float = 0.95
+    reason: str | None = None
 
     def contains(self, x: float) -> bool:
         return self.lo <= x <= self.hi
@@ -104,7 +120,11 @@ class Interval:
         return [nan_to_none(self.lo), nan_to_none(self.hi)]
 
     def scaled(self, factor: float) -> Interval:
-        return Interval(self.lo * factor, self.hi * factor, self.method, self.level)
+        return Interval(self.lo * factor, self.hi * factor, self.method, self.level, self.reason)
+
+    @property
+    def is_nan(self) -> bool:
+        return math.isnan(self.lo) or math.isnan(self.hi)
 
 
 def z_for(level: float) -> float:
@@ -124,18 +144,25 @@ def wald_interval(k: int, n: int, z: float = Z95, clip: bool = False) -> Interva
     return Interval(lo, hi, "wald")
 
 
-def wilson_interval(k: int, n: int, level: float = 0.95) -> Interval:
-    """Wilson score interval (closed form), our default for rates; well-behaved at k = 0 and k = n."""
+def wilson_fraction_interval(p: float, n: float, level: float = 0.95) -> Interval:
+    """Wilson score interval of an observed fraction ``p`` in [0, 1] out of ``n`` (n may be non-integer, e.g. an
+    expected count's sample size); NaN for n <= 0. Source: Wilson (1927), closed form."""
     if n <= 0:
         return Interval(math.nan, math.nan, "wilson", level)
     z = z_for(level)
-    p = k / n
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
+    half = z / denom * math.sqrt(max(0.0, p * (1.0 - p)) / n + z * z / (4 * n * n))
+    lo = 0.0 if p <= 0 else max(0.0, centre - half)
+    hi = 1.0 if p >= 1 else min(1.0, centre + half)
     return Interval(lo, hi, "wilson", level)
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> Interval:
+    """Wilson score interval (closed form) of k out of n, our default for rates; well-behaved at k = 0 and k = n."""
+    if n <= 0:
+        return Interval(math.nan, math.nan, "wilson", level)
+    return wilson_fraction_interval(k / n, n, level)
 
 
 @dataclass(frozen=True)
@@ -167,57 +194,110 @@ class Proportion:
             "wald": self.wald().as_list(),
             "wilson": self.wilson().as_list(),
         }
-        if bootstrap is not None:
-            out["bootstrap"] = bootstrap.as_list()
+        _add_bootstrap(out, bootstrap)
         return out
+
+
+def _add_bootstrap(out: dict[str, Any], bootstrap: Interval | None) -> None:
+    if bootstrap is not None:
+        out["bootstrap"] = bootstrap.as_list()
+        if bootstrap.reason:
+            out["bootstrap_note"] = bootstrap.reason
+
+
+def bounded_mean_interval(mean: float, sd: float, n: int, bounds: tuple[float, float], level: float = 0.95) -> Interval:
+    """A confidence interval for the mean of a variable confined to ``bounds`` = (a, b) that never leaves them.
+
+    With 0 < (mean − a)/(b − a) < 1, n ≥ 2 and SD > 0: the delta-method interval on the logit scale,
+    ``expit(logit p ± z·SE_p / (p(1 − p)))`` mapped back to [a, b] (method ``logit``). Otherwise (the mean on a
+    bound, SD 0 or unknown): the Wilson score interval of p with n, i.e. with the largest variance p(1 − p) a
+    variable in [0, 1] with mean p can have, so it is conservative (method ``wilson_bounded``). NaN for n = 0.
+    Units: those of ``mean``. Source: the logit (log-odds) interval for bounded means, e.g. Agresti,
+    *Categorical Data Analysis*, Sec. 1.4; Wilson (1927)."""
+    a, b = float(bounds[0]), float(bounds[1])
+    if not b > a:
+        raise ValueError(f"bounds must satisfy lower < upper (got {bounds})")
+    if n <= 0 or math.isnan(mean):
+        return Interval(math.nan, math.nan, "logit", level, "no observations")
+    width = b - a
+    p = min(1.0, max(0.0, (mean - a) / width))
+    if n >= 2 and not math.isnan(sd) and sd > 0 and 0.0 < p < 1.0:
+        z = z_for(level)
+        se_logit = sd / width / math.sqrt(n) / (p * (1.0 - p))
+        centre = math.log(p / (1.0 - p))
+        lo, hi = (1.0 / (1.0 + math.exp(-(centre + s * z * se_logit))) for s in (-1.0, 1.0))
+        return Interval(a + width * lo, a + width * hi, "logit", level)
+    w = wilson_fraction_interval(p, n, level)
+    return Interval(a + width * w.lo, a + width * w.hi, "wilson_bounded", level)
 
 
 @dataclass(frozen=True)
 class MeanEstimate:
-    """Sample mean with SD (ddof = 1), SE = SD/√n and the normal interval mean ± z·SE (the paper's bars)."""
+    """Sample mean with SD (ddof = 1) and SE = SD/√n.
+
+    ``normal`` is the paper's bar, mean ± z·SE (unbounded: at small n it can leave the scale); ``interval`` is the
+    one we report: ``bounded_mean_interval`` when ``bounds`` (the variable's range, e.g. (0, 100) for a judge
+    score) is set, else the normal interval."""
 
     n: int
     mean: float
     sd: float
+    bounds: tuple[float, float] | None = None
 
     @classmethod
-    def of(cls, values: Iterable[float]) -> MeanEstimate:
+    def of(cls, values: Iterable[float], bounds: tuple[float, float] | None = None) -> MeanEstimate:
         arr = np.asarray(list(values), dtype=float)
         n = int(arr.size)
         mean = float(arr.mean()) if n else math.nan
         sd = float(arr.std(ddof=1)) if n >= 2 else math.nan
-        return cls(n, mean, sd)
+        return cls(n, mean, sd, bounds)
 
     @property
     def se(self) -> float:
         return self.sd / math.sqrt(self.n) if self.n >= 2 else math.nan
 
     def normal(self, z: float = Z95) -> Interval:
+        """The paper's (Wald) bar mean ± z·SE, unclipped."""
         return Interval(self.mean - z * self.se, self.mean + z * self.se, "normal")
 
+    def interval(self, level: float = 0.95) -> Interval:
+        """Our interval: inside ``bounds`` when the estimate has them (``bounded_mean_interval``), else normal."""
+        if self.bounds is None:
+            return self.normal(z_for(level))
+        return bounded_mean_interval(self.mean, self.sd, self.n, self.bounds, level)
+
     def to_dict(self, bootstrap: Interval | None = None) -> dict[str, Any]:
+        ci = self.interval()
         out: dict[str, Any] = {
             "n": int(self.n),
             "mean": nan_to_none(self.mean),
             "sd": nan_to_none(self.sd),
             "se": nan_to_none(self.se),
-            "ci": self.normal().as_list(),
+            "ci": ci.as_list(),
+            "ci_method": ci.method,
+            "wald_paper": self.normal().as_list(),
         }
-        if bootstrap is not None:
-            out["bootstrap"] = bootstrap.as_list()
+        if self.bounds is not None:
+            out["bounds"] = list(self.bounds)
+        _add_bootstrap(out, bootstrap)
         return out
 
 
 def pooled_mean(parts: Sequence[MeanEstimate]) -> MeanEstimate:
-    """Exact mean and SD (ddof = 1) of the union of several samples given only their (n, mean, sd)."""
+    """Exact mean and SD (ddof = 1) of the union of several samples given only their (n, mean, sd); the bounds are
+    the parts' (all parts must share them)."""
     parts = [p for p in parts if p.n > 0]
+    bounds = {p.bounds for p in parts}
+    if len(bounds) > 1:
+        raise ValueError(f"cannot pool means with different bounds: {sorted(map(str, bounds))}")
+    bound = bounds.pop() if bounds else None
     n = sum(p.n for p in parts)
     if n == 0:
-        return MeanEstimate(0, math.nan, math.nan)
+        return MeanEstimate(0, math.nan, math.nan, bound)
     mean = sum(p.n * p.mean for p in parts) / n
     ss = sum((p.n - 1) * (0.0 if math.isnan(p.sd) else p.sd) ** 2 + p.n * (p.mean - mean) ** 2 for p in parts)
     sd = math.sqrt(ss / (n - 1)) if n >= 2 else math.nan
-    return MeanEstimate(n, mean, sd)
+    return MeanEstimate(n, mean, sd, bound)
 
 
 # ----------------------------------------------------------------------------------------------- inclusion
@@ -321,12 +401,19 @@ def cluster_bootstrap_ratios(
 
     Every rate and mean of :class:`TrialSummary` is such a ratio (e.g. ESR rate: num = esr indicator, den = 1; MSI
     over multi-attempt trials: num = delta·multi, den = multi). All statistics share the same resampled cluster sets
-    (a seeded ``numpy.random.Generator``); resamples with Σden = 0 are dropped."""
+    (a seeded ``numpy.random.Generator``); resamples with Σden = 0 are dropped.
+
+    With fewer than ``MIN_CLUSTERS`` clusters every interval is NaN with a ``reason``: resampling one cluster
+    reproduces the estimate and would give a zero-width interval."""
     codes = np.asarray(codes)
-    if codes.size == 0:
-        return {name: Interval(math.nan, math.nan, "cluster_bootstrap", spec.level) for name in ratios}
     uniq, inv = np.unique(codes, return_inverse=True)
     c = len(uniq)
+    if c < MIN_CLUSTERS:
+        reason = (
+            f"{c} cluster{'s' if c != 1 else ''} (latent{'s' if c != 1 else ''}): a cluster bootstrap needs at "
+            f"least {MIN_CLUSTERS}; no interval"
+        )
+        return {name: Interval(math.nan, math.nan, "cluster_bootstrap", spec.level, reason) for name in ratios}
     rng = np.random.default_rng(spec.seed)
     weights = rng.multinomial(c, np.full(c, 1.0 / c), size=spec.n_resamples).astype(float)
     alpha = (1.0 - spec.level) / 2.0
@@ -339,7 +426,7 @@ def cluster_bootstrap_ratios(
             stat = (weights @ num_c) / dsum
         stat = stat[dsum > 0]
         if stat.size == 0:
-            out[name] = Interval(math.nan, math.nan, "cluster_bootstrap", spec.level)
+            out[name] = Interval(math.nan, math.nan, "cluster_bootstrap", spec.level, "no resample with a denominator")
         else:
             lo, hi = np.quantile(stat, [alpha, 1.0 - alpha])
             out[name] = Interval(float(lo), float(hi), "cluster_bootstrap", spec.level)
@@ -395,6 +482,7 @@ class TrialSummary:
                 int(x["n"]),
                 math.nan if x["mean"] is None else float(x["mean"]),
                 math.nan if x["sd"] is None else float(x["sd"]),
+                METRIC_BOUNDS.get(key),
             )
 
         inc = d.get("inclusion") or {}
@@ -406,9 +494,14 @@ class TrialSummary:
             int(inc.get("n_included", d["n"])),
         )
         boot = {
-            k: Interval(v["bootstrap"][0], v["bootstrap"][1], "cluster_bootstrap")
+            k: Interval(
+                math.nan if v["bootstrap"][0] is None else v["bootstrap"][0],
+                math.nan if v["bootstrap"][1] is None else v["bootstrap"][1],
+                "cluster_bootstrap",
+                reason=v.get("bootstrap_note"),
+            )
             for k, v in m.items()
-            if v.get("bootstrap") and v["bootstrap"][0] is not None
+            if v.get("bootstrap")
         }
         spec = d.get("bootstrap")
         return cls(
@@ -474,9 +567,9 @@ def summarise_included(
         multi=Proportion(n_multi, n),
         esr=Proportion(n_esr, n),
         improvement=Proportion(n_esr, n_multi),
-        first_score=MeanEstimate.of(first),
-        msi_multi=MeanEstimate.of(delta[multi]),
-        msi_all=MeanEstimate.of(delta_all),
+        first_score=MeanEstimate.of(first, METRIC_BOUNDS["first_score"]),
+        msi_multi=MeanEstimate.of(delta[multi], METRIC_BOUNDS["msi_multi"]),
+        msi_all=MeanEstimate.of(delta_all, METRIC_BOUNDS["msi_all"]),
         n_latents=int(inc["latent"].nunique()) if "latent" in inc.columns else 0,
         n_prompts=int(inc["prompt_id"].nunique()) if "prompt_id" in inc.columns else 0,
         n_degraded_included=int(inc["degraded"].sum()) if "degraded" in inc.columns else 0,

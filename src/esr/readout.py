@@ -64,6 +64,16 @@ def answer_token_spans(tokenizer, prompt: str, response: str) -> tuple[list[int]
     return list(enc["input_ids"]), spans, first, stop, text
 
 
+def padded_position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] of a left-padded batch from its attention mask [B, T] (1 = token, 0 = pad): each row's
+    first real token is position 0 (``cumsum - 1``, pads clamped to 0), so a sequence gets the same positions alone
+    and in any batch. Without them the model numbers positions by column, which shifts a padded row's rotary
+    positions by its pad count: equal in exact arithmetic (RoPE is relative) but not in bf16 (up to 0.09 on a tiny
+    Gemma-2, and which latents are exactly zero changes). The same rule as HF ``generate``
+    (``prepare_inputs_for_generation``) and ``SteeredGenerator.generate_batch``."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def per_token_latents(
     loaded: LoadedModel,
@@ -80,7 +90,9 @@ def per_token_latents(
     """SAE activations at the output of decoder block ``layer`` for every token of every sequence:
     a list of [len(seq), n_latents] float32 tensors (all latents when ``latents`` is None).
 
-    With ``interventions`` (one per sequence) the forward pass runs under them (e.g. replay with steering)."""
+    With ``interventions`` (one per sequence) the forward pass runs under them (e.g. replay with steering).
+    Sequences are left-padded into batches of ``batch_size`` and run with :func:`padded_position_ids`, so a
+    sequence's read-out does not depend on the other sequences of its batch."""
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     device = next(loaded.model.parameters()).device
     cols = torch.tensor(list(latents), dtype=torch.long) if latents is not None else None
@@ -104,7 +116,12 @@ def per_token_latents(
             # registered after the intervention hooks: on a shared layer it reads the steered stream
             handle = loaded.layers[layer].register_forward_hook(hook)
             stack.callback(handle.remove)
-            loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            loaded.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=padded_position_ids(mask).to(device),
+                use_cache=False,
+            )
         f = sae.encode(captured[-1].to(sae.W_dec.dtype)).float().cpu()
         if cols is not None:
             f = f[..., cols]
@@ -128,8 +145,14 @@ def max_pooled_latents(
 
 
 def prompt_relevance_activations(
-    loaded: LoadedModel, sae, layer: int, prompts: Sequence[str], batch_size: int = 8
+    loaded: LoadedModel, sae, layer: int, prompts: Sequence[str], batch_size: int = 1
 ) -> np.ndarray:
-    """The relevance-filter input: [n_prompts, d_sae] max over each prompt's user-turn tokens."""
+    """The relevance-filter input: [n_prompts, d_sae] max over each prompt's user-turn tokens (paper Sec. 2.2; the
+    authors' code keeps a latent only if this is exactly 0.0 on every prompt, reference protocol Sec. 2).
+
+    One prompt per forward by default (``batch_size=1``): with position ids the padding no longer shifts positions,
+    but a batched bf16 forward is still not bit-stable under padding (e.g. CPU SDPA blocks its reduction over the
+    padded key length: ~2e-4 on a residual), which can flip a latent sitting at its JumpReLU threshold and so make
+    the exact-zero test depend on batch partners. The prompts are few (38 in the paper), so this costs little."""
     seqs = [user_turn_ids(loaded.tokenizer, p) for p in prompts]
     return max_pooled_latents(loaded, sae, layer, seqs, batch_size, desc="prompt read-out")

@@ -10,65 +10,38 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from esr.fidelity import fidelity_table
 from esr.io import read_json, write_json, write_text
 
 
 def fidelity_notes(config: Mapping[str, Any]) -> list[str]:
-    """Where this run deviates from the paper or the authors' code, stated for the report."""
+    """Where this run deviates from the paper or the authors' code, one sentence per entry of
+    ``esr.fidelity.DEVIATIONS`` evaluated on the resolved ``config`` (see :func:`esr.fidelity.fidelity_table`)."""
     notes = []
-    judge = config.get("judge", {})
-    if judge.get("backend") == "offline_minilm":
+    for row in fidelity_table(config):
+        mark = {True: "as the reference", False: "DEVIATES", None: "stated"}[row["matches_reference"]]
         notes.append(
-            "Judge: offline MiniLM relevance judge with restart-phrase segmentation, an APPROXIMATION of "
-            "the paper's Claude Haiku 4.5 judge."
+            f"{row['topic']} / {row['setting']}: {row['this_run']} [{mark}] (reference: {row['reference']}). "
+            f"{row['note']}"
         )
-    threshold_judge = config.get("threshold_judge") or judge
+    judge, threshold_judge = config.get("judge", {}), config.get("threshold_judge") or config.get("judge", {})
     if threshold_judge != judge:
         notes.append(
             f"Boost calibration was scored by a different judge ({threshold_judge.get('backend')}:"
             f"{threshold_judge.get('model')}) than the trials ({judge.get('backend')}:{judge.get('model')})."
         )
-    if config.get("concreteness", {}).get("backend") == "wordnet":
-        notes.append("Concreteness: WordNet heuristic, an APPROXIMATION of the paper's Claude Sonnet 4.5 grader.")
-    sel = config.get("selection", {})
-    notes.append(
-        f"Relevance filter: {sel.get('relevance_filter')} (authors' code: zero_on_prompts; paper text: "
-        "top100_per_prompt)."
-    )
-    cal = config.get("calibration", {})
-    notes.append(
-        f"Calibration: target {cal.get('target')}, {cal.get('n_steps')} bisection steps x "
-        f"{cal.get('samples_per_step')} samples, {cal.get('max_new_tokens')} tokens, confidence "
-        f"{cal.get('confidence', 'beta')} (authors: their Beta flip, 'authors_beta'). Cache keyed on the full "
-        "configuration (the authors keyed on the latent only)."
-    )
-    gen = config.get("generation", {})
-    notes.append(
-        f"Generation: temperature {gen.get('temperature')}, max {gen.get('max_new_tokens')} new tokens "
-        f"(paper: 512), steering at {gen.get('steer_positions')} positions."
-    )
-    for name, m in config.get("models", {}).items():
-        notes.append(
-            f"{name}: inject at layer {m['injection_layer']}, SAE layer {m['sae_layer']}, repetition "
-            f"penalty {m['repetition_penalty']}, chat template {m.get('chat_template')}, dtype "
-            f"{m['dtype']}, engine {m.get('engine')} (tp {m.get('tensor_parallel')})."
-        )
-    exp = config.get("experiments", {})
-    if exp.get("planted_control", {}).get("enabled"):
-        notes.append(
-            "Planted positive control: a fraction of steered answers had a restart phrase and an unsteered "
-            "answer appended (experiment 'planted'); these are NOT model behaviour."
-        )
-    notes.append(
-        "Random ablation controls (exp10) are matched to the detector set on firing frequency and mean "
-        "activation (the authors' control sampled uniformly). Ablation and control runs are paired with "
-        "exp1 by latent, prompt and seed and tested with McNemar's exact test."
-    )
-    notes.append(
-        "Trials with no attempts are counted as exclusions (the authors' code dropped them silently); "
-        "Wilson intervals are primary, Wald shown for fidelity."
-    )
     return notes
+
+
+def _markdown_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    head = ["topic", "setting", "this run", "paper / authors", "matches", "note"]
+    keys = ["topic", "setting", "this_run", "reference", "matches_reference", "note"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    return out
 
 
 def run_overview(
@@ -76,8 +49,9 @@ def run_overview(
 ) -> None:
     """A short overview page (markdown) for the report: what ran, the fidelity notes, the audit verdict counts."""
     audit = read_json(audit_json)
-    lines = [f"# esr run '{config.get('run_name')}'", "", "## Fidelity notes", ""]
-    lines += [f"- {n}" for n in fidelity_notes(config)]
+    lines = [f"# esr run '{config.get('run_name')}'", "", "## Fidelity: where this run deviates from the paper", ""]
+    lines += _markdown_table(fidelity_table(config))
+    lines += [""] + [f"- {n}" for n in fidelity_notes(config) if n.startswith("Boost calibration")]
     lines += ["", "## Audit verdicts", ""]
     lines += [f"- {k}: {v}" for k, v in audit.get("verdict_counts", {}).items()]
     lines += ["", "## Summaries", ""]
@@ -92,4 +66,7 @@ def run_overview(
                     f"multi-attempt {multi.get('k')}/{multi.get('n')}, ESR {esr.get('k')}/{esr.get('n')}"
                 )
     write_text(out_md, "\n".join(lines) + "\n")
-    write_json(Path(out_md).with_suffix(".json"), {"fidelity_notes": fidelity_notes(config)})
+    write_json(
+        Path(out_md).with_suffix(".json"),
+        {"fidelity_notes": fidelity_notes(config), "fidelity": fidelity_table(config)},
+    )

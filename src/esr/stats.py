@@ -3,11 +3,14 @@ rounded percentages, with no significance test for any headline comparison, alth
 with the baseline by seed and the 5 trials of a latent are not independent.
 
 * Paired comparisons (ablation / random-ablation replays share latent, prompt and seed with the baseline):
-  McNemar's exact test on the discordant pairs, and paired differences with a bootstrap over latents.
+  McNemar's exact test on the discordant pairs (trials treated as independent, as a reference), beside it a
+  latent-clustered sign-flip permutation test on the per-latent sums of paired differences (the 5 trials of a latent
+  are not independent), and paired differences with a bootstrap over latents (NaN with a reason below 2 latents).
 * Unpaired contrasts (e.g. meta-prompt variants with fresh seeds, models): Fisher's exact test, Newcombe CI.
 * Relative changes (the paper's "−25 %", "4.3×") from unrounded counts, with a Katz log-ratio CI.
 * Model-size trend: logistic regression of ESR on log(parameter count), cluster-robust SEs by (model, latent).
-* Multiple comparisons: Holm over the family of comparisons reported together.
+* Multiple comparisons: Holm over the family of comparisons reported together, once over the trial-level p-values and
+  once over the clustered ones.
 * Cross-judge agreement: multi-attempt agreement, Cohen's kappa, ESR-direction agreement, Pearson/Spearman.
 """
 
@@ -72,6 +75,86 @@ def mcnemar_from_pairs(base: Sequence[bool], other: Sequence[bool]) -> McNemarRe
     return mcnemar_exact(int((a & ~o).sum()), int((~a & o).sum()), int((a & o).sum()), int((~a & ~o).sum()))
 
 
+# ----------------------------------------------------------------------------------------------- clustered test
+
+#: Default resamples of the cluster sign-flip test (exact enumeration when 2^clusters is not larger).
+SIGN_FLIP_RESAMPLES = 9999
+
+
+@dataclass(frozen=True)
+class ClusterSignFlipResult:
+    """Latent-clustered paired permutation test: H0 = within every cluster the two conditions are exchangeable, so
+    the sign of each cluster's summed paired difference is ±1 with probability 1/2 independently of the others.
+
+    ``statistic`` is the mean paired difference (other − base) over pairs; the p-value is two-sided. With C clusters
+    the smallest attainable p-value is 2^(1 − C) (``min_pvalue``); ``exact`` says whether all 2^C sign patterns were
+    enumerated. ``reason`` says why there is no test (no pairs)."""
+
+    statistic: float
+    n_pairs: int
+    n_clusters: int
+    pvalue: float
+    exact: bool
+    n_resamples: int
+    reason: str | None = None
+
+    @property
+    def min_pvalue(self) -> float:
+        return min(1.0, 2.0 ** (1 - self.n_clusters)) if self.n_clusters else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "statistic": nan_to_none(self.statistic),
+            "n_pairs": self.n_pairs,
+            "n_clusters": self.n_clusters,
+            "pvalue": nan_to_none(self.pvalue),
+            "min_pvalue": nan_to_none(self.min_pvalue),
+            "exact": self.exact,
+            "n_resamples": self.n_resamples,
+            "reason": self.reason,
+            "test": "cluster sign-flip permutation test on per-latent sums of paired differences (two-sided)",
+        }
+
+
+def cluster_sign_flip_test(
+    diff: Sequence[float], codes: Sequence[int], *, n_resamples: int = SIGN_FLIP_RESAMPLES, seed: int = 0
+) -> ClusterSignFlipResult:
+    """Two-sided sign-flip permutation test of "mean paired difference = 0" with clusters (latents) as the unit.
+
+    ``diff``: (n_pairs,) paired differences (other − base, e.g. ESR indicators: −1, 0, 1); ``codes``: (n_pairs,)
+    cluster id of each pair. The per-cluster sums are the exchangeable units; the test statistic is their sum.
+    Computed by ``scipy.stats.permutation_test`` (one sample, ``permutation_type="samples"`` flips signs), exact when
+    2^C <= ``n_resamples``, else ``n_resamples`` seeded random sign patterns. Raises ValueError when the two arrays
+    differ in length. Sources: Fisher's randomisation test for paired data; cluster (latent) as unit as in the
+    cluster bootstrap of ``esr.metrics``."""
+    d = np.asarray(diff, dtype=float)
+    c = np.asarray(codes)
+    if d.shape != c.shape:
+        raise ValueError(f"diff and codes must have the same length (got {d.shape} and {c.shape})")
+    n = int(d.size)
+    if n == 0:
+        return ClusterSignFlipResult(math.nan, 0, 0, math.nan, True, 0, "no pairs")
+    _, inv = np.unique(c, return_inverse=True)
+    sums = np.bincount(inv, weights=d)
+    n_clusters = int(sums.size)
+    mean = float(d.mean())
+    if not np.any(sums != 0) or n_clusters == 1:  # one cluster: both sign patterns give the same |T|
+        return ClusterSignFlipResult(mean, n, n_clusters, 1.0, True, 0 if n_clusters > 1 else 2)
+    exact = 2.0**n_clusters <= n_resamples
+    res = _st.permutation_test(
+        (sums,),
+        lambda x, axis: np.sum(x, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=n_resamples,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
+    )
+    return ClusterSignFlipResult(
+        mean, n, n_clusters, min(1.0, float(res.pvalue)), exact, int(res.null_distribution.size)
+    )
+
+
 # ----------------------------------------------------------------------------------------------- paired comparison
 
 
@@ -92,6 +175,7 @@ class PairedDifference:
             "mean": nan_to_none(self.mean),
             "ci": self.ci.as_list(),
             "ci_method": self.ci.method,
+            "ci_note": self.ci.reason,
         }
 
 
@@ -114,9 +198,20 @@ class PairedComparison:
     esr_diff: PairedDifference
     first_score_diff: PairedDifference
     delta_diff: PairedDifference
+    multi_cluster_test: ClusterSignFlipResult
+    esr_cluster_test: ClusterSignFlipResult
 
     def pvalues(self) -> dict[str, float]:
+        """McNemar p-values (trials as independent pairs)."""
         return {f"{self.label}:multi_rate": self.multi_test.pvalue, f"{self.label}:esr_rate": self.esr_test.pvalue}
+
+    def clustered_pvalues(self) -> dict[str, float]:
+        """Latent-clustered sign-flip p-values (NaN-free: comparisons without pairs have none)."""
+        out = {
+            f"{self.label}:multi_rate": self.multi_cluster_test.pvalue,
+            f"{self.label}:esr_rate": self.esr_cluster_test.pvalue,
+        }
+        return {k: v for k, v in out.items() if not math.isnan(v)}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +227,10 @@ class PairedComparison:
                 "other_esr": self.other_esr.to_dict(),
             },
             "mcnemar": {"multi_rate": self.multi_test.to_dict(), "esr_rate": self.esr_test.to_dict()},
+            "cluster_sign_flip": {
+                "multi_rate": self.multi_cluster_test.to_dict(),
+                "esr_rate": self.esr_cluster_test.to_dict(),
+            },
             "paired_differences": {
                 "multi_rate": self.multi_diff.to_dict(),
                 "esr_rate": self.esr_diff.to_dict(),
@@ -163,7 +262,9 @@ def _paired_diff(diff: np.ndarray, codes: np.ndarray, spec: BootstrapSpec) -> Pa
     n = int(diff.size)
     mean = float(diff.mean()) if n else math.nan
     ci = cluster_bootstrap_ratios(codes, {"d": (diff, np.ones(n))}, spec)["d"]
-    return PairedDifference(n, int(np.unique(codes).size), mean, Interval(ci.lo, ci.hi, "paired_cluster_bootstrap"))
+    return PairedDifference(
+        n, int(np.unique(codes).size), mean, Interval(ci.lo, ci.hi, "paired_cluster_bootstrap", ci.level, ci.reason)
+    )
 
 
 def paired_comparison(
@@ -175,9 +276,11 @@ def paired_comparison(
 ) -> PairedComparison:
     """Compare two *included* trial tables (see ``metrics.include_trials``) pair by pair.
 
-    Tests: McNemar exact on multi-attempt and on ESR indicators. Effect sizes: paired differences (other − base) of
-    the multi and ESR indicators (i.e. rate differences on the paired subset), of the first score and of
-    last − first, each with a percentile bootstrap that resamples latents (clusters of pairs)."""
+    Tests: McNemar exact on multi-attempt and on ESR indicators (pairs as independent), and beside it the
+    latent-clustered sign-flip test (``cluster_sign_flip_test``, seeded by ``bootstrap.seed``). Effect sizes: paired
+    differences (other − base) of the multi and ESR indicators (i.e. rate differences on the paired subset), of the
+    first score and of last − first, each with a percentile bootstrap that resamples latents (clusters of pairs;
+    NaN with a reason below 2 latents)."""
     pairs, n_b, n_o = pair_trials(base, other, keys)
     codes = cluster_codes(pairs) if "latent" in pairs.columns else np.arange(len(pairs))
     bm, om = pairs["multi_base"].to_numpy(bool), pairs["multi_other"].to_numpy(bool)
@@ -203,6 +306,8 @@ def paired_comparison(
         delta_diff=_paired_diff(
             pairs["delta_other"].to_numpy(float) - pairs["delta_base"].to_numpy(float), codes, bootstrap
         ),
+        multi_cluster_test=cluster_sign_flip_test(om.astype(float) - bm, codes, seed=bootstrap.seed),
+        esr_cluster_test=cluster_sign_flip_test(oe.astype(float) - be, codes, seed=bootstrap.seed),
     )
 
 
@@ -533,14 +638,158 @@ class ComparisonFamily:
             out.update({f"unpaired:{label}:{m}": t.pvalue for m, t in tests.items()})
         return out
 
+    def clustered_pvalues(self) -> dict[str, float]:
+        """The latent-clustered p-values of the paired comparisons (the family Holm is applied to a second time)."""
+        out: dict[str, float] = {}
+        for pc in self.paired:
+            out.update({f"paired_clustered:{k}": v for k, v in pc.clustered_pvalues().items()})
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         adj = holm(self.pvalues(), self.alpha)
+        adj_c = holm(self.clustered_pvalues(), self.alpha)
         return {
             "family": self.name,
             "multiple_comparisons": f"Holm over the {len(adj)} p-values of this family (alpha {self.alpha})",
+            "multiple_comparisons_clustered": (
+                f"Holm over the {len(adj_c)} latent-clustered sign-flip p-values of this family (alpha {self.alpha})"
+            ),
             "paired": [pc.to_dict() for pc in self.paired],
             "unpaired": {lab: {m: t.to_dict() for m, t in tests.items()} for lab, tests in self.unpaired.items()},
             "relative_change": {lab: {m: r.to_dict() for m, r in rr.items()} for lab, rr in self.relative.items()},
             "holm": {k: asdict(v) for k, v in adj.items()},
+            "holm_clustered": {k: asdict(v) for k, v in adj_c.items()},
             "notes": list(self.notes),
         }
+
+
+# ----------------------------------------------------------------------------------------------- across models
+
+
+def cross_model_comparison(
+    trials: pd.DataFrame,
+    n_params: Mapping[str, float],
+    *,
+    outcomes: Sequence[tuple[str, str]] = (("esr_rate", "esr"), ("multi_rate", "multi")),
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Does resistance grow with model size (paper Sec. 3.1, Fig. 2: "larger models resist more")? On the *included*
+    exp1 trials of every model (``metrics.include_trials``; columns ``model``, ``latent``, ``esr``, ``multi``):
+
+    * ``trend``: per outcome, the logistic regression of the indicator on ln(parameter count) with SEs clustered
+      by (model, latent) (:func:`size_trend`, statsmodels GLM);
+    * ``pairwise``: every pair of models (smaller first), per outcome, the same clustered regression on the pair
+      alone (a two-group test: its slope is the log odds ratio per ln-unit of size) and Fisher's exact test
+      (trials treated as independent), with Holm over all pairs and outcomes on the clustered p-values;
+    * ``rates``: each model's k, n, estimate and Wilson interval.
+
+    ``n_params``: model name -> parameter count (``models.<m>.n_params``). With fewer than two models that have both
+    trials and a parameter count, returns ``status: not_run`` and the reason (no test is possible)."""
+    models = sorted(
+        (m for m in trials["model"].unique() if m in n_params) if len(trials) else [], key=lambda m: n_params[m]
+    )
+    out: dict[str, Any] = {
+        "models": [{"model": m, "n_params": float(n_params[m])} for m in models],
+        "outcomes": [name for name, _ in outcomes],
+        "method": "GLM Binomial (logit) ~ ln(n_params), cov_type='cluster' by (model, latent); pairwise: the same "
+        "on each pair, Holm over pairs x outcomes; Fisher exact alongside",
+    }
+    if len(models) < 2:
+        missing = sorted(set(n_params) - set(models))
+        return {
+            **out,
+            "status": "not_run",
+            "reason": f"needs >= 2 models with exp1 trials; have {len(models)} ({', '.join(models) or 'none'})"
+            + (f"; no trials for {', '.join(missing)}" if missing else ""),
+        }
+    df = trials[trials["model"].isin(models)]
+    rates = {
+        m: {name: Proportion(int(g[col].sum()), len(g)).to_dict() for name, col in outcomes}
+        for m, g in df.groupby("model", sort=False)
+    }
+    trend = {name: size_trend(df, n_params, col).to_dict() for name, col in outcomes}
+    pairwise: list[dict[str, Any]] = []
+    pvals: dict[str, float] = {}
+    for i, a in enumerate(models):
+        for b in models[i + 1 :]:
+            pair = df[df["model"].isin([a, b])]
+            ga, gb = pair[pair["model"] == a], pair[pair["model"] == b]
+            entry: dict[str, Any] = {"smaller": a, "larger": b, "tests": {}}
+            for name, col in outcomes:
+                fit = size_trend(pair, n_params, col)
+                fisher = fisher_test(int(ga[col].sum()), len(ga), int(gb[col].sum()), len(gb))
+                entry["tests"][name] = {
+                    "clustered_logit": fit.to_dict(),
+                    "fisher": fisher.to_dict(),
+                    "difference_larger_minus_smaller": nan_to_none(fisher.difference),
+                }
+                if not math.isnan(fit.pvalue):
+                    pvals[f"{b} vs {a}:{name}"] = fit.pvalue
+            pairwise.append(entry)
+    adj = holm(pvals, alpha)
+    for entry in pairwise:
+        for name in entry["tests"]:
+            key = f"{entry['larger']} vs {entry['smaller']}:{name}"
+            entry["tests"][name]["holm"] = asdict(adj[key]) if key in adj else None
+    return {
+        **out,
+        "status": "ok",
+        "rates": rates,
+        "trend": trend,
+        "pairwise": pairwise,
+        "multiple_comparisons": f"Holm over the {len(adj)} pairwise clustered p-values (alpha {alpha})",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- specificity
+
+
+def specificity_comparison(
+    detector: pd.DataFrame,
+    controls: Mapping[str, pd.DataFrame],
+    *,
+    label: str,
+    keys: Sequence[str] = PAIR_KEYS,
+    bootstrap: BootstrapSpec = BootstrapSpec(),
+) -> dict[str, Any]:
+    """The specificity contrast of paper Sec. 3.4 / App. A.3.3: ablating the off-topic detectors (exp3) vs ablating
+    matched random latents (exp10), paired on the trial ``keys`` (latent, prompt, seed: both replay exp1).
+
+    ``detector``: included trials of one exp3 cell; ``controls``: control-set name -> included trials of an exp10
+    cell matched to that set. Per control set, :func:`paired_comparison` with the control as the base (differences
+    are detector − control; McNemar exact and the latent-clustered sign-flip test on multi and ESR, latent-cluster
+    bootstrap CIs; ``pvalues`` are the clustered ones, ``mcnemar_pvalues`` the others). ``pooled``: per trial key present in the detector run and
+    *every* control run, detector indicator − mean control indicator, with a latent-cluster bootstrap CI and
+    :func:`cluster_sign_flip_test` (seeded by ``bootstrap.seed``)."""
+    paired = [
+        paired_comparison(ctrl, detector, f"{label} vs {name}", keys, bootstrap) for name, ctrl in controls.items()
+    ]
+    pooled: dict[str, Any] = {"n_controls": len(controls)}
+    if controls and len(detector):
+        k = [c for c in keys if c in detector.columns]
+        merged = detector[k + ["multi", "esr"]].astype({"multi": float, "esr": float})
+        for i, ctrl in enumerate(controls.values()):
+            part = ctrl[k + ["multi", "esr"]].astype({"multi": float, "esr": float})
+            merged = merged.merge(part.rename(columns={"multi": f"multi_{i}", "esr": f"esr_{i}"}), on=k, how="inner")
+        codes = cluster_codes(merged) if "latent" in merged.columns else np.arange(len(merged))
+        pooled["n_pairs"] = int(len(merged))
+        for name, col in (("multi_rate", "multi"), ("esr_rate", "esr")):
+            ctrl_mean = merged[[f"{col}_{i}" for i in range(len(controls))]].mean(axis=1).to_numpy(float)
+            diff = merged[col].to_numpy(float) - ctrl_mean
+            pooled[name] = {
+                "detector": nan_to_none(float(merged[col].mean())) if len(merged) else None,
+                "controls_mean": nan_to_none(float(ctrl_mean.mean())) if len(merged) else None,
+                "difference": _paired_diff(diff, codes, bootstrap).to_dict(),
+                "cluster_sign_flip": cluster_sign_flip_test(diff, codes, seed=bootstrap.seed).to_dict(),
+            }
+    return {
+        "detector_set": label,
+        "controls": list(controls),
+        "keys": list(keys),
+        "paired": [p.to_dict() for p in paired],
+        "pvalues": {k: v for p in paired for k, v in p.clustered_pvalues().items()},
+        "mcnemar_pvalues": {k: v for p in paired for k, v in p.pvalues().items()},
+        "pooled": pooled,
+        "note": "differences are detector ablation minus random ablation; p-values for Holm: the latent-clustered "
+        "sign-flip tests (McNemar exact, which treats pairs as independent, alongside)",
+    }

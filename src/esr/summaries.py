@@ -25,7 +25,8 @@ Entry points (the Snakemake rules ``summarise`` and ``compare``):
         "metrics": {"multi_rate" | "esr_rate" | "improvement_rate":
                         {"k", "n", "estimate", "wald": [lo, hi], "wilson": [lo, hi], "bootstrap": [lo, hi]},
                     "first_score" | "msi_multi" | "msi_all":
-                        {"n", "mean", "sd", "se", "ci": [lo, hi], "bootstrap": [lo, hi]}},
+                        {"n", "mean", "sd", "se", "ci": [lo, hi] (inside the bounds), "ci_method",
+                         "wald_paper": [lo, hi], "bounds", "bootstrap": [lo, hi]}},
         "extra": {"boost", "boost_sigma", "boost_rel"}             # level cells
                | {"ablation_set", "n_ablated_latents"}            # ablation cells
                | {"n_judges", "n_samples"},                        # exp7 "all" cell
@@ -207,7 +208,12 @@ def summarise_experiment(
                 "wilson (primary)",
                 "bootstrap (percentile, clusters = (model, latent))",
             ],
-            "mean_interval": "mean ± 1.96·SD/√n (ddof = 1)",
+            "mean_interval": (
+                "ci: inside the score's bounds (first score 0-100, MSI -100-100), logit-transformed delta method "
+                "(Wilson score of the rescaled mean at a bound or with SD 0); wald_paper: the paper's mean ± "
+                "1.96·SD/√n (ddof = 1), unclipped"
+            ),
+            "bootstrap_note": "NaN with a reason when a cell has fewer than 2 latents (clusters)",
         },
         "cells": cells,
     }

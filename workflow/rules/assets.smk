@@ -3,6 +3,8 @@
 
 
 rule fetch_prompts:
+    input:
+        LOCAL_INPUTS["prompts"],
     output:
         prompt_list=PROMPTS,
     log:

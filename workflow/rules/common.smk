@@ -10,11 +10,15 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from esr.config import ConfigError, model_specs, validate_config  # noqa: E402
 from esr.experiments import REGISTRY  # noqa: E402
+from esr.preflight import check_inputs, local_inputs  # noqa: E402
 
 try:
     validate_config(config)  # the one validation: JSON schema (names the offending key) + cross-key checks
+    if workflow.is_main_process:  # input files (prompts, label CSVs, SAE and model folders), before any job runs
+        check_inputs(config, root=Path.cwd())
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
+LOCAL_INPUTS = local_inputs(config)
 
 MODELS = model_specs(config)
 ENV = "../../envs/esr.yaml"
@@ -76,6 +80,11 @@ def labels_input(wildcards):
 
 def detectors_input(wildcards):
     return f"results/detectors/{wildcards.model}/detectors.json"
+
+
+def ablated_sets(wildcards):
+    """The detector sets exp3 ablates for the model (exp10's controls are matched to each, by default)."""
+    return conditions(wildcards.model, "exp3")
 
 
 # ------------------------------------------------------------------------------------------------ judges
@@ -176,14 +185,27 @@ def summary_file(experiment, model):
     return f"results/{experiment}/{model}/summary.json"
 
 
+def cross_model_outputs():
+    """The cross-model trend test: planned only with two or more models (one model has no trend to test)."""
+    return ["results/compare/cross_model.json"] if len(MODELS) >= 2 else []
+
+
+def specificity_outputs(model):
+    """exp3 vs exp10 for a model that runs both (detector ablation vs matched random ablation)."""
+    runs = conditions(model, "exp3") and conditions(model, "exp10")
+    return [f"results/compare/{model}/exp3_vs_exp10.json"] if runs else []
+
+
 def stats_outputs():
     out = ["results/audit/paper_numbers.json", "results/figures/fig2_esr_by_model.png"]
+    out += cross_model_outputs()
     for m in MODELS:
         out += [
             f"results/comparisons/{m}.json",
             f"results/figures/{m}/fig5_ablation.png",
             f"results/exp9/{m}/analysis.json",
         ]
+        out += specificity_outputs(m)
     return out
 
 

@@ -51,6 +51,7 @@ rule discover_detectors:
         spec=model_spec,
         generation=config.get("generation"),
         settings=config.get("detectors"),
+        ablated=ablated_sets,
         seed=config["seed"],
     script:
         "../scripts/discover_detectors.py"

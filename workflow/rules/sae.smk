@@ -21,6 +21,7 @@ rule fetch_sae:
 
 rule download_labels:
     input:
+        lambda w: LOCAL_INPUTS[f"labels:{w.model}"],
         sae_manifest=sae_input,
     output:
         csv="resources/labels/{model}.csv",

@@ -98,10 +98,46 @@ rule compare:
         mem_mb=2000,
         runtime=20,
     params:
-        n_params={m: s.n_params for m, s in MODELS.items()},
         seed=config["seed"],
     script:
         "../scripts/compare.py"
+
+
+rule specificity:
+    input:
+        detector_trials=trials_table("exp3", "{model}"),
+        control_trials=trials_table("exp10", "{model}"),
+    output:
+        comparison="results/compare/{model}/exp3_vs_exp10.json",
+    log:
+        "logs/specificity/{model}.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        seed=config["seed"],
+    script:
+        "../scripts/specificity.py"
+
+
+rule cross_model:
+    input:
+        trials=expand(trials_table("exp1", "{model}"), model=MODELS),
+    output:
+        comparison="results/compare/cross_model.json",
+    log:
+        "logs/cross_model.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        n_params={m: s.n_params for m, s in MODELS.items()},
+    script:
+        "../scripts/cross_model.py"
 
 
 rule model_figures:

@@ -1,8 +1,8 @@
 """The judge stage: split answers into attempts and score each 0-100; grade latent labels for concreteness.
 
 Backends (``build_judge(config)``): ``anthropic`` (Messages API; the paper's grader ``claude-haiku-4-5-20251001``),
-``openai_compat`` (any Chat Completions server), ``offline_minilm`` (the embedded default, an APPROXIMATION:
-restart-phrase segmentation + MiniLM relevance) and ``fake`` (unit tests only). All share ``Judge.grade`` /
+``openai_compat`` (any Chat Completions server; both on the official vendor SDKs), ``offline_minilm`` (the embedded
+default, an APPROXIMATION: restart segmentation + MiniLM relevance) and ``fake`` (unit tests only). All share ``Judge.grade`` /
 ``grade_batch`` / ``agrade_batch``, the content-addressed cache and the counters in ``judge.stats``."""
 
 from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult, JudgeStats
@@ -27,7 +27,8 @@ from esr.judge.http_backends import (
 from esr.judge.offline import DEFAULT_ANCHORS, OFFLINE_JUDGE_ID, Anchors, OfflineMiniLMJudge, fit_anchors
 from esr.judge.parsing import MalformedJudgeOutput, parse_attempts
 from esr.judge.prompts import CONCRETENESS_TEMPLATE_VERSION, JUDGE_TEMPLATE_VERSION
-from esr.judge.segmentation import find_restarts, restart_gate, split_attempts
+from esr.judge.segmentation import RestartDetector, find_restarts, restart_gate, split_attempts
+from esr.judge.settings import key_fields, not_in_key
 
 __all__ = [
     "Anchors",
@@ -48,6 +49,7 @@ __all__ = [
     "JudgeStats",
     "LLMConcretenessGrader",
     "LLMJudge",
+    "RestartDetector",
     "MalformedJudgeOutput",
     "OpenAICompatBackend",
     "PAPER_CONCRETENESS_MODEL",
@@ -58,6 +60,8 @@ __all__ = [
     "build_concreteness_grader",
     "build_judge",
     "find_restarts",
+    "key_fields",
+    "not_in_key",
     "openai_compat_judge",
     "parse_attempts",
     "restart_gate",

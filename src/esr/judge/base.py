@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esr.io import stable_hash
+from esr.judge.settings import key_fields
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class JudgeResult:
     attempt). ``raw_text``: the judge's full reply (kept on parse errors too; None for judges without text output).
     ``judge_id``: backend and model (e.g. ``anthropic:claude-haiku-4-5-20251001``). ``template_version``: the judge
     prompt version. ``error``: None on success, else a message; ``error_kind`` is ``parse`` (the judge answered but
-    never in a valid format), ``http`` (transport/API failure) or ``other`` (an unexpected exception). Only
-    successes and ``parse`` errors are cached; ``http``/``other`` errors are retried on the next run. ``cached``:
+    never in a valid format), ``truncated`` (likewise, and its last reply stopped at max_tokens), ``http`` (transport/API failure) or ``other`` (an unexpected exception). Only
+    successes and ``parse``/``truncated`` errors are cached; ``http``/``other`` errors are retried on the next run. ``cached``:
     served from the cache. ``n_calls``: backend calls spent on it in this run (0 when cached). ``metadata``:
     backend specifics (e.g.
     ``approximation: true`` and the calibration for the offline judge; merges done by the restart gate)."""
@@ -94,6 +95,7 @@ class JudgeStats:
     http_retries: int = 0
     parse_retries: int = 0
     errors_parse: int = 0
+    errors_truncated: int = 0
     errors_http: int = 0
     errors_other: int = 0
     gate_merges: int = 0
@@ -103,16 +105,19 @@ class JudgeStats:
 
 
 class Judge:
-    """Base class of all judges. Subclasses set ``backend`` and ``model`` and implement ``_agrade_uncached``.
+    """Base class of all judges. Subclasses set ``backend``, ``model`` and ``settings`` and implement
+    ``_agrade_uncached``.
 
-    ``cache``: a ``JudgeCache`` or None. ``concurrency``: how many requests are in flight at once in a batch.
-    ``show_progress``: tqdm bar over batches. ``identity_extra`` (override ``cache_identity``) feeds every setting
-    that changes the judge's output into the cache key."""
+    ``settings``: the frozen dataclass of resolved settings the judge runs from; the cache key is derived from it
+    (``esr.judge.settings.key_fields``: every field except those marked ``not_in_key``), so a new setting cannot be
+    forgotten. ``cache``: a ``JudgeCache`` or None. ``concurrency``: how many requests are in flight at once in a
+    batch. ``show_progress``: tqdm bar over batches."""
 
     backend: str = "base"
     model: str = ""
     template_version: str = ""
     approximation: bool = False
+    settings: Any = None
 
     def __init__(self, *, cache=None, concurrency: int = 4, show_progress: bool = True) -> None:
         self.cache = cache
@@ -126,20 +131,15 @@ class Judge:
         """Human-readable id stored with every result, e.g. ``anthropic:claude-haiku-4-5-20251001``."""
         return f"{self.backend}:{self.model}"
 
-    def sampling_params(self) -> dict[str, Any]:
-        """Settings that change the judge's output (temperature, max tokens, calibration, gate...)."""
-        return {}
-
     def cache_identity(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "model": self.model,
-            "template_version": self.template_version,
-            "sampling": self.sampling_params(),
-        }
+        """Everything about this judge that can change a stored result: ``key_fields(self.settings)``."""
+        if self.settings is None:
+            raise TypeError(f"{type(self).__name__} has no settings dataclass; its cache key would be incomplete")
+        return key_fields(self.settings)
 
     def cache_key(self, request: JudgeRequest) -> str:
-        """Content address of a request under this judge's settings (trial id excluded)."""
+        """Content address of a request under this judge's settings (trial id excluded): a SHA-256 hex string of
+        (``cache_identity()``, prompt, response, latent label)."""
         return stable_hash(
             {
                 "judge": self.cache_identity(),
@@ -150,14 +150,14 @@ class Judge:
         )
 
     def describe(self) -> dict[str, Any]:
-        """Provenance block for this judge (no secrets)."""
+        """Provenance block for this judge (no secrets: settings hold only the *name* of the key variable)."""
         return {
             "judge_id": self.judge_id,
             "backend": self.backend,
             "model": self.model,
             "template_version": self.template_version,
             "approximation": self.approximation,
-            "sampling": self.sampling_params(),
+            "settings": _jsonable(self.settings),
         }
 
     # ----------------------------------------------------------------------------------------------- grading
@@ -221,7 +221,7 @@ class Judge:
                         res = self._error_result(f"{type(exc).__name__}: {exc}", "other")
                 res.cache_key, res.trial_id = key, req.trial_id
                 self._count(res)
-                if self.cache is not None and res.error_kind in (None, "parse"):
+                if self.cache is not None and res.error_kind in (None, "parse", "truncated"):
                     self.cache.put(
                         key, _cacheable(res), inputs={"judge": self.cache_identity(), "request": _request_inputs(req)}
                     )
@@ -242,6 +242,8 @@ class Judge:
     def _count(self, res: JudgeResult) -> None:
         if res.error_kind == "parse":
             self.stats.errors_parse += 1
+        elif res.error_kind == "truncated":
+            self.stats.errors_truncated += 1
         elif res.error_kind == "http":
             self.stats.errors_http += 1
         elif res.error is not None:
@@ -268,6 +270,10 @@ def _cacheable(res: JudgeResult) -> dict[str, Any]:
     d = res.to_dict()
     d.update(cached=False, trial_id=None)
     return d
+
+
+def _jsonable(settings: Any) -> Any:
+    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
 
 
 def _request_inputs(req: JudgeRequest) -> dict[str, Any]:

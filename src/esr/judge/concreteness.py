@@ -23,13 +23,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from esr.io import stable_hash
 from esr.judge.base import _progress
 from esr.judge.http_backends import CallTally, ChatBackend, RateLimiter, TransportError, scrub
 from esr.judge.parsing import MalformedJudgeOutput, parse_concreteness
-from esr.judge.prompts import CONCRETENESS_TEMPLATE_VERSION, concreteness_messages
+from esr.judge.prompts import (
+    CONCRETENESS_TEMPLATE_VERSION,
+    JUDGE_REASK_VERSION,
+    concreteness_messages,
+    concreteness_reask,
+)
+from esr.judge.settings import key_fields
 from esr.judge.wordnet import DEFAULT_WORDNET_DIR, WordNet
 
 PAPER_CONCRETENESS_MODEL = "claude-sonnet-4-5-20250929"
@@ -211,6 +215,7 @@ class LLMConcretenessGrader(_Grader):
         threshold: float = PAPER_THRESHOLD,
         fail_mode: str = "closed",
         max_parse_retries: int = 2,
+        reask_temperature: float | None = 0.7,
         concurrency: int = 2,
         cache=None,
         show_progress: bool = True,
@@ -222,6 +227,7 @@ class LLMConcretenessGrader(_Grader):
         self.batch_size = max(1, batch_size)
         self.fail_mode = fail_mode
         self.max_parse_retries = max_parse_retries
+        self.reask_temperature = reask_temperature
         self.concurrency = max(1, concurrency)
         self.cache = cache
         self.show_progress = show_progress
@@ -232,14 +238,18 @@ class LLMConcretenessGrader(_Grader):
         return f"{self.chat.name}:{self.chat.settings.model}"
 
     def _identity(self) -> dict[str, Any]:
-        s = self.chat.settings
+        """Everything that can change a stored rating: the chat settings' key fields (model, base URL,
+        temperature, max tokens, ...), the prompt and re-ask versions, the batch size (labels are rated in context)
+        and the re-ask budget (a failed batch is not cached, but the budget decides whether it fails)."""
         return {
             "task": "concreteness",
             "backend": self.chat.name,
-            "model": s.model,
             "template_version": self.template_version,
-            "temperature": s.temperature,
-            "max_tokens": s.max_tokens,
+            "reask_version": JUDGE_REASK_VERSION,
+            "batch_size": self.batch_size,
+            "max_parse_retries": self.max_parse_retries,
+            "reask_temperature": self.reask_temperature,
+            "chat": key_fields(self.chat.settings),
         }
 
     def cache_key(self, label: str) -> str:
@@ -264,30 +274,33 @@ class LLMConcretenessGrader(_Grader):
         if todo:
             batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
             bar = _progress(len(batches), f"concreteness {self.grader_id}", self.show_progress)
-            key = self.chat.api_key()
             sem = asyncio.Semaphore(self.concurrency)
-            async with httpx.AsyncClient() as client:
-                limiter = self.limiter
+            session = self.chat.open_session(concurrency=self.concurrency, limiter=self.limiter)
+            try:
 
                 async def run(batch: list[str]) -> None:
                     async with sem:
-                        for score in await self._grade_batch(client, limiter, key, batch):
+                        for score in await self._grade_batch(session, batch):
                             done[score.label] = score
                     bar.update(1)
 
-                try:
-                    await asyncio.gather(*(run(b) for b in batches))
-                finally:
-                    bar.close()
+                await asyncio.gather(*(run(b) for b in batches))
+            finally:
+                bar.close()
+                await session.aclose()
         return [done[label] for label in labels]
 
-    async def _grade_batch(self, client, limiter, key, batch: list[str]) -> list[ConcretenessScore]:
+    async def _grade_batch(self, session, batch: list[str]) -> list[ConcretenessScore]:
         system, user = concreteness_messages(batch)
+        messages = [{"role": "user", "content": user}]
+        temperature = self.chat.settings.temperature
         problem = ""
         tally = CallTally()
         for parse_try in range(self.max_parse_retries + 1):
             try:
-                reply = await self.chat.complete(client, limiter, system, user, key, self.stats, tally)
+                reply = await self.chat.complete(
+                    session, system, messages, stats=self.stats, tally=tally, temperature=temperature
+                )
             except TransportError as exc:
                 problem = str(exc)
                 break
@@ -297,7 +310,14 @@ class LLMConcretenessGrader(_Grader):
                 problem = f"malformed reply: {exc}"
                 if parse_try < self.max_parse_retries:
                     self.stats.parse_retries += 1
-                    await asyncio.sleep(self.chat.backoff(parse_try))
+                    # a corrective turn: at temperature 0 the same request would repeat the same reply
+                    messages = [
+                        {"role": "user", "content": user},
+                        {"role": "assistant", "content": scrub(reply, session.key) or "(empty reply)"},
+                        {"role": "user", "content": concreteness_reask(str(exc))},
+                    ]
+                    if temperature is not None and self.reask_temperature is not None:
+                        temperature = max(temperature, self.reask_temperature)
                 continue
             out = []
             for r in ratings:
@@ -316,7 +336,7 @@ class LLMConcretenessGrader(_Grader):
                     )
                 out.append(score)
             return out
-        return self._failed(batch, scrub(problem, key) or "unknown failure")
+        return self._failed(batch, scrub(problem, session.key) or "unknown failure")
 
     def _failed(self, batch: list[str], problem: str) -> list[ConcretenessScore]:
         self.stats.failed_batches += 1

@@ -67,7 +67,13 @@ def build_judge(config: dict[str, Any], *, show_progress: bool = True, encoder=N
 
         anchors = Anchors.load(cfg["anchors"]) if cfg["anchors"] else None
         return OfflineMiniLMJudge(
-            anchors, encoder=encoder, device=cfg["device"], cache=cache, show_progress=show_progress
+            anchors,
+            encoder=encoder,
+            device=cfg["device"],
+            restart_semantic=cfg["restart_semantic"],
+            restart_margin=cfg["restart_margin"],
+            cache=cache,
+            show_progress=show_progress,
         )
     if backend == "fake":
         from esr.judge.fake import FakeJudge
@@ -85,6 +91,8 @@ def build_judge(config: dict[str, Any], *, show_progress: bool = True, encoder=N
             chat,
             restart_gate=cfg["restart_gate"],
             max_parse_retries=cfg["max_parse_retries"],
+            json_block=cfg["json_block"],
+            reask_temperature=cfg["reask_temperature"],
             cache=cache,
             concurrency=cfg["concurrency"],
             show_progress=show_progress,
@@ -106,6 +114,7 @@ def build_concreteness_grader(config: dict[str, Any], *, show_progress: bool = T
             threshold=cfg["threshold"],
             fail_mode=cfg["fail_mode"],
             max_parse_retries=cfg["max_parse_retries"],
+            reask_temperature=cfg["reask_temperature"],
             concurrency=cfg["concurrency"],
             cache=cache,
             show_progress=show_progress,

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult
-from esr.judge.segmentation import split_attempts
+from esr.judge.segmentation import PATTERNS_ONLY, split_attempts
 
 FAKE_TEMPLATE_VERSION = "fake-v1"
 
@@ -22,6 +23,18 @@ def label_mention_score(attempt: str, request: JudgeRequest) -> float:
     words = {w for w in re.findall(r"[a-z]{3,}", request.latent_label.lower())}
     text = attempt.lower()
     return 0.0 if any(re.search(rf"\b{re.escape(w)}", text) for w in words) else 100.0
+
+
+@dataclass(frozen=True)
+class FakeJudgeSettings:
+    """What the fake judge's results depend on (its cache key)."""
+
+    model: str
+    template_version: str
+    score_fn: str
+    fail_marker: str | None
+    restart_gate: bool
+    restart: dict[str, Any]
 
 
 class FakeJudge(Judge):
@@ -47,16 +60,24 @@ class FakeJudge(Judge):
         self.fail_marker = fail_marker
         self.restart_gate = restart_gate
         self.calls = 0
-
-    def sampling_params(self) -> dict[str, Any]:
-        return {"restart_gate": self.restart_gate}
+        self.settings = FakeJudgeSettings(
+            model=model,
+            template_version=self.template_version,
+            score_fn=f"{getattr(self.score_fn, '__module__', '')}.{getattr(self.score_fn, '__qualname__', '')}",
+            fail_marker=fail_marker,
+            restart_gate=restart_gate,
+            restart=PATTERNS_ONLY.version(),
+        )
 
     async def _agrade_uncached(self, request: JudgeRequest, ctx: Any) -> JudgeResult:
         self.calls += 1
         self.stats.backend_calls += 1
         if self.fail_marker and self.fail_marker in request.response:
             return self._error_result("fake parse failure", "parse", raw_text="not json", n_calls=1)
-        attempts = [Attempt(text=p, score=float(self.score_fn(p, request))) for p in split_attempts(request.response)]
+        attempts = [
+            Attempt(text=p, score=float(self.score_fn(p, request)))
+            for p in split_attempts(request.response, detector=PATTERNS_ONLY)
+        ]
         raw = {"attempts": [{"attempt_text": a.text, "score": a.score} for a in attempts]}
         return JudgeResult(
             attempts=attempts,

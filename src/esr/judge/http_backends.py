@@ -1,16 +1,25 @@
-"""LLM judges over HTTP (httpx, no vendor SDKs): the Anthropic Messages API and any OpenAI-compatible Chat
-Completions server (OpenAI, vLLM, llama.cpp ``llama-server``, ollama, hosted gateways).
+"""LLM judges over the official vendor SDKs: ``anthropic`` (Messages API) and ``openai`` (Chat Completions; any
+OpenAI-compatible server: OpenAI, OpenRouter, vLLM, llama.cpp ``llama-server``, ollama).
 
-Transport rules: at most ``rate_limit_per_s`` call starts per second per judge; 408/409/425/429/5xx, timeouts,
-connection errors and unreadable bodies are retried with exponential backoff and jitter, honouring ``Retry-After``
-(seconds or HTTP date); other 4xx fail at once. A reply that is not a valid verdict is asked again (up to
-``max_parse_retries`` more calls, with backoff) and finally recorded as a ``parse`` error with the raw text kept.
-API keys are read from the environment when a batch starts and are scrubbed from every error message and raw text."""
+Transport is the SDKs' own (``AsyncAnthropic`` / ``AsyncOpenAI``): their retry policy (408/409/429/5xx, timeouts and
+connection errors, ``max_retries`` times), their exponential backoff with jitter (0.5 s doubling to 8 s) and their
+reading of the server's wait hints (``retry-after-ms``, then ``Retry-After`` seconds or HTTP date), see
+https://github.com/anthropics/anthropic-sdk-python#retries and https://github.com/openai/openai-python#retries. On
+top of it this module adds only what the SDKs do not do: at most ``rate_limit_per_s`` HTTP attempts per second per
+judge (an ``httpx2`` request hook, so SDK retries are spaced too), per-request call counting, a retry when a 200
+reply has an unreadable body, the judge prompt, robust verdict parsing and corrective re-asks. A reply that is not a
+valid verdict is asked again with a corrective follow-up turn (the bad reply and what was wrong with it) at
+``max(temperature, reask_temperature)``, because a temperature-0 judge asked the same thing repeats the same reply;
+after ``max_parse_retries`` re-asks it is recorded as a ``parse`` error (``truncated`` when the last reply stopped at
+``max_tokens``) with the raw text kept, never a crash.
+API keys are read from the environment (``api_key_env``) when a batch starts, never logged, and scrubbed from every
+error message and raw text."""
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import contextvars
+import dataclasses
 import logging
 import os
 import random
@@ -18,18 +27,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import httpx
+import anthropic
+import httpx2
+import openai
 
 from esr.judge.base import Judge, JudgeRequest, JudgeResult
-from esr.judge.parsing import MalformedJudgeOutput, parse_attempts
-from esr.judge.prompts import JUDGE_TEMPLATE_VERSION, judge_messages
-from esr.judge.segmentation import restart_gate
+from esr.judge.parsing import BLOCK_CHOICES, MalformedJudgeOutput, parse_attempts
+from esr.judge.prompts import JUDGE_REASK_VERSION, JUDGE_TEMPLATE_VERSION, judge_messages, judge_reask
+from esr.judge.segmentation import RESTART_PATTERN_VERSION, restart_gate
+from esr.judge.settings import not_in_key
 
 log = logging.getLogger(__name__)
 
-ANTHROPIC_VERSION = "2023-06-01"
 PAPER_JUDGE_MODEL = "claude-haiku-4-5-20251001"
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+_NO_KEY = "no-key-configured"  # placeholder for keyless local servers; its Authorization header is omitted
 
 
 class CallCounters(Protocol):
@@ -46,13 +57,23 @@ class CallTally:
     calls: int = 0
 
 
-class TransportError(RuntimeError):
-    """The API could not be reached or kept failing; ``retryable`` says whether more tries might help."""
+_ATTEMPTS: contextvars.ContextVar[CallTally | None] = contextvars.ContextVar("esr_judge_attempts", default=None)
 
-    def __init__(self, message: str, retryable: bool, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.retry_after = retry_after
+
+class Reply(str):
+    """A reply text that knows whether the model stopped at ``max_tokens`` (``truncated``)."""
+
+    truncated: bool = False
+
+    @classmethod
+    def of(cls, text: str, truncated: bool) -> Reply:
+        out = cls(text)
+        out.truncated = truncated
+        return out
+
+
+class TransportError(RuntimeError):
+    """The API could not be reached or kept failing (after the SDK's retries)."""
 
 
 class MissingAPIKey(RuntimeError):
@@ -60,7 +81,7 @@ class MissingAPIKey(RuntimeError):
 
 
 class RateLimiter:
-    """Spaces call starts at least ``1/rate`` seconds apart. One per judge (no global state); it keeps its schedule
+    """Spaces HTTP attempts at least ``1/rate`` seconds apart. One per judge (no global state); it keeps its schedule
     across batches and event loops, so repeated ``grade()`` calls are limited too."""
 
     def __init__(self, rate_per_s: float | None) -> None:
@@ -78,24 +99,6 @@ class RateLimiter:
             await asyncio.sleep(delay)
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def scrub(text: str | None, secret: str | None) -> str | None:
     """``text`` with every occurrence of ``secret`` replaced (defence in depth: keys must never reach disk).
     Secrets shorter than 8 characters (dummy keys for local servers) are left alone: replacing them would mangle
@@ -105,178 +108,249 @@ def scrub(text: str | None, secret: str | None) -> str | None:
     return text.replace(secret, "<redacted>")
 
 
-@dataclass
+_TRANSPORT = "transport only: changes whether a call succeeds, never the score of a stored verdict"
+
+
+@dataclass(frozen=True)
 class ChatSettings:
     """Everything a chat backend needs. ``api_key_env`` names the environment variable holding the key (the key
-    itself never enters a config or an object that gets serialised)."""
+    itself never enters a config or an object that gets serialised). ``base_url`` is in the cache key: the same model
+    id behind another server (another provider, another quantisation) can grade differently. ``timeout_s``,
+    ``max_retries`` (SDK retries per call), ``rate_limit_per_s`` and ``backoff_base_s`` (pause before re-reading an
+    unreadable 200 body) are transport-only and kept out of the key."""
 
     model: str
     base_url: str
-    api_key_env: str | None
+    api_key_env: str | None = not_in_key("the name of a variable, not the key or the model", default=None)
     temperature: float | None = 0.0
     max_tokens: int = 2048
-    timeout_s: float = 120.0
-    max_retries: int = 4
-    rate_limit_per_s: float | None = 3.0
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    retry_after_max_s: float = 300.0
+    timeout_s: float = not_in_key(_TRANSPORT, default=120.0)
+    max_retries: int = not_in_key(_TRANSPORT, default=4)
+    rate_limit_per_s: float | None = not_in_key(_TRANSPORT, default=3.0)
+    backoff_base_s: float = not_in_key(_TRANSPORT, default=1.0)
     extra_headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class ChatSession:
+    """One batch's SDK client (sharing one connection pool) and the API key read for it."""
+
+    client: Any
+    http: httpx2.AsyncClient
+    key: str | None
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+_DEFAULT = object()
+
+
 class ChatBackend:
-    """One chat-completion API. Subclasses define the wire format (``request`` / ``reply_text``)."""
+    """One chat-completion API on its vendor SDK. Subclasses define ``_client`` / ``_create`` / ``reply_text``."""
 
     name = "chat"
     key_required = True
+    sdk: Any = None  # the SDK module (its exception classes)
 
     def __init__(self, settings: ChatSettings) -> None:
         self.settings = settings
 
-    # ------------------------------------------------------------------------------------------------ wire format
-    def request(self, system: str, user: str, api_key: str | None) -> tuple[str, dict[str, str], dict[str, Any]]:
-        raise NotImplementedError
-
-    def reply_text(self, body: Any) -> str:
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------------------------------------ transport
     def api_key(self) -> str | None:
+        """The key from the environment variable ``api_key_env``; raises ``MissingAPIKey`` if it is required and
+        unset."""
         env = self.settings.api_key_env
         key = os.environ.get(env) if env else None
         if not key and self.key_required:
             raise MissingAPIKey(f"environment variable {env!r} (API key for {self.name}) is not set")
         return key or None
 
-    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to sleep before retry number ``attempt`` (0-based)."""
-        s = self.settings
-        if retry_after is not None:
-            return min(retry_after, s.retry_after_max_s)
-        return min(s.backoff_max_s, s.backoff_base_s * (2**attempt)) * (0.5 + random.random() / 2)
+    def open_session(self, *, concurrency: int, limiter: RateLimiter) -> ChatSession:
+        """An SDK client for one batch: at most ``concurrency`` connections; every HTTP attempt (SDK retries
+        included) waits on ``limiter`` and is counted into the calling task's tally."""
 
-    async def _post_once(self, client: httpx.AsyncClient, system: str, user: str, key: str | None) -> str:
-        url, headers, payload = self.request(system, user, key)
-        try:
-            resp = await client.post(url, headers=headers, json=payload, timeout=self.settings.timeout_s)
-        except httpx.TimeoutException as exc:
-            raise TransportError(f"timeout after {self.settings.timeout_s}s ({type(exc).__name__})", True) from None
-        except httpx.HTTPError as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc}", True) from None
-        if resp.status_code != 200:
-            retryable = resp.status_code in RETRYABLE_STATUS
-            detail = resp.text[:300].replace("\n", " ")
-            raise TransportError(
-                f"HTTP {resp.status_code}: {detail}", retryable, parse_retry_after(resp.headers.get("retry-after"))
-            )
-        try:
-            return self.reply_text(resp.json())
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise TransportError(f"unreadable response body ({type(exc).__name__}: {exc})", True) from None
+        async def on_request(request: httpx2.Request) -> None:
+            await limiter.wait()
+            tally = _ATTEMPTS.get()
+            if tally is not None:
+                tally.calls += 1
+
+        key = self.api_key()
+        n = max(1, int(concurrency))
+        http = httpx2.AsyncClient(
+            limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n),
+            timeout=httpx2.Timeout(self.settings.timeout_s, connect=min(5.0, self.settings.timeout_s)),
+            event_hooks={"request": [on_request]},
+            follow_redirects=True,
+        )
+        return ChatSession(self._client(key, http), http, key)
+
+    def _client(self, key: str | None, http: httpx2.AsyncClient) -> Any:
+        raise NotImplementedError
+
+    async def _create(self, session: ChatSession, system: str, messages: list[dict], temperature, max_tokens) -> Any:
+        raise NotImplementedError
+
+    def reply_text(self, reply: Any) -> str:
+        raise NotImplementedError
 
     async def complete(
         self,
-        client: httpx.AsyncClient,
-        limiter: RateLimiter,
+        session: ChatSession,
         system: str,
-        user: str,
-        key: str | None,
+        messages: list[dict[str, str]] | str,
+        *,
         stats: CallCounters,
         tally: CallTally | None = None,
+        temperature: float | None | object = _DEFAULT,
+        max_tokens: int | None = None,
     ) -> str:
-        """The model's reply text, after up to ``max_retries`` transport retries; raises ``TransportError``.
-        Every HTTP call is counted in ``stats`` and in ``tally`` (the per-request count)."""
-        attempt = 0
-        while True:
-            await limiter.wait()
-            stats.backend_calls += 1
+        """The model's reply text to ``system`` + ``messages`` (a user string or a list of ``{role, content}``
+        turns). ``temperature``/``max_tokens`` default to the settings'. Raises ``TransportError`` after the SDK's
+        retries (or after ``max_retries`` unreadable 200 bodies). Every HTTP attempt is counted in ``stats`` (calls,
+        and retries = calls - 1) and in ``tally`` (the per-request count)."""
+        s = self.settings
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        temperature = s.temperature if temperature is _DEFAULT else temperature
+        max_tokens = max_tokens or s.max_tokens
+        local = CallTally()
+        token = _ATTEMPTS.set(local)
+        try:
+            for body_try in range(s.max_retries + 1):
+                try:
+                    reply = await self._create(session, system, messages, temperature, max_tokens)
+                except self.sdk.APIStatusError as exc:
+                    detail = (exc.response.text if exc.response is not None else str(exc))[:300].replace("\n", " ")
+                    message = f"HTTP {exc.status_code}: {detail} (after {local.calls} tries)"
+                    raise TransportError(scrub(message, session.key)) from None
+                except self.sdk.APIConnectionError as exc:
+                    message = f"{type(exc).__name__}: {exc} (after {local.calls} tries)"
+                    raise TransportError(scrub(message, session.key)) from None
+                try:
+                    return self.reply_text(reply)
+                except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+                    problem = f"unreadable response body ({type(exc).__name__}: {exc})"
+                    if body_try >= s.max_retries:
+                        raise TransportError(scrub(f"{problem} (after {local.calls} tries)", session.key)) from None
+                    log.info("%s %s: retry after %s", self.name, s.model, scrub(problem, session.key))
+                    await asyncio.sleep(s.backoff_base_s * (2**body_try) * (0.5 + random.random() / 2))
+            raise AssertionError("unreachable")
+        finally:
+            _ATTEMPTS.reset(token)
+            stats.backend_calls += local.calls
+            stats.http_retries += max(0, local.calls - 1)
             if tally is not None:
-                tally.calls += 1
-            try:
-                return await self._post_once(client, system, user, key)
-            except TransportError as exc:
-                if not exc.retryable or attempt >= self.settings.max_retries:
-                    raise TransportError(scrub(f"{exc} (after {attempt + 1} tries)", key), False) from None
-                stats.http_retries += 1
-                delay = self.backoff(attempt, exc.retry_after)
-                log.info(
-                    "%s %s: retry %d in %.2fs after %s",
-                    self.name,
-                    self.settings.model,
-                    attempt + 1,
-                    delay,
-                    scrub(str(exc), key),
-                )
-                await asyncio.sleep(delay)
-                attempt += 1
+                tally.calls += local.calls
 
 
 class AnthropicBackend(ChatBackend):
-    """Anthropic Messages API: ``POST {base_url}/v1/messages`` with ``x-api-key`` and ``anthropic-version``."""
+    """Anthropic Messages API through ``anthropic.AsyncAnthropic`` (``POST {base_url}/v1/messages``)."""
 
     name = "anthropic"
+    sdk = anthropic
 
-    def request(self, system, user, api_key):
+    def _client(self, key, http):
         s = self.settings
-        headers = {
-            "x-api-key": api_key or "",
-            "anthropic-version": ANTHROPIC_VERSION,
-            "content-type": "application/json",
-            **s.extra_headers,
-        }
-        payload: dict[str, Any] = {
-            "model": s.model,
-            "max_tokens": s.max_tokens,
-            "system": system,
-            "messages": [{"role": "user", "content": user}],
-        }
-        if s.temperature is not None:
-            payload["temperature"] = s.temperature
-        return f"{s.base_url.rstrip('/')}/v1/messages", headers, payload
+        return anthropic.AsyncAnthropic(
+            api_key=key,
+            base_url=s.base_url,
+            max_retries=s.max_retries,
+            timeout=s.timeout_s,
+            http_client=http,
+            default_headers=s.extra_headers or None,
+        )
 
-    def reply_text(self, body):
-        blocks = body["content"]
-        return "".join(b.get("text", "") for b in blocks if isinstance(b, dict) and b.get("type") == "text")
+    async def _create(self, session, system, messages, temperature, max_tokens):
+        # temperature goes in the body: newer SDKs dropped the keyword, the API still takes it
+        return await session.client.messages.create(
+            model=self.settings.model,
+            max_tokens=max_tokens,
+            system=system,
+            messages=messages,
+            extra_body={"temperature": temperature} if temperature is not None else None,
+        )
+
+    def reply_text(self, reply):
+        text = "".join(b.text for b in reply.content if getattr(b, "type", None) == "text")
+        return Reply.of(text, getattr(reply, "stop_reason", None) == "max_tokens")
 
 
 class OpenAICompatBackend(ChatBackend):
-    """OpenAI-style Chat Completions: ``POST {base_url}/chat/completions`` (``base_url`` ends in ``/v1``) with a
-    Bearer key when one is configured; local servers (vLLM, llama.cpp, ollama) usually need none."""
+    """OpenAI-style Chat Completions through ``openai.AsyncOpenAI`` (``POST {base_url}/chat/completions``, where
+    ``base_url`` ends in ``/v1``), with a Bearer key when one is configured; local servers (vLLM, llama.cpp, ollama)
+    usually need none, and then no Authorization header is sent."""
 
     name = "openai_compat"
     key_required = False
+    sdk = openai
 
-    def request(self, system, user, api_key):
+    def _client(self, key, http):
         s = self.settings
-        headers = {"content-type": "application/json", **s.extra_headers}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        payload: dict[str, Any] = {
-            "model": s.model,
-            "max_tokens": s.max_tokens,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-        }
-        if s.temperature is not None:
-            payload["temperature"] = s.temperature
-        return f"{s.base_url.rstrip('/')}/chat/completions", headers, payload
+        return openai.AsyncOpenAI(
+            api_key=key or _NO_KEY,
+            base_url=s.base_url,
+            max_retries=s.max_retries,
+            timeout=s.timeout_s,
+            http_client=http,
+            default_headers=s.extra_headers or None,
+        )
 
-    def reply_text(self, body):
-        content = body["choices"][0]["message"]["content"]
-        return content if isinstance(content, str) else ""
+    async def _create(self, session, system, messages, temperature, max_tokens):
+        kwargs: dict[str, Any] = {}
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        return await session.client.chat.completions.create(
+            model=self.settings.model,
+            max_tokens=max_tokens,
+            messages=[{"role": "system", "content": system}, *messages],
+            extra_headers=None if session.key else {"Authorization": openai.Omit()},
+            **kwargs,
+        )
+
+    def reply_text(self, reply):
+        choice = reply.choices[0]
+        content = choice.message.content
+        return Reply.of(content if isinstance(content, str) else "", getattr(choice, "finish_reason", None) == "length")
 
 
-@dataclass
-class _BatchContext:
-    client: httpx.AsyncClient
-    limiter: RateLimiter
-    key: str | None
+@dataclass(frozen=True)
+class LLMJudgeSettings:
+    """The resolved settings an ``LLMJudge`` runs from; its cache key is derived from them (``key_fields``).
+
+    ``json_block``: which valid verdict in a reply counts, ``last`` (default) or ``first`` (the authors took the
+    first ``<json>`` block). ``max_parse_retries``: corrective re-asks after a malformed verdict (in the key: a parse
+    error is cached). ``reask_temperature``: re-asks use ``max(temperature, reask_temperature)`` (null temperature =
+    provider default: sent as is). ``restart_gate``: merge judge attempts not at restart language;
+    ``restart_patterns``: the version of the restart patterns the gate uses (None when the gate is off)."""
+
+    backend: str
+    chat: ChatSettings
+    template_version: str = JUDGE_TEMPLATE_VERSION
+    reask_version: str = JUDGE_REASK_VERSION
+    json_block: str = "last"
+    max_parse_retries: int = 2
+    reask_temperature: float | None = 0.7
+    restart_gate: bool = False
+    restart_patterns: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.json_block not in BLOCK_CHOICES:
+            raise ValueError(f"judge.json_block must be one of {BLOCK_CHOICES}, got {self.json_block!r}")
+        if self.max_parse_retries < 0:
+            raise ValueError(f"judge.max_parse_retries must be >= 0, got {self.max_parse_retries}")
+
+    def reask_temp(self) -> float | None:
+        """Temperature of corrective re-asks."""
+        t = self.chat.temperature
+        if t is None or self.reask_temperature is None:
+            return t
+        return max(t, self.reask_temperature)
 
 
 class LLMJudge(Judge):
-    """An LLM judge on a chat backend: our prompt, strict parsing with re-asks, and the optional restart gate.
-
-    ``restart_gate`` (off by default, for paper fidelity): keep a judge's attempt boundary only where restart
-    language occurs in the response. ``max_parse_retries``: extra calls after a malformed verdict."""
+    """An LLM judge on a chat backend: our prompt, robust parsing with corrective re-asks, and the optional restart
+    gate. Keyword options are the ``LLMJudgeSettings`` fields (see there)."""
 
     template_version = JUDGE_TEMPLATE_VERSION
 
@@ -286,54 +360,86 @@ class LLMJudge(Judge):
         *,
         restart_gate: bool = False,
         max_parse_retries: int = 2,
+        json_block: str = "last",
+        reask_temperature: float | None = 0.7,
         cache=None,
         concurrency: int = 4,
         show_progress: bool = True,
     ) -> None:
         super().__init__(cache=cache, concurrency=concurrency, show_progress=show_progress)
         self.chat = chat
+        self.settings = LLMJudgeSettings(
+            backend=chat.name,
+            chat=chat.settings,
+            json_block=json_block,
+            max_parse_retries=int(max_parse_retries),
+            reask_temperature=reask_temperature,
+            restart_gate=bool(restart_gate),
+            restart_patterns=RESTART_PATTERN_VERSION if restart_gate else None,
+        )
         self.limiter = RateLimiter(chat.settings.rate_limit_per_s)
         self.backend = chat.name
         self.model = chat.settings.model
-        self.restart_gate = restart_gate
-        self.max_parse_retries = max(0, int(max_parse_retries))
 
-    def sampling_params(self) -> dict[str, Any]:
-        s = self.chat.settings
-        # base_url is not part of the key: the same model behind another URL gives the same kind of answer
-        return {"temperature": s.temperature, "max_tokens": s.max_tokens, "restart_gate": self.restart_gate}
+    @property
+    def restart_gate(self) -> bool:
+        return self.settings.restart_gate
 
-    async def _open(self) -> _BatchContext:
-        key = self.chat.api_key()
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        return _BatchContext(httpx.AsyncClient(limits=limits), self.limiter, key)
+    @property
+    def max_parse_retries(self) -> int:
+        return self.settings.max_parse_retries
 
-    async def _close(self, ctx: _BatchContext) -> None:
-        await ctx.client.aclose()
+    def replace_settings(self, **changes: Any) -> None:
+        """New settings (``LLMJudgeSettings`` fields, or ``ChatSettings`` fields under ``chat=``)."""
+        if "chat" in changes and isinstance(changes["chat"], dict):
+            changes["chat"] = dataclasses.replace(self.settings.chat, **changes["chat"])
+        self.settings = dataclasses.replace(self.settings, **changes)
+        self.chat = type(self.chat)(self.settings.chat)
+        self.model = self.settings.chat.model
 
-    async def _agrade_uncached(self, request: JudgeRequest, ctx: _BatchContext) -> JudgeResult:
+    async def _open(self) -> ChatSession:
+        return self.chat.open_session(concurrency=self.concurrency, limiter=self.limiter)
+
+    async def _close(self, ctx: ChatSession) -> None:
+        await ctx.aclose()
+
+    async def _agrade_uncached(self, request: JudgeRequest, ctx: ChatSession) -> JudgeResult:
+        s = self.settings
         system, user = judge_messages(request.prompt, request.response, request.latent_label)
+        messages = [{"role": "user", "content": user}]
+        temperature = s.chat.temperature
         tally = CallTally()
         failures: list[str] = []
         raw: str | None = None
-        for parse_try in range(self.max_parse_retries + 1):
+        truncated = False
+        for parse_try in range(s.max_parse_retries + 1):
             try:
-                reply = await self.chat.complete(ctx.client, ctx.limiter, system, user, ctx.key, self.stats, tally)
+                reply = await self.chat.complete(
+                    ctx, system, messages, stats=self.stats, tally=tally, temperature=temperature
+                )
                 raw = scrub(reply, ctx.key)
+                truncated = getattr(reply, "truncated", False)
             except TransportError as exc:
                 res = self._error_result(str(exc), "http", raw, tally.calls)
                 res.metadata["parse_failures"] = failures
                 return res
             try:
-                attempts = parse_attempts(raw)
+                attempts = parse_attempts(raw, block=s.json_block)
             except MalformedJudgeOutput as exc:
                 failures.append(str(exc))
-                if parse_try < self.max_parse_retries:
+                if parse_try < s.max_parse_retries:
                     self.stats.parse_retries += 1
-                    await asyncio.sleep(self.chat.backoff(parse_try))
+                    log.info("%s: malformed verdict (%s); re-asking with a correction", self.judge_id, exc)
+                    # a corrective turn, not a repeat: a temperature-0 judge would give the same reply again
+                    messages = [
+                        {"role": "user", "content": user},
+                        {"role": "assistant", "content": raw or "(empty reply)"},
+                        {"role": "user", "content": judge_reask(str(exc))},
+                    ]
+                    temperature = s.reask_temp()
                 continue
             metadata: dict[str, Any] = {"parse_failures": failures}
-            if self.restart_gate:
+            if s.restart_gate:
                 attempts, merges = restart_gate(request.response, attempts)
                 metadata["restart_gate_merges"] = merges
                 self.stats.gate_merges += merges
@@ -345,11 +451,9 @@ class LLMJudge(Judge):
                 n_calls=tally.calls,
                 metadata=metadata,
             )
+        kind, why = ("truncated", "cut at max_tokens") if truncated else ("parse", "malformed judge output")
         res = self._error_result(
-            f"malformed judge output after {self.max_parse_retries + 1} replies: {failures[-1]}",
-            "parse",
-            raw,
-            tally.calls,
+            f"{why} after {s.max_parse_retries + 1} replies: {failures[-1]}", kind, raw, tally.calls
         )
         res.metadata["parse_failures"] = failures
         return res
@@ -386,7 +490,15 @@ def openai_compat_judge(
     )
 
 
-_JUDGE_KWARGS = ("restart_gate", "max_parse_retries", "cache", "concurrency", "show_progress")
+_JUDGE_KWARGS = (
+    "restart_gate",
+    "max_parse_retries",
+    "json_block",
+    "reask_temperature",
+    "cache",
+    "concurrency",
+    "show_progress",
+)
 
 
 def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

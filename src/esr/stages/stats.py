@@ -5,6 +5,7 @@ number."""
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from esr.experiments import REGISTRY, capture_latents
 from esr.figures import ablation_figure, empty_figure, esr_by_model_figure, meta_prompt_figure, sweep_figure
 from esr.io import derive_seed, write_json
 from esr.judge import build_judge
+from esr.metrics import BootstrapSpec, include_trials
 from esr.models import load_model
 from esr.provenance import provenance
 from esr.ranks import is_writer
@@ -37,8 +39,9 @@ from esr.sequential import (
     write_analysis,
 )
 from esr.stages import model_stage
+from esr.stats import cross_model_comparison, holm, specificity_comparison
 from esr.steering import Intervention, SteeringPlan
-from esr.summaries import compare_experiments, summarise_cross_judge, summarise_experiment
+from esr.summaries import compare_experiments, summarise_cross_judge, summarise_experiment, with_cells
 from esr.trials import grade_trials, read_trials, write_trials
 
 log = logging.getLogger("esr.stages.stats")
@@ -100,8 +103,13 @@ def sequential(
     groups = {k: v for k, v in groups.items() if v}
     pool = read_trials(trials).to_dict("records")
     episodes_src = select_self_correction(pool, exclude_ablation=True)
+    baseline_source = settings.get("baseline_source", "unsteered")
+    if settings.get("boundary_source", "restart_phrase") != "restart_phrase":
+        raise ValueError(f"sequential.boundary_source {settings['boundary_source']!r}: only 'restart_phrase' is built")
+    # unsteered: exp8's answers (ours); steered_on_topic: exp1 answers that stayed on topic (the authors' baseline)
+    baseline_pool = read_trials(baseline) if baseline_source == "unsteered" else read_trials(trials)
     baseline_src = select_baseline(
-        read_trials(baseline).to_dict("records"), source="unsteered", n=settings["n_baseline"], seed=seed
+        baseline_pool.to_dict("records"), source=baseline_source, n=settings["n_baseline"], seed=seed
     )
     prov = provenance(sequential=settings, model=spec.name, sae=spec.sae.ident, seed=seed)
     if not episodes_src or not store_latents:
@@ -112,7 +120,16 @@ def sequential(
             len(episodes_src),
             len(store_latents),
         )
-        write_json(analysis, {"n_episodes": len(episodes_src), "skipped": True, "provenance": prov})
+        write_json(
+            analysis,
+            {
+                "n_episodes": len(episodes_src),
+                "n_baseline": len(baseline_src),
+                "baseline_source": baseline_source,
+                "skipped": True,
+                "provenance": prov,
+            },
+        )
         write_json(summary, {"schema": "esr.summary/1", "provenance": prov, "cells": []})
         for f in (window, regions):
             empty_figure(f, "no self-correction episodes")
@@ -165,7 +182,9 @@ def sequential(
         **prov,
         "replay": "steered" if directions is not None else "unsteered",
         "boundaries": "restart-phrase alignment",
-        "baseline_source": "unsteered (exp8 answers)",
+        "baseline_source": {"unsteered": "unsteered (exp8 answers)"}.get(
+            baseline_source, "steered on-topic single-attempt answers (the authors')"
+        ),
     }
     write_store(
         store, ep_records, store_latents, latent_groups=groups, dtype="float32", provenance=meta, overwrite=True
@@ -180,7 +199,7 @@ def sequential(
         overwrite=True,
     )
     sc_ds, base_ds = open_store(store), open_store(baseline_store)
-    result = analyze(sc_ds, base_ds, groups, seed=seed, n_boot=settings["n_boot"])
+    result = analyze(sc_ds, base_ds, groups, seed=seed, n_boot=settings["n_boot"], baseline_source=baseline_source)
     result["n_episodes_without_boundaries"] = n_skipped
     result["planted_episodes"] = sum(1 for t in episodes_src if t.get("experiment") == "planted")
     write_analysis(analysis, result, meta)
@@ -218,11 +237,67 @@ def summarise(*, experiment: str, trials: str, n_boot: int, seed: int, summary: 
     SUMMARISERS[REGISTRY[experiment].summary](trials, summary, n_boot, seed)
 
 
-def compare(*, model: str, n_params: dict[str, float], seed: int, comparisons: str, **trials: str) -> None:
+def compare(*, model: str, seed: int, comparisons: str, **trials: str) -> None:
     """exp1's baseline cell vs every cell of each experiment registered with ``compare`` (paired McNemar, Fisher,
-    relative changes, Holm per model) and the size trend over models. ``trials``: experiment name -> table."""
+    relative changes, Holm per model). ``trials``: experiment name -> table. The size trend needs every model's
+    trials: rule ``cross_model`` (:func:`cross_model`) tests it."""
     others = [name for name in trials if name != "exp1" and REGISTRY[name].compare]
-    compare_experiments(list(trials.values()), comparisons, others=others, seed=seed, n_params=n_params)
+    compare_experiments(list(trials.values()), comparisons, others=others, seed=seed)
+
+
+def _included(paths: str | list[str]) -> pd.DataFrame:
+    inc, _ = include_trials(with_cells(read_trials(paths)))
+    return inc
+
+
+def cross_model(*, trials: list[str], n_params: dict[str, float], comparison: str) -> None:
+    """The paper's headline across models (Sec. 3.1): do larger models resist more? Over every model's included exp1
+    trials, the trend of the ESR and multi-attempt rates on ln(parameter count) (logistic regression, SEs clustered
+    by (model, latent)) and every pair of models (Holm-adjusted); ``esr.stats.cross_model_comparison``. With fewer
+    than two models the JSON says ``status: not_run`` and why (the workflow plans this rule only for >= 2 models)."""
+    result = cross_model_comparison(_included(trials), n_params)
+    if result["status"] != "ok":
+        log.warning("cross-model comparison not run: %s", result["reason"])
+    write_json(
+        comparison,
+        {"schema": "esr.cross_model/1", **result, "provenance": provenance(inputs=list(trials), n_params=n_params)},
+    )
+
+
+def specificity(*, model: str, detector_trials: str, control_trials: str, seed: int, comparison: str) -> None:
+    """exp3 vs exp10 (paper Sec. 3.4, App. A.3.3): each ablated detector set against the random controls matched to
+    it (exp10 cells ``random_<set>_<i>``), paired on latent, prompt and seed (``esr.stats.specificity_comparison``),
+    one Holm family per model. Differences are detector ablation minus random ablation."""
+    det, ctl = _included(detector_trials), _included(control_trials)
+    spec = BootstrapSpec(2000, seed)
+    families, pvals, notes = [], {}, []
+    for set_name, d in det.groupby("ablation_set", sort=True) if len(det) else []:
+        prefix = f"random_{set_name}_"
+        matched = {
+            name: g
+            for name, g in (ctl.groupby("ablation_set", sort=True) if len(ctl) else [])
+            if name.startswith(prefix) and name[len(prefix) :].isdigit()
+        }
+        if not matched:
+            notes.append(f"{set_name}: no exp10 control matched to it")
+            continue
+        fam = specificity_comparison(d, matched, label=str(set_name), bootstrap=spec)
+        pvals.update(fam["pvalues"])
+        families.append(fam)
+    adj = holm(pvals)
+    write_json(
+        comparison,
+        {
+            "schema": "esr.specificity/1",
+            "model": model,
+            "contrast": "exp3 (detector ablation) minus exp10 (matched random ablation), paired on latent, prompt, seed",
+            "comparisons": families,
+            "holm": {k: asdict(v) for k, v in adj.items()},
+            "multiple_comparisons": f"Holm over the {len(adj)} latent-clustered sign-flip p-values of this model",
+            "notes": notes,
+            "provenance": provenance(inputs=[detector_trials, control_trials]),
+        },
+    )
 
 
 def model_figures(*, model: str, ablation: str, meta_prompts: str, boost_sweep: str, **trials: str) -> None:
