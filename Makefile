@@ -16,7 +16,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow test-slurm test-all lint format gpu-validate dry-run-paper report install-profile clean-results
+.PHONY: setup run test test-slow test-slurm test-all lint format gpu-validate dry-run-paper report bundle install-profile clean-results
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ gpu-validate: setup
 
 report: setup
 	$(BIN)/snakemake --report results/report.html
+
+# A results bundle of this working directory for auditors (README: "Auditing a published run"); no weights, no logs.
+CONFIG ?= config/config.yaml
+BUNDLE ?= esr-bundle.tar.zst
+bundle: setup
+	$(BIN)/esr bundle export . $(BUNDLE) --configfile $(CONFIG)
 
 dry-run-paper: setup
 	$(BIN)/snakemake -n --configfile config/paper.yaml

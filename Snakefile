@@ -30,7 +30,26 @@ include: "workflow/rules/experiments.smk"
 include: "workflow/rules/stats.smk"
 
 
+# After a kill (README "After a crash"): remove the temporaries of killed atomic writes, when no other Snakemake
+# holds a lock here and only those older than this run's lock (esr.recovery). Main process only (jobs: --no-hooks).
+onstart:
+    from esr.recovery import cache_dirs, clean_after_kill, snakemake_own_locks
+
+    clean_after_kill(
+        workdir=Path.cwd(),
+        own_locks=snakemake_own_locks(workflow),
+        extra_roots=cache_dirs(config),
+        report=lambda msg: print(msg, file=sys.stderr),
+    )
+
+
 rule all:
     default_target: True
     input:
         all_outputs(),
+
+
+# Every statistic, figure and the audit, no model rule: `snakemake --cores 2 stats` (e.g. after `esr bundle import`).
+rule stats:
+    input:
+        stats_outputs(),

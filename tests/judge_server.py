@@ -7,13 +7,18 @@ without a marker) the server answers ``good``. Actions: ``good``; ``malformed`` 
 ``badscore`` (score 150); ``oversplit`` (an attempt per sentence); ``429:<secs>`` (429 with Retry-After);
 ``429ms:<millis>`` (429 with only ``retry-after-ms``); ``stubborn`` (a temperature-0 judge: malformed unless the
 request carries a corrective follow-up turn); ``proseverdict`` (reasoning that mentions the tag before the verdict); ``cut`` (a verdict cut off at max_tokens);
-``500``; ``503``; ``404``; ``stall:<secs>`` (sleep, then answer good); ``badbody`` (200 with a non-JSON body);
-``401echo`` (401 whose body echoes the API key)."""
+``noattempts`` (a valid verdict with an empty attempts list); any status code (``500``, ``503``, ``529``, ``404``,
+``403``, ...); ``stall:<secs>`` (sleep, then answer good); ``badbody`` (200 with a non-JSON body); ``401echo`` (401
+whose body echoes the API key).
+
+``wait_idle()`` returns once every connection a client opened has been served and closed, so a test can count the
+hits of one run without a later straggler from a cancelled request landing in the next run's count."""
 
 from __future__ import annotations
 
 import json
 import re
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +49,11 @@ class ScriptedServer:
     _seen: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
+    _open: int = 0  # connections accepted and not yet finished
+
+    def _opened(self, delta: int) -> None:
+        with self._lock:
+            self._open += delta
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> ScriptedServer:
@@ -53,12 +63,25 @@ class ScriptedServer:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
+            def finish(self):
+                try:
+                    super().finish()
+                finally:
+                    server._opened(-1)
+
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 server._handle(self, body)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the default 5 drops connects of a burst: the client then times out
+
+            def process_request(self, request, client_address):  # counted at accept, before the thread starts
+                server._opened(+1)
+                super().process_request(request, client_address)
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
@@ -67,6 +90,22 @@ class ScriptedServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Block until no connection is open or waiting to be accepted, twice in a row 50 ms apart (a client that
+        closed its pool can leave a request only in such a connection); raises ``TimeoutError``."""
+        deadline = time.monotonic() + timeout_s
+        quiet = 0
+        while quiet < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server still has {self._open} open connection(s) after {timeout_s} s")
+            pending = select.select([self._httpd.socket], [], [], 0)[0]
+            quiet = quiet + 1 if self._open == 0 and not pending else 0
+            time.sleep(0.05)
+
+    def count(self, marker: str) -> int:
+        """Hits whose user message carries ``marker``."""
+        return sum(marker in h.user for h in self.hits)
 
     @property
     def root(self) -> str:
@@ -98,7 +137,7 @@ class ScriptedServer:
             time.sleep(float(arg))
             kind = "good"
         try:
-            if kind in ("good", "malformed", "badscore", "oversplit", "proseverdict"):
+            if kind in ("good", "malformed", "badscore", "oversplit", "proseverdict", "noattempts"):
                 self._reply(handler, 200, self._wire(handler.path, self._text(kind, user)))
             elif kind == "cut":
                 self._reply(handler, 200, self._wire(handler.path, self._text("good", user)[:60], cut=True))
@@ -125,6 +164,8 @@ class ScriptedServer:
             return json.dumps([{"label": lab, "reason": "x", "rating": 90 if "dog" in lab else 10} for lab in labels])
         if kind == "malformed":
             return 'Reasoning: fine answer. <json>{"attempts": [{"attempt_text": "x", "score": }]}</json>'
+        if kind == "noattempts":
+            return 'No attempt at the question. <json>{"attempts": []}</json>'
         m = _ANSWER.search(user)
         answer = m.group(1) if m else ""
         pieces = split_attempts(answer, detector=PATTERNS_ONLY) or [answer or "empty"]

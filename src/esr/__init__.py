@@ -48,6 +48,11 @@ Statistics
 - ``esr.audit``      every number of the paper against a run's summary cells, with a verdict each
 - ``esr.figures``    figures in the spirit of the paper's (PNG plus a JSON sidecar of the plotted numbers)
 - ``esr.report``     the run overview and the fidelity notes (where a run deviates from the paper or the authors)
+- ``esr.fidelity``   the registry of every deviation from the paper or the authors' code, read from the config
+- ``esr.preflight``  checks of the configured input files when the workflow loads, before any job runs
+- ``esr.progress``   progress lines with rate and ETA for long stages (in each rule's log)
+- ``esr.recovery``   after a killed run: removes the temporary files of killed jobs on the next run
+- ``esr.bundle``     results bundles: export a run's results, import and verify them to audit without GPUs
 
 Plumbing
 
@@ -67,4 +72,9 @@ Package data: ``esr/data/paper_numbers.yaml`` (the paper's numbers the audit che
 ``esr/templates/audit.html.j2`` (the audit page).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("esr")  # one source of truth: pyproject.toml
+except PackageNotFoundError:  # a plain checkout on sys.path, not installed
+    __version__ = "0+unknown"

@@ -64,8 +64,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esr.io import read_json, stable_hash, write_json, write_parquet, write_text
+from esr.io import _json_default, read_json, stable_hash, write_json, write_parquet, write_text
 from esr.latents import derive_seed
+from esr.progress import Progress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -502,12 +503,11 @@ def calibrate_many(
     A ``None``/NaN score fails that latent only (recorded as its error); a score outside [0, 1] raises. When every
     search is finished and ``check`` is set, one more batched call measures the achieved score at each threshold
     (``check_samples`` answers, purpose ``"check"``). Returns one result per state, in order."""
-    from tqdm.auto import tqdm
-
     rounds = max((s.settings.n_steps - s.step for s in states), default=0)
     if n_steps is not None:
         rounds = min(rounds, n_steps)
-    for _ in tqdm(range(rounds), desc="calibration steps", disable=not progress, leave=False):
+    meter = Progress(total=rounds, desc=f"calibration steps ({len(states)} latents together)", unit="steps")
+    for _ in range(rounds):
         active = [s for s in states if not s.done]
         if not active:
             break
@@ -517,6 +517,8 @@ def calibrate_many(
                 state.fail(f"no score at step {req.step} (boost {req.boost:.6g})")
             else:
                 state.update(req.boost, score)
+        if progress:
+            meter.update(1)
     achieved: dict[int, float | None] = {}
     if check and all(s.done for s in states):
         checkable = [(i, s) for i, s in enumerate(states) if s.error is None and s.settings.check_samples > 0]
@@ -741,9 +743,12 @@ def make_keys(
 
 
 class CalibrationCache:
-    """One JSON file per key under ``root`` (``<sha256 of the key>.json``), written atomically. A file whose stored
-    key is not exactly the requested key is a miss (it is never returned). A ``read_only`` cache (the non-writer
-    ranks of a tensor-parallel stage) reads but never writes."""
+    """One JSON file per key under ``root`` (``<sha256 of the key>.json``), written atomically (a temporary file in
+    the same folder, then ``os.replace``: concurrent jobs sharing the folder leave complete entries only) with a
+    SHA-256 ``checksum`` over the rest of the entry. A file that is truncated, edited (checksum mismatch), lacks a
+    checksum or stores another key is a miss: a WARNING names the file, the latent is calibrated again and the file
+    overwritten; it is never returned. A ``read_only`` cache (the non-writer ranks of a tensor-parallel stage) reads
+    but never writes."""
 
     def __init__(self, root: str | Path, read_only: bool = False) -> None:
         self.root = Path(root)
@@ -758,13 +763,21 @@ class CalibrationCache:
             return None
         try:
             blob = read_json(path)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             log.warning("calibration cache file %s is unreadable (%s); treating as a miss", path, exc)
+            return None
+        if not isinstance(blob, dict) or blob.get("checksum") != _entry_checksum(blob):
+            why = "has no checksum" if isinstance(blob, dict) and "checksum" not in blob else "fails its checksum"
+            log.warning("calibration cache file %s %s (edited or damaged); treating as a miss", path, why)
             return None
         if blob.get("key") != key.as_dict():
             log.warning("calibration cache file %s holds a different key; treating as a miss", path)
             return None
-        return CalibrationResult.from_dict(blob["result"])
+        try:
+            return CalibrationResult.from_dict(blob["result"])
+        except (KeyError, TypeError) as exc:
+            log.warning("calibration cache file %s holds no readable result (%s); treating as a miss", path, exc)
+            return None
 
     def __contains__(self, key: CalibrationKey) -> bool:
         return self.get(key) is not None
@@ -784,7 +797,15 @@ class CalibrationCache:
             "result": result.to_dict(),
             "provenance": dict(provenance or {}),
         }
+        blob["checksum"] = _entry_checksum(blob)
         return write_json(self.path_for(key), blob)
+
+
+def _entry_checksum(blob: Mapping[str, Any]) -> str:
+    """SHA-256 of a cache entry's JSON form without its ``checksum`` field (normalised through a JSON round trip,
+    so the written and the read-back entry hash alike)."""
+    body = {k: v for k, v in blob.items() if k != "checksum"}
+    return stable_hash(json.loads(json.dumps(body, default=_json_default)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -804,8 +825,6 @@ def run_calibration_shard(
     successful result in the cache as soon as its batch finishes (so an interrupted shard resumes where it
     stopped). Returns results in ``keys`` order (cached and new); with ``out_path`` also writes them as one JSON
     file (atomically). Failed latents are returned with their error and are retried on the next run."""
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise CalibrationError(f"batch_size = {batch_size!r} must be >= 1")
     digests = [k.digest() for k in keys]
@@ -820,17 +839,17 @@ def run_calibration_shard(
         else:
             pending.append(key)
     log.info("calibration shard: %d cached, %d to run", len(results), len(pending))
-    bar = tqdm(total=len(pending), desc="calibrating latents", disable=not progress)
+    bar = Progress(total=len(pending), desc="calibrating latents", unit="latents")
     for start in range(0, len(pending), batch_size):
         chunk = pending[start : start + batch_size]
         states = [k.new_state() for k in chunk]
-        for key, res in zip(chunk, calibrate_many(states, score_batch_fn)):
+        for key, res in zip(chunk, calibrate_many(states, score_batch_fn, progress=progress)):
             res = dataclasses.replace(res, key=key.as_dict(), key_digest=key.digest())
             if res.error is None:
                 cache.put(key, res, provenance)
             results[key.digest()] = res
-        bar.update(len(chunk))
-    bar.close()
+        if progress:
+            bar.update(len(chunk))
     ordered = [results[d] for d in digests]
     if out_path is not None:
         write_json(out_path, {"provenance": dict(provenance or {}), "results": [r.to_dict() for r in ordered]})

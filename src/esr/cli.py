@@ -2,6 +2,7 @@
 
     esr steer --model smollm2-135m --latent 5846 --boost 0.5 "Explain how to bake bread."
     esr latents search dog
+    esr bundle export . results-bundle.tar.zst; esr bundle import results-bundle.tar.zst
 
 Each subcommand has a ``_configure_<name>`` function that adds its arguments to its subparser and a ``run_<name>``
 function that executes it and returns the exit code; :func:`build_parser` wires them together.
@@ -14,6 +15,8 @@ import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from esr.bundle import BundleError
 
 # ----------------------------------------------------------------------------------------------------------------
 # esr steer
@@ -166,6 +169,68 @@ def run_latents_search(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# esr bundle
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _configure_bundle(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bundle_command", metavar="{export,import,verify}", required=True)
+    e = sub.add_parser("export", help="pack a run's results (no weights, no logs) into RUN_DIR OUT.tar.zst")
+    e.add_argument("run_dir", help="the workflow's working directory (holds results/ and resources/)")
+    e.add_argument("out", help="the bundle to write (.tar.zst)")
+    e.add_argument("--configfile", default=None, help="the config the run used (default: RUN_DIR/config/config.yaml)")
+    e.add_argument("--level", type=int, default=10, help="zstd compression level 1-22 (default 10)")
+    e.set_defaults(_run=run_bundle_export)
+    i = sub.add_parser("import", help="verify a bundle against its manifest and place it in a fresh clone")
+    i.add_argument("bundle")
+    i.add_argument("--into", default=".", help="the workflow directory to place it in (default: .)")
+    i.add_argument("--snakefile", default=None, help="Snakefile (default: this checkout's)")
+    i.add_argument("--no-metadata", action="store_true", help="skip recording Snakemake metadata for grading")
+    i.add_argument("--force", action="store_true", help="overwrite files already in place")
+    i.set_defaults(_run=run_bundle_import)
+    v = sub.add_parser("verify", help="re-check an imported directory against its bundle/manifest.json")
+    v.add_argument("root", nargs="?", default=".")
+    v.set_defaults(_run=run_bundle_verify)
+
+
+def run_bundle_export(args: argparse.Namespace) -> int:
+    from esr.bundle import export_bundle
+
+    config = args.configfile or str(Path(args.run_dir) / "config/config.yaml")
+    m = export_bundle(run_dir=args.run_dir, config_path=config, out=args.out, level=args.level)
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {m['totals']['files']} files, {m['totals']['bytes']} bytes ({size} compressed)")
+    for store, n in sorted(m["activation_stores"].items()):
+        print(f"  activation store {store}: {n} bytes")
+    print(f"  not shipped: {len(m['not_shipped'])} (weights, logs, caches outside the run)")
+    return 0
+
+
+def run_bundle_import(args: argparse.Namespace) -> int:
+    from esr.bundle import CONFIG, import_bundle
+
+    m = import_bundle(
+        bundle=args.bundle,
+        into=args.into,
+        snakefile=args.snakefile,
+        record_metadata=not args.no_metadata,
+        force=args.force,
+    )
+    print(f"imported {m['totals']['files']} verified files into {Path(args.into).resolve()}")
+    print(f"next: snakemake --configfile {CONFIG} --cores 2 stats && snakemake --configfile {CONFIG} --report")
+    return 0
+
+
+def run_bundle_verify(args: argparse.Namespace) -> int:
+    from esr.bundle import verify_placed
+
+    problems = verify_placed(root=args.root)
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Parser assembly
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -179,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     steer.set_defaults(_run=run_steer)
     latents_help = "inspect SAE latents (search labels)"
     _configure_latents(sub.add_parser("latents", help=latents_help, description=latents_help))
+    bundle_help = "export / import / verify a results bundle (auditing a run without GPUs)"
+    _configure_bundle(sub.add_parser("bundle", help=bundle_help, description=bundle_help))
     return parser
 
 
@@ -187,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, BundleError) as e:
         print(f"esr {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -99,7 +99,7 @@ def _family(config: Mapping[str, Any], model: str) -> str:
 
 
 def _judge_id(block: Mapping[str, Any]) -> str:
-    return f"{block.get('backend')}:{block.get('model', 'builtin')}"
+    return f"{block.get('backend')}:{block.get('model') or 'builtin'}"
 
 
 def _samples_per_step(config: Mapping[str, Any], model: str) -> Any:
@@ -170,8 +170,12 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "threshold_judge",
         "one judge for calibration and grading (§3, §4)",
         "A separate threshold judge lets a judge change regrade trials without recalibrating.",
-        value=lambda c: _judge_id(c.get("threshold_judge") or c.get("judge", {})),
-        matches=lambda v: True,
+        value=lambda c: (
+            "same as judge"
+            if (c.get("threshold_judge") or c.get("judge")) == c.get("judge")
+            else _judge_id(c["threshold_judge"])
+        ),
+        matches=_equals("same as judge"),
     ),
     Deviation(
         "Judge",
@@ -397,8 +401,11 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "trials with no attempts dropped silently; Wald intervals; no tests; pooled ablation files (§5, §9.26-31)",
         "No-attempt trials are counted as exclusions; Wilson intervals are primary (Wald shown where the audit "
         "reproduces the paper's bars); ablation and control runs are paired with exp1 by latent, prompt and seed "
-        "and tested with McNemar's exact test beside a latent-clustered test; each detector set is ablated "
-        "separately, never pooled.",
+        "and tested with McNemar's exact test beside a latent-clustered sign-flip test (Holm over each); each "
+        "detector set is ablated separately, never pooled. Mean scores (bounded 0-100) get a logit-transformed "
+        "interval that stays inside the scale; the paper's mean +- 1.96 SE is kept as 'wald_paper' where the audit "
+        "reproduces the paper's bars. An audit verdict whose interval also holds the no-effect value is "
+        "'inconclusive (underpowered)', with the n that would decide it.",
         value=lambda c: "Wilson; paired and clustered tests",
     ),
 )

@@ -4,14 +4,24 @@ interrupted job never leaves a half-written file that looks complete."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+#: errno values of a write that failed for lack of room or a broken target (reported naming the final path).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+#: The name of a temporary made by :func:`atomic_path` for ``<name>``: ``.<name>.<8 random chars>.tmp``
+#: (``tempfile.mkstemp``), and of the backup of a replaced directory: ``.<name>.old``.
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+BACKUP_NAME = re.compile(r"^\.(?P<name>.+)\.old$")
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
@@ -21,12 +31,23 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed onto ``path`` (atomic on POSIX).
+    """Yield a temporary path next to ``path`` (``.<name>.<random>.tmp``, :data:`TEMP_NAME`); on success it is
+    renamed onto ``path`` (atomic on POSIX).
 
     Works for files and directories (e.g. a Zarr store or a safetensors folder). On error the temporary is removed
-    and ``path`` is left untouched."""
+    and ``path`` is left untouched. A write that fails for lack of room or a broken target (``ENOSPC``, ``EDQUOT``,
+    ``EFBIG``, ``EROFS``, ``EIO``: :data:`WRITE_ERRNOS`) is re-raised as an ``OSError`` of the same errno whose
+    message names ``path`` and says it was left as it was; any other error gets a note naming ``path``. A kill
+    leaves the temporary behind: :func:`remove_stale_temporaries` removes it on the next run."""
     path = Path(path)
     tmp = _tmp_sibling(path)
     tmp.unlink()
@@ -37,16 +58,69 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             if backup.exists():
                 shutil.rmtree(backup)
             path.rename(backup)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                backup.rename(path)  # the previous output stays in place
+                raise
             shutil.rmtree(backup)
         else:
             os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+    except OSError as err:
+        _remove(tmp)
+        if err.errno in WRITE_ERRNOS:
+            raise OSError(
+                err.errno,
+                f"cannot write {path}: {err.strerror or err} (the previous {path.name}, if any, is unchanged; "
+                f"temporary {tmp.name} removed)",
+                str(path),
+            ) from err
+        err.add_note(f"while writing {path} (temporary {tmp.name} removed; {path.name} unchanged)")
         raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def remove_stale_temporaries(
+    roots: Iterable[str | os.PathLike], *, older_than: float, dry_run: bool = False
+) -> list[Path]:
+    """Remove what killed writes left under ``roots`` (folders; missing ones are skipped): temporaries of
+    :func:`atomic_path` (:data:`TEMP_NAME`, files or folders such as ``.acts-1.zarr.k2j4x9ab.tmp``) and backups of
+    a replaced directory (:data:`BACKUP_NAME`) whose target exists again, when last modified before ``older_than``
+    (a POSIX timestamp: the start of this run's lock, so a temporary a running job is writing now is never
+    touched). A backup whose target is missing (killed between the two renames) is renamed back onto its target.
+    Generation checkpoints (``<trials>.partial``) are resume state, not temporaries: kept. Returns the paths
+    removed or restored (``dry_run``: would be), sorted."""
+    acted: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            for name in [*dirnames, *filenames]:
+                p = here / name
+                try:
+                    mtime = p.lstat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if mtime >= older_than:
+                    continue
+                if TEMP_NAME.match(name):
+                    acted.append(p)
+                    if not dry_run:
+                        _remove(p)
+                elif (m := BACKUP_NAME.match(name)) and p.is_dir():
+                    target = here / m.group("name")
+                    acted.append(p)
+                    if not dry_run:
+                        if target.exists():
+                            shutil.rmtree(p, ignore_errors=True)
+                        else:
+                            p.rename(target)
+            dirnames[:] = [d for d in dirnames if (here / d).is_dir()]  # not into what was just removed
+    return sorted(acted)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

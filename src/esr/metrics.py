@@ -309,13 +309,16 @@ class InclusionReport:
     rule that drops it.
 
     ``n_degraded`` counts degraded outputs among trials that passed rules 1–4; they are dropped (and counted in
-    ``excluded['degraded']``) only when ``degraded_excluded`` is true."""
+    ``excluded['degraded']``) only when ``degraded_excluded`` is true. ``trial_errors_by_kind`` splits
+    ``excluded['trial_error']`` by the trials' ``error_kind`` (``http``, ``timeout``, ``connection``, ``unreadable``,
+    ``parse``, ``truncated``, ``other``; ``unknown`` where none is recorded)."""
 
     n_input: int
     excluded: dict[str, int]
     n_degraded: int
     degraded_excluded: bool
     n_included: int
+    trial_errors_by_kind: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -344,6 +347,8 @@ def include_trials(df: pd.DataFrame, exclude_degraded: bool = False) -> tuple[pd
 
     drop("latent_error", _latent_error_mask(df))
     err = df["error"].map(is_set).astype(bool) if "error" in df.columns else pd.Series(False, index=df.index)
+    kinds = df["error_kind"] if "error_kind" in df.columns else pd.Series(None, index=df.index, dtype=object)
+    by_kind = kinds[keep & err].map(lambda k: str(k) if is_set(k) else "unknown").value_counts()
     drop("trial_error", err)
     drop("no_attempts", df["attempt_scores"].map(attempt_count) == 0)
     drop("no_scores", df["n_attempts"].fillna(0).astype(int) == 0)
@@ -363,7 +368,14 @@ def include_trials(df: pd.DataFrame, exclude_degraded: bool = False) -> tuple[pd
     out["delta"] = out["last_score"] - out["first_score"]
     out["esr"] = out["multi"] & (out["delta"] > 0)
     out["degraded"] = degraded.loc[keep]
-    report = InclusionReport(int(len(df)), excluded, n_degraded, exclude_degraded, int(keep.sum()))
+    report = InclusionReport(
+        int(len(df)),
+        excluded,
+        n_degraded,
+        exclude_degraded,
+        int(keep.sum()),
+        {str(k): int(v) for k, v in sorted(by_kind.items())},
+    )
     return out, report
 
 
@@ -492,6 +504,7 @@ class TrialSummary:
             int(inc.get("n_degraded", 0)),
             bool(inc.get("degraded_excluded", False)),
             int(inc.get("n_included", d["n"])),
+            dict(inc.get("trial_errors_by_kind", {})),
         )
         boot = {
             k: Interval(

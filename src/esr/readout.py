@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from esr.episodes import response_token_spans
 from esr.generation import left_pad
 from esr.models import LoadedModel
+from esr.progress import Progress
 from esr.sae import SteeringDirections
 from esr.steering import Intervention, SteeringPlan, apply_interventions
 
@@ -86,13 +86,16 @@ def per_token_latents(
     directions: SteeringDirections | None = None,
     plan: SteeringPlan | None = None,
     desc: str = "reading latents",
+    *,
+    log_progress: bool = True,
 ) -> list[torch.Tensor]:
     """SAE activations at the output of decoder block ``layer`` for every token of every sequence:
     a list of [len(seq), n_latents] float32 tensors (all latents when ``latents`` is None).
 
     With ``interventions`` (one per sequence) the forward pass runs under them (e.g. replay with steering).
     Sequences are left-padded into batches of ``batch_size`` and run with :func:`padded_position_ids`, so a
-    sequence's read-out does not depend on the other sequences of its batch."""
+    sequence's read-out does not depend on the other sequences of its batch. With ``log_progress`` one
+    ``esr.progress`` line (rate, ETA) is logged per batch; callers that count their own units pass False."""
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     device = next(loaded.model.parameters()).device
     cols = torch.tensor(list(latents), dtype=torch.long) if latents is not None else None
@@ -102,7 +105,8 @@ def per_token_latents(
         captured.append((output[0] if isinstance(output, tuple) else output).detach())
 
     out: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(sequences), batch_size), desc=desc, unit="batch", disable=len(sequences) < 64):
+    meter = Progress(total=len(sequences), desc=desc, unit="sequences")
+    for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         ids, mask = left_pad(chunk, pad, torch.device("cpu"))
         captured.clear()
@@ -128,6 +132,8 @@ def per_token_latents(
         width = ids.shape[1]
         for i, s in enumerate(chunk):
             out.append(f[i, width - len(s) :].clone())
+        if log_progress:
+            meter.update(len(chunk))  # one line per batch (detector discovery, sequential replay), counted in sequences
     return out
 
 

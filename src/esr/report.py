@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from esr import bundle
 from esr.fidelity import fidelity_table
 from esr.io import read_json, write_json, write_text
 
@@ -45,11 +46,36 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def run_overview(
-    config: Mapping[str, Any], summary_jsons: Sequence[str | Path], audit_json: str | Path, out_md: str | Path
+    config: Mapping[str, Any],
+    summary_jsons: Sequence[str | Path],
+    audit_json: str | Path,
+    out_md: str | Path,
+    *,
+    bundle_root: str | Path | None = None,
 ) -> None:
-    """A short overview page (markdown) for the report: what ran, the fidelity notes, the audit verdict counts."""
+    """A short overview page (markdown) for the report: what ran, the fidelity notes, the audit verdict counts.
+
+    ``bundle_root``: the directory a results bundle was imported into (``esr.bundle``; None: not an import). The
+    page then shows the bundle's provenance (code version, config hash, machine, date) and every recomputed value
+    of the summaries and the audit table that differs from the one recorded in the bundle
+    (:func:`esr.bundle.compare_recorded`); the JSON twin carries them under ``bundle``."""
     audit = read_json(audit_json)
-    lines = [f"# esr run '{config.get('run_name')}'", "", "## Fidelity: where this run deviates from the paper", ""]
+    lines = [f"# esr run '{config.get('run_name')}'", ""]
+    bundle_block = None
+    if bundle_root is not None and (manifest := bundle.imported_manifest(bundle_root)) is not None:
+        diffs = bundle.compare_recorded(root=bundle_root, paths=[*summary_jsons, audit_json])
+        bundle_block = {"manifest": {k: manifest.get(k) for k in ("created_utc", "machine", "exported_by", "run")}}
+        bundle_block |= {"config": manifest.get("config"), "differences": diffs}
+        lines += ["## Recomputed from a results bundle", ""] + bundle.provenance_lines(manifest) + [""]
+        if diffs:
+            lines += [f"**{len(diffs)} recomputed value(s) DIFFER from the numbers recorded in the bundle:**", ""]
+            lines += [
+                f"- {d['path']} {d['key']}: recorded {d['recorded']}, recomputed {d['recomputed']}" for d in diffs
+            ]
+        else:
+            lines.append("Every recomputed summary value and audit row equals the one recorded in the bundle.")
+        lines.append("")
+    lines += ["## Fidelity: where this run deviates from the paper", ""]
     lines += _markdown_table(fidelity_table(config))
     lines += [""] + [f"- {n}" for n in fidelity_notes(config) if n.startswith("Boost calibration")]
     lines += ["", "## Audit verdicts", ""]
@@ -68,5 +94,5 @@ def run_overview(
     write_text(out_md, "\n".join(lines) + "\n")
     write_json(
         Path(out_md).with_suffix(".json"),
-        {"fidelity_notes": fidelity_notes(config), "fidelity": fidelity_table(config)},
+        {"fidelity_notes": fidelity_notes(config), "fidelity": fidelity_table(config), "bundle": bundle_block},
     )

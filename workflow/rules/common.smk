@@ -19,6 +19,8 @@ try:
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
 LOCAL_INPUTS = local_inputs(config)
+# A results bundle imported here (esr.bundle): model rules never rerun, exp9's shipped replay stands.
+BUNDLE_IMPORTED = Path("bundle/manifest.json").is_file()
 
 MODELS = model_specs(config)
 ENV = "../../envs/esr.yaml"
@@ -164,9 +166,15 @@ def experiment_outputs():
 
 
 # ------------------------------------------------------------------------------------------------ statistics
+def bundle_ancient(path):
+    """``path`` as an ancient input in an imported results bundle (a regrade does not replay exp9 without weights)."""
+    return ancient(path) if BUNDLE_IMPORTED else path
+
+
 def sequential_trials(wildcards):
     """exp9's episode pool: exp1 trials (+ the labelled planted positive control where enabled)."""
-    return [trials_table(e, wildcards.model) for e in ("exp1", "planted") if conditions(wildcards.model, e)]
+    tables = [trials_table(e, wildcards.model) for e in ("exp1", "planted") if conditions(wildcards.model, e)]
+    return [bundle_ancient(t) for t in tables]
 
 
 def comparison_inputs(wildcards):

@@ -30,7 +30,7 @@ rule sequential:
         model_dir=model_dir,
         sae=sae_input,
         trials=sequential_trials,
-        baseline=trials_table("exp8", "{model}"),
+        baseline=bundle_ancient(trials_table("exp8", "{model}")),
         detectors=detectors_input,
     output:
         store=directory("results/exp9/{model}/episodes.zarr"),

@@ -5,7 +5,17 @@ Backends (``build_judge(config)``): ``anthropic`` (Messages API; the paper's gra
 default, an APPROXIMATION: restart segmentation + MiniLM relevance) and ``fake`` (unit tests only). All share ``Judge.grade`` /
 ``grade_batch`` / ``agrade_batch``, the content-addressed cache and the counters in ``judge.stats``."""
 
-from esr.judge.base import Attempt, Judge, JudgeRequest, JudgeResult, JudgeStats
+from esr.judge.base import (
+    TRANSPORT_KINDS,
+    Attempt,
+    Judge,
+    JudgeAuthError,
+    JudgeCircuitOpen,
+    JudgeFatalError,
+    JudgeRequest,
+    JudgeResult,
+    JudgeStats,
+)
 from esr.judge.cache import JudgeCache
 from esr.judge.concreteness import (
     PAPER_CONCRETENESS_MODEL,
@@ -43,6 +53,9 @@ __all__ = [
     "ConcretenessScore",
     "JUDGE_TEMPLATE_VERSION",
     "Judge",
+    "JudgeAuthError",
+    "JudgeCircuitOpen",
+    "JudgeFatalError",
     "JudgeCache",
     "JudgeRequest",
     "JudgeResult",
@@ -55,6 +68,7 @@ __all__ = [
     "PAPER_CONCRETENESS_MODEL",
     "PAPER_JUDGE_MODEL",
     "PAPER_THRESHOLD",
+    "TRANSPORT_KINDS",
     "WordNetConcreteness",
     "anthropic_judge",
     "build_concreteness_grader",

@@ -259,7 +259,8 @@ class LLMConcretenessGrader(_Grader):
         return asyncio.run(self.agrade_labels(labels))
 
     async def agrade_labels(self, labels: Sequence[str]) -> list[ConcretenessScore]:
-        """Scores aligned with ``labels``; identical labels share one rating."""
+        """Scores aligned with ``labels``; identical labels share one rating. Raises ``JudgeAuthError`` when the
+        API refuses the key (HTTP 401/403), after cancelling the batches in flight."""
         self.stats.labels += len(labels)
         done: dict[str, ConcretenessScore] = {}
         todo: list[str] = []
@@ -284,7 +285,13 @@ class LLMConcretenessGrader(_Grader):
                             done[score.label] = score
                     bar.update(1)
 
-                await asyncio.gather(*(run(b) for b in batches))
+                tasks = [asyncio.ensure_future(run(b)) for b in batches]
+                try:
+                    await asyncio.gather(*tasks)
+                finally:  # a failure (credentials refused, a full cache disk) cancels the batches still in flight
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
             finally:
                 bar.close()
                 await session.aclose()

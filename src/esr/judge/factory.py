@@ -52,6 +52,7 @@ def _chat_backend(cfg: dict[str, Any], default_model: str | None) -> ChatBackend
         max_retries=cfg["max_retries"],
         rate_limit_per_s=cfg["rate_limit_per_s"],
         backoff_base_s=cfg["backoff_base_s"],
+        max_retry_wait_s=cfg["max_retry_wait_s"],
     )
     return AnthropicBackend(settings) if anthropic else OpenAICompatBackend(settings)
 
@@ -84,6 +85,7 @@ def build_judge(config: dict[str, Any], *, show_progress: bool = True, encoder=N
             cache=cache,
             concurrency=cfg["concurrency"],
             show_progress=show_progress,
+            max_consecutive_failures=cfg["max_consecutive_failures"],
         )
     if backend in ("anthropic", "openai_compat"):
         chat = _chat_backend(cfg, PAPER_JUDGE_MODEL if backend == "anthropic" else None)
@@ -96,6 +98,7 @@ def build_judge(config: dict[str, Any], *, show_progress: bool = True, encoder=N
             cache=cache,
             concurrency=cfg["concurrency"],
             show_progress=show_progress,
+            max_consecutive_failures=cfg["max_consecutive_failures"],
         )
     raise ValueError(f"unknown judge backend {backend!r}")
 

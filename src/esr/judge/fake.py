@@ -53,8 +53,14 @@ class FakeJudge(Judge):
         cache=None,
         concurrency: int = 4,
         show_progress: bool = False,
+        max_consecutive_failures: int | None = 20,
     ) -> None:
-        super().__init__(cache=cache, concurrency=concurrency, show_progress=show_progress)
+        super().__init__(
+            cache=cache,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            max_consecutive_failures=max_consecutive_failures,
+        )
         self.model = model
         self.score_fn = score_fn or label_mention_score
         self.fail_marker = fail_marker

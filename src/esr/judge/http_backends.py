@@ -1,13 +1,18 @@
 """LLM judges over the official vendor SDKs: ``anthropic`` (Messages API) and ``openai`` (Chat Completions; any
 OpenAI-compatible server: OpenAI, OpenRouter, vLLM, llama.cpp ``llama-server``, ollama).
 
-Transport is the SDKs' own (``AsyncAnthropic`` / ``AsyncOpenAI``): their retry policy (408/409/429/5xx, timeouts and
-connection errors, ``max_retries`` times), their exponential backoff with jitter (0.5 s doubling to 8 s) and their
-reading of the server's wait hints (``retry-after-ms``, then ``Retry-After`` seconds or HTTP date), see
-https://github.com/anthropics/anthropic-sdk-python#retries and https://github.com/openai/openai-python#retries. On
-top of it this module adds only what the SDKs do not do: at most ``rate_limit_per_s`` HTTP attempts per second per
-judge (an ``httpx2`` request hook, so SDK retries are spaced too), per-request call counting, a retry when a 200
-reply has an unreadable body, the judge prompt, robust verdict parsing and corrective re-asks. A reply that is not a
+Transport is the SDKs' own (``AsyncAnthropic`` / ``AsyncOpenAI``), configured from our settings: their retry policy
+(408/409/429/5xx, timeouts and connection errors; ``max_retries`` retries), their exponential backoff with jitter
+(0.5 s doubling to 8 s), their per-try ``timeout_s``, and their reading of the server's wait hints
+(``retry-after-ms``, then ``Retry-After`` seconds or HTTP date), see
+https://github.com/anthropics/anthropic-sdk-python#retries and https://github.com/openai/openai-python#retries. The
+SDKs differ on long hints (anthropic waits any hint; openai refuses to retry past 2 min), so a response hook cuts
+every hint to ``max_retry_wait_s``: one call takes at most ``(max_retries + 1) * timeout_s + max_retries *
+max(8 s, max_retry_wait_s)``. On top of the SDKs this module adds only what they do not do: at most
+``rate_limit_per_s`` HTTP attempts per second per judge (an ``httpx2`` request hook, so SDK retries are spaced too),
+per-request call counting, a retry when a 200 reply has an unreadable body, failure kinds (``http`` with the
+status, ``timeout``, ``connection``, ``unreadable``), ``JudgeAuthError`` on 401/403 (stops the run: no key is
+retried), the judge prompt, robust verdict parsing and corrective re-asks. A reply that is not a
 valid verdict is asked again with a corrective follow-up turn (the bad reply and what was wrong with it) at
 ``max(temperature, reask_temperature)``, because a temperature-0 judge asked the same thing repeats the same reply;
 after ``max_parse_retries`` re-asks it is recorded as a ``parse`` error (``truncated`` when the last reply stopped at
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import email.utils
 import logging
 import os
 import random
@@ -31,7 +37,7 @@ import anthropic
 import httpx2
 import openai
 
-from esr.judge.base import Judge, JudgeRequest, JudgeResult
+from esr.judge.base import DEFAULT_MAX_CONSECUTIVE_FAILURES, Judge, JudgeAuthError, JudgeRequest, JudgeResult
 from esr.judge.parsing import BLOCK_CHOICES, MalformedJudgeOutput, parse_attempts
 from esr.judge.prompts import JUDGE_REASK_VERSION, JUDGE_TEMPLATE_VERSION, judge_messages, judge_reask
 from esr.judge.segmentation import RESTART_PATTERN_VERSION, restart_gate
@@ -73,7 +79,13 @@ class Reply(str):
 
 
 class TransportError(RuntimeError):
-    """The API could not be reached or kept failing (after the SDK's retries)."""
+    """The API could not be reached or kept failing (after the SDK's retries). ``kind``: ``http`` (an error
+    status: ``status``), ``timeout``, ``connection`` or ``unreadable`` (a 200 reply without a readable body)."""
+
+    def __init__(self, message: str, *, kind: str = "http", status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
 
 
 class MissingAPIKey(RuntimeError):
@@ -99,6 +111,34 @@ class RateLimiter:
             await asyncio.sleep(delay)
 
 
+def retry_hint_s(headers: httpx2.Headers) -> float | None:
+    """The server's wait hint in seconds, read as the SDKs read it: ``retry-after-ms``, then ``Retry-After`` as
+    seconds or as an HTTP date; None if absent or unreadable."""
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return float(value) / divisor
+        except ValueError:
+            pass
+    when = headers.get("retry-after")
+    parsed = email.utils.parsedate_tz(when) if when else None
+    return None if parsed is None else email.utils.mktime_tz(parsed) - time.time()
+
+
+def cap_retry_hint(headers: httpx2.Headers, max_wait_s: float) -> None:
+    """Cut a server's wait hint longer than ``max_wait_s`` (or not finite) to ``max_wait_s``, in place: the SDK
+    then retries after at most that long (RFC 9110 Sec. 10.2.3 ``Retry-After``; ``retry-after-ms`` is Anthropic's and
+    OpenAI's millisecond variant, read first by both SDKs)."""
+    hint = retry_hint_s(headers)
+    if hint is None or hint <= max_wait_s:
+        return
+    headers["retry-after-ms"] = str(int(max_wait_s * 1000))
+    if "retry-after" in headers:
+        del headers["retry-after"]
+
+
 def scrub(text: str | None, secret: str | None) -> str | None:
     """``text`` with every occurrence of ``secret`` replaced (defence in depth: keys must never reach disk).
     Secrets shorter than 8 characters (dummy keys for local servers) are left alone: replacing them would mangle
@@ -116,8 +156,9 @@ class ChatSettings:
     """Everything a chat backend needs. ``api_key_env`` names the environment variable holding the key (the key
     itself never enters a config or an object that gets serialised). ``base_url`` is in the cache key: the same model
     id behind another server (another provider, another quantisation) can grade differently. ``timeout_s``,
-    ``max_retries`` (SDK retries per call), ``rate_limit_per_s`` and ``backoff_base_s`` (pause before re-reading an
-    unreadable 200 body) are transport-only and kept out of the key."""
+    ``max_retries`` (SDK retries per call), ``rate_limit_per_s``, ``backoff_base_s`` (pause before re-reading an
+    unreadable 200 body) and ``max_retry_wait_s`` (longest wait a server's ``Retry-After`` hint can impose) are
+    transport-only and kept out of the key."""
 
     model: str
     base_url: str
@@ -128,6 +169,7 @@ class ChatSettings:
     max_retries: int = not_in_key(_TRANSPORT, default=4)
     rate_limit_per_s: float | None = not_in_key(_TRANSPORT, default=3.0)
     backoff_base_s: float = not_in_key(_TRANSPORT, default=1.0)
+    max_retry_wait_s: float = not_in_key(_TRANSPORT, default=60.0)
     extra_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -175,12 +217,15 @@ class ChatBackend:
             if tally is not None:
                 tally.calls += 1
 
+        async def on_response(response: httpx2.Response) -> None:
+            cap_retry_hint(response.headers, self.settings.max_retry_wait_s)
+
         key = self.api_key()
         n = max(1, int(concurrency))
         http = httpx2.AsyncClient(
             limits=httpx2.Limits(max_connections=n, max_keepalive_connections=n),
             timeout=httpx2.Timeout(self.settings.timeout_s, connect=min(5.0, self.settings.timeout_s)),
-            event_hooks={"request": [on_request]},
+            event_hooks={"request": [on_request], "response": [on_response]},
             follow_redirects=True,
         )
         return ChatSession(self._client(key, http), http, key)
@@ -193,6 +238,19 @@ class ChatBackend:
 
     def reply_text(self, reply: Any) -> str:
         raise NotImplementedError
+
+    def _auth_error(self, exc: Any, session: ChatSession) -> JudgeAuthError:
+        """The run-stopping error for a 401/403: names the backend, server and key variable, never the key (the
+        server's reply is shown only when a key long enough to be scrubbed from it was sent, or none at all)."""
+        s = self.settings
+        what = "authentication failed" if exc.status_code == 401 else "permission denied"
+        body = exc.response.text[:200].replace("\n", " ") if exc.response is not None else ""
+        key = session.key
+        shown = body if key is None else (scrub(body, key) if len(key) >= 8 else "(reply not shown)")
+        return JudgeAuthError(
+            f"{self.name} judge {s.model!r} at {s.base_url}: HTTP {exc.status_code} {what}. Check the API key in "
+            f"environment variable {s.api_key_env!r} (and its access to this model). Server said: {shown}"
+        )
 
     async def complete(
         self,
@@ -220,19 +278,23 @@ class ChatBackend:
             for body_try in range(s.max_retries + 1):
                 try:
                     reply = await self._create(session, system, messages, temperature, max_tokens)
+                except (self.sdk.AuthenticationError, self.sdk.PermissionDeniedError) as exc:
+                    raise self._auth_error(exc, session) from None
                 except self.sdk.APIStatusError as exc:
                     detail = (exc.response.text if exc.response is not None else str(exc))[:300].replace("\n", " ")
                     message = f"HTTP {exc.status_code}: {detail} (after {local.calls} tries)"
-                    raise TransportError(scrub(message, session.key)) from None
+                    raise TransportError(scrub(message, session.key), kind="http", status=exc.status_code) from None
                 except self.sdk.APIConnectionError as exc:
+                    kind = "timeout" if isinstance(exc, self.sdk.APITimeoutError) else "connection"
                     message = f"{type(exc).__name__}: {exc} (after {local.calls} tries)"
-                    raise TransportError(scrub(message, session.key)) from None
+                    raise TransportError(scrub(message, session.key), kind=kind) from None
                 try:
                     return self.reply_text(reply)
                 except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
                     problem = f"unreadable response body ({type(exc).__name__}: {exc})"
                     if body_try >= s.max_retries:
-                        raise TransportError(scrub(f"{problem} (after {local.calls} tries)", session.key)) from None
+                        message = scrub(f"{problem} (after {local.calls} tries)", session.key)
+                        raise TransportError(message, kind="unreadable", status=200) from None
                     log.info("%s %s: retry after %s", self.name, s.model, scrub(problem, session.key))
                     await asyncio.sleep(s.backoff_base_s * (2**body_try) * (0.5 + random.random() / 2))
             raise AssertionError("unreachable")
@@ -365,8 +427,16 @@ class LLMJudge(Judge):
         cache=None,
         concurrency: int = 4,
         show_progress: bool = True,
+        max_consecutive_failures: int | None = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+        retry_failed: bool | None = None,
     ) -> None:
-        super().__init__(cache=cache, concurrency=concurrency, show_progress=show_progress)
+        super().__init__(
+            cache=cache,
+            concurrency=concurrency,
+            show_progress=show_progress,
+            max_consecutive_failures=max_consecutive_failures,
+            retry_failed=retry_failed,
+        )
         self.chat = chat
         self.settings = LLMJudgeSettings(
             backend=chat.name,
@@ -420,8 +490,8 @@ class LLMJudge(Judge):
                 raw = scrub(reply, ctx.key)
                 truncated = getattr(reply, "truncated", False)
             except TransportError as exc:
-                res = self._error_result(str(exc), "http", raw, tally.calls)
-                res.metadata["parse_failures"] = failures
+                res = self._error_result(str(exc), exc.kind, raw, tally.calls)
+                res.metadata.update(parse_failures=failures, http_status=exc.status)
                 return res
             try:
                 attempts = parse_attempts(raw, block=s.json_block)
@@ -498,6 +568,8 @@ _JUDGE_KWARGS = (
     "cache",
     "concurrency",
     "show_progress",
+    "max_consecutive_failures",
+    "retry_failed",
 )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from esr.judge.base import Attempt
 
-RESTART_PATTERN_VERSION = "restart-patterns-v2"
+RESTART_PATTERN_VERSION = "restart-patterns-v3"
 
 _A = "['\u2019]"
 _THAT_IS = rf"(?:that|this|it){_A}?s|(?:that|this|it)\s+(?:is|was)"
@@ -56,7 +56,10 @@ CUE_PATTERN = re.compile(
     r"not\s+(?:quite\s+)?(?:right|correct)|unrelated|off[- ]topic|off\s+track|sidetracked|distracted|drift\w*|"
     r"digress\w*|tangent|irrelevant|back\s+to|back\s+on\s+track|return\w*\s+to|start(?:ing)?\s+over|over\s+again|again|refocus\w*|restart\w*|rephrase|redo|"
     r"correct(?:ion|ing)?|misspoke|my\s+bad|never\s*mind|ignore|no|instead|confus\w*|revise|scratch|wander\w*|"
-    r"lost\s+the\s+thread|properly)\b",
+    r"lost\s+the\s+thread|properly|"
+    # meta-discourse about the answer itself (a clause holding one is only a candidate: the MiniLM check decides)
+    r"topic|point|question|asked|rambl\w*|nothing\s+to\s+do|beside|detour|rewind|stab|focus\w*|subject|"
+    r"where\s+was\s+i|different)\b",
     re.IGNORECASE,
 )
 _CLAUSE_END = re.compile(r"[.!?\u2026]+[\"')\]]*(?=\s|$)|\s[-\u2013\u2014]+\s|\u2014|;|:(?=\s)")

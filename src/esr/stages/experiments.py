@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from esr.activations import gather_stores, record_from_capture, write_store
@@ -65,6 +64,7 @@ from esr.judge import JudgeRequest, build_concreteness_grader, build_judge, fit_
 from esr.latents import firing_frequency, model_selection_settings, read_labels, read_selection, write_selection
 from esr.latents import select_latents as _select
 from esr.models import load_model
+from esr.progress import Progress
 from esr.provenance import provenance
 from esr.ranks import from_writer, is_writer, share
 from esr.readout import conversation_ids, max_pooled_latents, prompt_relevance_activations
@@ -494,9 +494,8 @@ def generate(
         gen = load_configured_generator(spec, model_dir, generation)
         settings_record = gen.settings_record()
         bs = generation["batch_size"]
-        for start in tqdm(
-            range(0, len(todo), bs), desc=f"generate {experiment}/{condition}", unit="batch", disable=not writer
-        ):
+        meter = Progress(total=len(todo), desc=f"generate {experiment}/{condition} shard {shard}", unit="trials")
+        for start in range(0, len(todo), bs):
             chunk = todo[start : start + bs]
             results = gen.generate_batch([_request(t, store_latents) for t in chunk])
             rows = [_generated_row(t, r) for t, r in zip(chunk, results)]
@@ -506,6 +505,8 @@ def generate(
                     torch.save({"rows": rows, "acts": batch_acts}, tmp)
             done.update({row["trial_id"]: row for row in rows})
             acts.update(batch_acts)
+            if writer:  # one line per batch (a checkpoint), counted in trials
+                meter.update(len(chunk))
     if not writer:
         return
     table = pd.DataFrame([done[t.trial_id] for t in planned]) if planned else empty_frame("generated")
@@ -615,21 +616,33 @@ def plant_restarts(*, steered: str, unsteered: str, fraction: float, seed: int, 
 
 
 def grade(*, generated: str, judge: dict[str, Any], trials: str, judge_stats: str) -> None:
-    """Grade every generated answer of one shard with the ``judge`` block (paper Sec. 2.3): attempts and scores."""
+    """Grade every generated answer of one shard with the ``judge`` block (paper Sec. 2.3): attempts and scores.
+
+    A trial the judge could not grade keeps its error and ``error_kind`` (counted in ``judge_stats`` under
+    ``error_kinds``; the statistics exclude it as a ``trial_error``, split by kind). Raises ``JudgeAuthError`` (the
+    key was refused) and ``JudgeCircuitOpen`` (``max_consecutive_failures`` failures in a row): nothing is written
+    then, and every answer already received is in the judge cache for the rerun."""
     table = read_trials(generated, "generated")
     grader = build_judge(judge, show_progress=True)
     out = grade_trials(table, grader)
     write_trials(trials, out, "graded")
+    kinds = out["error_kind"][out["error"].notna()].fillna("unknown").value_counts()
+    error_kinds = {str(k): int(v) for k, v in sorted(kinds.items())}
     write_json(
         judge_stats,
         {
             "judge": grader.describe(),
             "stats": grader.stats.as_dict(),
             "n_trials": len(out),
+            "error_kinds": error_kinds,
             "provenance": provenance(judge=grader.describe()),
         },
     )
     log.info("graded %d answers: %s", len(out), grader.stats.as_dict())
+    if error_kinds:
+        log.warning(
+            "%d of %d answers were not graded (by error kind: %s)", sum(error_kinds.values()), len(out), error_kinds
+        )
 
 
 def gather_trials(*, shards: list[str], trials: str) -> None:

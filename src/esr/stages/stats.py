@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from esr import audit as paper_audit
+from esr import bundle
 from esr.activations import ActivationRecord, open_store, write_store
 from esr.config import ModelSpec
 from esr.detectors import read_detector_sets
@@ -23,6 +24,7 @@ from esr.io import derive_seed, write_json
 from esr.judge import build_judge
 from esr.metrics import BootstrapSpec, include_trials
 from esr.models import load_model
+from esr.progress import Progress
 from esr.provenance import provenance
 from esr.ranks import is_writer
 from esr.readout import answer_token_spans, per_token_latents
@@ -144,7 +146,10 @@ def sequential(
 
     def replay(rows, kind):
         records, skipped = [], 0
+        meter = Progress(total=len(rows), desc=f"replaying {kind}s", unit=f"{kind}s")
         for k, t in enumerate(rows):
+            if k:
+                meter.update(1)
             ids, spans, first, stop, text = answer_token_spans(tok, t["prompt"], t["response"])
             if kind == "episode":
                 ep = make_episode({**t, "response": text}, f"ep_{k:04d}", method="restart_phrase", spans=spans)
@@ -168,10 +173,13 @@ def sequential(
                 interventions=iv,
                 directions=directions,
                 plan=plan if iv else None,
+                log_progress=False,
             )[0][first:stop]
             records.append(
                 ActivationRecord(t["trial_id"], acts.numpy(), [tok.decode([i]) for i in ids[first:stop]], labels)
             )
+        if rows:
+            meter.update(1)
         return records, skipped
 
     ep_records, n_skipped = replay(episodes_src, "episode")
@@ -334,4 +342,5 @@ def audit(
     paper_audit.build_audit(
         summaries, out_json=table_json, out_md=table_md, out_html=table_html, config=config, model_map=model_map
     )
-    run_overview(config, summaries, table_json, overview)
+    imported = Path(bundle.MANIFEST).is_file()  # a results bundle imported into this working directory
+    run_overview(config, summaries, table_json, overview, bundle_root=Path.cwd() if imported else None)
