@@ -35,7 +35,7 @@ test: setup
 	$(BIN)/python -m pytest -m "not slow and not slurm" -q
 
 test-slow: setup
-	$(BIN)/python -m pytest -m "slow or slurm" -q
+	PY=$(BIN)/python bash tests/run_slow.sh
 
 test-slurm: setup
 	$(BIN)/python -m pytest -m slurm -q

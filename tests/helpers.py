@@ -214,3 +214,24 @@ def exp1_and_ablation_tables():
         ablate=tuple(range(26)),
     )
     return base, abl
+
+
+def http_judge(server, backend: str, tmp_path=None, **extra: Any):
+    """A judge of ``backend`` (anthropic | openai_compat) on the loopback ``server`` (tests/judge_server.py): short
+    timeouts, fast backoff, no rate limit, key from ``ESR_TEST_KEY``; ``extra`` overrides any setting."""
+    from esr.judge import build_judge
+
+    cfg = {
+        "backend": backend,
+        "model": "judge-model",
+        "api_key_env": "ESR_TEST_KEY",
+        "timeout_s": 2,
+        "max_retries": 3,
+        "backoff_base_s": 0.01,
+        "rate_limit_per_s": None,
+        "concurrency": 4,
+        "base_url": server.root + ("/v1" if backend == "openai_compat" else ""),
+        "cache_dir": str(tmp_path / "cache") if tmp_path else None,
+        **extra,
+    }
+    return build_judge(cfg, show_progress=False)

@@ -27,14 +27,13 @@ from esr.judge import (
     JudgeCircuitOpen,
     JudgeRequest,
     build_concreteness_grader,
-    build_judge,
 )
 from esr.judge.fake import FakeJudge
 from esr.judge.http_backends import cap_retry_hint
 from esr.metrics import include_trials
 from esr.trials import columns, grade_trials
 
-from helpers import graded_row
+from helpers import graded_row, http_judge
 
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"
 ON = "To bake bread, mix flour, water, yeast and salt, knead, let it rise, shape and bake at 220 C."
@@ -55,20 +54,7 @@ def _keys(monkeypatch):
 
 
 def judge_for(server, backend: str, tmp_path=None, **extra):
-    cfg = {
-        "backend": backend,
-        "model": "judge-model",
-        "api_key_env": "ESR_TEST_KEY",
-        "timeout_s": 2,
-        "max_retries": 2,
-        "backoff_base_s": 0.01,
-        "rate_limit_per_s": None,
-        "concurrency": 8,
-        "base_url": server.root + ("/v1" if backend == "openai_compat" else ""),
-        "cache_dir": str(tmp_path / "cache") if tmp_path else None,
-    }
-    cfg.update(extra)
-    return build_judge(cfg, show_progress=False)
+    return http_judge(server, backend, tmp_path, **{"max_retries": 2, "concurrency": 8, **extra})
 
 
 def req(marker: str = "", response: str = ON, trial_id: str | None = None) -> JudgeRequest:

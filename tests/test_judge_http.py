@@ -28,6 +28,8 @@ from esr.judge import (
     build_judge,
 )
 
+from helpers import http_judge
+
 KEY = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"
 ON = "To bake bread, mix flour, water, yeast and salt, knead, let it rise, shape and bake at 220 C."
 OFF = "Dogs are loyal animals that bark at the mailman and love long walks in the park."
@@ -46,23 +48,6 @@ def _keys(monkeypatch):
     monkeypatch.setenv("ESR_TEST_KEY", KEY)
 
 
-def judge_for(server, backend: str, tmp_path=None, **extra):
-    cfg = {
-        "backend": backend,
-        "model": "judge-model",
-        "api_key_env": "ESR_TEST_KEY",
-        "timeout_s": 2,
-        "max_retries": 3,
-        "backoff_base_s": 0.01,
-        "rate_limit_per_s": None,
-        "concurrency": 4,
-        "base_url": server.root + ("/v1" if backend == "openai_compat" else ""),
-        "cache_dir": str(tmp_path / "cache") if tmp_path else None,
-    }
-    cfg.update(extra)
-    return build_judge(cfg, show_progress=False)
-
-
 def req(
     response: str,
     marker: str = "",
@@ -75,7 +60,7 @@ def req(
 
 @pytest.mark.parametrize("backend", ["anthropic", "openai_compat"])
 def test_good_reply_wire_format(server, backend):
-    judge = judge_for(server, backend)
+    judge = http_judge(server, backend)
     res = judge.grade("Explain how to bake bread.", RESTART, "dogs")
     assert res.ok and res.template_version == JUDGE_TEMPLATE_VERSION
     assert res.judge_id == f"{backend}:judge-model"
@@ -105,7 +90,7 @@ def test_transient_failures_are_retried(server, backend):
         "#m5": ["badbody"],
         "#m6": ["badscore"],
     }
-    judge = judge_for(server, backend, timeout_s=0.5)
+    judge = http_judge(server, backend, timeout_s=0.5)
     t0 = time.monotonic()
     results = judge.grade_batch([req(ON, f"#m{i}") for i in range(1, 7)])
     assert all(r.ok for r in results), [r.error for r in results]
@@ -120,7 +105,7 @@ def test_transient_failures_are_retried(server, backend):
 def test_retry_hints_are_honoured(server, backend, action, hint_s):
     """A 429 carrying only ``retry-after-ms`` (or only ``Retry-After`` seconds) waits the hint, not the backoff."""
     server.plan = {"#ra": [action]}
-    judge = judge_for(server, backend, backoff_base_s=0.0)
+    judge = http_judge(server, backend, backoff_base_s=0.0)
     t0 = time.monotonic()
     res = judge.grade_batch([req(ON, "#ra")])[0]
     waited = time.monotonic() - t0
@@ -132,7 +117,7 @@ def test_temperature_zero_judge_gets_a_grade_after_a_corrective_reask(server):
     """A judge that repeats itself for the same request: the re-ask must change the request (corrective turn,
     raised temperature), so the trial gets a grade instead of three identical failures."""
     server.plan = {"#stub": ["stubborn"] * 5}
-    judge = judge_for(server, "anthropic", temperature=0.0, reask_temperature=0.5)
+    judge = http_judge(server, "anthropic", temperature=0.0, reask_temperature=0.5)
     res = judge.grade_batch([req(ON, "#stub")])[0]
     assert res.ok and res.n_calls == 2 and res.scores == [90.0] and len(res.metadata["parse_failures"]) == 1
     first, second = server.hits
@@ -146,7 +131,7 @@ def test_temperature_zero_judge_gets_a_grade_after_a_corrective_reask(server):
 @pytest.mark.parametrize("backend", ["anthropic", "openai_compat"])
 def test_reply_cut_at_max_tokens_is_a_truncated_error(server, backend):
     server.plan = {"#cut": ["cut"] * 5}
-    judge = judge_for(server, backend, max_parse_retries=1)
+    judge = http_judge(server, backend, max_parse_retries=1)
     res = judge.grade_batch([req(ON, "#cut")])[0]
     assert res.error_kind == "truncated" and "max_tokens" in res.error and res.n_calls == 2
     assert judge.stats.errors_truncated == 1 and judge.stats.errors_parse == 0
@@ -154,13 +139,13 @@ def test_reply_cut_at_max_tokens_is_a_truncated_error(server, backend):
 
 def test_reply_mentioning_the_tag_before_the_verdict_parses(server):
     server.plan = {"#prose": ["proseverdict"]}
-    res = judge_for(server, "openai_compat").grade_batch([req(ON, "#prose")])[0]
+    res = http_judge(server, "openai_compat").grade_batch([req(ON, "#prose")])[0]
     assert res.ok and res.n_calls == 1 and res.scores == [90.0]
 
 
 def test_failures_recorded_without_stopping_batch(server):
     server.plan = {"#bad": ["malformed"] * 10, "#404": ["404"], "#down": ["500"] * 10}
-    judge = judge_for(server, "openai_compat", max_retries=2, max_parse_retries=1)
+    judge = http_judge(server, "openai_compat", max_retries=2, max_parse_retries=1)
     results = judge.grade_batch([req(ON, "#bad"), req(ON, "#404"), req(ON, "#down"), req(ON)])
     bad, missing, down, good = results
     assert bad.error_kind == "parse" and "malformed" in bad.error and "<json>" in bad.raw_text and bad.n_calls == 2
@@ -175,13 +160,13 @@ def test_cache_hits_and_transport_errors(server, tmp_path, monkeypatch):
     (503) is re-sent; ESR_RETRY_FAILED=1 re-sends the remembered one."""
     server.plan = {"#down": ["500"], "#busy": ["503"]}
     items = [req(ON, f"#{i}") for i in range(5)] + [req(ON, "#down"), req(ON, "#busy")]
-    judge = judge_for(server, "anthropic", tmp_path, max_retries=0)
+    judge = http_judge(server, "anthropic", tmp_path, max_retries=0)
     first = judge.grade_batch(items)
     assert judge.stats.cache_misses == 7 and judge.stats.cache_hits == 0
     assert [r.error_kind for r in first[-2:]] == ["http", "http"]
     assert [r.metadata["http_status"] for r in first[-2:]] == [500, 503] and judge.stats.failures_stored == 1
     n = len(server.hits)
-    again = judge_for(server, "anthropic", tmp_path, max_retries=0)
+    again = http_judge(server, "anthropic", tmp_path, max_retries=0)
     second = again.grade_batch(items)
     assert again.stats.cache_hits == 5 and again.stats.cache_misses == 1 and again.stats.failures_remembered == 1
     assert len(server.hits) == n + 1 and server.count("#busy") == 2 and server.count("#down") == 1
@@ -190,15 +175,15 @@ def test_cache_hits_and_transport_errors(server, tmp_path, monkeypatch):
     assert down.error_kind == "http" and down.metadata["remembered_failure"]["status"] == 500 and down.n_calls == 0
     assert "ESR_RETRY_FAILED" in down.error and second[6].ok
     monkeypatch.setenv("ESR_RETRY_FAILED", "1")
-    third = judge_for(server, "anthropic", tmp_path, max_retries=0).grade_batch(items)
+    third = http_judge(server, "anthropic", tmp_path, max_retries=0).grade_batch(items)
     assert all(r.ok for r in third) and server.count("#down") == 2 and len(server.hits) == n + 2
     assert len(JudgeCache(tmp_path / "cache")) == 7 and judge.cache_key(items[5]) in JudgeCache(tmp_path / "cache")
 
 
 def test_cache_key_covers_settings(server, tmp_path):
-    a = judge_for(server, "anthropic", tmp_path)
-    b = judge_for(server, "anthropic", tmp_path, temperature=1.0)
-    c = judge_for(server, "anthropic", tmp_path, restart_gate=True)
+    a = http_judge(server, "anthropic", tmp_path)
+    b = http_judge(server, "anthropic", tmp_path, temperature=1.0)
+    c = http_judge(server, "anthropic", tmp_path, restart_gate=True)
     r = req(ON)
     assert len({a.cache_key(r), b.cache_key(r), c.cache_key(r)}) == 3
     assert a.cache_key(r) == a.cache_key(JudgeRequest(r.prompt, r.response, r.latent_label, "other-trial"))
@@ -219,7 +204,7 @@ class CrashingCache(JudgeCache):
 
 def test_crash_then_rerun_makes_no_repeated_calls(server, tmp_path):
     items = [req(ON, f"#item-{i:02d}-") for i in range(12)]
-    judge = judge_for(server, "anthropic", tmp_path, concurrency=2)
+    judge = http_judge(server, "anthropic", tmp_path, concurrency=2)
     judge.cache = CrashingCache(tmp_path / "cache", limit=5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         judge.grade_batch(items)
@@ -230,7 +215,7 @@ def test_crash_then_rerun_makes_no_repeated_calls(server, tmp_path):
     server.wait_idle()
     assert 6 <= len(server.hits) <= 7  # 5 cached + the one whose write crashed + at most one in flight
     server.hits.clear()
-    rerun = judge_for(server, "anthropic", tmp_path, concurrency=3)
+    rerun = http_judge(server, "anthropic", tmp_path, concurrency=3)
     results = rerun.grade_batch(items)
     assert all(r.ok for r in results)
     assert rerun.stats.cache_hits == 5 and len(server.hits) == 7
@@ -278,19 +263,19 @@ def test_killed_subprocess_then_rerun(server, tmp_path):
 def test_restart_gate_merges_unsupported_boundaries(server):
     text = "Dogs bark at night. Cats purr all day. Wait, that's not right. Bread needs flour and yeast #split."
     server.plan = {"#split": ["oversplit", "oversplit"]}
-    plain = judge_for(server, "anthropic").grade("Explain how to bake bread.", text, "dogs")
+    plain = http_judge(server, "anthropic").grade("Explain how to bake bread.", text, "dogs")
     assert len(plain.attempts) == 4  # paper fidelity: the judge's split is kept
-    gated_judge = judge_for(server, "anthropic", restart_gate=True)
+    gated_judge = http_judge(server, "anthropic", restart_gate=True)
     gated = gated_judge.grade("Explain how to bake bread.", text, "dogs")
     assert len(gated.attempts) == 2 and gated.metadata["restart_gate_merges"] == 2
     assert gated.attempts[1].text.startswith("Wait, that's not right.") and gated.scores[-1] == 90
     assert gated_judge.stats.gate_merges == 2
-    unsplit = judge_for(server, "anthropic", restart_gate=True).grade("Explain how to bake bread.", RESTART, "dogs")
+    unsplit = http_judge(server, "anthropic", restart_gate=True).grade("Explain how to bake bread.", RESTART, "dogs")
     assert len(unsplit.attempts) == 2 and unsplit.metadata["restart_gate_merges"] == 0
 
 
 def test_rate_limit_holds_across_single_calls(server):
-    judge = judge_for(server, "anthropic", rate_limit_per_s=10)
+    judge = http_judge(server, "anthropic", rate_limit_per_s=10)
     t0 = time.monotonic()
     for i in range(3):
         judge.grade("p", f"{ON} #single{i}", "dogs")
@@ -298,7 +283,7 @@ def test_rate_limit_holds_across_single_calls(server):
 
 
 def test_rate_limit_spaces_calls(server):
-    judge = judge_for(server, "openai_compat", rate_limit_per_s=20, concurrency=4)
+    judge = http_judge(server, "openai_compat", rate_limit_per_s=20, concurrency=4)
     t0 = time.monotonic()
     judge.grade_batch([req(ON, f"#rl{i}") for i in range(6)])
     assert time.monotonic() - t0 >= 5 / 20 - 0.01
@@ -306,12 +291,12 @@ def test_rate_limit_spaces_calls(server):
 
 def test_missing_key_is_a_config_error(server, monkeypatch):
     monkeypatch.delenv("ESR_TEST_KEY")
-    judge = judge_for(server, "anthropic")
+    judge = http_judge(server, "anthropic")
     with pytest.raises(RuntimeError, match="ESR_TEST_KEY"):
         judge.grade("p", "r", "l")
     assert not server.hits
     # OpenAI-compatible local servers may need no key: no Authorization header is sent
-    assert judge_for(server, "openai_compat").grade("p", ON, "l").ok
+    assert http_judge(server, "openai_compat").grade("p", ON, "l").ok
     assert "authorization" not in server.hits[-1].headers
 
 
@@ -320,7 +305,7 @@ def test_secrets_never_reach_disk_or_logs(server, tmp_path, caplog, capsys):
     server.plan = {"#echo": ["401echo"], "#retry": ["429:0.01", "500"]}
     results_dir = tmp_path / "results"
     for backend in ("anthropic", "openai_compat"):
-        judge = judge_for(server, backend, tmp_path)
+        judge = http_judge(server, backend, tmp_path)
         with pytest.raises(JudgeAuthError, match="ESR_TEST_KEY") as info:  # a refused key stops the run
             judge.grade_batch([req(ON, "#echo"), req(RESTART)])
         assert "<redacted>" in str(info.value) and KEY not in str(info.value)

@@ -41,7 +41,10 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     head = ["topic", "setting", "this run", "paper / authors", "matches", "note"]
     keys = ["topic", "setting", "this_run", "reference", "matches_reference", "note"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    shown = {True: "yes", False: "**no**", None: "-"}
+    out += [
+        "| " + " | ".join(cell(shown[r[k]] if k == "matches_reference" else r[k]) for k in keys) + " |" for r in rows
+    ]
     return out
 
 
