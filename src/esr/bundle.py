@@ -44,6 +44,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from esr.recovery import cache_dirs
+
 FORMAT = "esr.bundle/1"
 MANIFEST = "bundle/manifest.json"
 CONFIG = "bundle/config.yaml"
@@ -136,25 +138,6 @@ def dag_rank(path: str) -> int:
     return 0
 
 
-def _cache_dirs(config: Mapping[str, Any]) -> list[str]:
-    """Every ``cache_dir`` value in the config (judge, threshold judge, cross-judge judges)."""
-    found: list[str] = []
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, Mapping):
-            for k, v in obj.items():
-                if k == "cache_dir" and isinstance(v, str):
-                    found.append(v)
-                else:
-                    walk(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                walk(v)
-
-    walk(config)
-    return sorted(set(found))
-
-
 def _excluded(rel: str) -> str | None:
     if any(rel == d or rel.startswith(d + "/") for d in EXCLUDED):
         return "excluded folder"
@@ -185,7 +168,7 @@ def collect_files(run_dir: str | Path, config: Mapping[str, Any]) -> tuple[list[
     run_dir = Path(run_dir).resolve()
     roots = list(SHIPPED)
     left_out: list[dict[str, str]] = []
-    for cache in _cache_dirs(config):
+    for cache in sorted(cache_dirs(config)):
         p = Path(cache) if Path(cache).is_absolute() else run_dir / cache
         try:
             roots.append(p.resolve().relative_to(run_dir).as_posix())

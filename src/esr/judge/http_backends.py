@@ -189,10 +189,11 @@ _DEFAULT = object()
 
 
 class ChatBackend:
-    """One chat-completion API on its vendor SDK. Subclasses define ``_client`` / ``_create`` / ``reply_text``."""
+    """One chat-completion API on its vendor SDK. Subclasses set ``client_class`` and define ``_create`` / ``reply_text``."""
 
     name = "chat"
     key_required = True
+    client_class: Any = None  # the SDK's async client class (anthropic.AsyncAnthropic, openai.AsyncOpenAI)
     sdk: Any = None  # the SDK module (its exception classes)
 
     def __init__(self, settings: ChatSettings) -> None:
@@ -231,7 +232,16 @@ class ChatBackend:
         return ChatSession(self._client(key, http), http, key)
 
     def _client(self, key: str | None, http: httpx2.AsyncClient) -> Any:
-        raise NotImplementedError
+        """The SDK's async client (``client_class``) on our HTTP client, with our retry count and timeout."""
+        s = self.settings
+        return self.client_class(
+            api_key=key or (None if self.key_required else _NO_KEY),
+            base_url=s.base_url,
+            max_retries=s.max_retries,
+            timeout=s.timeout_s,
+            http_client=http,
+            default_headers=s.extra_headers or None,
+        )
 
     async def _create(self, session: ChatSession, system: str, messages: list[dict], temperature, max_tokens) -> Any:
         raise NotImplementedError
@@ -311,17 +321,7 @@ class AnthropicBackend(ChatBackend):
 
     name = "anthropic"
     sdk = anthropic
-
-    def _client(self, key, http):
-        s = self.settings
-        return anthropic.AsyncAnthropic(
-            api_key=key,
-            base_url=s.base_url,
-            max_retries=s.max_retries,
-            timeout=s.timeout_s,
-            http_client=http,
-            default_headers=s.extra_headers or None,
-        )
+    client_class = anthropic.AsyncAnthropic
 
     async def _create(self, session, system, messages, temperature, max_tokens):
         # temperature goes in the body: newer SDKs dropped the keyword, the API still takes it
@@ -346,17 +346,7 @@ class OpenAICompatBackend(ChatBackend):
     name = "openai_compat"
     key_required = False
     sdk = openai
-
-    def _client(self, key, http):
-        s = self.settings
-        return openai.AsyncOpenAI(
-            api_key=key or _NO_KEY,
-            base_url=s.base_url,
-            max_retries=s.max_retries,
-            timeout=s.timeout_s,
-            http_client=http,
-            default_headers=s.extra_headers or None,
-        )
+    client_class = openai.AsyncOpenAI
 
     async def _create(self, session, system, messages, temperature, max_tokens):
         kwargs: dict[str, Any] = {}
