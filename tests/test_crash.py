@@ -9,7 +9,8 @@ loopback server of tests/judge_server.py, which records every request body.
 
 Asserted: every trials table (row for row, every column but provenance and judge metadata), every summary and the
 audit table equal the reference run's; a request body reached the judge more often than in the reference run only
-when it was in flight at a kill (at most ``concurrency`` bodies per kill) or refused by the 401; no temporary file,
+when it was in flight at a kill (sent, and its answer not yet written to the judge cache: at most ``concurrency``
+bodies per grading job) or refused by the 401; no temporary file,
 folder backup or generation checkpoint is left; no secret (API keys, HF token) is in any file under results/, logs/,
 resources/, .snakemake/, the judge cache, the report or the runs' output. While the reference run runs, a second
 invocation on its directory is refused by the lock.
@@ -21,6 +22,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +203,28 @@ def newer(pattern: str, since: float) -> bool:
     return False
 
 
+_ANSWER = re.compile(r"Chatbot's answer: (.*)\nDistracting concept: (.*)\Z", re.DOTALL)
+
+
+def answered_not_stored(hits, cache_dir: Path) -> set[str]:
+    """Bodies among ``hits`` whose (answer, latent label) has no entry in the judge cache: a client killed between
+    receiving the reply and writing it (``Judge._finish``) loses that answer. Everything else the server answered
+    must be in the cache and is therefore never sent again."""
+    stored = set()
+    for p in cache_dir.glob("*/*.json"):
+        try:
+            req = json.loads(p.read_text())["inputs"]["request"]
+        except (OSError, ValueError, KeyError):
+            continue
+        stored.add((req["response"].strip(), req["latent_label"].strip()))
+    out = set()
+    for h in hits:
+        m = _ANSWER.search(h.user)
+        if m is None or (m.group(1).strip(), m.group(2).strip()) not in stored:
+            out.add(body_hash(h.body))
+    return out
+
+
 def kill_points(work: Path, server: CountingServer):
     """(name, condition(phase_start, hits_at_phase_start) -> bool), in the order the stages run."""
     w = str(work)
@@ -344,6 +368,8 @@ def _run(repo_root, tmp_path, ref_server, chain_server, t_start):
         # a request already on the wire at the kill reaches the server after it (the client is gone): in flight too
         chain_server.wait_idle()
         in_flight |= {body_hash(h.body) for h in chain_server.hits[n_snap:]}
+        # answered by the server but killed before the client wrote the answer to its cache: lost at the kill too
+        in_flight |= answered_not_stored(chain_server.hits[h0:], work / "judge_cache")
         name = pending[hit][0]
         missed = [n for n, _ in pending[:hit]]
         assert not missed, f"kill points {missed} passed unseen before {name}"
