@@ -16,6 +16,7 @@ hits of one run without a later straggler from a cancelled request landing in th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import select
@@ -23,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from esr.judge.segmentation import PATTERNS_ONLY, split_attempts
@@ -210,3 +212,64 @@ class ScriptedServer:
             handler.send_header(k, v)
         handler.end_headers()
         handler.wfile.write(data)
+
+
+# ---------------------------------------------------------------------------------------------- crash tests
+
+
+def body_hash(body) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class CountingServer(ScriptedServer):
+    """The scripted judge server, also tracking which request bodies are being answered right now (in flight)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.in_flight: dict[str, int] = {}
+        self.completed: list[str] = []
+
+    def _handle(self, handler, body):
+        h = body_hash(body)
+        with self._lock:
+            self.in_flight[h] = self.in_flight.get(h, 0) + 1
+        try:
+            super()._handle(handler, body)
+        finally:
+            with self._lock:
+                self.in_flight[h] -= 1
+                self.completed.append(h)
+
+    def snapshot_in_flight(self) -> set[str]:
+        with self._lock:
+            return {h for h, n in self.in_flight.items() if n > 0}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            out: dict[str, int] = {}
+            for hit in self.hits:
+                h = body_hash(hit.body)
+                out[h] = out.get(h, 0) + 1
+            return out
+
+
+_GRADED = re.compile(r"Chatbot's answer: (.*)\nDistracting concept: (.*)\Z", re.DOTALL)
+
+
+def answered_not_stored(hits, cache_dir: Path) -> set[str]:
+    """Bodies among ``hits`` whose (answer, latent label) has no entry in the judge cache: a client killed between
+    receiving the reply and writing it (``Judge._finish``) loses that answer. Everything else the server answered
+    must be in the cache and is therefore never sent again."""
+    stored = set()
+    for p in cache_dir.glob("*/*.json"):
+        try:
+            req = json.loads(p.read_text())["inputs"]["request"]
+        except (OSError, ValueError, KeyError):
+            continue
+        stored.add((req["response"].strip(), req["latent_label"].strip()))
+    out = set()
+    for h in hits:
+        m = _GRADED.search(h.user)
+        if m is None or (m.group(1).strip(), m.group(2).strip()) not in stored:
+            out.add(body_hash(h.body))
+    return out

@@ -2,6 +2,11 @@
 
 Where things live, one module per concept:
 
+Testing your own model (``esr probe`` on the command line)
+
+- ``esr.probe(model, sae=..., judge=...) -> ProbeResult``  the protocol in small on any HF causal LM (``esr.probing``)
+- ``esr.load_model``, ``esr.load_sae``, ``esr.steer``        the lower-level API (``esr.api``)
+
 Workflow stages (one function per Snakemake rule, named after it; ``workflow/scripts/<rule>.py`` is one call)
 
 - ``esr.stages``              ``run_rule`` (binds a rule's inputs, outputs, params by name), ``model_stage``, logging
@@ -65,7 +70,7 @@ Plumbing
 - ``esr.corpus``        offline English text (from Debian packages) for training the embedded SAE
 - ``esr.sae_training``  the embedded SAE: activations, TopK training with sae-lens, evaluation, automatic labels
 - ``esr.labels``        labels of the paper SAEs (Neuronpedia, Goodfire, a file): download, normalise, count
-- ``esr.cli``           the ``esr`` command: ``esr steer``, ``esr latents search``
+- ``esr.cli``           the ``esr`` command: ``esr probe``, ``esr steer``, ``esr latents search``, ``esr bundle``
 - ``esr.testing``       tiny offline models, SAEs and a tokenizer for tests and benchmarks
 
 Package data: ``esr/data/paper_numbers.yaml`` (the paper's numbers the audit checks) and
@@ -78,3 +83,23 @@ try:
     __version__ = version("esr")  # one source of truth: pyproject.toml
 except PackageNotFoundError:  # a plain checkout on sys.path, not installed
     __version__ = "0+unknown"
+
+#: The public API, imported on first use (``import esr`` stays light: no torch until one of these is touched).
+_LAZY = {
+    "probe": ("esr.probing", "probe"),
+    "ProbeResult": ("esr.probing", "ProbeResult"),
+    "ProbeSettings": ("esr.probing", "ProbeSettings"),
+    "load_model": ("esr.api", "load_model"),
+    "load_sae": ("esr.api", "load_sae"),
+    "steer": ("esr.api", "steer"),
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'esr' has no attribute {name!r}")

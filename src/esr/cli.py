@@ -3,6 +3,7 @@
     esr steer --model smollm2-135m --latent 5846 --boost 0.5 "Explain how to bake bread."
     esr latents search dog
     esr bundle export . results-bundle.tar.zst; esr bundle import results-bundle.tar.zst
+    esr probe HuggingFaceTB/SmolLM2-135M-Instruct --train-sae --latents 8
 
 Each subcommand has a ``_configure_<name>`` function that adds its arguments to its subparser and a ``run_<name>``
 function that executes it and returns the exit code; :func:`build_parser` wires them together.
@@ -32,23 +33,33 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _configure_steer(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the user prompt")
-    p.add_argument("--config", default="config/config.yaml")
+    p.add_argument("--config", default="config/config.yaml", help="workflow config (default config/config.yaml)")
     p.add_argument("--model", default=None, help="model name in the config (default: the first one)")
     p.add_argument("--latent", type=int, default=None, help="SAE latent to steer with (omit: unsteered)")
     p.add_argument("--boost", type=float, default=0.0, help="boost, in the model's sae.boost_unit")
     p.add_argument("--ablate", type=_int_list, default=(), help="comma-separated latents to ablate, e.g. 1,2,3")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--positions", choices=["all", "generated"], default="all")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length in tokens (default 512)")
+    p.add_argument(
+        "--positions",
+        choices=["all", "generated"],
+        default="all",
+        help="steer every position (the authors' engine) or generated tokens only (default all)",
+    )
     p.add_argument(
         "--show-activations",
         action="store_true",
         help="print the steered latent's SAE activation for every generated token",
     )
     p.add_argument("--model-dir", default=None, help="override the model directory")
-    p.add_argument("--median-resid-norm", type=float, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--median-resid-norm",
+        type=float,
+        default=None,
+        help="the boost unit's norm, overriding the SAE folder's esr_stats.json",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def _pick_model(config: dict, name: str | None, config_path: str) -> str:
@@ -138,12 +149,12 @@ def search_labels(path: str | Path, word: str, in_tokens: bool = False, limit: i
 def _configure_latents(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="latents_command", metavar="{search}", required=True)
     s = sub.add_parser("search", help="find latents whose label contains WORD")
-    s.add_argument("word")
-    s.add_argument("--config", default="config/config.yaml")
+    s.add_argument("word", help="text to look for (case-insensitive)")
+    s.add_argument("--config", default="config/config.yaml", help="workflow config (default config/config.yaml)")
     s.add_argument("--model", default=None, help="model name (default: the config's first model)")
     s.add_argument("--labels", default=None, help="label CSV (default: resources/labels/<model>.csv)")
     s.add_argument("--tokens", action="store_true", help="also match the top_tokens column")
-    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     s.set_defaults(_run=run_latents_search)
 
 
@@ -182,14 +193,14 @@ def _configure_bundle(p: argparse.ArgumentParser) -> None:
     e.add_argument("--level", type=int, default=10, help="zstd compression level 1-22 (default 10)")
     e.set_defaults(_run=run_bundle_export)
     i = sub.add_parser("import", help="verify a bundle against its manifest and place it in a fresh clone")
-    i.add_argument("bundle")
+    i.add_argument("bundle", help="the bundle file (.tar.zst)")
     i.add_argument("--into", default=".", help="the workflow directory to place it in (default: .)")
     i.add_argument("--snakefile", default=None, help="Snakefile (default: this checkout's)")
     i.add_argument("--no-metadata", action="store_true", help="skip recording Snakemake metadata for grading")
     i.add_argument("--force", action="store_true", help="overwrite files already in place")
     i.set_defaults(_run=run_bundle_import)
     v = sub.add_parser("verify", help="re-check an imported directory against its bundle/manifest.json")
-    v.add_argument("root", nargs="?", default=".")
+    v.add_argument("root", nargs="?", default=".", help="the workflow directory (default: .)")
     v.set_defaults(_run=run_bundle_verify)
 
 
@@ -231,12 +242,132 @@ def run_bundle_verify(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# esr probe
+# ----------------------------------------------------------------------------------------------------------------
+
+PROBE_EXAMPLES = """examples:
+  # a hub model (cache honoured), an SAE trained here, the offline judge (no network):
+  esr probe HuggingFaceTB/SmolLM2-135M-Instruct --train-sae --judge offline --latents 8
+  # a local folder with a published sae-lens SAE and the paper's judge (ANTHROPIC_API_KEY in the environment):
+  esr probe ./my-model --sae gemma-scope-2b-pt-res-canonical/layer_16/width_16k/canonical \\
+            --judge anthropic:claude-haiku-4-5-20251001 --latents 20 --trials-per-latent 5
+  # a judge served by vLLM (OpenAI-compatible), after a kill: continue where it stopped
+  esr probe Qwen/Qwen2.5-0.5B-Instruct --sae-dir ./my-sae --layer 12 \\
+            --judge openai:http://127.0.0.1:8000/v1:Qwen/Qwen2.5-7B-Instruct --out probe-qwen --resume
+
+Writes OUT/probe.json (summary + provenance), OUT/trials.parquet, OUT/probe.html; the workflow's folders
+(resources/, results/, logs/) under OUT hold every intermediate result, so --resume repeats no finished step and
+no judge call."""
+
+
+def _configure_probe(p: argparse.ArgumentParser) -> None:
+    from esr.probing import ProbeSettings
+
+    d = ProbeSettings(model="")
+    p.add_argument("model", help="an HF id (the local hub cache is used; HF_HUB_OFFLINE=1 honoured) or a model folder")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of MODEL (default: main)")
+    sae = p.add_mutually_exclusive_group(required=True)
+    sae.add_argument("--sae", default=None, metavar="RELEASE/ID", help="a sae-lens pretrained SAE, e.g. RELEASE/ID")
+    sae.add_argument("--sae-dir", default=None, metavar="DIR", help="a local sae-lens SAE folder (cfg.json + weights)")
+    sae.add_argument(
+        "--train-sae",
+        action="store_true",
+        help="train a TopK SAE at --layer on the offline text corpus (the embedded recipe, smaller)",
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="decoder block whose output is steered and read (default: the SAE's hook layer, or half the depth)",
+    )
+    p.add_argument(
+        "--judge",
+        default=d.judge,
+        help="offline (MiniLM approximation, no network) | anthropic:MODEL | openai:URL:MODEL (default: offline)",
+    )
+    p.add_argument("--latents", type=int, default=d.latents, help=f"latents to steer with (default {d.latents})")
+    p.add_argument(
+        "--trials-per-latent",
+        type=int,
+        default=d.trials_per_latent,
+        help=f"steered answers per latent, one prompt each (default {d.trials_per_latent})",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=d.target,
+        help=f"calibration target: mean first-attempt score / 100 at the boost threshold (default {d.target}, paper)",
+    )
+    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--resume", action="store_true", help="continue a killed or finished probe in --out")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens, help=f"answer length (default {d.max_new_tokens})"
+    )
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--prompts", default=None, help="a prompt file, one per line (default: the embedded prompts)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="the SAE's latent labels (CSV with latent,label; e.g. a Neuronpedia export); default: labelled here",
+    )
+    p.add_argument(
+        "--calibration-steps",
+        type=int,
+        default=d.calibration_steps,
+        help=f"probabilistic-bisection steps per latent's boost search (default {d.calibration_steps})",
+    )
+    p.add_argument(
+        "--sae-train-tokens",
+        type=int,
+        default=d.sae_train_tokens,
+        help=f"corpus tokens: the SAE's training set with --train-sae; a third of them label the latents "
+        f"(default {d.sae_train_tokens})",
+    )
+    p.set_defaults(_run=run_probe_command)
+
+
+def run_probe_command(args: argparse.Namespace) -> int:
+    from esr.probing import ProbeSettings, print_transcripts, run_probe
+
+    settings = ProbeSettings(
+        model=args.model,
+        revision=args.revision,
+        sae=args.sae,
+        sae_dir=args.sae_dir,
+        train_sae=args.train_sae,
+        layer=args.layer,
+        judge=args.judge,
+        latents=args.latents,
+        trials_per_latent=args.trials_per_latent,
+        target=args.target,
+        out=args.out,
+        resume=args.resume,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        prompts=args.prompts,
+        labels=args.labels,
+        calibration_steps=args.calibration_steps,
+        sae_train_tokens=args.sae_train_tokens,
+    )
+    result = run_probe(settings, echo=lambda s: print(s, file=sys.stderr))
+    print(result.table())
+    print_transcripts(result)
+    print(f"\nwrote {result.out}/probe.json, trials.parquet, probe.html")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Parser assembly
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from esr import __version__
+
     parser = argparse.ArgumentParser(prog="esr", description="Endogenous steering resistance (arXiv 2602.06941)")
+    parser.add_argument("--version", action="version", version=f"esr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     steer_help = "generate a steered answer to one prompt"
     steer = sub.add_parser("steer", help=steer_help, description=steer_help)
@@ -246,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     _configure_latents(sub.add_parser("latents", help=latents_help, description=latents_help))
     bundle_help = "export / import / verify a results bundle (auditing a run without GPUs)"
     _configure_bundle(sub.add_parser("bundle", help=bundle_help, description=bundle_help))
+    probe_help = "test a model for steering resistance: selection, calibration, steered trials, grading, summary"
+    _configure_probe(
+        sub.add_parser(
+            "probe",
+            help=probe_help,
+            description=probe_help,
+            epilog=PROBE_EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -254,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"esr {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError, KeyError, BundleError) as e:
         print(f"esr {args.command}: error: {e}", file=sys.stderr)
         return 2

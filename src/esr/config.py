@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,70 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key path (e.g. ``models.gemma-2-2b.sae_layer``)."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One architecture family of decoder-only HF causal LMs that esr is tested on (``tests/test_architectures.py``).
+
+    ``model_types``: the ``model_type`` values of its ``config.json`` (HF ``PretrainedConfig.model_type``; a
+    multimodal wrapper's type too where its language model is of this family). ``hf_name``: a regex, searched in the
+    lower-cased repo name of an ``hf_id``, that recognises the family's checkpoints when no ``config.json`` is at hand
+    (the fidelity table). ``eager_attention``: load with ``attn_implementation="eager"`` (Gemma-2's attention-logit
+    soft-capping is only implemented by the eager kernel; HF Gemma-2 model card)."""
+
+    model_types: tuple[str, ...]
+    hf_name: str
+    eager_attention: bool = False
+
+
+#: Family name -> family. The one source of truth for ``models.*.family`` (the schema's enum must equal its keys).
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "llama": ModelFamily(("llama",), r"llama|smollm(?!3)"),  # Llama-2/3, SmolLM/SmolLM2 (Llama architecture)
+    "mistral": ModelFamily(("mistral",), r"mistral"),
+    "qwen2": ModelFamily(("qwen2",), r"qwen2(?:\.5)?(?![\d.])"),  # Qwen2, Qwen2.5
+    "qwen3": ModelFamily(("qwen3",), r"qwen3(?![\d.])"),
+    "gemma": ModelFamily(("gemma",), r"gemma(?!-?[23]-|3)"),  # Gemma 1 ("gemma-2b" is Gemma 1, 2B)
+    "gemma2": ModelFamily(("gemma2",), r"gemma-?2-", eager_attention=True),
+    "gemma3": ModelFamily(("gemma3_text", "gemma3"), r"gemma-?3(?!n)"),
+    "phi3": ModelFamily(("phi3",), r"phi-?[34](?!\d)"),  # Phi-3, Phi-3.5, Phi-4 (the phi3 architecture)
+    "olmo": ModelFamily(("olmo",), r"olmo(?!-?[23]|e)"),
+    "olmo2": ModelFamily(("olmo2",), r"olmo-?2"),
+    "olmo3": ModelFamily(("olmo3",), r"olmo-?3"),
+    "gpt_neox": ModelFamily(("gpt_neox",), r"pythia|gpt-?neox"),
+    "smollm3": ModelFamily(("smollm3",), r"smollm3"),
+}
+#: HF ``model_type`` -> family name (derived from :data:`MODEL_FAMILIES`).
+FAMILY_OF_MODEL_TYPE: dict[str, str] = {t: name for name, fam in MODEL_FAMILIES.items() for t in fam.model_types}
+
+
+def infer_family(model_type_or_config: Any) -> str:
+    """The :data:`MODEL_FAMILIES` name of a model: ``model_type_or_config`` is an HF ``model_type`` string, a parsed
+    ``config.json`` mapping, or a ``PretrainedConfig`` (anything with ``.model_type``).
+
+    Raises ``ValueError`` naming the model type (and the known ones) when it is missing or not in the registry."""
+    if isinstance(model_type_or_config, str):
+        model_type = model_type_or_config
+    elif isinstance(model_type_or_config, Mapping):
+        model_type = model_type_or_config.get("model_type")
+    else:
+        model_type = getattr(model_type_or_config, "model_type", None)
+    if not model_type:
+        raise ValueError(f"cannot infer the model family: no model_type in {type(model_type_or_config).__name__}")
+    if model_type not in FAMILY_OF_MODEL_TYPE:
+        raise ValueError(
+            f"model_type {model_type!r} is not a known model family (known model types: "
+            f"{', '.join(sorted(FAMILY_OF_MODEL_TYPE))})"
+        )
+    return FAMILY_OF_MODEL_TYPE[model_type]
+
+
+def family_from_hf_id(hf_id: str) -> str | None:
+    """The family an ``hf_id`` (``org/name``) names by its repo name (:attr:`ModelFamily.hf_name`), or ``None`` when
+    no family, or more than one, matches. A guess from the name, for places without the model's ``config.json``."""
+    name = str(hf_id).rsplit("/", 1)[-1].lower()
+    hits = [fam for fam, spec in MODEL_FAMILIES.items() if re.search(spec.hf_name, name)]
+    return hits[0] if len(hits) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -47,7 +113,6 @@ class ModelSpec:
     hf_id: str
     source: str
     revision: str
-    family: str
     n_layers: int
     n_params: float
     dtype: str
@@ -56,6 +121,7 @@ class ModelSpec:
     repetition_penalty: float
     sae: SAESpec
     boost: dict[str, float]
+    family: str | None = None  # a MODEL_FAMILIES key; None: inferred from the model's config.json model_type
     engine: str = "transformers"
     tensor_parallel: int = 1
     chat_template: str = "model"

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from esr.config import family_from_hf_id
+
 MISSING = "(not set)"
 
 
@@ -89,13 +91,14 @@ def _equals(expected: Any) -> Callable[[Any], bool]:
     return lambda v: v == expected
 
 
-def _family(config: Mapping[str, Any], model: str) -> str:
+def _family(config: Mapping[str, Any], model: str) -> str | None:
+    """The model's configured family, else the family its ``hf_id`` names (``esr.config.family_from_hf_id``; the
+    resolved config has no ``config.json`` at hand), else ``None`` (no family-specific row applies)."""
     m = config["models"][model]
     fam = m.get("family")
     if fam:
         return str(fam)
-    hf_id = str(m.get("hf_id", "")).lower()
-    return "gemma2" if "gemma" in hf_id else "llama"
+    return family_from_hf_id(str(m.get("hf_id", "")))
 
 
 def _judge_id(block: Mapping[str, Any]) -> str:

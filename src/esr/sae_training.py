@@ -111,11 +111,19 @@ def build_token_rows(
 
 def truncate_after_layer(model, layer: int):
     """Keep decoder blocks 0..layer (in place) so a forward pass stops being useful work after ``layer``."""
-    layers = model.model.layers
+    from esr.models import decoder_layers
+
+    layers = decoder_layers(model)  # any decoder-only HF causal LM (Llama, Qwen2, Gemma, GPT-NeoX, ...)
     if layer >= len(layers):
         raise ValueError(f"layer {layer} is outside the model's {len(layers)} decoder layers")
-    model.model.layers = torch.nn.ModuleList(list(layers)[: layer + 1])
-    return model
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is layers:
+                setattr(parent, name, torch.nn.ModuleList(list(layers)[: layer + 1]))
+                # the config states the new depth, so the block list is still found by its length
+                model.config.get_text_config().num_hidden_layers = layer + 1
+                return model
+    raise TypeError(f"{type(model).__name__}: the decoder block list has no parent module to replace it in")
 
 
 @torch.no_grad()
@@ -125,7 +133,9 @@ def collect_layer_activations(
     """Output of decoder block ``layer`` for every token of ``rows``: [n_rows, seq_len, d_model] in the model's
     dtype. ``model`` may be truncated after ``layer`` (see ``truncate_after_layer``)."""
     captured: list[torch.Tensor] = []
-    block = model.model.layers[layer]
+    from esr.models import decoder_layers
+
+    block = decoder_layers(model)[layer]
 
     def hook(_module, _inputs, output):
         hs = output[0] if isinstance(output, tuple) else output

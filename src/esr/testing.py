@@ -1,5 +1,6 @@
-"""Tiny offline models and SAEs for tests (no downloads): Llama and Gemma-2 built from transformers configs, SAEs
-built from sae-lens configs, and a tiny word-level tokenizer. Importable by tests and by benchmark scripts."""
+"""Tiny offline models and SAEs for tests (no downloads): Llama, Gemma-2 and any other decoder-only causal LM
+(``tiny_causal_lm``) built from transformers configs, SAEs built from sae-lens configs, and a tiny word-level
+tokenizer. Importable by tests and by benchmark scripts."""
 
 from __future__ import annotations
 
@@ -75,6 +76,56 @@ def tiny_gemma2(vocab_size: int = 128, n_layers: int = 4, hidden: int = 64, seed
         attn_implementation="eager",
     )
     return Gemma2ForCausalLM(cfg).eval()
+
+
+def tiny_causal_lm(model_type: str, *, vocab_size: int = 128, n_layers: int = 4, hidden: int = 64, seed: int = 0):
+    """A random decoder-only HF causal LM of any ``model_type`` (``AutoConfig.for_model`` +
+    ``AutoModelForCausalLM.from_config``; 4 heads, 2 KV heads, pad/bos/eos = 0/1/2). ``model_type="gemma3"`` builds
+    the multimodal ``Gemma3ForConditionalGeneration`` with a tiny SigLIP vision tower of ``n_layers`` layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    head_dim = hidden // 4
+    kw: dict = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    text_type = "gemma3_text" if model_type == "gemma3" else model_type
+    gemma = {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "sliding_window": 64}
+    extra = {"gemma": {"head_dim": head_dim}, "gemma2": gemma, "gemma3_text": gemma, "qwen3": {"head_dim": head_dim}}
+    kw.update(extra.get(text_type, {}))
+    if text_type == "gpt_neox":
+        del kw["num_key_value_heads"]  # multi-head attention only
+    if model_type == "gemma3":
+        from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(  # 28 / 14 = 2 x 2 patches: mm_tokens_per_image = 4
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=n_layers,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        cfg = Gemma3Config(
+            text_config=Gemma3TextConfig(**kw),
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            boi_token_index=vocab_size - 3,
+            eoi_token_index=vocab_size - 2,
+            image_token_index=vocab_size - 1,
+        )
+    else:
+        cfg = AutoConfig.for_model(model_type, **kw)
+    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def tiny_sae(d_in: int = 64, d_sae: int = 256, kind: str = "jumprelu", seed: int = 0, layer: int = 2):
@@ -212,3 +263,27 @@ def write_tiny_workflow(
     path = root / "tiny_config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def write_tiny_probe_inputs(root: str | Path, *, d_sae: int = 64) -> dict[str, Path]:
+    """A tiny random Llama folder, a local sae-lens SAE reading its block 2 and a label CSV for that SAE, under
+    ``root``: the inputs of a one-minute ``esr probe`` smoke run (``python -m esr.testing tiny-probe DIR``).
+    Returns ``{"model": ..., "sae": ..., "labels": ...}``. Random weights: the numbers mean nothing."""
+    root = Path(root)
+    model = save_tiny_model_dir(tiny_llama(vocab_size=len(tiny_tokenizer())), tiny_tokenizer(), root / "model")
+    sae = tiny_sae(d_in=64, d_sae=d_sae, kind="standard", layer=2)
+    sae.save_model(str(root / "sae"))
+    (root / "labels.csv").write_text(
+        "latent,label,frequency\n"
+        + "".join(f'{j},"{TINY_LABELS[j % len(TINY_LABELS)]}",{0.0 if j % 9 == 8 else 0.01}\n' for j in range(d_sae))
+    )
+    return {"model": model, "sae": root / "sae", "labels": root / "labels.csv"}
+
+
+if __name__ == "__main__":  # python -m esr.testing tiny-probe DIR
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "tiny-probe":
+        raise SystemExit("usage: python -m esr.testing tiny-probe DIR")
+    for name, path in write_tiny_probe_inputs(sys.argv[2]).items():
+        print(f"{name}: {path}")
