@@ -10,7 +10,7 @@ loopback server of tests/judge_server.py, which records every request body.
 Asserted: every trials table (row for row, every column but provenance and judge metadata), every summary and the
 audit table equal the reference run's; a request body reached the judge more often than in the reference run only
 when it was in flight at a kill (sent, and its answer not yet written to the judge cache: at most ``concurrency``
-bodies per grading job) or refused by the 401; no temporary file,
+bodies per grading job) or refused by the 401 (or cancelled beside it); no temporary file,
 folder backup or generation checkpoint is left; no secret (API keys, HF token) is in any file under results/, logs/,
 resources/, .snakemake/, the judge cache, the report or the runs' output. While the reference run runs, a second
 invocation on its directory is refused by the lock.
@@ -278,6 +278,13 @@ def _run(repo_root, tmp_path, ref_server, chain_server, t_start):
     sent = h401[0].headers.get("x-api-key", "") + h401[0].headers.get("authorization", "") if h401 else ""
     assert len(h401) == 1 and SECRETS["ANTHROPIC_API_KEY"] in sent  # the key reached the server (SDK: Bearer)
     allowed_extra[body_hash(h401[0].body)] = 1
+    # the requests sent beside the refused one (the judge's concurrency) are cancelled when the 401 stops the batch:
+    # answered by the server, never cached, so sent again by the next run
+    chain_server.wait_idle()
+    beside = answered_not_stored(chain_server.hits, work / "judge_cache") - {body_hash(h401[0].body)}
+    assert len(beside) < 2 * CONCURRENCY, len(beside)  # two calibration jobs may run at once (--cores 2)
+    for h in beside:
+        allowed_extra[h] = 1
     messages = "\n".join(Path(p).read_text() for p in glob.glob(f"{work}/logs/**/*.log", recursive=True))
     assert "401" in messages and "ANTHROPIC_API_KEY" in messages, messages[-3000:]
     chain_server.plan = {}
@@ -360,7 +367,7 @@ def _run(repo_root, tmp_path, ref_server, chain_server, t_start):
     assert set(counts) == set(ref_counts), "a body sent in one run only"
     report.append(
         f"judge: {len(chain_server.hits)} requests (reference {len(ref_server.hits)}), {sum(over.values())} repeats, "
-        f"all in flight at a kill or refused by the 401 ({sum(allowed_extra.values())} allowed)"
+        f"all in flight at a kill or at the 401 ({sum(allowed_extra.values())} allowed)"
     )
 
     # ---------------------------------------------------------------- nothing left behind
