@@ -216,10 +216,13 @@ def test_load_model_sae_and_steer(inputs):
         esr.steer(model, sae, "x", latent=1, boost=1.0, layer=7)
 
 
-def test_kill_9_during_grading_then_resume_repeats_no_judge_call(inputs, tmp_path):
-    """The HTTP judge (OpenAI wire format) on the loopback server; the probe is killed (SIGKILL to its process
+def test_kill_9_during_grading_then_resume_repeats_no_judge_call(tmp_path):
+    """A tiny Qwen2 (no family given anywhere: inferred from its config.json, and the workflow config the probe
+    builds for it passes the schema); the HTTP judge (OpenAI wire format) on the loopback server; the probe is killed (SIGKILL to its process
     group) once grading has answered a few requests, then rerun with --resume: every request body reaches the
     server once, except those answered but not yet cached at the kill (at most the judge's concurrency)."""
+    inputs = write_tiny_probe_inputs(tmp_path / "qwen2", model_type="qwen2")
+    assert json.loads((inputs["model"] / "config.json").read_text())["model_type"] == "qwen2"
     server = CountingServer(delay_s=0.3).start()
     try:
         out = tmp_path / "probe"
@@ -251,5 +254,6 @@ def test_kill_9_during_grading_then_resume_repeats_no_judge_call(inputs, tmp_pat
         assert set(repeated) <= lost and all(n == 2 for n in repeated.values()), repeated
         assert len(server.hits) > n_first  # the rest of grading was sent in the resumed run
         assert json.loads((out / "probe.json").read_text())["metrics"]["steered"]["multi_rate"]["n"] > 0
+        assert "family" not in json.loads((out / "probe_state.json").read_text())["config"]["models"]["model"]
     finally:
         server.stop()

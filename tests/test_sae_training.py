@@ -55,6 +55,22 @@ def test_truncated_collection_equals_full_model_hidden_state():
     torch.testing.assert_close(acts, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "gpt_neox", "gemma2", "phi3"])
+def test_truncated_collection_on_other_architectures(model_type):
+    """``--train-sae`` on any causal LM: the block list is found and cut generically (not ``model.model.layers``)."""
+    from esr.models import decoder_layers
+    from esr.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(model_type)
+    ids = torch.randint(3, 100, (2, 10), dtype=torch.int32)
+    with torch.no_grad():
+        full = model(input_ids=ids.long(), output_hidden_states=True).hidden_states[2]  # output of block 1
+    truncate_after_layer(model, 1)
+    acts = collect_layer_activations(model, ids, layer=1, batch_size=2)
+    assert len(decoder_layers(model)) == 2
+    torch.testing.assert_close(acts, full, rtol=1e-5, atol=1e-5)
+
+
 def test_filter_drops_position_zero_and_sinks():
     acts = torch.ones(2, 5, 4)
     acts[1, 3] *= 100  # an attention-sink-like outlier

@@ -142,12 +142,14 @@ def collect_layer_activations(
         captured.append(hs.detach())
 
     handle = block.register_forward_hook(hook)
+    # the decoder stack without the LM head (``model.model`` for Llama, ``model.gpt_neox`` for GPT-NeoX, ...)
+    base = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
     out = []
     try:
         for start in tqdm(range(0, rows.shape[0], batch_size), desc=desc, unit="batch"):
             ids = rows[start : start + batch_size].long()
             captured.clear()
-            model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             out.append(captured[0].clone())
     finally:
         handle.remove()

@@ -265,12 +265,14 @@ def write_tiny_workflow(
     return path
 
 
-def write_tiny_probe_inputs(root: str | Path, *, d_sae: int = 64) -> dict[str, Path]:
-    """A tiny random Llama folder, a local sae-lens SAE reading its block 2 and a label CSV for that SAE, under
+def write_tiny_probe_inputs(root: str | Path, *, d_sae: int = 64, model_type: str = "llama") -> dict[str, Path]:
+    """A tiny random causal LM folder (``model_type``: any of :func:`tiny_causal_lm`'s; default a Llama), a local sae-lens SAE reading its block 2 and a label CSV for that SAE, under
     ``root``: the inputs of a one-minute ``esr probe`` smoke run (``python -m esr.testing tiny-probe DIR``).
     Returns ``{"model": ..., "sae": ..., "labels": ...}``. Random weights: the numbers mean nothing."""
     root = Path(root)
-    model = save_tiny_model_dir(tiny_llama(vocab_size=len(tiny_tokenizer())), tiny_tokenizer(), root / "model")
+    vocab = len(tiny_tokenizer())
+    lm = tiny_llama(vocab_size=vocab) if model_type == "llama" else tiny_causal_lm(model_type, vocab_size=vocab)
+    model = save_tiny_model_dir(lm, tiny_tokenizer(), root / "model")
     sae = tiny_sae(d_in=64, d_sae=d_sae, kind="standard", layer=2)
     sae.save_model(str(root / "sae"))
     (root / "labels.csv").write_text(
