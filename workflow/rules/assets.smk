@@ -1,5 +1,5 @@
 # Inputs: the prompt list and the models (hub download at a pinned revision, or the embedded SmolLM2 conversion).
-# Rule bodies: esr.stages.assets.
+# Rule bodies: esr.stages.assets. Both need the network: on a cluster they run on the login node (localrule).
 
 
 rule fetch_prompts:
@@ -9,6 +9,7 @@ rule fetch_prompts:
         prompt_list=PROMPTS,
     log:
         "logs/fetch_prompts.log",
+    localrule: True
     conda:
         ENV
     resources:
@@ -25,6 +26,7 @@ rule download_model:
         model_dir=directory("resources/models/{model}"),
     log:
         "logs/download_model/{model}.log",
+    localrule: True
     conda:
         ENV
     resources:

@@ -25,9 +25,42 @@ BUNDLE_IMPORTED = Path("bundle/manifest.json").is_file()
 MODELS = model_specs(config)
 ENV = "../../envs/esr.yaml"
 EXP = config.get("experiments", {})
-N_SHARDS = config.get("latent_shards", 1)
-SHARDS = list(range(N_SHARDS))
 PROMPTS = "resources/prompts/prompts.txt"
+# Job shaping (README "Running the paper's models on a cluster"): generation/calibration shards per model, grading
+# jobs per (experiment, model, condition), and which rules run on the login node (they need the network).
+SHARDS_PER_MODEL = config.get("latent_shards_per_model", {})
+GRADING = config.get("grading", {})
+API_BACKENDS = ("anthropic", "openai_compat")  # judges that call a remote API; offline_minilm and fake compute here
+if set(SHARDS_PER_MODEL) - set(MODELS):
+    raise WorkflowError(
+        f"invalid configuration: latent_shards_per_model names {sorted(set(SHARDS_PER_MODEL) - set(MODELS))}, "
+        f"which are not models of this config (models: {sorted(MODELS)})"
+    )
+
+
+def n_shards(model):
+    """Generation and calibration jobs per (experiment, condition) of ``model``: ``latent_shards_per_model.<model>``,
+    else ``latent_shards``."""
+    return int(SHARDS_PER_MODEL.get(model, config.get("latent_shards", 1)))
+
+
+def shards(model):
+    return list(range(n_shards(model)))
+
+
+def grading_groups(model):
+    """The generation shards each grade job of ``model`` grades: ``grading.shards`` contiguous groups per
+    (experiment, condition), at most one per generation shard (default 1: one grade job per condition)."""
+    n = n_shards(model)
+    g = min(int(GRADING.get("shards", 1)), n)
+    return [list(range(i * n // g, (i + 1) * n // g)) for i in range(g)]
+
+
+def on_login_node(*blocks):
+    """Whether a job calling these judge blocks runs on the login node (a localrule) - when one of them calls a
+    remote API and ``grading.run_on`` is ``login`` (compute nodes often have no internet)."""
+    api = any((b or {}).get("backend") in API_BACKENDS for b in blocks)
+    return bool(api and GRADING.get("run_on", "login") == "login")
 
 
 def alternation(names):
@@ -129,6 +162,12 @@ def cross_judge_anchors(wildcards):
     return [anchors_file(wildcards.model)] if any(auto_anchors(b) for b in judges.values()) else []
 
 
+# API grading on the login node unless grading.run_on: cluster (calibrate_boosts and select_latents also call an API
+# judge when configured so, but they need the GPU: their compute nodes need outbound HTTPS, e.g. via HTTPS_PROXY).
+GRADE_LOCAL = on_login_node(config.get("judge"))
+CROSS_JUDGE_LOCAL = on_login_node(*config.get("cross_judge", {}).get("judges", {}).values())
+
+
 # ------------------------------------------------------------------------------------------------ experiments
 def conditions(model, experiment):
     """The conditions an experiment runs for a model (e.g. the detector sets ablated in exp3); [] = not run."""
@@ -142,11 +181,19 @@ def experiments_for(model, *made_by):
 
 
 def graded_shards(wildcards):
+    """Every graded table of an experiment and model: one per condition and grading group."""
+    groups = range(len(grading_groups(wildcards.model)))
     return [
-        f"results/{wildcards.experiment}/{wildcards.model}/shards/{c}/graded-{s}.parquet"
+        f"results/{wildcards.experiment}/{wildcards.model}/shards/{c}/graded-{g}.parquet"
         for c in conditions(wildcards.model, wildcards.experiment)
-        for s in SHARDS
+        for g in groups
     ]
+
+
+def generated_for_grading(wildcards):
+    """The generation shards grading group ``{shard}`` of a condition grades (``grading_groups``)."""
+    base = f"results/{wildcards.experiment}/{wildcards.model}/shards/{wildcards.condition}"
+    return [f"{base}/gen-{s}.parquet" for s in grading_groups(wildcards.model)[int(wildcards.shard)]]
 
 
 def trials_table(experiment, model):

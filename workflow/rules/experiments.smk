@@ -1,6 +1,7 @@
 # The experiment DAG per model: latent selection -> detector discovery (unsteered answers) -> judge anchors ->
 # boost calibration (sharded) -> generation per (experiment, condition, latent shard) -> grading (separate rule,
-# so a judge change reruns grading and statistics only) -> one trials table per experiment.
+# so a judge change reruns grading and statistics only; one job per condition and grading.shards group) -> one
+# trials table per experiment. Shards per model: latent_shards / latent_shards_per_model (common.smk n_shards).
 # Rule bodies: esr.stages.experiments; experiments and their conditions: esr.experiments.REGISTRY.
 
 
@@ -84,6 +85,8 @@ rule calibrate_boosts:
         shard_result="results/calibration/{model}/shard-{shard}.json",
     log:
         "logs/calibrate_boosts/{model}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/calibrate_boosts/{model}/shard-{shard}.tsv"
     conda:
         ENV
     threads: 4
@@ -97,7 +100,7 @@ rule calibrate_boosts:
         settings=config.get("calibration"),
         judge=judge_config("threshold_judge"),
         seed=config["seed"],
-        n_shards=N_SHARDS,
+        n_shards=lambda w: n_shards(w.model),
         cache_dir="resources/calibration_cache",
     script:
         "../scripts/calibrate_boosts.py"
@@ -105,7 +108,7 @@ rule calibrate_boosts:
 
 rule gather_calibration:
     input:
-        shards=expand("results/calibration/{{model}}/shard-{shard}.json", shard=SHARDS),
+        shards=lambda w: expand("results/calibration/{model}/shard-{shard}.json", model=w.model, shard=shards(w.model)),
     output:
         thresholds="results/calibration/{model}/thresholds.parquet",
         summary="results/calibration/{model}/summary.json",
@@ -133,6 +136,9 @@ rule generate:
         activations=directory("results/{experiment}/{model}/shards/{condition}/acts-{shard}.zarr"),
     log:
         "logs/generate/{experiment}/{model}/{condition}-{shard}.log",
+    # wall time per job (s): the basis for sizing latent_shards (README "Running the paper's models on a cluster")
+    benchmark:
+        "benchmarks/generate/{experiment}/{model}/{condition}-{shard}.tsv"
     wildcard_constraints:
         experiment=alternation(experiments_made_by("generate")),
     conda:
@@ -146,7 +152,7 @@ rule generate:
         spec=model_spec,
         generation=config.get("generation"),
         settings=EXP,
-        n_shards=N_SHARDS,
+        n_shards=lambda w: n_shards(w.model),
         seed=config["seed"],
     script:
         "../scripts/generate.py"
@@ -172,9 +178,10 @@ rule plant_restarts:
         "../scripts/plant_restarts.py"
 
 
+# {shard} here is a grading group (grading_groups: several generation shards), graded in one job.
 rule grade:
     input:
-        generated="results/{experiment}/{model}/shards/{condition}/gen-{shard}.parquet",
+        generated=generated_for_grading,
         judge_anchors=judge_anchors_input("judge"),
     output:
         trials="results/{experiment}/{model}/shards/{condition}/graded-{shard}.parquet",
@@ -183,6 +190,8 @@ rule grade:
         "logs/grade/{experiment}/{model}/{condition}-{shard}.log",
     wildcard_constraints:
         experiment=alternation(experiments_made_by("generate", "plant_restarts")),
+    # API judges run on the login node (grading.run_on: login), offline ones as cluster jobs
+    localrule: GRADE_LOCAL
     conda:
         ENV
     threads: 2
@@ -215,7 +224,9 @@ rule gather_trials:
 
 rule gather_activations:
     input:
-        shards=expand("results/exp1/{{model}}/shards/steered/acts-{shard}.zarr", shard=SHARDS),
+        shards=lambda w: expand(
+            "results/exp1/{model}/shards/steered/acts-{shard}.zarr", model=w.model, shard=shards(w.model)
+        ),
     output:
         store=directory("results/activations/{model}/exp1.zarr"),
     log:

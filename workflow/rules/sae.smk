@@ -1,6 +1,6 @@
 # SAEs. Paper models: fetch the sae-lens release into the local hub cache, and its latent labels. Embedded default:
 # build an offline text corpus, collect layer activations, train a TopK SAE, evaluate it and label its latents.
-# Rule bodies: esr.stages.sae.
+# Rule bodies: esr.stages.sae. fetch_sae and download_labels need the network: login node on a cluster (localrule).
 
 
 rule fetch_sae:
@@ -8,6 +8,7 @@ rule fetch_sae:
         manifest="resources/sae_manifests/{model}.json",
     log:
         "logs/fetch_sae/{model}.log",
+    localrule: True
     conda:
         ENV
     resources:
@@ -31,6 +32,7 @@ rule download_labels:
     # Latent labels for published SAEs: Neuronpedia exports (GemmaScope) or a user-supplied CSV (Goodfire, file).
     wildcard_constraints:
         model=alternation(download_label_models()),
+    localrule: True
     conda:
         ENV
     resources:

@@ -11,6 +11,8 @@ rule cross_judge:
         regraded=trials_table("exp7", "{model}"),
     log:
         "logs/cross_judge/{model}.log",
+    # API judges run on the login node (grading.run_on: login), offline ones as cluster jobs
+    localrule: CROSS_JUDGE_LOCAL
     conda:
         ENV
     threads: 2

@@ -9,7 +9,8 @@ https://github.com/anthropics/anthropic-sdk-python#retries and https://github.co
 SDKs differ on long hints (anthropic waits any hint; openai refuses to retry past 2 min), so a response hook cuts
 every hint to ``max_retry_wait_s``: one call takes at most ``(max_retries + 1) * timeout_s + max_retries *
 max(8 s, max_retry_wait_s)``. On top of the SDKs this module adds only what they do not do: at most
-``rate_limit_per_s`` HTTP attempts per second per judge (an ``httpx2`` request hook, so SDK retries are spaced too),
+``rate_limit_per_s`` HTTP attempts per second (an ``httpx2`` request hook, so SDK retries are spaced too), shared by
+every process whose judge has the same cache directory (``esr.judge.ratelimit``: all grade jobs of a run together),
 per-request call counting, a retry when a 200 reply has an unreadable body, failure kinds (``http`` with the
 status, ``timeout``, ``connection``, ``unreadable``), ``JudgeAuthError`` on 401/403 (stops the run: no key is
 retried), the judge prompt, robust verdict parsing and corrective re-asks. A reply that is not a
@@ -40,6 +41,7 @@ import openai
 from esr.judge.base import DEFAULT_MAX_CONSECUTIVE_FAILURES, Judge, JudgeAuthError, JudgeRequest, JudgeResult
 from esr.judge.parsing import BLOCK_CHOICES, MalformedJudgeOutput, parse_attempts
 from esr.judge.prompts import JUDGE_REASK_VERSION, JUDGE_TEMPLATE_VERSION, judge_messages, judge_reask
+from esr.judge.ratelimit import RateLimiter, make_rate_limiter
 from esr.judge.segmentation import RESTART_PATTERN_VERSION, restart_gate
 from esr.judge.settings import not_in_key
 
@@ -90,25 +92,6 @@ class TransportError(RuntimeError):
 
 class MissingAPIKey(RuntimeError):
     """The configured API-key environment variable is not set."""
-
-
-class RateLimiter:
-    """Spaces HTTP attempts at least ``1/rate`` seconds apart. One per judge (no global state); it keeps its schedule
-    across batches and event loops, so repeated ``grade()`` calls are limited too."""
-
-    def __init__(self, rate_per_s: float | None) -> None:
-        self.interval = 1.0 / rate_per_s if rate_per_s and rate_per_s > 0 else 0.0
-        self._next = 0.0
-
-    async def wait(self) -> None:
-        if self.interval <= 0:
-            return
-        # no await between reading and updating the schedule, so one event loop needs no lock
-        now = time.monotonic()
-        delay = self._next - now
-        self._next = max(now, self._next) + self.interval
-        if delay > 0:
-            await asyncio.sleep(delay)
 
 
 def retry_hint_s(headers: httpx2.Headers) -> float | None:
@@ -437,7 +420,14 @@ class LLMJudge(Judge):
             restart_gate=bool(restart_gate),
             restart_patterns=RESTART_PATTERN_VERSION if restart_gate else None,
         )
-        self.limiter = RateLimiter(chat.settings.rate_limit_per_s)
+        # shared with every process using the same cache directory (all grade jobs of a run); per process without one
+        self.limiter = make_rate_limiter(
+            chat.settings.rate_limit_per_s,
+            cache_dir=getattr(cache, "root", None),
+            backend=chat.name,
+            base_url=chat.settings.base_url,
+            model=chat.settings.model,
+        )
         self.backend = chat.name
         self.model = chat.settings.model
 
