@@ -85,21 +85,18 @@ except PackageNotFoundError:  # a plain checkout on sys.path, not installed
     __version__ = "0+unknown"
 
 #: The public API, imported on first use (``import esr`` stays light: no torch until one of these is touched).
-_LAZY = {
-    "probe": ("esr.probing", "probe"),
-    "ProbeResult": ("esr.probing", "ProbeResult"),
-    "ProbeSettings": ("esr.probing", "ProbeSettings"),
-    "load_model": ("esr.api", "load_model"),
-    "load_sae": ("esr.api", "load_sae"),
-    "steer": ("esr.api", "steer"),
-}
-__all__ = ["__version__", *_LAZY]
+_PROBING = ("probe", "ProbeResult", "ProbeSettings")
+_API = ("load_model", "load_sae", "steer")
+__all__ = ["__version__", *_PROBING, *_API]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name in _PROBING:
+        from esr import probing
 
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        return getattr(probing, name)
+    if name in _API:
+        from esr import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'esr' has no attribute {name!r}")
