@@ -26,18 +26,15 @@ from esr.cli import build_parser, main
 from esr.metrics import include_trials, wilson_interval
 from esr.testing import write_tiny_probe_inputs
 
-TINY = [
-    "--latents",
-    "3",
-    "--trials-per-latent",
-    "2",
-    "--max-new-tokens",
-    "8",
-    "--sae-train-tokens",
-    "3000",
-    "--calibration-steps",
-    "3",
-]
+#: The README smoke run's sizes: as options of ``esr.probe`` and as command-line flags.
+TINY_OPTIONS = {
+    "latents": 3,
+    "trials_per_latent": 2,
+    "max_new_tokens": 8,
+    "sae_train_tokens": 3000,
+    "calibration_steps": 3,
+}
+TINY = [arg for k, v in TINY_OPTIONS.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +124,7 @@ def test_readme_smoke_run_end_to_end_then_resume_runs_nothing_again(tmp_path, ca
         labels=str(tiny / "labels.csv"),
         out=str(out),
         resume=True,
-        latents=3,
-        trials_per_latent=2,
-        max_new_tokens=8,
-        calibration_steps=3,
-        sae_train_tokens=3000,
+        **TINY_OPTIONS,
     )
     again = capsys.readouterr().err
     n_steps = int(re.search(r"\[1/(\d+)\]", again).group(1))

@@ -36,22 +36,8 @@ def tiny_tokenizer():
 
 
 def tiny_llama(vocab_size: int = 128, n_layers: int = 4, hidden: int = 64, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """A random tiny Llama (``tiny_causal_lm("llama")``)."""
+    return tiny_causal_lm("llama", vocab_size=vocab_size, n_layers=n_layers, hidden=hidden, seed=seed)
 
 
 def tiny_gemma2(vocab_size: int = 128, n_layers: int = 4, hidden: int = 64, seed: int = 0):
