@@ -295,9 +295,13 @@ def test_post_deploy_installs_the_checkout_not_editable(fake_python, tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_makefile_installs_the_lock_and_run_ends_with_the_report():
     def dry(target: str) -> list[str]:
-        out = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=60)
+        # under `make test` (CI) the outer make's MAKEFLAGS/MAKELEVEL would add "make[1]: Entering directory" lines
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+        out = subprocess.run(
+            ["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+        )
         assert out.returncode == 0, out.stderr
-        return out.stdout.splitlines()
+        return [ln for ln in out.stdout.splitlines() if not ln.startswith("make")]
 
     lock = _lock_module()
     setup = dry("setup")
