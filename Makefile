@@ -81,8 +81,8 @@ dry-run-paper: setup
 	$(BIN)/snakemake -n --configfile config/paper.yaml
 
 install-profile:
-	mkdir -p $(HOME)/.config/snakemake
-	cp -r workflow/profiles/slurm $(HOME)/.config/snakemake/slurm
+	mkdir -p $(HOME)/.config/snakemake/slurm
+	cp -r workflow/profiles/slurm/. $(HOME)/.config/snakemake/slurm/
 
 clean-results:
 	rm -rf results/* logs/

@@ -159,6 +159,14 @@ def test_bad_input_is_named_before_any_model_work(inputs, tmp_path, capsys, extr
     assert time.monotonic() - t0 < 20 and not (out / "logs").exists()
 
 
+def test_an_sae_of_another_layer_stops_the_probe_naming_its_layer(inputs, tmp_path, capsys):
+    """The tiny SAE reads block 2 (``blocks.2.hook_resid_post``); steering block 1 with it is refused at once."""
+    assert main(probe_argv(inputs, tmp_path / "probe", "--layer", "1")) == 2
+    assert "the SAE reads decoder block 2 (blocks.2.hook_resid_post)" in capsys.readouterr().err
+    assert "pass --layer 2" in (tmp_path / "probe" / "logs" / "prepare_sae.log").read_text()
+    assert not (tmp_path / "probe" / "resources" / "sae" / "model" / "cfg.json").exists()
+
+
 def test_a_model_that_is_neither_a_folder_nor_in_the_hub_cache(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))

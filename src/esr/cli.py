@@ -249,13 +249,14 @@ PROBE_EXAMPLES = """examples:
   # a hub model (cache honoured), an SAE trained here, the offline judge (no network):
   esr probe HuggingFaceTB/SmolLM2-135M-Instruct --train-sae --judge offline --latents 8
   # a local folder with a published sae-lens SAE and the paper's judge (ANTHROPIC_API_KEY in the environment):
-  esr probe ./my-model --sae gemma-scope-2b-pt-res-canonical/layer_16/width_16k/canonical \\
+  esr probe ./my-model --sae gemma-scope-2b-pt-res-canonical/layer_16/width_16k/canonical --layer 16 \\
             --judge anthropic:claude-haiku-4-5-20251001 --latents 20 --trials-per-latent 5
   # a judge served by vLLM (OpenAI-compatible), after a kill: continue where it stopped
   esr probe Qwen/Qwen2.5-0.5B-Instruct --sae-dir ./my-sae --layer 12 \\
             --judge openai:http://127.0.0.1:8000/v1:Qwen/Qwen2.5-7B-Instruct --out probe-qwen --resume
 
-Writes OUT/probe.json (summary + provenance), OUT/trials.parquet, OUT/probe.html; the workflow's folders
+Writes OUT/probe.html (open it first), OUT/probe.json (summary + provenance), OUT/trials.parquet (every graded
+answer), OUT/dose_response.png, OUT/config.yaml (the resolved settings); the workflow's folders
 (resources/, results/, logs/) under OUT hold every intermediate result, so --resume repeats no finished step and
 no judge call."""
 
@@ -264,7 +265,10 @@ def _configure_probe(p: argparse.ArgumentParser) -> None:
     from esr.probing import ProbeSettings
 
     d = ProbeSettings(model="")
-    p.add_argument("model", help="an HF id (the local hub cache is used; HF_HUB_OFFLINE=1 honoured) or a model folder")
+    p.add_argument(
+        "model",
+        help="a model folder, or an HF id (downloaded into the HF cache; with HF_HUB_OFFLINE=1 read from it only)",
+    )
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of MODEL (default: main)")
     sae = p.add_mutually_exclusive_group(required=True)
     sae.add_argument("--sae", default=None, metavar="RELEASE/ID", help="a sae-lens pretrained SAE, e.g. RELEASE/ID")
@@ -278,17 +282,25 @@ def _configure_probe(p: argparse.ArgumentParser) -> None:
         "--layer",
         type=int,
         default=None,
-        help="decoder block whose output is steered and read (default: the SAE's hook layer, or half the depth)",
+        help="decoder block whose output is steered and read by the SAE (default: --sae-dir's hook layer, else half "
+        "the depth; with --sae give the SAE's layer, which is checked)",
     )
     p.add_argument(
         "--judge",
         default=d.judge,
         help="offline (MiniLM approximation, no network) | anthropic:MODEL | openai:URL:MODEL (default: offline)",
     )
-    p.add_argument("--latents", type=int, default=d.latents, help=f"latents to steer with (default {d.latents})")
+    p.add_argument(
+        "--latents",
+        type=int,
+        metavar="N",
+        default=d.latents,
+        help=f"how many latents to steer with (default {d.latents})",
+    )
     p.add_argument(
         "--trials-per-latent",
         type=int,
+        metavar="K",
         default=d.trials_per_latent,
         help=f"steered answers per latent, one prompt each (default {d.trials_per_latent})",
     )
@@ -296,15 +308,25 @@ def _configure_probe(p: argparse.ArgumentParser) -> None:
         "--target",
         type=float,
         default=d.target,
-        help=f"calibration target: mean first-attempt score / 100 at the boost threshold (default {d.target}, paper)",
+        help=f"calibration target: the mean first-attempt score at each latent's boost threshold, as a fraction "
+        f"(0.3 = 30 of 100; default {d.target}, the paper's)",
     )
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
-    p.add_argument("--resume", action="store_true", help="continue a killed or finished probe in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed or finished probe in --out (same options; to change one, use a new --out)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})")
     p.add_argument(
         "--max-new-tokens", type=int, default=d.max_new_tokens, help=f"answer length (default {d.max_new_tokens})"
     )
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["float32", "bfloat16", "float16"],
+        help=f"model dtype (default {d.dtype}; bfloat16 halves GPU memory)",
+    )
     p.add_argument("--prompts", default=None, help="a prompt file, one per line (default: the embedded prompts)")
     p.add_argument(
         "--labels",

@@ -361,6 +361,13 @@ def _prepare_sae(*, settings: ProbeSettings, spec: Any, sae: str) -> None:
     else:
         release, sae_id = settings.sae.split("/", 1)
         loaded = SAE.from_pretrained(release, sae_id, device="cpu")
+    hook = getattr(loaded.cfg.metadata, "hook_name", None) or ""
+    m = re.search(r"(?:blocks|layers)\.(\d+)\.", hook)
+    if m and int(m.group(1)) != spec.sae_layer:
+        raise ProbeError(
+            f"the SAE reads decoder block {m.group(1)} ({hook}), but the probe steers and reads block "
+            f"{spec.sae_layer}; pass --layer {m.group(1)}"
+        )
     if int(loaded.cfg.d_in) != _d_model(spec):
         raise ProbeError(
             f"the SAE reads vectors of size {loaded.cfg.d_in}, but {spec.hf_id}'s residual stream has {_d_model(spec)}"
