@@ -235,3 +235,23 @@ def http_judge(server, backend: str, tmp_path=None, **extra: Any):
         **extra,
     }
     return build_judge(cfg, show_progress=False)
+
+
+def forward_recording(model, ids, mask, record_layer: int):
+    """Logits and decoder block ``record_layer``'s output for one left-padded batch (``position_ids`` from the mask),
+    recorded by a hook installed last, so it sees any intervention already installed."""
+    import torch
+
+    from esr.models import decoder_layers
+
+    seen: list[torch.Tensor] = []
+    handle = decoder_layers(model)[record_layer].register_forward_hook(
+        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone())
+    )
+    try:
+        with torch.no_grad():
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    finally:
+        handle.remove()
+    return logits, seen[0]

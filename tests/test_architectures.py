@@ -37,6 +37,8 @@ from esr.sae import SteeringDirections
 from esr.steering import Intervention, SteeringPlan, apply_interventions
 from esr.testing import save_tiny_model_dir, tiny_causal_lm, tiny_sae, tiny_tokenizer
 
+from helpers import forward_recording
+
 torch.set_num_threads(1)
 
 LAYER = 2
@@ -61,18 +63,7 @@ def directions():
 
 
 def run(model, ids, mask, record_layer: int = LAYER):
-    """Logits and block ``record_layer``'s output (hook installed last, so it sees any intervention)."""
-    seen: list[torch.Tensor] = []
-    handle = decoder_layers(model)[record_layer].register_forward_hook(
-        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone())
-    )
-    try:
-        with torch.no_grad():
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    finally:
-        handle.remove()
-    return logits, seen[0]
+    return forward_recording(model, ids, mask, record_layer)
 
 
 def test_every_family_exists_in_transformers():

@@ -9,6 +9,8 @@ from esr.sae import SteeringDirections
 from esr.steering import BatchInterventions, Intervention, SteeringPlan, apply_interventions, steer_rows
 from esr.testing import tiny_gemma2, tiny_llama, tiny_sae
 
+from helpers import forward_recording
+
 torch.set_num_threads(1)
 
 LAYER = 2
@@ -27,19 +29,7 @@ def directions(request):
 
 
 def forward(model, record_layer: int = LAYER):
-    """Logits and the output of layer ``record_layer`` (recorded by a hook installed last, so it sees any
-    intervention)."""
-    seen: list[torch.Tensor] = []
-    handle = model.model.layers[record_layer].register_forward_hook(
-        lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone())
-    )
-    try:
-        with torch.no_grad():
-            pos = (MASK.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=IDS, attention_mask=MASK, position_ids=pos).logits
-    finally:
-        handle.remove()
-    return logits, seen[0]
+    return forward_recording(model, IDS, MASK, record_layer)
 
 
 def with_interventions(model, interventions, directions, plan=None):
