@@ -82,14 +82,12 @@ def steer(
     ``capture``; default ``layer``). ``capture=True`` records the latent's SAE activation per generated token
     (``result.activations``: [n_tokens, 1]). Sampling is seeded per row, so a batch equals each row alone.
     Raises ``ValueError`` for a latent outside the SAE, a layer outside the model or a unit without its norm."""
-    directions = SteeringDirections(sae=sae, boost_unit=boost_unit, median_resid_norm=median_resid_norm)
+    device = next(model.model.parameters()).device
+    directions = SteeringDirections(sae=sae.to(device), boost_unit=boost_unit, median_resid_norm=median_resid_norm)
     if latent is not None:
         directions.check_latent(latent)
     plan = SteeringPlan(injection_layer=layer, sae_layer=layer if sae_layer is None else sae_layer, positions=positions)
     plan.check(model.n_layers)
-    if sae.W_dec.device != next(model.model.parameters()).device:
-        sae = sae.to(next(model.model.parameters()).device)
-        directions = SteeringDirections(sae=sae, boost_unit=boost_unit, median_resid_norm=median_resid_norm)
     settings = GenerationSettings(
         temperature=temperature, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, batch_size=1
     )

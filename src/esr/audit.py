@@ -1084,7 +1084,8 @@ def render_markdown(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _template_env() -> jinja2.Environment:
+def template_env() -> jinja2.Environment:
+    """The Jinja2 environment of the package's HTML pages (``esr/templates``; autoescaped, strict)."""
     return jinja2.Environment(
         loader=jinja2.PackageLoader("esr", "templates"),
         autoescape=True,
@@ -1099,7 +1100,7 @@ def render_html(rows: Sequence[AuditRow], header: Mapping[str, Any]) -> str:
     title, _ = _intro(header)
     run = header.get("run_name") or ""
     return (
-        _template_env()
+        template_env()
         .get_template("audit.html.j2")
         .render(
             page_title=f"esr audit: {run}" if run else "esr audit",

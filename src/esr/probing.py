@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from esr.config import ConfigError, data_file, model_specs, validate_config
-from esr.io import read_json, stable_hash, write_json, write_text
+from esr.io import read_json, stable_hash, write_json, write_parquet, write_text
 
 log = logging.getLogger("esr.probing")
 
@@ -214,9 +214,20 @@ def _n_params(model_dir: Path) -> int:
     return int(sum(p.numel() for p in m.parameters()))
 
 
+def _text_config(model_dir: str | Path) -> dict[str, Any]:
+    """The language model's part of ``config.json`` (``text_config`` of a multimodal model, else all of it)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return cfg.get("text_config", cfg)
+
+
+def _hook_layer(hook_name: str) -> int | None:
+    """L of a hook name such as ``blocks.L.hook_resid_post`` (None when it names no block)."""
+    m = re.search(r"(?:blocks|layers)\.(\d+)\.", hook_name or "")
+    return int(m.group(1)) if m else None
+
+
 def _n_layers(model_dir: Path) -> int:
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    cfg = cfg.get("text_config", cfg)
+    cfg = _text_config(model_dir)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(cfg.get(key), int):
             return int(cfg[key])
@@ -231,9 +242,7 @@ def _sae_hook_layer(settings: ProbeSettings) -> int | None:
     if not cfg_path.is_file():
         raise ProbeError(f"--sae-dir {settings.sae_dir!r} has no cfg.json (a sae-lens SAE folder)")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
-    m = re.search(r"(?:blocks|layers)\.(\d+)\.", hook)
-    return int(m.group(1)) if m else None
+    return _hook_layer((cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or "")
 
 
 # ------------------------------------------------------------------------------------------------ the config
@@ -362,24 +371,20 @@ def _prepare_sae(*, settings: ProbeSettings, spec: Any, sae: str) -> None:
         release, sae_id = settings.sae.split("/", 1)
         loaded = SAE.from_pretrained(release, sae_id, device="cpu")
     hook = getattr(loaded.cfg.metadata, "hook_name", None) or ""
-    m = re.search(r"(?:blocks|layers)\.(\d+)\.", hook)
-    if m and int(m.group(1)) != spec.sae_layer:
+    layer = _hook_layer(hook)
+    if layer is not None and layer != spec.sae_layer:
         raise ProbeError(
-            f"the SAE reads decoder block {m.group(1)} ({hook}), but the probe steers and reads block "
-            f"{spec.sae_layer}; pass --layer {m.group(1)}"
+            f"the SAE reads decoder block {layer} ({hook}), but the probe steers and reads block "
+            f"{spec.sae_layer}; pass --layer {layer}"
         )
-    if int(loaded.cfg.d_in) != _d_model(spec):
+    cfg = _text_config(spec.path)
+    d_model = int(cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("n_embd"))
+    if int(loaded.cfg.d_in) != d_model:
         raise ProbeError(
-            f"the SAE reads vectors of size {loaded.cfg.d_in}, but {spec.hf_id}'s residual stream has {_d_model(spec)}"
+            f"the SAE reads vectors of size {loaded.cfg.d_in}, but {spec.hf_id}'s residual stream has {d_model}"
         )
     with atomic_path(sae) as tmp:
         loaded.save_model(str(tmp))
-
-
-def _d_model(spec: Any) -> int:
-    cfg = json.loads((Path(spec.path) / "config.json").read_text(encoding="utf-8"))
-    cfg = cfg.get("text_config", cfg)
-    return int(cfg.get("hidden_size") or cfg.get("d_model") or cfg.get("n_embd"))
 
 
 def _record_resid_norm(*, activations: str, sae: str, spec: Any, stats: str) -> None:
@@ -703,9 +708,9 @@ def _fmt_paper(entry: Mapping[str, Any] | None, key: str) -> str:
 def paper_exp1_values() -> dict[str, dict[str, Any]]:
     """The paper's exp1 numbers per model and metric, read from the audit's table (``esr/data/paper_numbers.yaml``):
     ``{model: {metric: {"paper_value", "paper_text", "id"}}}``, models in the paper's order."""
-    from importlib.resources import files
+    from esr.audit import load_paper_table
 
-    table = yaml.safe_load(files("esr").joinpath("data/paper_numbers.yaml").read_text(encoding="utf-8"))
+    table = load_paper_table()
     out: dict[str, dict[str, Any]] = {m: {} for m in table["models"].values()}
     for entry in table["numbers"]:
         src = entry.get("source") or {}
@@ -836,8 +841,7 @@ def collect_result(config: Mapping[str, Any], timings: Mapping[str, float]) -> P
         metrics[cond] = _metrics(cell)
     steered = read_trials(f"results/exp1/{m}/trials.parquet", "graded")
     unsteered = read_trials(f"results/exp8/{m}/trials.parquet", "graded")
-    pd.concat([steered, unsteered], ignore_index=True).to_parquet("trials.parquet.tmp", index=False)
-    os.replace("trials.parquet.tmp", "trials.parquet")
+    write_parquet("trials.parquet", pd.concat([steered, unsteered], ignore_index=True))
     curves = _calibration_curves(Path(f"results/calibration/{m}/shard-0.json"))
     dose_response_figure(curves, config["calibration"]["target"], Path("dose_response.png"))
     from esr.sae import read_median_resid_norm
@@ -886,15 +890,8 @@ def _highlight(text: str, spans: Sequence[Sequence[int]]) -> list[tuple[bool, st
 def render_html(result: ProbeResult, config: Mapping[str, Any]) -> str:
     """``probe.html``: the summary table, the transcripts (restarts marked), the dose-response plot (embedded) and
     the provenance, in the audit page's style (Jinja2 template ``esr/templates/probe.html.j2``, autoescaped)."""
-    import jinja2
+    from esr.audit import template_env
 
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("esr", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
     png = Path("dose_response.png")
     rows = []
     for key, label in METRICS:
@@ -906,14 +903,18 @@ def render_html(result: ProbeResult, config: Mapping[str, Any]) -> str:
                 "paper": [_fmt_paper(result.paper[mdl].get(key), key) for mdl in result.paper],
             }
         )
-    return env.get_template("probe.html.j2").render(
-        result=result,
-        rows=rows,
-        paper_models=list(result.paper),
-        transcripts=[{**t, "parts": _highlight(t["response"], t["restart_spans"])} for t in result.transcripts],
-        figure=base64.b64encode(png.read_bytes()).decode() if png.is_file() else None,
-        config_yaml=yaml.safe_dump({k: v for k, v in config.items()}, sort_keys=False),
-        provenance_json=json.dumps(result.provenance, indent=1, default=str),
+    return (
+        template_env()
+        .get_template("probe.html.j2")
+        .render(
+            result=result,
+            rows=rows,
+            paper_models=list(result.paper),
+            transcripts=[{**t, "parts": _highlight(t["response"], t["restart_spans"])} for t in result.transcripts],
+            figure=base64.b64encode(png.read_bytes()).decode() if png.is_file() else None,
+            config_yaml=yaml.safe_dump({k: v for k, v in config.items()}, sort_keys=False),
+            provenance_json=json.dumps(result.provenance, indent=1, default=str),
+        )
     )
 
 
