@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from esr.config import ConfigError, model_specs, validate_config  # noqa: E402
 from esr.experiments import REGISTRY  # noqa: E402
+from esr.judge.factory import API_BACKENDS  # noqa: E402
 from esr.preflight import check_inputs, local_inputs  # noqa: E402
 
 try:
@@ -30,7 +31,6 @@ PROMPTS = "resources/prompts/prompts.txt"
 # jobs per (experiment, model, condition), and which rules run on the login node (they need the network).
 SHARDS_PER_MODEL = config.get("latent_shards_per_model", {})
 GRADING = config.get("grading", {})
-API_BACKENDS = ("anthropic", "openai_compat")  # judges that call a remote API; offline_minilm and fake compute here
 if set(SHARDS_PER_MODEL) - set(MODELS):
     raise WorkflowError(
         f"invalid configuration: latent_shards_per_model names {sorted(set(SHARDS_PER_MODEL) - set(MODELS))}, "

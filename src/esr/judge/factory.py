@@ -19,6 +19,9 @@ from esr.judge.http_backends import (
     OpenAICompatBackend,
 )
 
+#: Judge backends that call a remote API over HTTP (the others compute locally: offline_minilm, fake, wordnet).
+API_BACKENDS = ("anthropic", "openai_compat")
+
 
 def _block_schema(name: str) -> dict[str, Any]:
     """The ``$defs`` entry of a judge-like block in the config schema (the one source of its keys and defaults)."""
@@ -87,7 +90,7 @@ def build_judge(config: dict[str, Any], *, show_progress: bool = True, encoder=N
             show_progress=show_progress,
             max_consecutive_failures=cfg["max_consecutive_failures"],
         )
-    if backend in ("anthropic", "openai_compat"):
+    if backend in API_BACKENDS:
         chat = _chat_backend(cfg, PAPER_JUDGE_MODEL if backend == "anthropic" else None)
         return LLMJudge(
             chat,
@@ -108,7 +111,7 @@ def build_concreteness_grader(config: dict[str, Any], *, show_progress: bool = T
     cfg = _defaults(_block_schema("concreteness"), config)
     if cfg["backend"] == "wordnet":
         return WordNetConcreteness(cfg["wordnet_dir"], threshold=cfg["threshold"])
-    if cfg["backend"] in ("anthropic", "openai_compat"):
+    if cfg["backend"] in API_BACKENDS:
         chat = _chat_backend(cfg, PAPER_CONCRETENESS_MODEL if cfg["backend"] == "anthropic" else None)
         cache = JudgeCache(cfg["cache_dir"]) if cfg["cache_dir"] else None
         return LLMConcretenessGrader(
