@@ -20,7 +20,7 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup lock run test test-slow test-slurm test-all lint format gpu-validate dry-run-paper report bundle install-profile clean-results
+.PHONY: setup lock run test test-slow test-slurm test-all lint format gpu-validate dry-run-paper rehearse-paper report bundle install-profile clean-results
 
 setup: $(STAMP)
 
@@ -48,7 +48,7 @@ test-slow: setup
 	PY=$(BIN)/python bash tests/run_slow.sh
 
 test-slurm: setup
-	$(BIN)/python -m pytest -m slurm -q
+	$(BIN)/python -m pytest -m "slurm and not rehearsal" -q
 
 test-all: setup
 	$(BIN)/python -m pytest -q
@@ -79,6 +79,11 @@ bundle: setup
 
 dry-run-paper: setup
 	$(BIN)/snakemake -n --configfile config/paper.yaml
+
+# The rehearsal of the paper plan (issue 12; root, Debian SLURM packages): config/paper.yaml plus a loopback override,
+# end to end through the SLURM executor on a localhost cluster with fake GPUs (tests/test_rehearsal.py; output kept).
+rehearse-paper: setup
+	$(BIN)/python -m pytest -m rehearsal -s -p no:cacheprovider tests/test_rehearsal.py
 
 install-profile:
 	mkdir -p $(HOME)/.config/snakemake/slurm

@@ -28,6 +28,7 @@ include: "workflow/rules/assets.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/experiments.smk"
 include: "workflow/rules/stats.smk"
+include: "workflow/rules/finetune.smk"
 
 
 # After a kill (README "After a crash"): remove the temporaries of killed atomic writes, when no other Snakemake

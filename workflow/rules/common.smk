@@ -24,6 +24,8 @@ LOCAL_INPUTS = local_inputs(config)
 BUNDLE_IMPORTED = Path("bundle/manifest.json").is_file()
 
 MODELS = model_specs(config)
+# The models of the cross-model size trend: fine-tuned models (exp4) share their base model's size and are left out.
+SIZE_MODELS = [m for m, s in MODELS.items() if s.source != "finetuned"]
 ENV = "../../envs/esr.yaml"
 EXP = config.get("experiments", {})
 PROMPTS = "resources/prompts/prompts.txt"
@@ -40,8 +42,9 @@ if set(SHARDS_PER_MODEL) - set(MODELS):
 
 def n_shards(model):
     """Generation and calibration jobs per (experiment, condition) of ``model``: ``latent_shards_per_model.<model>``,
-    else ``latent_shards``."""
-    return int(SHARDS_PER_MODEL.get(model, config.get("latent_shards", 1)))
+    else (a fine-tuned model, exp4) its base model's, else ``latent_shards``."""
+    default = SHARDS_PER_MODEL.get(MODELS[model].base_model, config.get("latent_shards", 1))
+    return int(SHARDS_PER_MODEL.get(model, default))
 
 
 def shards(model):
@@ -86,31 +89,97 @@ def model_resources(key, default):
     return lambda wildcards: config["models"][wildcards.model].get("resources", {}).get(key, default)
 
 
+def sae_owner(model):
+    """The model whose SAE and labels ``model`` uses: its base model for a fine-tuned model (exp4: steered and read
+    with the base model's SAE, as the authors did), else itself."""
+    spec = MODELS[model]
+    return spec.base_model if spec.source == "finetuned" else model
+
+
 def embedded_sae_models():
-    return [m for m, s in MODELS.items() if s.sae.source == "embedded"]
+    return [m for m, s in MODELS.items() if s.sae.source == "embedded" and sae_owner(m) == m]
 
 
 def download_label_models():
     """Models whose latent labels are downloaded (Neuronpedia / Goodfire / file) rather than made here."""
-    return [m for m, s in MODELS.items() if s.labels.get("source", "auto") != "auto"]
+    return [m for m, s in MODELS.items() if s.labels.get("source", "auto") != "auto" and sae_owner(m) == m]
 
 
 def sae_lens_models():
-    return [m for m, s in MODELS.items() if s.sae.source == "sae_lens"]
+    return [m for m, s in MODELS.items() if s.sae.source == "sae_lens" and sae_owner(m) == m]
 
 
 def sae_input(wildcards):
-    """The model's SAE as an input: the embedded SAE folder, or the sae-lens fetch manifest."""
-    spec = MODELS[wildcards.model]
+    """The model's SAE as an input: the embedded SAE folder, or the sae-lens fetch manifest (a fine-tuned model's:
+    its base model's, ``sae_owner``)."""
+    spec, owner = MODELS[wildcards.model], sae_owner(wildcards.model)
     if spec.sae.source == "embedded":
-        return f"resources/sae/{wildcards.model}"
+        return f"resources/sae/{owner}"
     if spec.sae.source == "sae_lens":
-        return f"resources/sae_manifests/{wildcards.model}.json"
+        return f"resources/sae_manifests/{owner}.json"
     return spec.sae.path
 
 
+# ------------------------------------------------------------------------------------------------ exp4 fine-tuning
+FINETUNE = config.get("finetune") or {}
+FT_RES = FINETUNE.get("resources") or {}
+
+
+def finetuned_models():
+    """Models with source: finetuned (made by workflow/rules/finetune.smk from their base_model)."""
+    return [m for m, s in MODELS.items() if s.source == "finetuned"]
+
+
+def base_spec(wildcards):
+    return MODELS[MODELS[wildcards.model].base_model]
+
+
+def base_dir(wildcards):
+    return base_spec(wildcards).local_dir
+
+
+def base_sae(wildcards):
+    """The base model's SAE as an input (the fine-tuned model is steered with it, as the authors did)."""
+    from types import SimpleNamespace
+
+    return sae_input(SimpleNamespace(model=MODELS[wildcards.model].base_model))
+
+
 def labels_input(wildcards):
-    return f"resources/labels/{wildcards.model}.csv"
+    return f"resources/labels/{sae_owner(wildcards.model)}.csv"
+
+
+def finetune_manifest_input(wildcards):
+    """exp4: a fine-tuned model's finetune_data manifest (its trials use only the evaluation prompts it records)."""
+    return [f"results/finetune/{wildcards.model}/data_manifest.json"] if wildcards.model in finetuned_models() else []
+
+
+def exp4_outputs():
+    """exp4's sweep summary, planned when the config has fine-tuned models (finetune.enabled)."""
+    return ["results/exp4/summary.parquet"] if finetuned_models() else []
+
+
+def exp4_models():
+    """exp4's models, bases first: name -> base_model and masked_ratio (None for a base model; a fine-tuned entry
+    without its own ratio has finetune.masked_ratio)."""
+    fts = finetuned_models()
+    out = {b: {"base_model": None, "masked_ratio": None} for b in dict.fromkeys(MODELS[f].base_model for f in fts)}
+    for f in fts:
+        ratio = MODELS[f].masked_ratio
+        out[f] = {
+            "base_model": MODELS[f].base_model,
+            "masked_ratio": FINETUNE.get("masked_ratio") if ratio is None else ratio,
+        }
+    return out
+
+
+def exp4_trials():
+    """exp1 (steered) and exp8 (unsteered) trials of every fine-tuned model and its base, by role."""
+    models = list(exp4_models())
+    out = {"steered": [trials_table("exp1", m) for m in models]}
+    if all(conditions(m, "exp8") for m in models):
+        out["unsteered"] = [trials_table("exp8", m) for m in models]
+    return out
 
 
 def detectors_input(wildcards):
@@ -242,7 +311,7 @@ def summary_file(experiment, model):
 
 def cross_model_outputs():
     """The cross-model trend test: planned only with two or more models (one model has no trend to test)."""
-    return ["results/compare/cross_model.json"] if len(MODELS) >= 2 else []
+    return ["results/compare/cross_model.json"] if len(SIZE_MODELS) >= 2 else []
 
 
 def specificity_outputs(model):
@@ -253,7 +322,7 @@ def specificity_outputs(model):
 
 def stats_outputs():
     out = ["results/audit/paper_numbers.json", "results/figures/fig2_esr_by_model.png"]
-    out += cross_model_outputs()
+    out += cross_model_outputs() + exp4_outputs()
     for m in MODELS:
         out += [
             f"results/comparisons/{m}.json",

@@ -11,6 +11,7 @@ rule select_latents:
         sae=sae_input,
         labels=labels_input,
         prompts=PROMPTS,
+        finetune_manifest=finetune_manifest_input,
     output:
         selection="results/selection/{model}/selection.json",
     log:

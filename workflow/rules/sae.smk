@@ -29,7 +29,8 @@ rule download_labels:
         manifest="resources/labels/{model}.manifest.json",
     log:
         "logs/download_labels/{model}.log",
-    # Latent labels for published SAEs: Neuronpedia exports (GemmaScope) or a user-supplied CSV (Goodfire, file).
+    # Latent labels for published SAEs: Neuronpedia exports (ids from sae-lens's directory for the SAE release) or a
+    # user-supplied CSV (Goodfire, file).
     wildcard_constraints:
         model=alternation(download_label_models()),
     localrule: True
@@ -40,6 +41,7 @@ rule download_labels:
         runtime=60,
     params:
         labels=lambda w: MODELS[w.model].labels,
+        spec=model_spec,
     script:
         "../scripts/download_labels.py"
 

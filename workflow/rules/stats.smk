@@ -126,7 +126,7 @@ rule specificity:
 
 rule cross_model:
     input:
-        trials=expand(trials_table("exp1", "{model}"), model=MODELS),
+        trials=expand(trials_table("exp1", "{model}"), model=SIZE_MODELS),
     output:
         comparison="results/compare/cross_model.json",
     log:
@@ -137,7 +137,7 @@ rule cross_model:
         mem_mb=4000,
         runtime=30,
     params:
-        n_params={m: s.n_params for m, s in MODELS.items()},
+        n_params={m: MODELS[m].n_params for m in SIZE_MODELS},
     script:
         "../scripts/cross_model.py"
 
@@ -197,6 +197,7 @@ rule esr_figure:
 rule audit:
     input:
         summaries=audit_inputs(),
+        exp4=exp4_outputs(),
     output:
         table_json="results/audit/paper_numbers.json",
         table_md="results/audit/paper_numbers.md",

@@ -28,13 +28,13 @@ from typing import Any
 
 from esr.judge.base import Attempt
 
-RESTART_PATTERN_VERSION = "restart-patterns-v3"
+RESTART_PATTERN_VERSION = "restart-patterns-v4"  # v4: exp4 training phrases (esr.finetune.RESTART_PHRASES)
 
 _A = "['\u2019]"
 _THAT_IS = rf"(?:that|this|it){_A}?s|(?:that|this|it)\s+(?:is|was)"
 RESTART_PATTERNS: tuple[str, ...] = (
     # "wait, that's not (quite) right", "hold on, this is wrong", "hmm, no, that's not correct", "oops, that was off"
-    rf"(?:wait|hold\s+on|hang\s+on|hmm+|oops|whoops|no)[,!.]*\s*(?:(?:no|wait|sorry)[,!.]*\s*)?(?:{_THAT_IS})\s+"
+    rf"(?:wait|hold\s+on|hang\s+on|hmm+|oops|whoops|sorry|no)[,!.]*\s*(?:(?:no|wait|sorry)[,!.]*\s*)?(?:{_THAT_IS})\s+"
     r"(?:not\s+(?:quite\s+|exactly\s+|really\s+)?(?:right|correct|relevant|what\s+you\s+asked)|(?:all\s+)?wrong|"
     r"incorrect|off[- ]topic|unrelated|irrelevant)",
     rf"(?:let\s+me|let{_A}s|let\s+us|i{_A}ll|i\s+will|i\s+need\s+to)\s+start\s+(?:over|again|afresh|from\s+scratch)",
@@ -49,6 +49,11 @@ RESTART_PATTERNS: tuple[str, ...] = (
     # "(going / okay,) back to your (actual) question", "let me get back on track"
     r"back\s+to\s+your\s+(?:actual\s+|original\s+|real\s+)?question",
     rf"(?:let\s+me|let{_A}s|let\s+us|i{_A}ll|i\s+will)\s+get\s+back\s+on\s+track",
+    # "wait, I got off track there", "sorry, I drifted off topic", "oops, I went off on a tangent" (a lead-in needed)
+    r"(?:wait|hold\s+on|hmm+|oops|whoops|sorry)[,!.]*\s*i\s+(?:got|went|drifted|wandered|veered|strayed)\s+"
+    r"(?:off[- ](?:track|topic)|off\s+on\s+a\s+tangent|sidetracked|away\s+from\s+(?:your|the)\s+question)",
+    rf"(?:let\s+me|let{_A}s|let\s+us|i{_A}ll|i\s+will)\s+refocus\s+on\s+(?:your|the)\s+"
+    r"(?:actual\s+|original\s+)?(?:question|topic|request)",
 )
 RESTART_RE = re.compile("|".join(f"(?:{p})" for p in RESTART_PATTERNS), re.IGNORECASE)
 CUE_PATTERN = re.compile(

@@ -5,6 +5,7 @@
 ``workflow/rules/sae.smk``         ``esr.stages.sae``
 ``workflow/rules/experiments.smk`` ``esr.stages.experiments``
 ``workflow/rules/stats.smk``       ``esr.stages.stats``
+``workflow/rules/finetune.smk``    ``esr.stages.finetune``
 =================================  ======================================
 
 Every stage function takes keyword-only arguments and writes its outputs atomically with provenance; it can be

@@ -59,7 +59,7 @@ from esr.detectors import (
 )
 from esr.experiments import REGISTRY, PlanInputs, capture_latents, latent_plans, plan, shard_of, shard_trials
 from esr.generation import GenerationResult, TrialRequest, load_configured_generator
-from esr.io import atomic_path, derive_seed, stable_hash, write_json, write_parquet
+from esr.io import atomic_path, derive_seed, read_json, stable_hash, write_json, write_parquet
 from esr.judge import JudgeRequest, build_concreteness_grader, build_judge, fit_anchors
 from esr.latents import firing_frequency, model_selection_settings, read_labels, read_selection, write_selection
 from esr.latents import select_latents as _select
@@ -90,10 +90,22 @@ def select_latents(
     concreteness: dict[str, Any],
     seed: int,
     selection: str,
+    finetune_manifest: str | list[str] | None = None,
 ) -> None:
     """Sample the latents every experiment replays (paper Sec. 2.2): labelled, alive, not active on the prompts,
-    concrete labels; each with its prompts and per-trial seeds. Writes ``selection.json``."""
+    concrete labels; each with its prompts and per-trial seeds. Writes ``selection.json``.
+
+    ``finetune_manifest`` (exp4, a fine-tuned model: its finetune_data manifest): trial prompts are drawn from the
+    manifest's evaluation prompts only (held out from training unless ``finetune.train_on_eval_prompts``;
+    ``esr.finetune.eval_prompt_ids``)."""
     prompt_list = read_prompts(prompts)
+    if isinstance(finetune_manifest, list):
+        finetune_manifest = finetune_manifest[0] if finetune_manifest else None
+    pool = None
+    if finetune_manifest:
+        from esr.finetune import eval_prompt_ids
+
+        pool = eval_prompt_ids(manifest=read_json(finetune_manifest), prompts=prompt_list)
     sel_settings = model_selection_settings(settings, spec.name)
     loaded = load_model(spec, path=model_dir)
     sae = load_sae(spec.sae, device=loaded.device)
@@ -120,10 +132,16 @@ def select_latents(
         labels=label_table,
         grader=grade,
         prompt_acts=prompt_acts,
-        n_prompts=len(prompt_list),
+        n_prompts=len(prompt_list) if pool is None else len(pool),
         firing_freq=freq,
         progress=True,
     )
+    if pool is not None:
+        from esr.finetune import restrict_to_prompts
+
+        sel = restrict_to_prompts(sel, pool)
+        sel.n_prompts = len(prompt_list)
+        log.info("trial prompts restricted to the %d evaluation prompts of %s", len(pool), finetune_manifest)
     log.info("selected %d latents; filter counts %s", len(sel.latents), sel.counts)
     write_selection(
         selection,

@@ -57,11 +57,14 @@ def fetch_sae(*, spec: ModelSpec, manifest: str) -> None:
     )
 
 
-def download_labels(*, labels: dict[str, Any], model: str, sae_manifest: str, csv: str, manifest: str) -> None:
-    """Fetch the latent labels of a published SAE (config ``models.<m>.labels``: Neuronpedia export or a
-    user-supplied CSV), checked against the SAE's width from its fetch manifest."""
+def download_labels(
+    *, labels: dict[str, Any], spec: ModelSpec, model: str, sae_manifest: str, csv: str, manifest: str
+) -> None:
+    """Fetch the latent labels of a published SAE (config ``models.<m>.labels``: Neuronpedia export, ids by default
+    from sae-lens's directory entry for ``spec.sae``, or a user-supplied CSV), checked against the SAE's width from
+    its fetch manifest."""
     d_sae = read_json(sae_manifest).get("d_sae") if str(sae_manifest).endswith(".json") else None
-    fetch_labels(labels, model, csv, manifest, d_sae=d_sae)
+    fetch_labels(labels, model, csv, manifest, d_sae=d_sae, sae=spec.sae)
 
 
 def _chat_formatter(tokenizer):

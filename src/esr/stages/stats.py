@@ -336,11 +336,16 @@ def audit(
     table_md: str,
     table_html: str,
     overview: str,
+    exp4: str | list[str] | None = None,
 ) -> None:
     """The audit of every paper number (``esr/data/paper_numbers.yaml``): paper value, ours, interval, n and
-    verdict, as JSON, Markdown and HTML, plus the report's overview page."""
+    verdict, as JSON, Markdown and HTML, plus the report's overview page (with exp4's section when ``exp4``, the
+    sweep's summary table, is given)."""
     paper_audit.build_audit(
         summaries, out_json=table_json, out_md=table_md, out_html=table_html, config=config, model_map=model_map
     )
     imported = Path(bundle.MANIFEST).is_file()  # a results bundle imported into this working directory
-    run_overview(config, summaries, table_json, overview, bundle_root=Path.cwd() if imported else None)
+    exp4 = (exp4[0] if exp4 else None) if isinstance(exp4, list) else exp4
+    run_overview(
+        config, summaries, table_json, overview, bundle_root=Path.cwd() if imported else None, exp4_summary=exp4
+    )
