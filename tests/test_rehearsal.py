@@ -44,7 +44,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 #: 1-GPU model jobs (up to 128 GB each) and CPU jobs. With only 4 GPUs every 70B job waits for all others to drain and
 #: then runs alone (SLURM's backfill cannot move the 1-GPU jobs past it: their time limits are hours), which made the
 #: first rehearsal run model stage by model stage.
-FAKE_NODE = {"SLURM_CI_CPUS": "32", "SLURM_CI_MEM_MB": "2000000", "SLURM_CI_GPUS": "8"}
+FAKE_NODE = {"SLURM_CI_CPUS": "32", "SLURM_CI_MEM_MB": "2000000", "SLURM_CI_GPUS": "8", "SLURM_CI_MIN_JOB_AGE": "86400"}
 #: Rules that load the model: they ask for the model's GPUs (models.<name>.resources.gpu).
 MODEL_RULES = {"select_latents", "discover_detectors", "calibrate_boosts", "generate", "sequential"}
 #: On the login node (localrules): downloads, and API grading (paper.yaml: grading.run_on: login).

@@ -89,3 +89,19 @@ def test_fidelity_notes_name_a_separate_threshold_judge(repo_root):
     assert any("Boost calibration was scored by a different judge (anthropic:" in n for n in fidelity_notes(cfg))
     cfg["threshold_judge"] = dict(cfg["judge"])
     assert not any("different judge" in n for n in fidelity_notes(cfg))
+
+
+def test_fidelity_rows_of_exp4_appear_only_with_fine_tuning_on(repo_root):
+    """Held-out evaluation prompts, drift from steered generations and length matching are stated (from the
+    resolved config) when exp4 runs, and absent when it does not."""
+    cfg = _config(repo_root)
+    exp4_keys = {"finetune.train_on_eval_prompts", "finetune.drift_source", "finetune.length_match"}
+    assert not exp4_keys & {r["setting"] for r in fidelity_table(cfg)}
+    cfg["finetune"]["enabled"] = True
+    by_key = {r["setting"]: r for r in fidelity_table(cfg)}
+    assert exp4_keys <= set(by_key)
+    assert by_key["finetune.train_on_eval_prompts"]["this_run"] == "false"
+    assert by_key["finetune.train_on_eval_prompts"]["matches_reference"] is False
+    assert by_key["finetune.length_match"]["matches_reference"] is (not cfg["finetune"]["length_match"])
+    cfg["finetune"]["train_on_eval_prompts"] = True
+    assert {r["setting"]: r for r in fidelity_table(cfg)}["finetune.train_on_eval_prompts"]["matches_reference"]

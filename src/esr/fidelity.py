@@ -422,6 +422,34 @@ DEVIATIONS: tuple[Deviation, ...] = (
         value=lambda c: _fmt(get(c, "experiments.planted_control")),
         applies=lambda c: bool(get(c, "experiments.planted_control.enabled", False)),
     ),
+    # --------------------------------------------------------------------------------------- exp4 fine-tuning (§6.9)
+    Deviation(
+        "exp4 fine-tuning",
+        "finetune.train_on_eval_prompts",
+        "authors: trained on their evaluation prompts (§6.9)",
+        "false (default): the fine-tuned models are evaluated on prompts held out from training "
+        "(finetune.heldout_fraction); true reproduces the authors' overlap.",
+        matches=_equals(True),
+        applies=lambda c: bool(get(c, "finetune.enabled", False)),
+    ),
+    Deviation(
+        "exp4 fine-tuning",
+        "finetune.drift_source",
+        "authors: off-topic drift written by Claude Sonnet 4.5 about 50 subjects (§6.9)",
+        "steered (default): drift segments are the base model's own steered generations (what it sees at test time), "
+        "no external LLM; file: drift from a supplied file (finetune.drift_file).",
+        matches=lambda v: None,
+        applies=lambda c: bool(get(c, "finetune.enabled", False)),
+    ),
+    Deviation(
+        "exp4 fine-tuning",
+        "finetune.length_match",
+        "authors: normal examples not length-matched (§6.9)",
+        "true (default): each normal example is matched in length to a self-correction example, so that answer "
+        "length is not a cue to restart.",
+        matches=_equals(False),
+        applies=lambda c: bool(get(c, "finetune.enabled", False)),
+    ),
     # ------------------------------------------------------------------------------------------- statistics (§5)
     Deviation(
         "Statistics",

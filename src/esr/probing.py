@@ -475,6 +475,7 @@ def plan_steps(config: Mapping[str, Any], settings: ProbeSettings) -> list[Step]
                 sae.download_labels,
                 {
                     "labels": dict(spec.labels),
+                    "spec": spec,
                     "model": m,
                     "sae_manifest": f"{sae_dir}/cfg.json",
                     "csv": labels,

@@ -16,7 +16,8 @@
 # each job drops every SLURM_* variable (SLURM_CONF included), so a private config path would not reach it.
 # An /etc/slurm/slurm.conf that this script did not write (a real SLURM set-up) is never touched: exit 3.
 # Without slurmdbd, `sacct` does not work: Snakemake must use `slurm-status-command: squeue` (tests/slurm/profile),
-# or the plugin waits forever. Finished jobs stay visible to squeue for MinJobAge (300 s).
+# or the plugin waits forever. Finished jobs stay visible to squeue for MinJobAge (SLURM_CI_MIN_JOB_AGE seconds,
+# default 300; the rehearsal sets it above its run time so that every job's final state can be checked at the end).
 # Exit codes: 0 up; 1 failed to start; 2 unsupported here (not root / no apt); 3 another SLURM set-up is here.
 set -euo pipefail
 STATE=${SLURM_CI_STATE:-/tmp/esr-slurm-ci}
@@ -121,7 +122,7 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.txt
 # squeue must still list finished jobs when the plugin polls (>= 3 x slurm-init-seconds-before-status-checks,
 # else the plugin switches back to sacct, which fails without slurmdbd).
-MinJobAge=300
+MinJobAge=${SLURM_CI_MIN_JOB_AGE:-300}
 InactiveLimit=0
 KillWait=5
 Waittime=0
