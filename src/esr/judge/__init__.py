@@ -5,67 +5,48 @@ Backends (``build_judge(config)``): ``anthropic`` (Messages API; the paper's gra
 default, an APPROXIMATION: restart segmentation + MiniLM relevance) and ``fake`` (unit tests only). All share ``Judge.grade`` /
 ``grade_batch`` / ``agrade_batch``, the content-addressed cache and the counters in ``judge.stats``."""
 
-from __future__ import annotations
-
-import importlib
 from typing import Any
 
-# Names are imported on first use (PEP 562), so that `import esr.judge.base` (the trials table, every Snakefile parse)
-# does not import the vendor SDKs (anthropic + openai: ~1.5 s at every process start of every SLURM job).
-_EXPORTS: dict[str, str] = {
-    "TRANSPORT_KINDS": "esr.judge.base",
-    "Attempt": "esr.judge.base",
-    "Judge": "esr.judge.base",
-    "JudgeAuthError": "esr.judge.base",
-    "JudgeCircuitOpen": "esr.judge.base",
-    "JudgeFatalError": "esr.judge.base",
-    "JudgeRequest": "esr.judge.base",
-    "JudgeResult": "esr.judge.base",
-    "JudgeStats": "esr.judge.base",
-    "JudgeCache": "esr.judge.cache",
-    "PAPER_CONCRETENESS_MODEL": "esr.judge.concreteness",
-    "PAPER_THRESHOLD": "esr.judge.concreteness",
-    "ConcretenessScore": "esr.judge.concreteness",
-    "LLMConcretenessGrader": "esr.judge.concreteness",
-    "WordNetConcreteness": "esr.judge.concreteness",
-    "build_concreteness_grader": "esr.judge.factory",
-    "build_judge": "esr.judge.factory",
-    "PAPER_JUDGE_MODEL": "esr.judge.http_backends",
-    "AnthropicBackend": "esr.judge.http_backends",
-    "ChatSettings": "esr.judge.http_backends",
-    "LLMJudge": "esr.judge.http_backends",
-    "OpenAICompatBackend": "esr.judge.http_backends",
-    "anthropic_judge": "esr.judge.http_backends",
-    "openai_compat_judge": "esr.judge.http_backends",
-    "DEFAULT_ANCHORS": "esr.judge.offline",
-    "OFFLINE_JUDGE_ID": "esr.judge.offline",
-    "Anchors": "esr.judge.offline",
-    "OfflineMiniLMJudge": "esr.judge.offline",
-    "fit_anchors": "esr.judge.offline",
-    "MalformedJudgeOutput": "esr.judge.parsing",
-    "parse_attempts": "esr.judge.parsing",
-    "CONCRETENESS_TEMPLATE_VERSION": "esr.judge.prompts",
-    "JUDGE_TEMPLATE_VERSION": "esr.judge.prompts",
-    "RestartDetector": "esr.judge.segmentation",
-    "find_restarts": "esr.judge.segmentation",
-    "restart_gate": "esr.judge.segmentation",
-    "split_attempts": "esr.judge.segmentation",
-    "key_fields": "esr.judge.settings",
-    "not_in_key": "esr.judge.settings",
-}
+from esr.judge.base import (
+    TRANSPORT_KINDS,
+    Attempt,
+    Judge,
+    JudgeAuthError,
+    JudgeCircuitOpen,
+    JudgeFatalError,
+    JudgeRequest,
+    JudgeResult,
+    JudgeStats,
+)
+from esr.judge.cache import JudgeCache
+from esr.judge.offline import DEFAULT_ANCHORS, OFFLINE_JUDGE_ID, Anchors, OfflineMiniLMJudge, fit_anchors
+from esr.judge.parsing import MalformedJudgeOutput, parse_attempts
+from esr.judge.prompts import CONCRETENESS_TEMPLATE_VERSION, JUDGE_TEMPLATE_VERSION
+from esr.judge.segmentation import RestartDetector, find_restarts, restart_gate, split_attempts
+from esr.judge.settings import key_fields, not_in_key
+
+# The HTTP judges and what builds them import the vendor SDKs (anthropic + openai: ~1.5 s). They load on first use
+# (PEP 562), so that `import esr.judge.base` (the trials table: every Snakefile parse, every SLURM job) stays fast.
+_HTTP_BACKENDS = frozenset(
+    {"PAPER_JUDGE_MODEL", "AnthropicBackend", "ChatSettings", "LLMJudge", "OpenAICompatBackend", "anthropic_judge",
+     "openai_compat_judge"}
+)  # fmt: skip
+_CONCRETENESS = frozenset(
+    {"PAPER_CONCRETENESS_MODEL", "PAPER_THRESHOLD", "ConcretenessScore", "LLMConcretenessGrader", "WordNetConcreteness"}
+)
+_FACTORY = frozenset({"build_concreteness_grader", "build_judge"})
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name in _HTTP_BACKENDS:
+        from esr.judge import http_backends as module
+    elif name in _CONCRETENESS:
+        from esr.judge import concreteness as module
+    elif name in _FACTORY:
+        from esr.judge import factory as module
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return getattr(module, name)
 
 
 __all__ = [
