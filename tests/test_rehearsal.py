@@ -35,7 +35,7 @@ import pytest
 import yaml
 from judge_server import ScriptedServer
 from test_cluster_plan import BIG, NETWORK_RULES, _flags, _tasks
-from test_slurm import SLURM_DIR, copy_repo, run, snakemake_env, squeue_all
+from test_slurm import copy_repo, local_slurm, run, snakemake_env, squeue_all
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 USER_PROFILE = REPO_ROOT / "workflow/profiles/slurm/config.yaml"
@@ -159,24 +159,7 @@ def planned_counts(out: str) -> Counter:
 @pytest.fixture(scope="module")
 def big_slurm_node(tmp_path_factory):
     """A single-node SLURM on localhost advertising ``FAKE_NODE``; stopped at the end of the module."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("the local SLURM test cluster needs root (it installs and starts slurmctld/slurmd/munged)")
-    if not shutil.which("slurmctld") and not (shutil.which("apt-get") and Path("/etc/debian_version").exists()):
-        pytest.skip("SLURM is not installed and this is not a Debian/Ubuntu machine with apt-get to install it")
-    if not shutil.which("timeout"):
-        pytest.skip("needs coreutils `timeout`")
-    state = tmp_path_factory.mktemp("slurm-state")
-    env = {**os.environ, "SLURM_CI_STATE": str(state), **FAKE_NODE}
-    try:
-        up = subprocess.run(
-            ["bash", str(SLURM_DIR / "slurm-up.sh")], env=env, capture_output=True, text=True, timeout=600
-        )
-        if up.returncode in (2, 3):
-            pytest.skip(f"local SLURM cluster not started: {up.stderr.strip()}")
-        assert up.returncode == 0, f"slurm-up.sh failed (rc {up.returncode}):\n{up.stdout}\n{up.stderr}"
-        yield {"SLURM_CI_STATE": str(state)}
-    finally:
-        subprocess.run(["bash", str(SLURM_DIR / "slurm-down.sh")], env=env, capture_output=True, timeout=120)
+    yield from local_slurm(tmp_path_factory, **FAKE_NODE)
 
 
 @pytest.mark.slurm

@@ -114,9 +114,10 @@ def test_ci_slurm_profile_dry_run(repo_copy):
 # --- a real SLURM ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """Start a single-node SLURM on localhost (state in a temp dir); always stopped at the end of the session."""
+def local_slurm(tmp_path_factory, **node: str):
+    """Start a single-node SLURM on localhost (tests/slurm/slurm-up.sh; state in a temp dir; ``node``: its
+    ``SLURM_CI_*`` settings, e.g. fake resources) and yield the env a client needs; always stopped afterwards. Skips
+    where no test cluster can run here (not root, no Debian packages, another SLURM set-up)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("the local SLURM test cluster needs root (it installs and starts slurmctld/slurmd/munged)")
     if not shutil.which("slurmctld") and not (shutil.which("apt-get") and Path("/etc/debian_version").exists()):
@@ -124,7 +125,7 @@ def slurm_cluster(tmp_path_factory):
     if not shutil.which("timeout"):
         pytest.skip("needs coreutils `timeout`")
     state = tmp_path_factory.mktemp("slurm-state")
-    env = {**os.environ, "SLURM_CI_STATE": str(state)}
+    env = {**os.environ, "SLURM_CI_STATE": str(state), **node}
     try:
         up = subprocess.run(
             ["bash", str(SLURM_DIR / "slurm-up.sh")], env=env, capture_output=True, text=True, timeout=600
@@ -135,6 +136,12 @@ def slurm_cluster(tmp_path_factory):
         yield {"SLURM_CI_STATE": str(state)}
     finally:
         subprocess.run(["bash", str(SLURM_DIR / "slurm-down.sh")], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The machine's real resources (CPUs from `slurmd -C`, no GPUs)."""
+    yield from local_slurm(tmp_path_factory)
 
 
 def squeue_all(slurm_env: dict[str, str]) -> dict[str, tuple[str, str]]:
