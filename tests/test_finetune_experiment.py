@@ -5,15 +5,13 @@ DAG a tiny config with fine-tuning on plans (dry run)."""
 from __future__ import annotations
 
 import copy
-import os
 import re
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import yaml
 from statsmodels.stats.proportion import proportion_confint
+from test_dag_tiny import _snakemake
 
 from esr.config import ConfigError, load_config, model_specs, validate_config
 from esr.exp4 import gate, model_row, report_section
@@ -289,26 +287,7 @@ def test_dry_run_plans_the_sweep_and_each_finetuned_models_experiments(repo_root
     cfg = _tiny(tmp_path, ratios=(0.25, 0.75))
     path = tmp_path / "ft_config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(repo_root / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(path),
-            "-n",
-            "--cores",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    res = _snakemake(repo_root, tmp_path, path, "-n", "--cores", "1", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout.split("Job stats:")[1].split("total")[0], re.M))
     counts = {k: int(v) for k, v in stats.items()}
