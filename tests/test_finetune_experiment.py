@@ -84,6 +84,74 @@ def test_embedded_default_sweep_uses_the_base_models_embedded_sae():
     assert len(ft) == 9 and all(paper["models"][n]["base_model"] == "llama-3.1-8b" for n in ft)
 
 
+# ------------------------------------------------------------------------------------------------ shared material
+
+
+def test_material_is_made_once_and_every_ratio_builds_its_mix_from_it(tmp_path, monkeypatch):
+    from esr.stages import finetune as stages
+
+    cfg = _tiny(tmp_path, ratios=(0.25, 0.75))
+    cfg["finetune"].update(n_examples=8, answers_per_prompt=2, drift_per_prompt=2, max_new_tokens=12, drift_latents=4)
+    cfg = validate_config(cfg)
+    specs = model_specs(cfg)
+    base, prompts = specs["tiny-llama"], cfg["prompts"]["path"]
+    calls = []
+    real = stages.generate_material
+    monkeypatch.setattr(stages, "generate_material", lambda **kw: calls.append(kw) or real(**kw))
+    mat = {k: str(tmp_path / f"material_{k}") for k in ("answers", "drift", "manifest")}
+    stages.finetune_material(
+        model_dir=cfg["models"]["tiny-llama"]["path"],
+        prompt_list=prompts,
+        spec=base,
+        finetune=cfg["finetune"],
+        generation=cfg["generation"],
+        seed=cfg["seed"],
+        **mat,
+    )
+    info = read_json(mat["manifest"])
+    assert len(calls) == 1 and set(calls[0]["prompts"]) == set(info["train_prompts"])
+    assert not set(info["train_prompts"]) & set(info["eval_prompts"])
+    assert info["counts"] == {"answers": 2 * len(info["train_prompts"]), "drift": 2 * len(info["train_prompts"])}
+    manifests = {}
+    for name, ratio in (("tiny-llama-ft-r25", 0.25), ("tiny-llama-ft-r75", 0.75)):
+        out = {"data": str(tmp_path / f"{name}.parquet"), "manifest": str(tmp_path / f"{name}.json")}
+        stages.finetune_data(
+            prompt_list=prompts,
+            answers=mat["answers"],
+            drift=mat["drift"],
+            material=mat["manifest"],
+            spec=specs[name],
+            base_spec=base,
+            finetune=cfg["finetune"],
+            seed=cfg["seed"],
+            **out,
+        )
+        manifests[name] = m = read_json(out["manifest"])
+        assert m["counts"]["self_correction"] == round(ratio * 8) and m["n_examples"] == 8
+        assert m["material"]["answers_sha256"] == info["answers_sha256"]
+        data = pd.read_parquet(out["data"])
+        assert set(data["prompt"]) <= set(info["train_prompts"])
+    assert len(calls) == 1  # no ratio generated anything
+    r25, r75 = manifests.values()
+    assert r25["eval_prompts"] == r75["eval_prompts"] == info["eval_prompts"]
+    # material made with other settings is refused, naming what to rerun
+    other = copy.deepcopy(cfg["finetune"])
+    other["drift_boosts"] = [9.0]
+    with pytest.raises(ValueError, match="rerun finetune_material"):
+        stages.finetune_data(
+            prompt_list=prompts,
+            answers=mat["answers"],
+            drift=mat["drift"],
+            material=mat["manifest"],
+            spec=specs["tiny-llama-ft-r25"],
+            base_spec=base,
+            finetune=other,
+            seed=cfg["seed"],
+            data=str(tmp_path / "x.parquet"),
+            manifest=str(tmp_path / "x.json"),
+        )
+
+
 # ------------------------------------------------------------------------------------------------ eval prompts
 
 
@@ -118,6 +186,116 @@ def test_finetuned_models_trials_use_only_the_held_out_prompts(tmp_path):
 
     plans = latent_plans(ft, {s.latent: 1.0 for s in ft.latents})
     assert {t.prompt for t in plan_steered("tiny-llama-ft-r50", plans, list(TINY_PROMPTS))} <= set(eval_prompts)
+
+
+def _ft_stage_inputs(tmp_path):
+    """The tiny workflow with one sweep model and a manifest holding prompts 1 and 4 out."""
+    cfg = validate_config(_tiny(tmp_path, ratios=(0.5,)))
+    manifest = tmp_path / "data_manifest.json"
+    eval_prompts = [TINY_PROMPTS[1], TINY_PROMPTS[4]]
+    write_json(
+        manifest, {"eval_prompts": eval_prompts, "train_prompts": [p for p in TINY_PROMPTS if p not in eval_prompts]}
+    )
+    return cfg, model_specs(cfg), str(manifest)
+
+
+def test_detector_discovery_and_calibration_of_a_finetuned_model_read_only_held_out_prompts(tmp_path, monkeypatch):
+    from esr.generation import load_configured_generator
+    from esr.stages import experiments as st
+
+    cfg, specs, manifest = _ft_stage_inputs(tmp_path)
+    ft, base_path = specs["tiny-llama-ft-r50"], cfg["models"]["tiny-llama"]["path"]
+    seen: list[str] = []
+
+    def recording_generator(*args, **kwargs):
+        gen = load_configured_generator(*args, **kwargs)
+        real = gen.generate
+
+        def generate(requests, *a, **k):
+            seen.extend(r.prompt for r in requests)
+            return real(requests, *a, **k)
+
+        gen.generate = generate
+        return gen
+
+    monkeypatch.setattr(st, "load_configured_generator", recording_generator)
+    common = dict(model_dir=base_path, prompts=cfg["prompts"]["path"], generation=cfg["generation"], seed=cfg["seed"])
+    det = dict(settings=cfg["detectors"], ablated=["discovered_top_auc"])
+    st.discover_detectors(
+        spec=ft,
+        detectors=str(tmp_path / "ft_det.json"),
+        answers=str(tmp_path / "ft_ans.parquet"),
+        finetune_manifest=[manifest],
+        **common,
+        **det,
+    )
+    assert set(seen) == {TINY_PROMPTS[1], TINY_PROMPTS[4]}
+    ft_ans = pd.read_parquet(tmp_path / "ft_ans.parquet")
+    info = read_json(tmp_path / "ft_det.json")
+    assert sorted(ft_ans["prompt_id"]) == [1, 4] and info["prompt_ids"] == [1, 4] and info["n_prompts"] == 2
+    assert info["discovery_prompts"] == "held_out_evaluation"
+    seen.clear()
+    st.discover_detectors(
+        spec=specs["tiny-llama"],
+        detectors=str(tmp_path / "b_det.json"),
+        answers=str(tmp_path / "b_ans.parquet"),
+        **common,
+        **det,
+    )
+    assert set(seen) == set(TINY_PROMPTS)  # the base model keeps every prompt
+    base_ans = pd.read_parquet(tmp_path / "b_ans.parquet").set_index("prompt_id")
+    # the same prompt is answered with the same seed by both models
+    assert [base_ans.loc[i, "seed"] for i in (1, 4)] == list(ft_ans["seed"])
+
+    sel = tmp_path / "ft_sel.json"
+    st.select_latents(
+        spec=ft,
+        model_dir=base_path,
+        prompts=cfg["prompts"]["path"],
+        labels=cfg["models"]["tiny-llama"]["labels"]["path"],
+        settings=cfg["selection"],
+        concreteness=cfg["concreteness"],
+        seed=cfg["seed"],
+        selection=str(sel),
+        finetune_manifest=manifest,
+    )
+    seen.clear()
+    with pytest.raises(ValueError, match=r"2 held-out evaluation prompts.*check_samples \(5\)"):
+        st.calibrate_boosts(
+            spec=ft,
+            selection=str(sel),
+            settings=cfg["calibration"],
+            judge=cfg["judge"],
+            n_shards=1,
+            shard=0,
+            cache_dir=str(tmp_path / "cal_cache"),
+            shard_result=str(tmp_path / "cal.json"),
+            finetune_manifest=manifest,
+            **common,
+        )
+    st.calibrate_boosts(
+        spec=ft,
+        selection=str(sel),
+        settings={**cfg["calibration"], "check_samples": 2},
+        judge={**cfg["judge"], "cache_dir": str(tmp_path / "judge_cache")},
+        n_shards=1,
+        shard=0,
+        cache_dir=str(tmp_path / "cal_cache"),
+        shard_result=str(tmp_path / "cal.json"),
+        finetune_manifest=manifest,
+        **common,
+    )
+    assert seen and set(seen) <= {TINY_PROMPTS[1], TINY_PROMPTS[4]}
+    with pytest.raises(ValueError, match="1 evaluation prompt"):
+        write_json(tmp_path / "one.json", {"eval_prompts": [TINY_PROMPTS[1]]})
+        st.discover_detectors(
+            spec=ft,
+            detectors=str(tmp_path / "x.json"),
+            answers=str(tmp_path / "x.parquet"),
+            finetune_manifest=str(tmp_path / "one.json"),
+            **common,
+            **det,
+        )
 
 
 def test_eval_prompt_ids_errors_name_the_problem():
@@ -280,25 +458,156 @@ def test_summary_table_and_report_section_from_a_small_results_tree(tmp_path, ft
     assert body[1:] == ["", "Exp4 is off in this run (`finetune.enabled: false`): no fine-tuned model was trained."]
 
 
+def test_base_rows_count_only_the_held_out_prompts_and_finetuned_rows_are_checked():
+    from esr.exp4 import summary_table
+
+    def named(table):  # prompt text from the prompt id (the helper's rows share one text)
+        return table.assign(prompt=table["prompt_id"].map(lambda i: f"prompt {i}"))
+
+    # the base's exp1: 10 trials on each of prompts 0-4, ESR only on prompt 0 (a training prompt)
+    base = named(_table("base", 50, 0, prompt_ids=(0, 1, 2, 3, 4)))
+    base.loc[base["prompt_id"] == 0, ["n_attempts", "first_score", "last_score"]] = [2, 20.0, 60.0]
+    base = base.assign(
+        attempt_scores=[[20.0, 60.0] if p == 0 else s for p, s in zip(base.prompt_id, base.attempt_scores)]
+    )
+    base_u = named(_table("base", 50, 0, 10, experiment="exp8", prompt_ids=(0, 1, 2, 3, 4)))
+    ft = named(_table("base-ft-r50", 40, 8, prompt_ids=(3, 4)))
+    ft_u = named(_table("base-ft-r50", 20, 0, 1, experiment="exp8", prompt_ids=(3, 4)))
+    models = {
+        "base": {"base_model": None, "masked_ratio": None},
+        "base-ft-r50": {"base_model": "base", "masked_ratio": 0.5},
+    }
+    evals = {"base-ft-r50": ["prompt 3", "prompt 4"]}
+    t = summary_table(
+        steered={"base": base, "base-ft-r50": ft},
+        unsteered={"base": base_u, "base-ft-r50": ft_u},
+        models=models,
+        eval_prompts=evals,
+    ).set_index("model")
+    assert (t.loc["base", "esr_n"], t.loc["base", "n_prompts"], t.loc["base", "prompt_set"]) == (20, 2, "held_out")
+    assert t.loc["base", "esr_k"] == 0 and t.loc["base", "unsteered_restart_n"] == 20
+    assert (t.loc["base-ft-r50", "esr_k"], t.loc["base-ft-r50", "esr_n"]) == (8, 40)
+    assert t.loc["base-ft-r50", "prompt_set"] == "held_out"
+    # without manifests every trial counts (the base's ESR on its training prompt 0 included)
+    t_all = summary_table(steered={"base": base, "base-ft-r50": ft}, unsteered=None, models=models).set_index("model")
+    assert (t_all.loc["base", "esr_n"], t_all.loc["base", "prompt_set"]) == (50, "all") and t_all.loc[
+        "base", "esr_k"
+    ] > 0
+    # a fine-tuned model's trial on a training prompt is a DAG error, named
+    leak = named(_table("base-ft-r50", 40, 8, prompt_ids=(2, 3)))
+    with pytest.raises(ValueError, match="'prompt 2'.*held-out"):
+        summary_table(steered={"base": base, "base-ft-r50": leak}, unsteered=None, models=models, eval_prompts=evals)
+    with pytest.raises(ValueError, match="different prompts"):
+        summary_table(
+            steered={"base": base, "base-ft-r50": ft, "base-ft-r75": ft},
+            unsteered=None,
+            models={**models, "base-ft-r75": {"base_model": "base", "masked_ratio": 0.75}},
+            eval_prompts={**evals, "base-ft-r75": ["prompt 3", "prompt 4", "prompt 2"]},
+        )
+    lines = report_section(t.reset_index())
+    assert any("held-out evaluation prompts only" in line for line in lines)
+    assert next(line for line in lines if line.startswith("| base |")).startswith("| base | base | 2 held-out |")
+
+
+# ------------------------------------------------------------------------------------------------ planted control
+
+
+def test_planted_control_is_a_fixture_never_run_for_a_finetuned_model(tmp_path):
+    from esr.experiments import REGISTRY
+
+    cfg = validate_config(_tiny(tmp_path, ratios=(0.5,)))  # the tiny fixture switches the planted control on
+    specs = model_specs(cfg)
+    assert REGISTRY["planted"].conditions(cfg, specs["tiny-llama"]) == ["restart"]
+    assert REGISTRY["planted"].conditions(cfg, specs["tiny-llama-ft-r50"]) == []
+    for path in ("config/config.yaml", "config/paper.yaml"):
+        shipped = load_config(path)
+        assert shipped["experiments"]["planted_control"]["enabled"] is False, path
+        assert all(REGISTRY["planted"].conditions(shipped, s) == [] for s in model_specs(shipped).values())
+
+
+# ------------------------------------------------------------------------------------------------ per-model settings
+
+
+def test_a_handwritten_finetuned_entry_inherits_its_base_models_settings(tmp_path):
+    cfg = _tiny(tmp_path, ratios=())
+    base = cfg["models"]["tiny-llama"]
+    base["resources"] = {"mem_mb": 1234, "runtime_min": 77}
+    base["calibration"] = {"samples_per_step": 3}
+    cfg["models"]["tiny-ft"] = {"source": "finetuned", "base_model": "tiny-llama", "resources": {"gpu": 1}}
+    out = validate_config(cfg)["models"]["tiny-ft"]
+    assert out["resources"] == {"mem_mb": 1234, "runtime_min": 77, "gpu": 1}  # its own key kept, the rest inherited
+    assert out["calibration"] == {"samples_per_step": 3} and out["boost"] == base["boost"]
+    assert out["revision"] == "finetuned" and "path" not in out and out["hf_id"] == base["hf_id"]
+    from esr.calibration import model_settings
+
+    spec = model_specs(validate_config(copy.deepcopy(cfg)))["tiny-ft"]
+    assert model_settings(cfg["calibration"], spec).samples_per_step == 3
+
+
+def test_n_latents_per_model_falls_back_to_the_base_model(tmp_path):
+    from esr.fidelity import _n_latents
+    from esr.latents import model_selection_settings
+
+    block = {"n_latents": 10, "n_latents_per_model": {"base": 30, "own": 5}}
+    assert model_selection_settings(block, "base-ft-r50", base_model="base").n_latents == 30
+    assert model_selection_settings(block, "own", base_model="base").n_latents == 5
+    assert model_selection_settings(block, "other").n_latents == 10
+    cfg = validate_config(_tiny(tmp_path, ratios=(0.5,)))
+    cfg["selection"]["n_latents_per_model"] = {"tiny-llama": 7}
+    assert _n_latents(cfg, "tiny-llama-ft-r50") == 7 and _n_latents(cfg, "tiny-llama") == 7
+
+
 # ------------------------------------------------------------------------------------------------ dry run
+
+
+def _job_blocks(stdout: str, rule: str, output_has: str) -> list[str]:
+    """The dry run's job blocks of ``rule`` whose output names ``output_has``."""
+    blocks = [b.split("\n\n")[0] for b in stdout.split(f"rule {rule}:")[1:]]
+    return [b for b in blocks if output_has in b.split("output:")[1].split("\n")[0]]
 
 
 def test_dry_run_plans_the_sweep_and_each_finetuned_models_experiments(repo_root, tmp_path):
     cfg = _tiny(tmp_path, ratios=(0.25, 0.75))
+    # per-model settings of the base model, inherited by its fine-tunes (one kind each)
+    cfg["latent_shards_per_model"] = {"tiny-llama": 3}
+    cfg["models"]["tiny-llama"]["resources"] = {"mem_mb": 1234, "runtime_min": 77}
     path = tmp_path / "ft_config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     res = _snakemake(repo_root, tmp_path, path, "-n", "--cores", "1", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout.split("Job stats:")[1].split("total")[0], re.M))
     counts = {k: int(v) for k, v in stats.items()}
+    # the base model's material once, shared by both ratios; one mix, adapter and merge per ratio
+    assert counts["finetune_material"] == 1
     assert (counts["finetune_data"], counts["finetune_lora"], counts["merge_lora"]) == (2, 2, 2)
-    assert counts["select_latents"] == counts["calibrate_boosts"] // 2 == counts["discover_detectors"] == 3
+    for m in ("tiny-llama-ft-r25", "tiny-llama-ft-r75"):
+        (job,) = _job_blocks(res.stdout, "finetune_data", f"results/finetune/{m}/data.parquet")
+        assert "results/finetune_material/tiny-llama/manifest.json" in job.split("output:")[0]
+    # latent_shards_per_model of the base: 3 calibration shards for each of the 3 models
+    assert counts["select_latents"] == counts["calibrate_boosts"] // 3 == counts["discover_detectors"] == 3
     assert counts["summarise_exp4"] == 1 and "cross_model" not in counts  # one base: no size trend
+    # the base's resources: a fine-tuned model's model jobs ask for the same memory and time
+    (sel,) = _job_blocks(res.stdout, "select_latents", "tiny-llama-ft-r75/selection.json")
+    assert "mem_mb=1234" in sel
+    (det,) = _job_blocks(res.stdout, "discover_detectors", "tiny-llama-ft-r75/detectors.json")
+    assert "mem_mb=1234" in det and "runtime=77" in det
+    # held-out prompts: every prompt-reading stage of a fine-tuned model reads its manifest; the base's do not
+    for rule, out in (
+        ("discover_detectors", "detectors.json"),
+        ("calibrate_boosts", "shard-0.json"),
+        ("select_latents", "selection.json"),
+    ):
+        (ft_job,) = _job_blocks(res.stdout, rule, f"tiny-llama-ft-r25/{out}")
+        assert "results/finetune/tiny-llama-ft-r25/data_manifest.json" in ft_job.split("output:")[0], rule
+        (base_job,) = _job_blocks(res.stdout, rule, f"/tiny-llama/{out}")
+        assert "data_manifest.json" not in base_job.split("output:")[0], rule
+    # summarise_exp4 reads the fine-tuned models' manifests (the base rows' prompts)
+    (summ,) = _job_blocks(res.stdout, "summarise_exp4", "results/exp4/summary.parquet")
+    assert summ.split("output:")[0].count("data_manifest.json") == 2
+    # the planted control (on in the tiny config, a test fixture) never runs for a fine-tuned model
+    assert "results/planted/tiny-llama/trials.parquet" in res.stdout
+    assert "results/planted/tiny-llama-ft" not in res.stdout
     for m in ("tiny-llama-ft-r25", "tiny-llama-ft-r75"):
         for exp in ("exp1", "exp8", "exp3", "exp10"):
             assert f"results/{exp}/{m}/trials.parquet" in res.stdout, (exp, m)
         assert f"results/finetune/{m}/data_manifest.json" in res.stdout
-    select = [
-        b for b in res.stdout.split("rule select_latents:")[1:] if "-ft-r25/selection.json" in b.split("rule ")[0]
-    ]
-    assert select and "results/finetune/tiny-llama-ft-r25/data_manifest.json" in select[0].split("output:")[0]

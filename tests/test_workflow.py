@@ -70,17 +70,15 @@ def test_bad_config_fails_naming_the_key(repo_root, tmp_path):
 def test_embedded_workflow_end_to_end(repo_root):
     """The README's main command on the real embedded default, at CI scale (config/ci.yaml merged over it: fewer SAE
     training tokens, latents and prompt variants; cold ~30 min on 2 cores): assets, every experiment, statistics and
-    the audit. ``ESR_EMBEDDED_SCALE=full`` runs the default's own sizes (cold ~42 min on 2 cores)."""
+    the audit. ``ESR_EMBEDDED_SCALE=full`` runs the default's own sizes (cold ~42 min on 2 cores). The planted
+    positive control (off in the default; a test fixture) is switched on explicitly (tests/data/planted_control.yaml)."""
     import json
 
     import pandas as pd
 
-    scale = (
-        []
-        if os.environ.get("ESR_EMBEDDED_SCALE") == "full"
-        else ["--configfile", "config/config.yaml", "config/ci.yaml"]
-    )
-    res = run_snakemake(repo_root, "--cores", "2", *scale, timeout=5000)
+    full = os.environ.get("ESR_EMBEDDED_SCALE") == "full"
+    files = ["config/config.yaml"] + ([] if full else ["config/ci.yaml"]) + ["tests/data/planted_control.yaml"]
+    res = run_snakemake(repo_root, "--cores", "2", "--configfile", *files, timeout=5000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     m = "smollm2-135m"
     ev = json.loads((repo_root / f"results/sae/{m}/sae_report.json").read_text())["evaluation"]

@@ -238,12 +238,36 @@ def _key_path(parts) -> str:
     return ".".join(str(p) for p in parts) or "<top level>"
 
 
+def inherit_base_models(config: dict[str, Any]) -> dict[str, Any]:
+    """exp4: every hand-written ``source: finetuned`` model entry takes each key it does not set from its base
+    model's entry (``base_model``), nested blocks key by key (``resources``, ``calibration``, ``boost``, ``labels``,
+    ``sae``, layers, ...), except ``path``; ``revision`` defaults to ``finetuned``. The sweep's derived entries
+    (``esr.finetune.sweep_models``) are built the same way, so a fine-tuned model runs with its base model's per-model
+    settings unless its entry says otherwise. Runs before the schema fills defaults (so an unset key is seen as
+    unset); entries whose base is missing or itself fine-tuned are left for the checks to name. In place; returns
+    ``config``."""
+    models = config.get("models")
+    if not isinstance(models, dict):
+        return config
+    for name, entry in list(models.items()):
+        if not isinstance(entry, dict) or entry.get("source") != "finetuned":
+            continue
+        base = models.get(entry.get("base_model"))
+        if not isinstance(base, dict) or base.get("source") == "finetuned" or base is entry:
+            continue
+        inherited = {k: copy.deepcopy(v) for k, v in base.items() if k != "path"}
+        inherited["revision"] = "finetuned"
+        models[name] = _deep_merge(inherited, entry)
+    return config
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Validate ``config`` in place (renaming deprecated keys, filling schema defaults) and return it; raise
     ``ConfigError`` on the first problem, naming the key path."""
     import jsonschema
 
     upgrade_config(config)
+    inherit_base_models(config)
     schema = load_schema()
     validator_cls = jsonschema.validators.validator_for(schema)
     validator = _with_defaults(validator_cls)(schema)

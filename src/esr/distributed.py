@@ -32,8 +32,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from esr.ranks import is_writer, rank, world_size
 
 log = logging.getLogger("esr.distributed")
@@ -41,6 +39,8 @@ log = logging.getLogger("esr.distributed")
 
 def init_distributed() -> int:
     """Initialise torch.distributed when launched with several processes; returns the world size."""
+    import torch
+
     world = world_size()
     if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         import deepspeed

@@ -15,6 +15,12 @@ rules (``esr.metrics.include_trials``):
 
 Every rate carries its count (k, n) and its Wilson interval. The paper reports ESR and improvement rates per ratio
 without intervals and without an unsteered gate; both are ours (the gate is the issue's acceptance criterion).
+
+**Same prompts on both sides.** A fine-tuned model's trials use only its held-out evaluation prompts (its
+finetune_data manifest's ``eval_prompts``; every ratio shares one split). The base model's own DAG keeps every prompt
+(its exp1-exp10 results are the paper's), but its rows here count only its trials on those evaluation prompts
+(``prompt_set`` ``held_out``), so base and fine-tuned are compared on the same prompts. With
+``finetune.train_on_eval_prompts: true`` (the authors) the evaluation prompts are all prompts and nothing is dropped.
 """
 
 from __future__ import annotations
@@ -65,12 +71,14 @@ def model_row(
     steered: pd.DataFrame,
     unsteered: pd.DataFrame | None,
     level: float = 0.95,
+    prompt_set: str = "all",
 ) -> dict[str, Any]:
     """One row of the exp4 table for one model from its graded exp1 (``steered``) and exp8 (``unsteered``; None:
     not run) trials tables (``esr.trials``): ``model``, ``role`` (``base`` | ``finetuned``), ``base_model``,
-    ``masked_ratio`` (NaN for the base), ``n_prompts`` (distinct evaluation prompts of the steered trials), for each
-    of :data:`RATES` ``<rate>_k``, ``_n``, ``_rate``, ``_lo``, ``_hi`` (Wilson at ``level``), ``gate`` (:func:`gate`;
-    None: no verdict)."""
+    ``masked_ratio`` (NaN for the base), ``prompt_set`` (``held_out``: the trials are the held-out evaluation
+    prompts' | ``all``), ``n_prompts`` (distinct prompts of the steered trials), for each of :data:`RATES`
+    ``<rate>_k``, ``_n``, ``_rate``, ``_lo``, ``_hi`` (Wilson at ``level``), ``gate`` (:func:`gate`; None: no
+    verdict)."""
     inc, _ = include_trials(steered)
     multi, esr = int(inc["multi"].sum()), int(inc["esr"].sum())
     esr_p = Proportion(esr, len(inc))
@@ -83,6 +91,7 @@ def model_row(
         "role": "base" if base_model is None else "finetuned",
         "base_model": base_model or model,
         "masked_ratio": math.nan if masked_ratio is None else float(masked_ratio),
+        "prompt_set": prompt_set,
         "n_prompts": int(inc["prompt_id"].nunique()) if len(inc) else 0,
     }
     row |= _rate("esr", esr_p, level) | _rate("multi", Proportion(multi, len(inc)), level)
@@ -91,29 +100,75 @@ def model_row(
     return row
 
 
+def base_eval_prompts(
+    models: Mapping[str, Mapping[str, Any]], eval_prompts: Mapping[str, Sequence[str]]
+) -> dict[str, list[str]]:
+    """Each base model's evaluation prompts: those of its fine-tuned models (``eval_prompts``: fine-tuned model ->
+    its finetune_data manifest's ``eval_prompts``). Raises ``ValueError`` when two fine-tunes of one base were
+    evaluated on different prompts (their base row would have no one set of prompts to be compared on)."""
+    out: dict[str, list[str]] = {}
+    for name, m in models.items():
+        base = m.get("base_model")
+        if base is None or name not in eval_prompts:
+            continue
+        prompts = sorted(eval_prompts[name])
+        if base in out and out[base] != prompts:
+            raise ValueError(
+                f"exp4: the fine-tunes of {base!r} were evaluated on different prompts ({name!r} differs); "
+                "rerun finetune_material and finetune_data"
+            )
+        out[base] = prompts
+    return out
+
+
+def _on_prompts(trials: pd.DataFrame | None, prompts: set[str]) -> pd.DataFrame | None:
+    return None if trials is None else trials[trials["prompt"].isin(prompts)]
+
+
 def summary_table(
     *,
     steered: Mapping[str, pd.DataFrame],
     unsteered: Mapping[str, pd.DataFrame] | None,
     models: Mapping[str, Mapping[str, Any]],
     level: float = 0.95,
+    eval_prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """The exp4 table, one row per model of ``models`` (name -> ``{"base_model": ..., "masked_ratio": ...}``, both
     None for a base model): bases first, then fine-tuned models by masked ratio. ``steered`` / ``unsteered``: model
-    -> its graded exp1 / exp8 trials (``unsteered`` None: exp8 not run, no gate). Raises ``KeyError`` naming a model
-    without steered trials."""
+    -> its graded exp1 / exp8 trials (``unsteered`` None: exp8 not run, no gate). ``eval_prompts``: fine-tuned model
+    -> its evaluation prompts (finetune_data manifest); given, each base row counts only the base model's trials on
+    its fine-tunes' evaluation prompts (:func:`base_eval_prompts`; ``prompt_set`` ``held_out``) and each fine-tuned
+    row is checked to hold only its own. Raises ``KeyError`` naming a model without steered trials, ``ValueError``
+    naming a fine-tuned model with a trial on a prompt outside its evaluation prompts (a training prompt)."""
+    eval_prompts = dict(eval_prompts or {})
+    bases = base_eval_prompts(models, eval_prompts)
     rows = []
     for name, m in models.items():
         if name not in steered:
             raise KeyError(f"exp4: no exp1 trials for model {name!r}")
+        s, u = steered[name], None if unsteered is None else unsteered.get(name)
+        prompt_set = "all"
+        if name in eval_prompts:
+            keep = set(eval_prompts[name])
+            outside = sorted(set(s["prompt"]).union(set(u["prompt"]) if u is not None else set()) - keep)
+            if outside:
+                raise ValueError(
+                    f"exp4: {len(outside)} prompt(s) of model {name!r}'s trials are not among its evaluation prompts "
+                    f"(e.g. {outside[0]!r}): its trials must use only the held-out prompts"
+                )
+            prompt_set = "held_out"
+        elif name in bases:
+            keep = set(bases[name])
+            s, u, prompt_set = _on_prompts(s, keep), _on_prompts(u, keep), "held_out"
         rows.append(
             model_row(
                 model=name,
                 base_model=m.get("base_model"),
                 masked_ratio=m.get("masked_ratio"),
-                steered=steered[name],
-                unsteered=None if unsteered is None else unsteered.get(name),
+                steered=s,
+                unsteered=u,
                 level=level,
+                prompt_set=prompt_set,
             )
         )
     table = pd.DataFrame(rows)
@@ -177,12 +232,19 @@ def report_section(table: pd.DataFrame | None, shown: Sequence[Mapping[str, Any]
     if not passing:
         title += " - EXPERIMENTAL: no fine-tuned model passes the gate"
     lines = [title, "", f"Gate: {GATE_RULE}.", ""]
+    if "prompt_set" in table and (table["prompt_set"] == "held_out").any():
+        lines += [
+            "Every row counts trials on the fine-tuned models' held-out evaluation prompts only (never trained on): "
+            "the base model's rows are its trials on those same prompts (its own results use every prompt).",
+            "",
+        ]
     head = ["model", "masked ratio", "prompts", "ESR rate", "multi-attempt rate", "improvement rate"]
     head += ["unsteered restart rate", "gate"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         ratio = "base" if r["role"] == "base" else f"{r['masked_ratio']:.2f}"
-        cells = [r["model"], ratio, r["n_prompts"], _fmt(r, "esr"), _fmt(r, "multi"), _fmt(r, "improvement")]
+        held = " held-out" if r.get("prompt_set") == "held_out" else ""
+        cells = [r["model"], ratio, f"{r['n_prompts']}{held}", _fmt(r, "esr"), _fmt(r, "multi"), _fmt(r, "improvement")]
         cells += [_fmt(r, "unsteered_restart"), _verdict(r["gate"])]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines += ["", f"Fine-tuned models passing the gate: {', '.join(passing) if passing else 'none'}.", ""]
@@ -202,4 +264,14 @@ def report_section(table: pd.DataFrame | None, shown: Sequence[Mapping[str, Any]
     return lines
 
 
-__all__ = ["GATE_RULE", "N_TRANSCRIPTS", "RATES", "gate", "model_row", "report_section", "summary_table", "transcripts"]
+__all__ = [
+    "GATE_RULE",
+    "N_TRANSCRIPTS",
+    "RATES",
+    "base_eval_prompts",
+    "gate",
+    "model_row",
+    "report_section",
+    "summary_table",
+    "transcripts",
+]

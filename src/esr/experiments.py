@@ -19,7 +19,8 @@ recompute its own slice:
                      to each latent's own threshold (ours) (Sec. 3.2, Fig. 3)
 - ``exp5/<variant>`` meta-prompts: a suffix appended to the prompt, our neutral wording or the authors'
                      (``experiments.meta_prompts.wording``) (Sec. 3.3, Fig. 4)
-- ``planted``        the embedded default's labelled positive control: restart text planted into exp1 answers
+- ``planted``        a labelled positive control (a test fixture, ``experiments.planted_control``, off by default):
+                     restart text planted into exp1 answers; never run for a fine-tuned model (exp4)
 - ``exp7``           cross-judge regrade of exp1 (App. A.2.2); ``exp9`` per-token activations around self-corrections
                      (Sec. 3.6, Fig. 6, App. A.4)
 """
@@ -430,8 +431,12 @@ REGISTRY: dict[str, Experiment] = {
         ),
         Experiment(
             "planted",
-            "labelled positive control: restart text planted into exp1 answers (embedded only)",
-            lambda c, s: ["restart"] if _exp(c).get("planted_control", {}).get("enabled", False) else [],
+            "labelled positive control: restart text planted into exp1 answers (a test fixture; never a fine-tuned model)",
+            lambda c, s: (
+                ["restart"]
+                if _exp(c).get("planted_control", {}).get("enabled", False) and s.source != "finetuned"
+                else []
+            ),
             "plant_restarts",
             compare=True,
         ),

@@ -118,8 +118,12 @@ def _samples_per_step(config: Mapping[str, Any], model: str) -> Any:
 
 
 def _n_latents(config: Mapping[str, Any], model: str) -> Any:
-    per_model = get(config, "selection.n_latents_per_model", {}).get(model)
-    return per_model if per_model is not None else get(config, "selection.n_latents")
+    """``selection.n_latents_per_model.<model>``, else (a fine-tuned model, exp4) its base model's, else
+    ``selection.n_latents`` (as ``esr.latents.model_selection_settings``)."""
+    per_model = get(config, "selection.n_latents_per_model", {}) or {}
+    base = config["models"].get(model, {}).get("base_model")
+    value = per_model.get(model, per_model.get(base) if base else None)
+    return value if value is not None else get(config, "selection.n_latents")
 
 
 def _authors_samples(config: Mapping[str, Any], model: str) -> int:
@@ -418,7 +422,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "experiments.planted_control",
         "no such control in the paper",
         "Planted restarts (a restart phrase and an unsteered answer appended) are a labelled positive control, NOT "
-        "model behaviour.",
+        "model behaviour: a test fixture, off in both shipped configs and never run for a fine-tuned model (exp4).",
         value=lambda c: _fmt(get(c, "experiments.planted_control")),
         applies=lambda c: bool(get(c, "experiments.planted_control.enabled", False)),
     ),

@@ -265,13 +265,17 @@ class SelectionSettings:
                 )
 
 
-def model_selection_settings(block: Mapping[str, Any] | None, model: str) -> SelectionSettings:
+def model_selection_settings(
+    block: Mapping[str, Any] | None, model: str, *, base_model: str | None = None
+) -> SelectionSettings:
     """The :class:`SelectionSettings` of ``model`` from the ``selection`` config block: ``n_latents`` replaced by
-    ``n_latents_per_model[model]`` where that is set (the paper ran about 1,000 latents x 5 trials per model,
-    reference protocol 2.6). Raises :class:`SelectionError` naming a bad key (``TypeError`` for an unknown one)."""
+    ``n_latents_per_model[model]`` where that is set, else (a fine-tuned model, exp4: ``base_model``) by its base
+    model's ``n_latents_per_model[base_model]`` (the paper ran about 1,000 latents x 5 trials per model, reference
+    protocol 2.6). Raises :class:`SelectionError` naming a bad key (``TypeError`` for an unknown one)."""
     settings = SelectionSettings(**dict(block or {}))
     per_model = dict(settings.n_latents_per_model or {})
-    return dataclasses.replace(settings, n_latents=per_model.get(model, settings.n_latents))
+    default = per_model.get(base_model, settings.n_latents) if base_model else settings.n_latents
+    return dataclasses.replace(settings, n_latents=per_model.get(model, default))
 
 
 @dataclass

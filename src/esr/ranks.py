@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:  # torch loads only in a multi-rank launch: CPU stages import this module without it
+    import torch
 
 T = TypeVar("T")
 
@@ -32,13 +33,19 @@ def is_writer() -> bool:
 
 def distributed() -> bool:
     """Whether torch.distributed is initialised over more than one rank."""
-    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size() <= 1:
+        return False
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def share(obj: T) -> T:
     """Rank 0's ``obj`` on every rank (a plain return outside a multi-rank launch)."""
     if not distributed():
         return obj
+    import torch
+
     box = [obj if is_writer() else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
@@ -53,5 +60,7 @@ def broadcast_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``tensor`` (same shape and dtype on every rank) on every rank, in place; unchanged outside a
     multi-rank launch. Used so sampled tokens are identical on every tensor-parallel rank."""
     if distributed():
+        import torch
+
         torch.distributed.broadcast(tensor, src=0)
     return tensor

@@ -22,10 +22,12 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas (~0.5 s) loads where a table is made or read: the Snakefile parse plans without it
+    import pandas as pd
 
 from esr.io import write_parquet
 from esr.judge.base import JudgeRequest
@@ -171,12 +173,16 @@ def columns(stage: Stage) -> list[str]:
 
 def empty_frame(stage: Stage) -> pd.DataFrame:
     """A zero-row table with the columns of ``stage`` (an experiment condition that runs no trials)."""
+    import pandas as pd
+
     return pd.DataFrame(columns=columns(stage))
 
 
 def score_columns(attempt_scores: Iterable[Sequence[float | None] | None]) -> pd.DataFrame:
     """``n_attempts``, ``first_score``, ``last_score`` from each trial's attempt scores (None scores skipped):
     the one place these derived columns are computed."""
+    import pandas as pd
+
     scored = [[float(s) for s in (x if x is not None else []) if s is not None and s == s] for x in attempt_scores]
     return pd.DataFrame(
         {
@@ -279,6 +285,8 @@ def read_trials(
     unique: Sequence[str] = ("trial_id",),
 ) -> pd.DataFrame:
     """Read and concatenate trials tables, validating each as a ``stage`` table (empty tables are skipped)."""
+    import pandas as pd
+
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     frames = [validate(pd.read_parquet(p), stage, p, unique) for p in paths]
     frames = [f for f in frames if len(f)]

@@ -130,6 +130,22 @@ def finetuned_models():
     return [m for m, s in MODELS.items() if s.source == "finetuned"]
 
 
+def finetune_bases():
+    """The base models of the fine-tuned models (each gets one finetune_material job, shared by its fine-tunes)."""
+    return list(dict.fromkeys(MODELS[m].base_model for m in finetuned_models()))
+
+
+def finetune_material_input(wildcards):
+    """A fine-tuned model's shared material: its base model's finetune_material outputs, by role."""
+    base = f"results/finetune_material/{MODELS[wildcards.model].base_model}"
+    return {"answers": f"{base}/answers.parquet", "drift": f"{base}/drift.parquet", "material": f"{base}/manifest.json"}
+
+
+def finetune_drift_input(wildcards):
+    """finetune.drift_file as an input of finetune_material when finetune.drift_source is file."""
+    return [FINETUNE["drift_file"]] if FINETUNE.get("drift_source") == "file" and FINETUNE.get("drift_file") else []
+
+
 def base_spec(wildcards):
     return MODELS[MODELS[wildcards.model].base_model]
 
@@ -174,9 +190,11 @@ def exp4_models():
 
 
 def exp4_trials():
-    """exp1 (steered) and exp8 (unsteered) trials of every fine-tuned model and its base, by role."""
+    """exp1 (steered) and exp8 (unsteered) trials of every fine-tuned model and its base, by role, and the
+    fine-tuned models' finetune_data manifests (their evaluation prompts: the base rows are counted on them too)."""
     models = list(exp4_models())
     out = {"steered": [trials_table("exp1", m) for m in models]}
+    out["manifests"] = [f"results/finetune/{m}/data_manifest.json" for m in models if m in finetuned_models()]
     if all(conditions(m, "exp8") for m in models):
         out["unsteered"] = [trials_table("exp8", m) for m in models]
     return out

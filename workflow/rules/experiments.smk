@@ -2,6 +2,8 @@
 # boost calibration (sharded) -> generation per (experiment, condition, latent shard) -> grading (separate rule,
 # so a judge change reruns grading and statistics only; one job per condition and grading.shards group) -> one
 # trials table per experiment. Shards per model: latent_shards / latent_shards_per_model (common.smk n_shards).
+# A fine-tuned model (exp4) reads its finetune_data manifest: selection, detector discovery (and so the judge's
+# anchors) and calibration use its held-out evaluation prompts only; every experiment replays the selection's prompts.
 # Rule bodies: esr.stages.experiments; experiments and their conditions: esr.experiments.REGISTRY.
 
 
@@ -37,6 +39,7 @@ rule discover_detectors:
         model_dir=model_dir,
         sae=sae_input,
         prompts=PROMPTS,
+        finetune_manifest=finetune_manifest_input,
     output:
         detectors="results/detectors/{model}/detectors.json",
         answers="results/detectors/{model}/unsteered_answers.parquet",
@@ -82,6 +85,7 @@ rule calibrate_boosts:
         prompts=PROMPTS,
         selection="results/selection/{model}/selection.json",
         judge_anchors=judge_anchors_input("threshold_judge"),
+        finetune_manifest=finetune_manifest_input,
     output:
         shard_result="results/calibration/{model}/shard-{shard}.json",
     log:

@@ -1,15 +1,45 @@
 # Exp4 (reference protocol 6.9): LoRA fine-tuning on masked self-correction examples. For a model entry with
-# source: finetuned and base_model: <base> (needs finetune.enabled): finetune_data (the base model's own unsteered
-# answers and steered drift on the training prompts) -> finetune_lora (peft, resumable per epoch) -> merge_lora
-# (resources/models/<name>, loaded like any other model). Rule bodies: esr.stages.finetune; input functions:
-# common.smk.
+# source: finetuned and base_model: <base> (needs finetune.enabled): finetune_material (once per base model, shared by
+# every ratio of the sweep: the prompt split and the base model's own unsteered answers and steered drift on the
+# training prompts) -> finetune_data (per fine-tuned model: its mix at its masked ratio) -> finetune_lora (peft,
+# resumable per epoch) -> merge_lora (resources/models/<name>, loaded like any other model). Rule bodies:
+# esr.stages.finetune; input functions: common.smk.
 ruleorder: merge_lora > download_model
+
+
+rule finetune_material:
+    input:
+        model_dir=model_dir,
+        sae=sae_input,
+        prompt_list=PROMPTS,
+        drift_file=finetune_drift_input,
+    output:
+        answers="results/finetune_material/{model}/answers.parquet",
+        drift="results/finetune_material/{model}/drift.parquet",
+        manifest="results/finetune_material/{model}/manifest.json",
+    log:
+        "logs/finetune_material/{model}.log",
+    wildcard_constraints:
+        model=alternation(finetune_bases()),
+    conda:
+        ENV
+    threads: FT_RES.get("threads", 2)
+    resources:
+        mem_mb=FT_RES.get("mem_mb", 8000),
+        runtime=FT_RES.get("runtime_min", 120),
+        gpu=FT_RES.get("gpu", 0),
+    params:
+        spec=model_spec,
+        finetune=FINETUNE,
+        generation=config.get("generation"),
+        seed=config["seed"],
+    script:
+        "../scripts/finetune_material.py"
 
 
 rule finetune_data:
     input:
-        base_dir=base_dir,
-        sae=base_sae,
+        unpack(finetune_material_input),
         prompt_list=PROMPTS,
     output:
         data="results/finetune/{model}/data.parquet",
@@ -20,16 +50,13 @@ rule finetune_data:
         model=alternation(finetuned_models()),
     conda:
         ENV
-    threads: FT_RES.get("threads", 2)
     resources:
-        mem_mb=FT_RES.get("mem_mb", 8000),
-        runtime=FT_RES.get("runtime_min", 120),
-        gpu=FT_RES.get("gpu", 0),
+        mem_mb=2000,
+        runtime=20,
     params:
         spec=model_spec,
         base_spec=base_spec,
         finetune=FINETUNE,
-        generation=config.get("generation"),
         seed=config["seed"],
     script:
         "../scripts/finetune_data.py"

@@ -32,11 +32,10 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import anthropic
-import httpx2
-import openai
+if TYPE_CHECKING:
+    import httpx2
 
 from esr.judge.base import DEFAULT_MAX_CONSECUTIVE_FAILURES, Judge, JudgeAuthError, JudgeRequest, JudgeResult
 from esr.judge.parsing import BLOCK_CHOICES, MalformedJudgeOutput, parse_attempts
@@ -176,8 +175,18 @@ class ChatBackend:
 
     name = "chat"
     key_required = True
-    client_class: Any = None  # the SDK's async client class (anthropic.AsyncAnthropic, openai.AsyncOpenAI)
-    sdk: Any = None  # the SDK module (its exception classes)
+    # The vendor SDKs (and httpx2) are imported when a batch opens a session, not with this module: the trials
+    # table, the Snakefile parse and every job that grades with a local judge never load them (~1.5 s).
+
+    @property
+    def sdk(self) -> Any:
+        """The SDK module (its exception classes and async client class)."""
+        raise NotImplementedError
+
+    @property
+    def client_class(self) -> Any:
+        """The SDK's async client class (``anthropic.AsyncAnthropic``, ``openai.AsyncOpenAI``)."""
+        raise NotImplementedError
 
     def __init__(self, settings: ChatSettings) -> None:
         self.settings = settings
@@ -194,6 +203,7 @@ class ChatBackend:
     def open_session(self, *, concurrency: int, limiter: RateLimiter) -> ChatSession:
         """An SDK client for one batch: at most ``concurrency`` connections; every HTTP attempt (SDK retries
         included) waits on ``limiter`` and is counted into the calling task's tally."""
+        import httpx2
 
         async def on_request(request: httpx2.Request) -> None:
             await limiter.wait()
@@ -303,8 +313,16 @@ class AnthropicBackend(ChatBackend):
     """Anthropic Messages API through ``anthropic.AsyncAnthropic`` (``POST {base_url}/v1/messages``)."""
 
     name = "anthropic"
-    sdk = anthropic
-    client_class = anthropic.AsyncAnthropic
+
+    @property
+    def sdk(self) -> Any:
+        import anthropic
+
+        return anthropic
+
+    @property
+    def client_class(self) -> Any:
+        return self.sdk.AsyncAnthropic
 
     async def _create(self, session, system, messages, temperature, max_tokens):
         # temperature goes in the body: newer SDKs dropped the keyword, the API still takes it
@@ -328,8 +346,16 @@ class OpenAICompatBackend(ChatBackend):
 
     name = "openai_compat"
     key_required = False
-    sdk = openai
-    client_class = openai.AsyncOpenAI
+
+    @property
+    def sdk(self) -> Any:
+        import openai
+
+        return openai
+
+    @property
+    def client_class(self) -> Any:
+        return self.sdk.AsyncOpenAI
 
     async def _create(self, session, system, messages, temperature, max_tokens):
         kwargs: dict[str, Any] = {}
@@ -339,7 +365,7 @@ class OpenAICompatBackend(ChatBackend):
             model=self.settings.model,
             max_tokens=max_tokens,
             messages=[{"role": "system", "content": system}, *messages],
-            extra_headers=None if session.key else {"Authorization": openai.Omit()},
+            extra_headers=None if session.key else {"Authorization": self.sdk.Omit()},
             **kwargs,
         )
 

@@ -12,7 +12,7 @@ Every stage function takes keyword-only arguments and writes its outputs atomica
 called from Python and tested without Snakemake. Each ``workflow/scripts/<rule>.py`` is one call,
 ``run_rule(<rule function>, snakemake)``, which binds the rule's named inputs, outputs, params and wildcards to the
 function's parameters **by name** (so the rule is the function's call site), sends logging to the rule's log and
-sets torch's thread count.
+sets torch's thread count (``OMP_NUM_THREADS`` when torch is not loaded yet).
 
 Stages that load the model are marked :func:`model_stage`: for a model with ``tensor_parallel`` > 1 calling one
 launches the ranks (``esr.distributed.run_ranks``), each of which runs the same function.
@@ -24,13 +24,12 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-
-import torch
 
 from esr.distributed import plain, run_ranks
 from esr.ranks import world_size
@@ -55,7 +54,12 @@ def stage_logging(log_path: str | Path | None, threads: int | None = None) -> It
     )
     logging.captureWarnings(True)
     if threads:
-        torch.set_num_threads(threads)
+        if "torch" in sys.modules:  # already loaded by the stage's module: this import is free
+            import torch
+
+            torch.set_num_threads(threads)
+        else:  # a stage that loads torch later (or never: CPU-only stages) sizes its pool from this at first use
+            os.environ["OMP_NUM_THREADS"] = str(threads)
     start = time.time()
     try:
         yield

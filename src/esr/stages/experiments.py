@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoTokenizer
 
 from esr.activations import gather_stores, record_from_capture, write_store
 from esr.assets import read_prompts
@@ -79,6 +78,23 @@ log = logging.getLogger("esr.stages.experiments")
 # ------------------------------------------------------------------------------------------------ selection
 
 
+def prompt_pool(prompt_list: Sequence[str], finetune_manifest: str | Sequence[str] | None) -> list[int] | None:
+    """The prompt ids (indices into ``prompt_list``) a model's stages may use: None (every prompt) for a model
+    without a finetune_data manifest; for a fine-tuned model (exp4; the rule's ``finetune_manifest`` input, a path
+    or a one-element list) the manifest's evaluation prompts (held out from training unless
+    ``finetune.train_on_eval_prompts``; ``esr.finetune.eval_prompt_ids``). Selection, detector discovery, the judge's
+    anchors and boost calibration of a fine-tuned model all read this pool, and every experiment replays the
+    selection's prompts, so no stage of a fine-tuned model sees a prompt it was trained on. Raises ``ValueError``
+    (from ``eval_prompt_ids``) when the manifest does not match the prompt list."""
+    if not isinstance(finetune_manifest, str):
+        finetune_manifest = finetune_manifest[0] if finetune_manifest else None
+    if not finetune_manifest:
+        return None
+    from esr.finetune import eval_prompt_ids
+
+    return eval_prompt_ids(manifest=read_json(finetune_manifest), prompts=prompt_list)
+
+
 @model_stage
 def select_latents(
     *,
@@ -97,21 +113,18 @@ def select_latents(
 
     ``finetune_manifest`` (exp4, a fine-tuned model: its finetune_data manifest): trial prompts are drawn from the
     manifest's evaluation prompts only (held out from training unless ``finetune.train_on_eval_prompts``;
-    ``esr.finetune.eval_prompt_ids``)."""
+    :func:`prompt_pool`), and the relevance filter reads those prompts only (the prompts the trials use, as the
+    authors' filter read their 38 trial prompts)."""
     prompt_list = read_prompts(prompts)
-    if isinstance(finetune_manifest, list):
-        finetune_manifest = finetune_manifest[0] if finetune_manifest else None
-    pool = None
-    if finetune_manifest:
-        from esr.finetune import eval_prompt_ids
-
-        pool = eval_prompt_ids(manifest=read_json(finetune_manifest), prompts=prompt_list)
-    sel_settings = model_selection_settings(settings, spec.name)
+    pool = prompt_pool(prompt_list, finetune_manifest)
+    sel_settings = model_selection_settings(settings, spec.name, base_model=spec.base_model)
     loaded = load_model(spec, path=model_dir)
     sae = load_sae(spec.sae, device=loaded.device)
     d_sae = int(sae.cfg.d_sae)
     prompt_acts = (
-        prompt_relevance_activations(loaded, sae, spec.sae_layer, prompt_list)
+        prompt_relevance_activations(
+            loaded, sae, spec.sae_layer, prompt_list if pool is None else [prompt_list[i] for i in pool]
+        )
         if sel_settings.relevance_filter != "none"
         else None
     )
@@ -153,16 +166,21 @@ def select_latents(
 # ------------------------------------------------------------------------------------------------ detectors
 
 
-def _unsteered_answers(generator, prompts: list[str], seed: int) -> pd.DataFrame:
-    """One seeded unsteered answer per prompt (detector discovery's "normal" pairs and the judge's anchors)."""
+def _unsteered_answers(
+    generator, prompts: list[str], seed: int, prompt_ids: Sequence[int] | None = None
+) -> pd.DataFrame:
+    """One seeded unsteered answer per prompt (detector discovery's "normal" pairs and the judge's anchors).
+    ``prompt_ids``: the prompts' ids in the prompt list (default ``0..n-1``); seeds and ids follow them, so a model
+    restricted to a prompt pool answers each prompt with the same seed as a model that sees every prompt."""
+    ids = list(range(len(prompts))) if prompt_ids is None else [int(i) for i in prompt_ids]
     reqs = [
         TrialRequest(prompt=p, seed=derive_seed(seed, "normal", str(i)), trial_id=f"normal|P{i}")
-        for i, p in enumerate(prompts)
+        for i, p in zip(ids, prompts)
     ]
     return pd.DataFrame(
         [
             {"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response, "n_tokens": r.n_tokens}
-            for i, r in enumerate(generator.generate(reqs))
+            for i, r in zip(ids, generator.generate(reqs))
         ]
     )
 
@@ -179,16 +197,27 @@ def discover_detectors(
     detectors: str,
     answers: str,
     ablated: list[str] | None = None,
+    finetune_manifest: str | list[str] | None = None,
 ) -> None:
     """Off-topic-detector discovery (paper Sec. 2.3/3.4): the model's unsteered answer to every prompt, then the
     separability, frequency (and top-AUC) methods on own-answer vs deranged-answer conversations (on the evaluation
     prompts; no held-out split), each truncated to ``max_latents`` by its stated rank, then matched random control
     sets (exp10): one group of ``random_control.n_sets`` per set in ``random_control.match_to`` (``ablated``: the
     sets exp3 ablates, given by the rule as ``ablated``; every set found when that is not given). Writes ``detectors.json`` and the
-    unsteered answers."""
-    prompt_list = read_prompts(prompts)
+    unsteered answers. ``finetune_manifest`` (exp4, a fine-tuned model): discovery and the unsteered answers (the
+    judge's anchors) use its held-out evaluation prompts only (:func:`prompt_pool`); raises ``ValueError`` when
+    that pool has fewer than 2 prompts (no derangement)."""
+    all_prompts = read_prompts(prompts)
+    pool = prompt_pool(all_prompts, finetune_manifest)
+    pool_ids = list(range(len(all_prompts))) if pool is None else pool
+    prompt_list = [all_prompts[i] for i in pool_ids]
+    if len(prompt_list) < 2:
+        raise ValueError(
+            f"discover_detectors: {len(prompt_list)} evaluation prompt(s) for {spec.name}; discovery pairs each prompt "
+            "with another prompt's answer (raise finetune.heldout_fraction)"
+        )
     gen = load_configured_generator(spec, model_dir, generation)
-    unsteered = share(_unsteered_answers(gen, prompt_list, seed))  # tensor parallel: every rank reads rank 0's text
+    unsteered = share(_unsteered_answers(gen, prompt_list, seed, pool_ids))  # tensor parallel: rank 0's text
     if is_writer():
         write_parquet(answers, unsteered)
     tok, sae = gen.loaded.tokenizer, gen.directions.sae
@@ -230,7 +259,8 @@ def discover_detectors(
         {
             "model": spec.name,
             "n_prompts": len(prompt_list),
-            "discovery_prompts": "evaluation",
+            "discovery_prompts": "evaluation" if pool is None else "held_out_evaluation",
+            "prompt_ids": pool_ids,
             "derangement": perm.tolist(),
             "detector_sets": sets,
             "random_sets": controls,
@@ -336,15 +366,28 @@ def calibrate_boosts(
     shard: int,
     cache_dir: str,
     shard_result: str,
+    finetune_manifest: str | list[str] | None = None,
 ) -> None:
     """Boost calibration of one latent shard (paper Sec. 2.2; algorithm in ``esr.calibration``): per latent, the
     boost (in the SAE's boost unit) at which the judge's mean first-attempt score reaches the target. Answers are
     scored by the ``threshold_judge`` block. Settings: the ``calibration`` block with the model's own
     ``models.<m>.calibration`` overrides (``esr.calibration.model_settings``). Results are cached under a key built
-    from the generator and judge that run here (``CalibrationContext.from_run``): every resolved setting."""
+    from the generator and judge that run here (``CalibrationContext.from_run``): every resolved setting, the
+    prompts included. ``finetune_manifest`` (exp4, a fine-tuned model): answers are drawn from its held-out
+    evaluation prompts only (:func:`prompt_pool`)."""
     prompt_list = read_prompts(prompts)
+    pool = prompt_pool(prompt_list, finetune_manifest)
+    if pool is not None:
+        prompt_list = [prompt_list[i] for i in pool]
+        log.info("calibrating on the %d held-out evaluation prompts of %s", len(pool), spec.name)
     sel = read_selection(selection)
     cal = model_settings(settings, spec)
+    if pool is not None and max(cal.samples_per_step, cal.check_samples) > len(pool):
+        raise ValueError(
+            f"calibrate_boosts: {spec.name} has {len(pool)} held-out evaluation prompts, fewer than "
+            f"calibration.samples_per_step ({cal.samples_per_step}) or calibration.check_samples "
+            f"({cal.check_samples}) (answers use distinct prompts): raise finetune.heldout_fraction"
+        )
     labels = {s.latent: s.label or "" for s in sel.latents}
     latents = [lat for lat in labels if shard_of(lat, n_shards) == shard]
     scorer = build_judge(judge, show_progress=False)
@@ -574,6 +617,8 @@ def read_checkpoints(partial: Path) -> tuple[dict[str, dict[str, Any]], dict[str
 
 
 def _write_activations(spec, model_dir, planned, rows, acts, store_latents, groups, path, run_provenance) -> None:
+    from transformers import AutoTokenizer  # ~2 s: only here, not in the CPU-only rules of this module
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     records = []
     for t in planned:

@@ -1,6 +1,7 @@
-"""Rules of ``workflow/rules/finetune.smk`` (exp4, ``esr.finetune``): ``finetune_data`` (the base model's own
-unsteered answers and steered drift on the training prompts -> masked self-correction + normal examples),
-``finetune_lora`` (peft LoRA, resumable per epoch) and ``merge_lora`` (``resources/models/<name>``)."""
+"""Rules of ``workflow/rules/finetune.smk`` (exp4, ``esr.finetune``): ``finetune_material`` (once per base model:
+the prompt split and the base model's own unsteered answers and steered drift on the training prompts),
+``finetune_data`` (per fine-tuned model: masked self-correction + normal examples at its ratio), ``finetune_lora``
+(peft LoRA, resumable per epoch), ``merge_lora`` (``resources/models/<name>``) and ``summarise_exp4``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from esr.finetune import (
     RESTART_PHRASES,
     FinetuneDataSettings,
     LoraSettings,
+    PromptSplit,
     build_finetune_data,
     read_finetune_data,
     recipe_hash,
@@ -79,23 +81,51 @@ def generate_material(
     return rows(generator.generate(plain_req)), rows(generator.generate(steered_req))
 
 
-def finetune_data(
+#: The ``finetune`` keys the shared material depends on (one ``finetune_material`` job per base model serves every
+#: ratio of the sweep; a change of any other key, e.g. ``masked_ratio`` or ``n_examples``, reruns finetune_data only).
+MATERIAL_KEYS = (
+    "train_on_eval_prompts",
+    "heldout_fraction",
+    "drift_source",
+    "drift_file",
+    "drift_latents",
+    "drift_boosts",
+    "drift_per_prompt",
+    "answers_per_prompt",
+    "max_new_tokens",
+)
+
+
+def material_settings(finetune: dict[str, Any]) -> dict[str, Any]:
+    """The part of a validated ``finetune`` block the shared material depends on (:data:`MATERIAL_KEYS`)."""
+    return {k: finetune.get(k) for k in MATERIAL_KEYS}
+
+
+def finetune_material(
     *,
-    base_dir: str,
+    model_dir: str,
     prompt_list: str,
-    data: str,
+    answers: str,
+    drift: str,
     manifest: str,
     spec: ModelSpec,
-    base_spec: ModelSpec,
     finetune: dict[str, Any],
     generation: dict[str, Any],
     seed: int,
     **inputs: Any,
 ) -> None:
-    """Rule finetune_data: split the prompts, generate (or read, ``drift_source: file``) the material and write the
-    examples (``data``, parquet) and their manifest (settings, split, recipe hash)."""
+    """Rule finetune_material (once per base model ``spec``, shared by every fine-tuned model of it, i.e. every
+    ratio of the sweep): split the prompts (``esr.finetune.split_prompts``: training vs held-out evaluation prompts,
+    seeded by the run seed only, so every ratio gets the same split), generate the base model's unsteered answers and
+    steered drift on the training prompts (:func:`generate_material`; ``drift_source: file``: drift read from
+    ``finetune.drift_file`` instead) and write them (``answers`` / ``drift``, parquet) with a manifest (the split,
+    :func:`material_settings`, generation settings, input hashes). Raises ``ValueError`` from the split (duplicate
+    prompts, a bad ``heldout_fraction``)."""
+    import pandas as pd
+
     from esr.assets import read_prompts
     from esr.generation import load_configured_generator
+    from esr.io import write_json, write_parquet
 
     prompts = read_prompts(prompt_list)
     split = split_prompts(
@@ -104,21 +134,93 @@ def finetune_data(
         seed=seed,
         train_on_eval_prompts=finetune["train_on_eval_prompts"],
     )
-    settings = data_settings(finetune, seed, masked_ratio=spec.masked_ratio)
-    gen = load_configured_generator(base_spec, base_dir, generation, max_new_tokens=finetune["max_new_tokens"])
+    gen = load_configured_generator(spec, model_dir, generation, max_new_tokens=finetune["max_new_tokens"])
     from_file = finetune["drift_source"] == "file"
     material = {**finetune, "drift_per_prompt": 0} if from_file else finetune
-    answers, drifts = generate_material(generator=gen, prompts=list(split.train), finetune=material, seed=seed)
+    ans, drifts = generate_material(generator=gen, prompts=list(split.train), finetune=material, seed=seed)
     drift_input = None
     if from_file:
-        import pandas as pd
-
         path = Path(finetune["drift_file"])
         drifts = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_parquet(path)
         drift_input = {"path": str(path), "sha256": sha256_file(path)}
+    cols = ["prompt", "response", "steer_latent", "boost", "seed"]
+    write_parquet(answers, pd.DataFrame(ans, columns=cols))
+    write_parquet(drift, pd.DataFrame(drifts) if from_file else pd.DataFrame(drifts, columns=cols))
+    write_json(
+        manifest,
+        {
+            "schema": "esr.finetune_material/1",
+            "base_model": spec.name,
+            "base_hf_id": spec.hf_id,
+            "base_revision": spec.revision,
+            "material": material_settings(finetune),
+            "generation": dict(generation),
+            "seed": seed,
+            "prompts_sha256": sha256_file(prompt_list),
+            "train_prompts": list(split.train),
+            "eval_prompts": list(split.eval),
+            "drift_input": drift_input,
+            "answers_sha256": sha256_file(answers),
+            "drift_sha256": sha256_file(drift),
+            "counts": {"answers": len(ans), "drift": len(drifts)},
+        },
+    )
+
+
+def finetune_data(
+    *,
+    prompt_list: str,
+    data: str,
+    manifest: str,
+    spec: ModelSpec,
+    base_spec: ModelSpec,
+    finetune: dict[str, Any],
+    seed: int,
+    answers: str | None = None,
+    drift: str | None = None,
+    material: str | None = None,
+    base_dir: str | None = None,
+    generation: dict[str, Any] | None = None,
+    **inputs: Any,
+) -> None:
+    """Rule finetune_data (per fine-tuned model): build its mix (``esr.finetune.build_finetune_data``, at the model's
+    own ``masked_ratio``) from the base model's shared material (rule finetune_material: ``answers``, ``drift`` and
+    their ``material`` manifest, whose split it keeps) and write the examples (``data``, parquet) and their manifest
+    (settings, split, recipe hash, the material's hashes). Called outside the workflow without the material but with
+    ``base_dir`` and ``generation``, it first makes the material (:func:`finetune_material`) in ``material/`` beside
+    ``data``. Raises ``ValueError`` when the material was made from another prompt list or other material settings
+    than this run's (rerun finetune_material), or when neither the material nor ``base_dir``/``generation`` is given."""
+    import pandas as pd
+
+    if material is None:
+        if base_dir is None or generation is None:
+            raise ValueError("finetune_data: give the material (answers, drift, material) or base_dir and generation")
+        folder = Path(data).parent / "material"
+        answers, drift, material = (str(folder / f) for f in ("answers.parquet", "drift.parquet", "manifest.json"))
+        finetune_material(
+            model_dir=base_dir,
+            prompt_list=prompt_list,
+            answers=answers,
+            drift=drift,
+            manifest=material,
+            spec=base_spec,
+            finetune=finetune,
+            generation=generation,
+            seed=seed,
+        )
+    info = read_json(material)
+    if info["prompts_sha256"] != sha256_file(prompt_list):
+        raise ValueError(f"finetune_data: {material} was made from another prompt list; rerun finetune_material")
+    if info["material"] != material_settings(finetune):
+        raise ValueError(
+            f"finetune_data: {material} was made with finetune settings {info['material']}, this run has "
+            f"{material_settings(finetune)}; rerun finetune_material"
+        )
+    split = PromptSplit(tuple(info["train_prompts"]), tuple(info["eval_prompts"]))
+    settings = data_settings(finetune, seed, masked_ratio=spec.masked_ratio)
     examples = build_finetune_data(
-        answers=answers,
-        drifts=drifts,
+        answers=pd.read_parquet(answers),
+        drifts=pd.read_parquet(drift),
         split=split,
         settings=settings,
         train_on_eval_prompts=finetune["train_on_eval_prompts"],
@@ -137,11 +239,12 @@ def finetune_data(
                 **{k: v for k, v in finetune.items() if k not in ("lora", "resources", "masked_ratio_sweep")},
                 "masked_ratio": settings.masked_ratio,
             },
-            "generation": dict(generation),
-            "prompts_sha256": sha256_file(prompt_list),
+            "generation": info["generation"],
+            "prompts_sha256": info["prompts_sha256"],
             "train_prompts": list(split.train),
             "eval_prompts": list(split.eval),
-            "drift_input": drift_input,
+            "drift_input": info["drift_input"],
+            "material": {k: info[k] for k in ("answers_sha256", "drift_sha256", "counts")},
         },
     )
 
@@ -216,12 +319,15 @@ def summarise_exp4(
     transcripts: str,
     report: str,
     unsteered: list[str] | None = None,
+    manifests: list[str] | None = None,
 ) -> None:
     """Rule summarise_exp4: the masked-ratio sweep's table (``esr.exp4.summary_table``: per model ESR,
     multi-attempt and improvement rates with Wilson intervals, the unsteered restart rate and the gate), as parquet
     and csv, the transcripts the report shows and the report section (markdown). ``steered`` / ``unsteered``: the
     exp1 / exp8 trials tables of ``models`` (name -> base_model, masked_ratio), in that order; ``unsteered`` empty:
-    exp8 is off, no gate. Raises ``ValueError`` when the table lists and ``models`` differ in length."""
+    exp8 is off, no gate. ``manifests``: the finetune_data manifests of the fine-tuned models of ``models``, in their
+    order: their evaluation prompts restrict each base row to the same held-out prompts (``esr.exp4.summary_table``).
+    Raises ``ValueError`` when the table lists and ``models`` differ in length."""
     import pandas as pd
 
     from esr import exp4
@@ -235,12 +341,16 @@ def summarise_exp4(
         raise ValueError(
             f"summarise_exp4: {len(steered)} exp1 and {len(unsteered)} exp8 tables for {len(names)} models {names}"
         )
+    manifests = [manifests] if isinstance(manifests, str) else list(manifests or [])
+    ft_names = [m for m in names if models[m].get("base_model")]
+    if manifests and len(manifests) != len(ft_names):
+        raise ValueError(f"summarise_exp4: {len(manifests)} finetune_data manifests for fine-tuned models {ft_names}")
+    evals = {m: read_json(p)["eval_prompts"] for m, p in zip(ft_names, manifests)}
     s = {m: read_trials(p) for m, p in zip(names, steered)}
     u = {m: read_trials(p) for m, p in zip(names, unsteered)} if unsteered else None
-    out = exp4.summary_table(steered=s, unsteered=u, models=models)
+    out = exp4.summary_table(steered=s, unsteered=u, models=models, eval_prompts=evals)
     write_parquet(table, out)
     write_text(csv, out.to_csv(index=False))
-    ft = [m for m in names if models[m].get("base_model")]
-    shown = exp4.transcripts(pd.concat([s[m] for m in ft], ignore_index=True)) if ft else []
+    shown = exp4.transcripts(pd.concat([s[m] for m in ft_names], ignore_index=True)) if ft_names else []
     write_json(transcripts, {"schema": "esr.exp4_transcripts/1", "transcripts": shown})
     write_text(report, "\n".join(exp4.report_section(out, shown)) + "\n")

@@ -12,24 +12,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esr import audit as paper_audit
-from esr import bundle
 from esr.activations import ActivationRecord, open_store, write_store
 from esr.config import ModelSpec
 from esr.detectors import read_detector_sets
 from esr.episodes import make_episode, select_baseline, select_self_correction
 from esr.experiments import REGISTRY, capture_latents
-from esr.figures import ablation_figure, empty_figure, esr_by_model_figure, meta_prompt_figure, sweep_figure
 from esr.io import derive_seed, write_json
 from esr.judge import build_judge
 from esr.metrics import BootstrapSpec, include_trials
-from esr.models import load_model
 from esr.progress import Progress
 from esr.provenance import provenance
 from esr.ranks import is_writer
-from esr.readout import answer_token_spans, per_token_latents
-from esr.report import run_overview
-from esr.sae import load_sae, steering_directions
 from esr.sequential import (
     aligned_window,
     analyze,
@@ -42,10 +35,11 @@ from esr.sequential import (
 )
 from esr.stages import model_stage
 from esr.stats import cross_model_comparison, holm, specificity_comparison
-from esr.steering import Intervention, SteeringPlan
 from esr.summaries import compare_experiments, summarise_cross_judge, summarise_experiment, with_cells
 from esr.trials import grade_trials, read_trials, write_trials
 
+# Model code (torch, ~1-2 s), figures (matplotlib) and the audit (scipy.ndimage, jinja2) are imported inside the
+# stages that use them: the CPU-only rules of this module start without them (tests/test_imports.py).
 log = logging.getLogger("esr.stages.stats")
 
 
@@ -101,6 +95,12 @@ def sequential(
     ``replay_steering`` for their exp6's steered replay), per-token activations of every detector and control set
     stored in Zarr, then the region analysis, ratios to unsteered baseline answers, and the aligned +/-150-token
     window in 50 bins."""
+    from esr.figures import empty_figure
+    from esr.models import load_model
+    from esr.readout import answer_token_spans, per_token_latents
+    from esr.sae import load_sae, steering_directions
+    from esr.steering import Intervention, SteeringPlan
+
     store_latents, groups = capture_latents(read_detector_sets(detectors))
     groups = {k: v for k, v in groups.items() if v}
     pool = read_trials(trials).to_dict("records")
@@ -311,6 +311,8 @@ def specificity(*, model: str, detector_trials: str, control_trials: str, seed: 
 def model_figures(*, model: str, ablation: str, meta_prompts: str, boost_sweep: str, **trials: str) -> None:
     """Figures 3-5 analogues of one model: ablation (exp3, exp10 vs exp1), meta-prompts (exp5), boost sweep (exp2).
     ``trials``: experiment name -> table, for exp1 and the experiments registered with a ``figure``."""
+    from esr.figures import ablation_figure, meta_prompt_figure, sweep_figure
+
     by_figure: dict[str, dict[str, str]] = {}
     for name, path in trials.items():
         if REGISTRY[name].figure:
@@ -324,6 +326,8 @@ def model_figures(*, model: str, ablation: str, meta_prompts: str, boost_sweep: 
 
 def esr_figure(*, trials: list[str], order: list[str], figure: str) -> None:
     """Figure 2 analogue: ESR and multi-attempt rates of exp1 across models, with Wilson intervals."""
+    from esr.figures import esr_by_model_figure
+
     esr_by_model_figure(trials, figure, order)
 
 
@@ -341,6 +345,10 @@ def audit(
     """The audit of every paper number (``esr/data/paper_numbers.yaml``): paper value, ours, interval, n and
     verdict, as JSON, Markdown and HTML, plus the report's overview page (with exp4's section when ``exp4``, the
     sweep's summary table, is given)."""
+    from esr import audit as paper_audit
+    from esr import bundle
+    from esr.report import run_overview
+
     paper_audit.build_audit(
         summaries, out_json=table_json, out_md=table_md, out_html=table_html, config=config, model_map=model_map
     )
