@@ -404,13 +404,25 @@ def test_stages_make_a_model_directory_from_the_tiny_workflow(tmp_path, monkeypa
     specs = model_specs(cfg)
     base, ft = specs["tiny-llama"], specs["tiny-ft"]
     common = dict(spec=ft, finetune=cfg["finetune"], seed=cfg["seed"])
+    material = dict(answers="answers.parquet", drift="drift.parquet")
+    prompt_list = str(tmp_path / "prompts.txt")
+    stages.finetune_material(
+        model_dir=base.local_dir,
+        prompt_list=prompt_list,
+        manifest="material.json",
+        spec=base,
+        finetune=cfg["finetune"],
+        generation=cfg["generation"],
+        seed=cfg["seed"],
+        **material,
+    )
     stages.finetune_data(
-        base_dir=base.local_dir,
-        prompt_list=str(tmp_path / "prompts.txt"),
+        prompt_list=prompt_list,
         data="data.parquet",
         manifest="data_manifest.json",
         base_spec=base,
-        generation=cfg["generation"],
+        material="material.json",
+        **material,
         **common,
     )
     manifest = read_json("data_manifest.json")

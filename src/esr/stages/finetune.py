@@ -176,38 +176,18 @@ def finetune_data(
     base_spec: ModelSpec,
     finetune: dict[str, Any],
     seed: int,
-    answers: str | None = None,
-    drift: str | None = None,
-    material: str | None = None,
-    base_dir: str | None = None,
-    generation: dict[str, Any] | None = None,
+    answers: str,
+    drift: str,
+    material: str,
     **inputs: Any,
 ) -> None:
     """Rule finetune_data (per fine-tuned model): build its mix (``esr.finetune.build_finetune_data``, at the model's
     own ``masked_ratio``) from the base model's shared material (rule finetune_material: ``answers``, ``drift`` and
     their ``material`` manifest, whose split it keeps) and write the examples (``data``, parquet) and their manifest
-    (settings, split, recipe hash, the material's hashes). Called outside the workflow without the material but with
-    ``base_dir`` and ``generation``, it first makes the material (:func:`finetune_material`) in ``material/`` beside
-    ``data``. Raises ``ValueError`` when the material was made from another prompt list or other material settings
-    than this run's (rerun finetune_material), or when neither the material nor ``base_dir``/``generation`` is given."""
+    (settings, split, recipe hash, the material's hashes). Raises ``ValueError`` when the material was made from
+    another prompt list or other material settings than this run's (rerun finetune_material)."""
     import pandas as pd
 
-    if material is None:
-        if base_dir is None or generation is None:
-            raise ValueError("finetune_data: give the material (answers, drift, material) or base_dir and generation")
-        folder = Path(data).parent / "material"
-        answers, drift, material = (str(folder / f) for f in ("answers.parquet", "drift.parquet", "manifest.json"))
-        finetune_material(
-            model_dir=base_dir,
-            prompt_list=prompt_list,
-            answers=answers,
-            drift=drift,
-            manifest=material,
-            spec=base_spec,
-            finetune=finetune,
-            generation=generation,
-            seed=seed,
-        )
     info = read_json(material)
     if info["prompts_sha256"] != sha256_file(prompt_list):
         raise ValueError(f"finetune_data: {material} was made from another prompt list; rerun finetune_material")
