@@ -152,6 +152,146 @@ def test_material_is_made_once_and_every_ratio_builds_its_mix_from_it(tmp_path, 
         )
 
 
+def _material_call(tmp_path, cfg, **extra):
+    """Rule finetune_material's body on the tiny model, its outputs under ``tmp_path``; returns the output paths."""
+    from esr.stages import finetune as stages
+
+    mat = {k: str(tmp_path / f"material_{k}") for k in ("answers", "drift", "manifest")}
+    stages.finetune_material(
+        model_dir=cfg["models"]["tiny-llama"]["path"],
+        prompt_list=cfg["prompts"]["path"],
+        spec=model_specs(cfg)["tiny-llama"],
+        generation=cfg["generation"],
+        seed=cfg["seed"],
+        **mat,
+        **extra,
+    )
+    return mat
+
+
+#: The drift judge of these tests: a fake judge whose score is set by the steered latent's label (on topic: 90).
+_OFF_TOPIC = {"dog, cat": 10.0, "bread, water": 30.0}
+
+
+def _label_judge(block):
+    from esr.judge.fake import FakeJudge
+
+    return FakeJudge("label-judge", score_fn=lambda attempt, request: _OFF_TOPIC.get(request.latent_label, 90.0))
+
+
+def test_drift_above_drift_max_score_never_reaches_the_training_data(tmp_path, monkeypatch):
+    import esr.judge.factory as factory
+    from esr.latents import labels_dict, read_labels
+    from esr.stages import finetune as stages
+
+    cfg = _tiny(tmp_path, ratios=(1.0,))
+    cfg["finetune"].update(
+        n_examples=24, answers_per_prompt=1, drift_per_prompt=6, max_new_tokens=12, drift_latents=12, drift_max_score=40
+    )
+    cfg = validate_config(cfg)
+    built = []
+    monkeypatch.setattr(factory, "build_judge", lambda block, **kw: built.append(block) or _label_judge(block))
+    labels_csv = cfg["models"]["tiny-llama"]["labels"]["path"]
+    with pytest.raises(ValueError, match=r"drift_max_score is set.*judge block and the labels file"):
+        _material_call(tmp_path, cfg, finetune=cfg["finetune"], judge=cfg["judge"], labels=[])
+    mat = _material_call(
+        tmp_path, cfg, finetune=stages.material_settings(cfg["finetune"]), judge=cfg["judge"], labels=labels_csv
+    )
+    assert built == [cfg["judge"]]
+    drift = pd.read_parquet(mat["drift"])
+    labels = labels_dict(read_labels(labels_csv))
+    # every record graded with its steered latent's label; some drift left the topic (<= 40), some did not
+    expected = [_OFF_TOPIC.get(labels.get(int(lat)) or "", 90.0) for lat in drift["steer_latent"]]
+    assert drift["score"].tolist() == expected
+    assert (drift["score"] <= 40).any() and (drift["score"] > 40).any()
+    info = read_json(mat["manifest"])
+    assert info["material"]["drift_scored"] is True
+    assert info["drift_judge"]["judge_id"] == "fake:label-judge" and info["drift_judge"]["ungraded"] == 0
+    assert info["drift_judge"]["template_version"]
+    out = {"data": str(tmp_path / "data.parquet"), "manifest": str(tmp_path / "data.json")}
+    stages.finetune_data(
+        prompt_list=cfg["prompts"]["path"],
+        answers=mat["answers"],
+        drift=mat["drift"],
+        material=mat["manifest"],
+        spec=model_specs(cfg)["tiny-llama-ft-r100"],
+        base_spec=model_specs(cfg)["tiny-llama"],
+        finetune=cfg["finetune"],
+        seed=cfg["seed"],
+        **out,
+    )
+    data = pd.read_parquet(out["data"])
+    off_topic = {int(lat) for lat, sc in zip(drift["steer_latent"], drift["score"]) if sc <= 40}
+    assert len(data) == 24 and set(data["kind"]) == {"self_correction"}
+    assert set(data["drift_latent"].astype(int)) <= off_topic
+    assert read_json(out["manifest"])["drift_judge"] == info["drift_judge"]
+    # a drift record the judge could not grade is dropped too
+    failed = drift.assign(score=[None] * len(drift))
+    failed.to_parquet(mat["drift"])
+    with pytest.raises(ValueError, match="no usable steered"):
+        stages.finetune_data(
+            prompt_list=cfg["prompts"]["path"],
+            answers=mat["answers"],
+            drift=mat["drift"],
+            material=mat["manifest"],
+            spec=model_specs(cfg)["tiny-llama-ft-r100"],
+            base_spec=model_specs(cfg)["tiny-llama"],
+            finetune=cfg["finetune"],
+            seed=cfg["seed"],
+            **out,
+        )
+
+
+def test_no_drift_max_score_builds_no_judge_and_a_scored_drift_file_needs_scores(tmp_path, monkeypatch):
+    import esr.judge.factory as factory
+    from esr.stages import finetune as stages
+
+    def no_judge(block, **kw):
+        raise AssertionError("no judge may be built when finetune.drift_max_score is null")
+
+    monkeypatch.setattr(factory, "build_judge", no_judge)
+    cfg = _tiny(tmp_path, ratios=(0.5,))
+    cfg["finetune"].update(answers_per_prompt=1, drift_per_prompt=1, max_new_tokens=8, drift_latents=2)
+    cfg = validate_config(cfg)
+    assert cfg["finetune"]["drift_max_score"] is None
+    mat = _material_call(tmp_path, cfg, finetune=cfg["finetune"])  # neither judge nor labels given
+    assert "score" not in pd.read_parquet(mat["drift"]).columns
+    info = read_json(mat["manifest"])
+    assert info["drift_judge"] is None and info["material"]["drift_scored"] is False
+    # drift_source file: never graded; with drift_max_score set the file must carry its scores
+    drift_file = tmp_path / "drift.jsonl"
+    pd.DataFrame({"prompt": [TINY_PROMPTS[0]], "response": ["Boats float."]}).to_json(
+        drift_file, orient="records", lines=True
+    )
+    ft = {**cfg["finetune"], "drift_source": "file", "drift_file": str(drift_file), "drift_max_score": 40}
+    with pytest.raises(ValueError, match=r"finetune\.drift_max_score is set but finetune\.drift_file .* no 'score'"):
+        _material_call(tmp_path, cfg, finetune=ft)
+    pd.DataFrame({"prompt": [TINY_PROMPTS[0]], "response": ["Boats float."], "score": [12.0]}).to_json(
+        drift_file, orient="records", lines=True
+    )
+    mat = _material_call(tmp_path, cfg, finetune=ft)
+    assert (
+        pd.read_parquet(mat["drift"])["score"].tolist() == [12.0] and read_json(mat["manifest"])["drift_judge"] is None
+    )
+    # whether the drift is scored is part of the material: finetune_data refuses material made the other way
+    with pytest.raises(ValueError, match="rerun finetune_material"):
+        stages.finetune_data(
+            prompt_list=cfg["prompts"]["path"],
+            answers=mat["answers"],
+            drift=mat["drift"],
+            material=mat["manifest"],
+            spec=model_specs(cfg)["tiny-llama-ft-r50"],
+            base_spec=model_specs(cfg)["tiny-llama"],
+            finetune={**ft, "drift_max_score": None},
+            seed=cfg["seed"],
+            data=str(tmp_path / "x.parquet"),
+            manifest=str(tmp_path / "x.json"),
+        )
+    # the value of drift_max_score is not: another threshold reuses the material
+    assert stages.material_settings({**ft, "drift_max_score": 5}) == stages.material_settings(ft)
+    assert stages.material_settings(stages.material_settings(ft)) == stages.material_settings(ft)
+
+
 # ------------------------------------------------------------------------------------------------ eval prompts
 
 
@@ -571,10 +711,16 @@ def test_dry_run_plans_the_sweep_and_each_finetuned_models_experiments(repo_root
     # per-model settings of the base model, inherited by its fine-tunes (one kind each)
     cfg["latent_shards_per_model"] = {"tiny-llama": 3}
     cfg["models"]["tiny-llama"]["resources"] = {"mem_mb": 1234, "runtime_min": 77}
+    # the drift is graded (drift_max_score set) by the offline judge anchored on the base model's answers
+    cfg["finetune"]["drift_max_score"] = 40
+    cfg["judge"] = {"backend": "offline_minilm", "anchors": "auto", "cache_dir": str(tmp_path / "judge_cache")}
     path = tmp_path / "ft_config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     res = _snakemake(repo_root, tmp_path, path, "-n", "--cores", "1", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+    (mat,) = _job_blocks(res.stdout, "finetune_material", "results/finetune_material/tiny-llama/answers.parquet")
+    mat_inputs = mat.split("output:")[0]
+    assert "resources/labels/tiny-llama.csv" in mat_inputs and "results/judge/tiny-llama/anchors.json" in mat_inputs
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", res.stdout.split("Job stats:")[1].split("total")[0], re.M))
     counts = {k: int(v) for k, v in stats.items()}
     # the base model's material once, shared by both ratios; one mix, adapter and merge per ratio
@@ -611,3 +757,11 @@ def test_dry_run_plans_the_sweep_and_each_finetuned_models_experiments(repo_root
         for exp in ("exp1", "exp8", "exp3", "exp10"):
             assert f"results/{exp}/{m}/trials.parquet" in res.stdout, (exp, m)
         assert f"results/finetune/{m}/data_manifest.json" in res.stdout
+    # drift_max_score null: the material needs neither the labels nor the judge's anchors
+    cfg["finetune"]["drift_max_score"] = None
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    target = "results/finetune_material/tiny-llama/manifest.json"
+    res = _snakemake(repo_root, tmp_path, path, "-n", "--cores", "1", target, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (mat,) = _job_blocks(res.stdout, "finetune_material", "results/finetune_material/tiny-llama/answers.parquet")
+    assert "resources/labels" not in mat.split("output:")[0] and "anchor_judge" not in res.stdout

@@ -15,7 +15,8 @@ SLURM executor plugin on a single-node SLURM cluster on localhost (tests/slurm/s
 
 Asserts: exit 0; every job of the plan's dry run ran (by rule); the network rules and API grading ran on the login
 node (never submitted); the 70B's tensor-parallel generation ran as 4 gloo ranks; the report, the audit and the
-cross-model statistics exist; each job kind's sbatch resources; the judge server was asked.
+cross-model statistics exist; each job kind's sbatch resources (group jobs: one task, no GPU); the profile's job
+groups took effect (fewer sbatch jobs than grouped jobs); the judge server was asked.
 Marker ``slurm`` (root only, Debian SLURM packages; ``make rehearse-paper``, ``make test-slow``).
 """
 
@@ -52,6 +53,9 @@ LOGIN_RULES = NETWORK_RULES | {"grade", "cross_judge"}
 #: The whole snakemake run (measured ~N s on an idle 2-core machine; see the report printed by the test).
 RUN_TIMEOUT_S = 3000
 CONCURRENT_JOBS = 24
+#: The users' profile batches these rules' jobs, several to one sbatch job: {rule: group}. The plugin files a group
+#: job's sbatch comment and SLURM log under the group's name.
+GROUPS: dict[str, str] = yaml.safe_load(USER_PROFILE.read_text()).get("groups") or {}
 
 
 def derive_profile(dst: Path, *, jobs: int = CONCURRENT_JOBS) -> Path:
@@ -234,7 +238,14 @@ def test_paper_plan_rehearsal_through_slurm(big_slurm_node, tmp_path):
     assert not set(submitted) & LOGIN_RULES, submitted
     for rule in LOGIN_RULES:
         assert f"localrule {rule}:" in out, rule
-    assert submitted == Counter({r: n for r, n in planned.items() if r not in LOGIN_RULES | {"all"}}), submitted
+    # Ungrouped cluster rules: one sbatch job per job. Grouped rules: fewer sbatch jobs than jobs, all of them ran.
+    alone = Counter({r: n for r, n in planned.items() if r not in LOGIN_RULES | {"all"} | set(GROUPS)})
+    assert Counter({r: n for r, n in submitted.items() if r not in set(GROUPS.values())}) == alone, submitted
+    for group in sorted(set(GROUPS.values())):
+        members = sum(n for r, n in planned.items() if GROUPS.get(r) == group)
+        assert members == 0 or 0 < submitted[group] < members, (group, submitted[group], members)
+    print(f"sbatch jobs: {len(calls)} for {sum(planned.values()) - sum(planned[r] for r in LOGIN_RULES | {'all'})} "
+          f"cluster jobs; by rule or group: {dict(sorted(submitted.items()))}")  # fmt: skip
 
     # The sbatch resources of each job kind: the users' profile and the paper's models.<name>.resources.
     assert_sbatch_resources(calls, paper)

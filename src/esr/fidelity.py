@@ -447,6 +447,16 @@ DEVIATIONS: tuple[Deviation, ...] = (
     ),
     Deviation(
         "exp4 fine-tuning",
+        "finetune.drift_max_score",
+        "authors: no filter; the drift is written off-topic on purpose by Claude Sonnet 4.5 (§6.9)",
+        "null (default): every steered generation is drift. A number: finetune_material grades the steered drift "
+        "with the judge block (the steered latent's label) and only records scored at most it (0-100, on the "
+        "prompt's topic) are drift; a drift_file must carry its own score column.",
+        matches=lambda v: None,
+        applies=lambda c: bool(get(c, "finetune.enabled", False)),
+    ),
+    Deviation(
+        "exp4 fine-tuning",
         "finetune.length_match",
         "authors: normal examples not length-matched (§6.9)",
         "true (default): each normal example is matched in length to a self-correction example, so that answer "

@@ -7,8 +7,9 @@ Steps (each cached under ``--work``, default results/exp4_recipes, keyed by the 
 
 1. material (``material/<hash>/``): the prompt split (``esr.finetune.split_prompts``), the base model's own
    unsteered answers and its steered generations from random latents at ``--drift-boosts``
-   (``esr.stages.finetune.generate_material``) on the TRAIN prompts; the drift is graded by the offline judge so
-   ``--drift-max-score`` can keep only drift that really left the topic.
+   (``esr.stages.finetune.generate_material``) on the TRAIN prompts; the drift is graded by the configured judge
+   (``esr.stages.finetune.grade_drift``, as rule finetune_material does) so ``--drift-max-score`` can keep only
+   drift that really left the topic.
 2. data: ``esr.finetune.build_finetune_data`` (masked self-correction + length-matched normal examples).
 3. LoRA: ``esr.finetune.train_lora`` (resumable per epoch; torch threads ``--threads``) + ``merge_lora``.
 4. evaluation on the HELD-OUT prompts (base once, cached; then the fine-tuned model): unsteered trials
@@ -76,7 +77,7 @@ def _material(args, *, cfg, spec, base_dir, prompts, seed, work: Path):
     from esr.finetune import PromptSplit, recipe_hash, split_prompts
     from esr.generation import load_configured_generator
     from esr.io import read_json, write_json, write_parquet
-    from esr.stages.finetune import generate_material
+    from esr.stages.finetune import generate_material, grade_drift
 
     block = {
         "heldout_fraction": args.heldout_fraction,
@@ -98,13 +99,8 @@ def _material(args, *, cfg, spec, base_dir, prompts, seed, work: Path):
     gen = load_configured_generator(spec, base_dir, cfg["generation"], max_new_tokens=args.max_new_tokens)
     answers, drift = generate_material(generator=gen, prompts=list(split.train), finetune=block, seed=seed)
     t_gen = time.perf_counter() - t0
-    judge = _judge(cfg, spec)
-    labels = _labels(spec)
     drift = pd.DataFrame(drift)
-    res = judge.grade_batch(
-        [_request(r.prompt, r.response, labels.get(int(r.steer_latent), "")) for r in drift.itertuples()]
-    )
-    drift["score"] = [g.scores[0] if g.ok and g.scores else None for g in res]
+    drift["score"] = grade_drift(drift=drift, judge=_judge(cfg, spec), labels=_labels(spec))  # as finetune_material
     folder.mkdir(parents=True, exist_ok=True)
     write_parquet(folder / "answers.parquet", pd.DataFrame(answers))
     write_parquet(folder / "drift.parquet", drift)
@@ -126,17 +122,11 @@ def _judge(cfg, spec):
     return build_judge(block, show_progress=True)
 
 
-def _request(prompt: str, response: str, label: str):
-    from esr.judge.base import JudgeRequest
-
-    return JudgeRequest(prompt, response, label)
-
-
 def _labels(spec) -> dict[int, str]:
-    import pandas as pd
+    """The workflow's labels of the model's SAE latents (``resources/labels/<model>.csv``)."""
+    from esr.stages.finetune import latent_labels
 
-    df = pd.read_csv(Path("resources/labels") / f"{spec.name}.csv")
-    return {int(r.latent): str(r.label) for r in df.itertuples() if isinstance(r.label, str)}
+    return latent_labels(Path("resources/labels") / f"{spec.name}.csv")
 
 
 def _eval_latents(spec, n: int) -> list[int]:

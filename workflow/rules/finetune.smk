@@ -1,14 +1,32 @@
 # Exp4 (reference protocol 6.9): LoRA fine-tuning on masked self-correction examples. For a model entry with
 # source: finetuned and base_model: <base> (needs finetune.enabled): finetune_material (once per base model, shared by
 # every ratio of the sweep: the prompt split and the base model's own unsteered answers and steered drift on the
-# training prompts) -> finetune_data (per fine-tuned model: its mix at its masked ratio) -> finetune_lora (peft,
-# resumable per epoch) -> merge_lora (resources/models/<name>, loaded like any other model). Rule bodies:
-# esr.stages.finetune; input functions: common.smk.
+# training prompts, the drift graded when finetune.drift_max_score is set) -> finetune_data (per fine-tuned model:
+# its mix at its masked ratio) -> finetune_lora (peft, resumable per epoch) -> merge_lora (resources/models/<name>,
+# loaded like any other model). Rule bodies: esr.stages.finetune; input functions: common.smk and below.
+from esr.stages.finetune import material_settings
+
+
 ruleorder: merge_lora > download_model
+
+
+# finetune.drift_max_score set and the drift generated here: finetune_material grades the drift with the `judge`
+# block (resolved as rule grade's: `anchors: auto` is the base model's anchor file) and the base model's labels. A
+# drift_file is not graded: it must carry its own score column (esr.stages.finetune.finetune_material).
+FT_GRADES_DRIFT = FINETUNE.get("drift_max_score") is not None and FINETUNE.get("drift_source") != "file"
+
+
+def finetune_drift_judge_inputs(wildcards):
+    """The drift judge's inputs of finetune_material (the base model's labels and, for `anchors: auto`, its anchor
+    file) when it grades the drift (FT_GRADES_DRIFT), else none."""
+    if not FT_GRADES_DRIFT:
+        return {}
+    return {"labels": labels_input(wildcards), "judge_anchors": judge_anchors_input("judge")(wildcards)}
 
 
 rule finetune_material:
     input:
+        unpack(finetune_drift_judge_inputs),
         model_dir=model_dir,
         sae=sae_input,
         prompt_list=PROMPTS,
@@ -30,9 +48,12 @@ rule finetune_material:
         gpu=FT_RES.get("gpu", 0),
     params:
         spec=model_spec,
-        finetune=FINETUNE,
+        # only the settings the material depends on: another finetune key (masked_ratio, n_examples, the value of
+        # drift_max_score) reruns finetune_data, not this (Snakemake's params rerun trigger)
+        finetune=material_settings(FINETUNE),
         generation=config.get("generation"),
         seed=config["seed"],
+        judge=lambda w: judge_config("judge")(w) if FT_GRADES_DRIFT else None,
     script:
         "../scripts/finetune_material.py"
 

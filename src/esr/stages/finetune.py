@@ -1,5 +1,6 @@
 """Rules of ``workflow/rules/finetune.smk`` (exp4, ``esr.finetune``): ``finetune_material`` (once per base model:
-the prompt split and the base model's own unsteered answers and steered drift on the training prompts),
+the prompt split and the base model's own unsteered answers and steered drift on the training prompts, the drift
+graded by the judge when ``finetune.drift_max_score`` is set: :func:`grade_drift`),
 ``finetune_data`` (per fine-tuned model: masked self-correction + normal examples at its ratio), ``finetune_lora``
 (peft LoRA, resumable per epoch), ``merge_lora`` (``resources/models/<name>``) and ``summarise_exp4``."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,8 @@ def generate_material(
 
 #: The ``finetune`` keys the shared material depends on (one ``finetune_material`` job per base model serves every
 #: ratio of the sweep; a change of any other key, e.g. ``masked_ratio`` or ``n_examples``, reruns finetune_data only).
+#: ``drift_max_score`` counts only as whether it is set (``drift_scored`` in :func:`material_settings`): the drift is
+#: graded iff it is, and its value only filters the graded drift in finetune_data.
 MATERIAL_KEYS = (
     "train_on_eval_prompts",
     "heldout_fraction",
@@ -97,8 +101,48 @@ MATERIAL_KEYS = (
 
 
 def material_settings(finetune: dict[str, Any]) -> dict[str, Any]:
-    """The part of a validated ``finetune`` block the shared material depends on (:data:`MATERIAL_KEYS`)."""
-    return {k: finetune.get(k) for k in MATERIAL_KEYS}
+    """The part of a validated ``finetune`` block the shared material depends on: :data:`MATERIAL_KEYS` and
+    ``drift_scored`` (whether ``finetune.drift_max_score`` is set, so the drift carries a judge ``score``). Accepts
+    its own output too (rule finetune_material gets only these settings as its ``finetune`` param, so a change of
+    another key does not rerun it)."""
+    scored = finetune["drift_scored"] if "drift_scored" in finetune else finetune.get("drift_max_score") is not None
+    return {**{k: finetune.get(k) for k in MATERIAL_KEYS}, "drift_scored": bool(scored)}
+
+
+def latent_labels(path: str | Path) -> dict[int, str]:
+    """``{latent: label}`` of a labels CSV (``resources/labels/<model>.csv``, read by ``esr.latents.read_labels``);
+    unlabeled latents are left out."""
+    from esr.latents import labels_dict, read_labels
+
+    return {k: v for k, v in labels_dict(read_labels(path)).items() if v}
+
+
+def grade_drift(*, drift: Any, judge: Any, labels: Mapping[int, str]) -> list[float | None]:
+    """The judge's score of each drift record (exp4 material; the drift filter ``finetune.drift_max_score``).
+
+    ``drift``: a DataFrame or records with ``prompt``, ``response`` and ``steer_latent`` (the steered latent; None
+    or NaN: graded with an empty label), e.g. :func:`generate_material`'s steered rows. ``judge``: an
+    ``esr.judge.base.Judge`` (``esr.judge.factory.build_judge`` of the ``judge`` block, as rule grade builds it).
+    ``labels``: latent -> label (:func:`latent_labels`; a latent without one gets an empty label). Returns one score
+    per record, in order: the 0-100 score of the first scored attempt (0: off the prompt's topic, 100: on it; paper
+    Sec. 2.3), None where the judge failed or scored no attempt. Raises ``ValueError`` when a record lacks
+    ``prompt`` or ``response``; the judge's ``JudgeAuthError`` / ``JudgeCircuitOpen`` pass through."""
+    import math
+
+    from esr.judge.base import JudgeRequest
+
+    rows = drift.to_dict("records") if hasattr(drift, "to_dict") else [dict(r) for r in drift]
+    requests = []
+    for i, r in enumerate(rows):
+        missing = [k for k in ("prompt", "response") if k not in r]
+        if missing:
+            raise ValueError(f"grade_drift: drift record {i} lacks {missing} (has {sorted(r)})")
+        lat = r.get("steer_latent")
+        unsteered = lat is None or (isinstance(lat, float) and math.isnan(lat))
+        label = "" if unsteered else labels.get(int(lat), "")
+        requests.append(JudgeRequest(str(r["prompt"]), str(r["response"]), label, trial_id=f"drift|{i}"))
+    graded = judge.grade_batch(requests)
+    return [float(g.scores[0]) if g.ok and g.scores else None for g in graded]
 
 
 def finetune_material(
@@ -112,6 +156,8 @@ def finetune_material(
     finetune: dict[str, Any],
     generation: dict[str, Any],
     seed: int,
+    judge: dict[str, Any] | None = None,
+    labels: str | list[str] | None = None,
     **inputs: Any,
 ) -> None:
     """Rule finetune_material (once per base model ``spec``, shared by every fine-tuned model of it, i.e. every
@@ -119,33 +165,69 @@ def finetune_material(
     seeded by the run seed only, so every ratio gets the same split), generate the base model's unsteered answers and
     steered drift on the training prompts (:func:`generate_material`; ``drift_source: file``: drift read from
     ``finetune.drift_file`` instead) and write them (``answers`` / ``drift``, parquet) with a manifest (the split,
-    :func:`material_settings`, generation settings, input hashes). Raises ``ValueError`` from the split (duplicate
-    prompts, a bad ``heldout_fraction``)."""
+    :func:`material_settings`, generation settings, the drift judge's provenance, input hashes).
+
+    ``finetune``: the ``finetune`` block or its :func:`material_settings`. When ``finetune.drift_max_score`` is set,
+    the drift gets a ``score`` column: generated drift is graded here (:func:`grade_drift`) by ``judge`` (the
+    resolved ``judge`` block, as rule grade gets it: ``anchors: auto`` is the base model's anchor file) with the
+    steered latents' labels (``labels``: the base model's labels CSV); a ``drift_file`` must carry its own ``score``
+    column (0-100 on-topic score, at most ``drift_max_score`` is kept), it is not graded. When it is null nothing is
+    graded and ``judge`` / ``labels`` are not used. Raises ``ValueError`` from the split (duplicate prompts, a bad
+    ``heldout_fraction``), when a scored drift file has no ``score`` column, or when generated drift is to be graded
+    and ``judge`` or ``labels`` is missing."""
     import pandas as pd
 
     from esr.assets import read_prompts
     from esr.generation import load_configured_generator
     from esr.io import write_json, write_parquet
 
+    settings = material_settings(finetune)
+    from_file, scored = settings["drift_source"] == "file", settings["drift_scored"]
+    labels = labels or None  # an unused rule input binds as []
+    if scored and not from_file and (not judge or not labels):
+        raise ValueError(
+            "finetune_material: finetune.drift_max_score is set, so the generated drift is graded, which needs the "
+            f"judge block and the labels file (got judge={judge!r}, labels={labels!r})"
+        )
+    drifts = None
+    if from_file:  # read (and checked) before any generation
+        path = Path(settings["drift_file"])
+        drifts = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_parquet(path)
+        if scored and "score" not in drifts.columns:
+            raise ValueError(
+                f"finetune_material: finetune.drift_max_score is set but finetune.drift_file {str(path)!r} has no "
+                f"'score' column (columns: {list(drifts.columns)}); add the judge's 0-100 scores to the file, or set "
+                "finetune.drift_max_score: null"
+            )
     prompts = read_prompts(prompt_list)
     split = split_prompts(
         prompts=prompts,
-        heldout_fraction=finetune["heldout_fraction"],
+        heldout_fraction=settings["heldout_fraction"],
         seed=seed,
-        train_on_eval_prompts=finetune["train_on_eval_prompts"],
+        train_on_eval_prompts=settings["train_on_eval_prompts"],
     )
-    gen = load_configured_generator(spec, model_dir, generation, max_new_tokens=finetune["max_new_tokens"])
-    from_file = finetune["drift_source"] == "file"
-    material = {**finetune, "drift_per_prompt": 0} if from_file else finetune
-    ans, drifts = generate_material(generator=gen, prompts=list(split.train), finetune=material, seed=seed)
-    drift_input = None
-    if from_file:
-        path = Path(finetune["drift_file"])
-        drifts = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_parquet(path)
-        drift_input = {"path": str(path), "sha256": sha256_file(path)}
+    gen = load_configured_generator(spec, model_dir, generation, max_new_tokens=settings["max_new_tokens"])
+    material = {**settings, "drift_per_prompt": 0} if from_file else settings
+    ans, generated = generate_material(generator=gen, prompts=list(split.train), finetune=material, seed=seed)
     cols = ["prompt", "response", "steer_latent", "boost", "seed"]
+    drift_input, drift_judge, judge_stats = None, None, None
+    if from_file:
+        drift_input = {"path": str(path), "sha256": sha256_file(path)}
+    else:
+        drifts = pd.DataFrame(generated, columns=cols)
+        if scored:
+            from esr.judge.factory import build_judge
+
+            grader = build_judge(judge, show_progress=True)
+            drifts["score"] = pd.Series(
+                grade_drift(drift=drifts, judge=grader, labels=latent_labels(labels)), dtype=float
+            )
+            n_failed = int(drifts["score"].isna().sum())
+            drift_judge = {**grader.describe(), "labels_sha256": sha256_file(labels), "ungraded": n_failed}
+            judge_stats = grader.stats.as_dict()
+            log.info("graded %d drift texts (%d ungraded): %s", len(drifts), n_failed, judge_stats)
     write_parquet(answers, pd.DataFrame(ans, columns=cols))
-    write_parquet(drift, pd.DataFrame(drifts) if from_file else pd.DataFrame(drifts, columns=cols))
+    write_parquet(drift, drifts)
     write_json(
         manifest,
         {
@@ -153,13 +235,15 @@ def finetune_material(
             "base_model": spec.name,
             "base_hf_id": spec.hf_id,
             "base_revision": spec.revision,
-            "material": material_settings(finetune),
+            "material": settings,
             "generation": dict(generation),
             "seed": seed,
             "prompts_sha256": sha256_file(prompt_list),
             "train_prompts": list(split.train),
             "eval_prompts": list(split.eval),
             "drift_input": drift_input,
+            "drift_judge": drift_judge,
+            "drift_judge_stats": judge_stats,
             "answers_sha256": sha256_file(answers),
             "drift_sha256": sha256_file(drift),
             "counts": {"answers": len(ans), "drift": len(drifts)},
@@ -184,8 +268,10 @@ def finetune_data(
     """Rule finetune_data (per fine-tuned model): build its mix (``esr.finetune.build_finetune_data``, at the model's
     own ``masked_ratio``) from the base model's shared material (rule finetune_material: ``answers``, ``drift`` and
     their ``material`` manifest, whose split it keeps) and write the examples (``data``, parquet) and their manifest
-    (settings, split, recipe hash, the material's hashes). Raises ``ValueError`` when the material was made from
-    another prompt list or other material settings than this run's (rerun finetune_material)."""
+    (settings, split, recipe hash, the material's hashes and drift judge). With ``finetune.drift_max_score`` set, only
+    drift records with a ``score`` at most it are used (ungraded ones, the judge failed, are dropped). Raises
+    ``ValueError`` when the material was made from another prompt list or other material settings than this run's,
+    or has no ``score`` column while ``drift_max_score`` is set (rerun finetune_material)."""
     import pandas as pd
 
     info = read_json(material)
@@ -198,9 +284,30 @@ def finetune_data(
         )
     split = PromptSplit(tuple(info["train_prompts"]), tuple(info["eval_prompts"]))
     settings = data_settings(finetune, seed, masked_ratio=spec.masked_ratio)
+    drifts = pd.read_parquet(drift)
+    if settings.drift_max_score is not None:
+        if "score" not in drifts.columns:
+            raise ValueError(
+                f"finetune_data: finetune.drift_max_score is set but {drift} has no 'score' column; rerun "
+                "finetune_material"
+            )
+        try:
+            drifts["score"] = pd.to_numeric(drifts["score"]).astype(float)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"finetune_data: the 'score' column of {drift} is not numeric ({err})") from None
+        ungraded = drifts["score"].isna()
+        kept = int((drifts["score"] <= settings.drift_max_score).sum())
+        log.info(
+            "drift: %d of %d records score at most finetune.drift_max_score=%s (%d ungraded, dropped)",
+            kept,
+            len(drifts),
+            settings.drift_max_score,
+            int(ungraded.sum()),
+        )
+        drifts = drifts[~ungraded].reset_index(drop=True)  # drift the judge could not grade is never used
     examples = build_finetune_data(
         answers=pd.read_parquet(answers),
-        drifts=pd.read_parquet(drift),
+        drifts=drifts,
         split=split,
         settings=settings,
         train_on_eval_prompts=finetune["train_on_eval_prompts"],
@@ -224,6 +331,7 @@ def finetune_data(
             "train_prompts": list(split.train),
             "eval_prompts": list(split.eval),
             "drift_input": info["drift_input"],
+            "drift_judge": info.get("drift_judge"),
             "material": {k: info[k] for k in ("answers_sha256", "drift_sha256", "counts")},
         },
     )
