@@ -3,7 +3,8 @@
 # (tests/test_workflow.py, ~30 min, mostly 2 cores busy) and everything else (kill -9 harness, tiny DAG + bundle,
 # tensor-parallel ranks, and the rehearsal of config/paper.yaml through SLURM on localhost (tests/test_rehearsal.py);
 # mostly process start-up and imports per Snakemake job). Side by side the second core's idle time is used. The
-# embedded run's output is printed after the other's. Exit status: non-zero if either failed. Extra arguments go to both pytest calls.
+# embedded run's output is printed after the other's. Exit status: non-zero if either failed. Extra arguments go
+# to both pytest calls.
 set -uo pipefail
 PY=${PY:-.venv/bin/python}
 LOGS=${SLOW_LOGS:-.pytest-logs}
