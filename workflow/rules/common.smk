@@ -12,6 +12,7 @@ from esr.config import ConfigError, model_specs, validate_config  # noqa: E402
 from esr.experiments import REGISTRY  # noqa: E402
 from esr.judge.factory import API_BACKENDS  # noqa: E402
 from esr.preflight import check_inputs, local_inputs  # noqa: E402
+from esr.stages.finetune import material_settings  # noqa: E402
 
 try:
     validate_config(config)  # the one validation: JSON schema (names the offending key) + cross-key checks
@@ -144,6 +145,20 @@ def finetune_material_input(wildcards):
 def finetune_drift_input(wildcards):
     """finetune.drift_file as an input of finetune_material when finetune.drift_source is file."""
     return [FINETUNE["drift_file"]] if FINETUNE.get("drift_source") == "file" and FINETUNE.get("drift_file") else []
+
+
+# finetune.drift_max_score set and the drift generated here: finetune_material grades the drift with the `judge`
+# block (resolved as for the grade rule, so `anchors: auto` is the base model's anchor file) and the base model's
+# labels. A drift_file is not graded: it must carry its own score column (esr.stages.finetune.finetune_material).
+FT_GRADES_DRIFT = FINETUNE.get("drift_max_score") is not None and FINETUNE.get("drift_source") != "file"
+
+
+def finetune_drift_judge_inputs(wildcards):
+    """The drift judge's inputs of finetune_material (the base model's labels and, for `anchors: auto`, its anchor
+    file) when it grades the drift (FT_GRADES_DRIFT), else none."""
+    if not FT_GRADES_DRIFT:
+        return {}
+    return {"labels": labels_input(wildcards), "judge_anchors": judge_anchors_input("judge")(wildcards)}
 
 
 def base_spec(wildcards):

@@ -4,24 +4,7 @@
 # training prompts, the drift graded when finetune.drift_max_score is set) -> finetune_data (per fine-tuned model:
 # its mix at its masked ratio) -> finetune_lora (peft, resumable per epoch) -> merge_lora (resources/models/<name>,
 # loaded like any other model). Rule bodies: esr.stages.finetune; input functions: common.smk and below.
-from esr.stages.finetune import material_settings
-
-
 ruleorder: merge_lora > download_model
-
-
-# finetune.drift_max_score set and the drift generated here: finetune_material grades the drift with the `judge`
-# block (resolved as rule grade's: `anchors: auto` is the base model's anchor file) and the base model's labels. A
-# drift_file is not graded: it must carry its own score column (esr.stages.finetune.finetune_material).
-FT_GRADES_DRIFT = FINETUNE.get("drift_max_score") is not None and FINETUNE.get("drift_source") != "file"
-
-
-def finetune_drift_judge_inputs(wildcards):
-    """The drift judge's inputs of finetune_material (the base model's labels and, for `anchors: auto`, its anchor
-    file) when it grades the drift (FT_GRADES_DRIFT), else none."""
-    if not FT_GRADES_DRIFT:
-        return {}
-    return {"labels": labels_input(wildcards), "judge_anchors": judge_anchors_input("judge")(wildcards)}
 
 
 rule finetune_material:
