@@ -162,6 +162,45 @@ def _tasks(flags: dict[str, str]) -> int:
     return 1
 
 
+GROUP_TOY = """
+rule all:
+    input: expand("out/{i}.txt", i=range(3))
+
+rule summarise:
+    output: "out/{i}.txt"
+    threads: 1
+    resources: mem_mb=4000, runtime=60
+    shell: "echo {wildcards.i} > {output}"
+"""
+
+
+def test_a_group_job_is_one_task_on_one_node(tmp_path):
+    """The users' profile groups summarise jobs (``groups``/``group-components``). Three independent summarise jobs
+    become one group job whose sbatch line asks ONE node and ONE task, the members' largest memory and CPUs and
+    their times added (they run one after another), not --nodes=3 --ntasks=3 (Snakemake's sum over members that
+    could run side by side; on the rehearsal's one-node cluster such a job never starts)."""
+    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["groups"]["summarise"] and profile["group-components"][profile["groups"]["summarise"]] >= 3
+    (tmp_path / "Snakefile").write_text(GROUP_TOY)
+    bin_dir = tmp_path / "bin"
+    _fake_slurm(bin_dir)
+    log = tmp_path / "sbatch.jsonl"
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", str(REPO / "workflow/profiles/slurm"), "--retries", "0",
+         "--slurm-init-seconds-before-status-checks", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**_env(bin_dir), "ESR_SBATCH_LOG": str(log)},
+    )  # fmt: skip
+    assert log.is_file(), res.stdout[-3000:] + res.stderr[-3000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 1, calls  # one sbatch job for the three summarise jobs
+    argv = calls[0]
+    assert argv[argv.index("--comment") + 1].startswith(f"rule_{profile['groups']['summarise']}")
+    flags = _flags(argv)
+    assert flags["--nodes"] == "1" and _tasks(flags) == 1 and flags["--cpus-per-task"] == "1", flags
+    assert flags["--mem"] == "4000" and flags["-t"] == "180", flags
+    assert not any(k in flags for k in ("--gpus", "--gres", "--gpus-per-node")), flags
+
+
 def test_70b_generation_is_one_task_with_four_gpus_and_grading_has_no_gpu(tmp_path):
     config = _paper_config(tmp_path, run_on="cluster")  # grading as a cluster job, to see its sbatch line too
     calls = _sbatch_calls(tmp_path, config)

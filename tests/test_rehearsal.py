@@ -108,6 +108,8 @@ def read_sbatch_log(log: Path) -> list[tuple[str, str, dict[str, str]]]:
         argv = json.loads(line)
         comment = argv[argv.index("--comment") + 1]
         rule = re.match(r"rule_([a-z_0-9]+?)(?:_wildcards_|$)", comment).group(1)
+        # a group job's comment is rule_<group>_<its rules>: count it under the group
+        rule = next((g for g in set(GROUPS.values()) if rule == g or rule.startswith(f"{g}_")), rule)
         calls.append((rule, comment, _flags(argv)))
     return calls
 
