@@ -5,6 +5,7 @@ DAG a tiny config with fine-tuning on plans (dry run)."""
 from __future__ import annotations
 
 import copy
+import functools
 import re
 
 import pandas as pd
@@ -169,6 +170,24 @@ def _material_call(tmp_path, cfg, **extra):
     return mat
 
 
+def _data_call(cfg, mat, *, model, finetune, data, manifest):
+    """Rule finetune_data's body for fine-tuned ``model`` of the tiny config, from ``_material_call``'s outputs."""
+    from esr.stages import finetune as stages
+
+    stages.finetune_data(
+        prompt_list=cfg["prompts"]["path"],
+        answers=mat["answers"],
+        drift=mat["drift"],
+        material=mat["manifest"],
+        spec=model_specs(cfg)[model],
+        base_spec=model_specs(cfg)["tiny-llama"],
+        finetune=finetune,
+        seed=cfg["seed"],
+        data=data,
+        manifest=manifest,
+    )
+
+
 #: The drift judge of these tests: a fake judge whose score is set by the steered latent's label (on topic: 90).
 _OFF_TOPIC = {"dog, cat": 10.0, "bread, water": 30.0}
 
@@ -209,17 +228,8 @@ def test_drift_above_drift_max_score_never_reaches_the_training_data(tmp_path, m
     assert info["drift_judge"]["judge_id"] == "fake:label-judge" and info["drift_judge"]["ungraded"] == 0
     assert info["drift_judge"]["template_version"]
     out = {"data": str(tmp_path / "data.parquet"), "manifest": str(tmp_path / "data.json")}
-    stages.finetune_data(
-        prompt_list=cfg["prompts"]["path"],
-        answers=mat["answers"],
-        drift=mat["drift"],
-        material=mat["manifest"],
-        spec=model_specs(cfg)["tiny-llama-ft-r100"],
-        base_spec=model_specs(cfg)["tiny-llama"],
-        finetune=cfg["finetune"],
-        seed=cfg["seed"],
-        **out,
-    )
+    build_data = functools.partial(_data_call, cfg, mat, model="tiny-llama-ft-r100", finetune=cfg["finetune"], **out)
+    build_data()
     data = pd.read_parquet(out["data"])
     off_topic = {int(lat) for lat, sc in zip(drift["steer_latent"], drift["score"]) if sc <= 40}
     assert len(data) == 24 and set(data["kind"]) == {"self_correction"}
@@ -229,17 +239,7 @@ def test_drift_above_drift_max_score_never_reaches_the_training_data(tmp_path, m
     failed = drift.assign(score=[None] * len(drift))
     failed.to_parquet(mat["drift"])
     with pytest.raises(ValueError, match="no usable steered"):
-        stages.finetune_data(
-            prompt_list=cfg["prompts"]["path"],
-            answers=mat["answers"],
-            drift=mat["drift"],
-            material=mat["manifest"],
-            spec=model_specs(cfg)["tiny-llama-ft-r100"],
-            base_spec=model_specs(cfg)["tiny-llama"],
-            finetune=cfg["finetune"],
-            seed=cfg["seed"],
-            **out,
-        )
+        build_data()
 
 
 def test_no_drift_max_score_builds_no_judge_and_a_scored_drift_file_needs_scores(tmp_path, monkeypatch):
@@ -275,15 +275,11 @@ def test_no_drift_max_score_builds_no_judge_and_a_scored_drift_file_needs_scores
     )
     # whether the drift is scored is part of the material: finetune_data refuses material made the other way
     with pytest.raises(ValueError, match="rerun finetune_material"):
-        stages.finetune_data(
-            prompt_list=cfg["prompts"]["path"],
-            answers=mat["answers"],
-            drift=mat["drift"],
-            material=mat["manifest"],
-            spec=model_specs(cfg)["tiny-llama-ft-r50"],
-            base_spec=model_specs(cfg)["tiny-llama"],
+        _data_call(
+            cfg,
+            mat,
+            model="tiny-llama-ft-r50",
             finetune={**ft, "drift_max_score": None},
-            seed=cfg["seed"],
             data=str(tmp_path / "x.parquet"),
             manifest=str(tmp_path / "x.json"),
         )
