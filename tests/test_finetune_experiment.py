@@ -139,15 +139,11 @@ def test_material_is_made_once_and_every_ratio_builds_its_mix_from_it(tmp_path, 
     other = copy.deepcopy(cfg["finetune"])
     other["drift_boosts"] = [9.0]
     with pytest.raises(ValueError, match="rerun finetune_material"):
-        stages.finetune_data(
-            prompt_list=prompts,
-            answers=mat["answers"],
-            drift=mat["drift"],
-            material=mat["manifest"],
-            spec=specs["tiny-llama-ft-r25"],
-            base_spec=base,
+        _data_call(
+            cfg,
+            mat,
+            model="tiny-llama-ft-r25",
             finetune=other,
-            seed=cfg["seed"],
             data=str(tmp_path / "x.parquet"),
             manifest=str(tmp_path / "x.json"),
         )
