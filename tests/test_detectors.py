@@ -38,6 +38,17 @@ def test_auc_matches_hand_values():
     assert auc[1] == pytest.approx(0.125)
 
 
+def test_auc_equals_the_pairwise_definition_on_sparse_columns():
+    """The vectorised rank AUC is P(shuffled > normal) + 0.5 P(tie) for every latent (many ties at 0, as SAE
+    activations have), counted pair by pair."""
+    rng = np.random.default_rng(1)
+    normal = rng.random((7, 40)) * (rng.random((7, 40)) < 0.4)
+    shuffled = rng.random((5, 40)) * (rng.random((5, 40)) < 0.4)
+    diff = shuffled[:, None, :] - normal[None, :, :]
+    pairwise = ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(0, 1))
+    assert np.allclose(auc_shuffled_vs_normal(normal, shuffled), pairwise)
+
+
 def test_discovery_methods_on_planted_detectors():
     rng = np.random.default_rng(0)
     n, d = 20, 50

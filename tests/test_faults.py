@@ -217,6 +217,19 @@ def test_progress_lines_give_rate_and_eta(caplog):
     assert [m.split(":")[1].split()[0] for m in caplog.messages] == ["1/3", "3/3", "1/2", "2/2"]
 
 
+def test_a_stopped_meter_logs_its_last_rate_limited_count_once(caplog):
+    now = [0.0]
+    meter = Progress(total=5, desc="d", unit="u", min_interval_s=60, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="esr.progress"):
+        meter.update(1)
+        now[0] += 1
+        meter.update(2)  # rate-limited: not logged
+        meter.close()
+        meter.close()
+    assert caplog.messages[0].startswith("d: 1/5 u") and caplog.messages[1].startswith("d: 3/5 u")
+    assert caplog.messages[1].endswith("(stopped)") and len(caplog.messages) == 2
+
+
 def test_calibration_writes_a_progress_line_per_latent_batch_and_step_to_the_rule_log(tmp_path):
     log_file = tmp_path / "logs" / "calibrate_boosts" / "m" / "shard-0.log"
     batch, _ = counting_score_fn()

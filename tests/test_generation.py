@@ -3,6 +3,8 @@ EOS handling, chat templates, repetition penalty."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -184,6 +186,18 @@ def test_results_are_records(loaded, directions):
     assert rec["trial_id"] == "t0" and rec["intervention"]["steer_latent"] == 1 and "activations" not in rec
     assert rec["settings"]["injection_layer"] == LAYER and rec["settings"]["max_new_tokens"] == 3
     assert isinstance(res.response, str) and res.n_tokens == len(res.token_ids)
+
+
+def test_generate_logs_progress_lines_with_rate_and_eta(loaded, directions, caplog):
+    """Generation over several batches logs to the rule's log (logging), not a terminal bar (issue 16's material
+    generation logged nothing for 5 min)."""
+    gen = make(loaded, directions, max_new_tokens=2, batch_size=2)
+    gen.progress = True
+    reqs = [TrialRequest(PROMPT_A, s, None) for s in range(5)]
+    with caplog.at_level(logging.INFO, logger="esr.generation"):
+        gen.generate(reqs, desc="steered drift")
+    lines = [m for m in caplog.messages if m.startswith("steered drift: ")]
+    assert lines and lines[-1].startswith("steered drift: 5/5 sequences (100%)") and "ETA" in lines[-1]
 
 
 def test_settings_validation():

@@ -114,17 +114,15 @@ def derangement(n: int, seed: int) -> np.ndarray:
 
 def auc_shuffled_vs_normal(normal: np.ndarray, shuffled: np.ndarray) -> np.ndarray:
     """Per-latent ROC-AUC with shuffled pairs as positives: P(shuffled > normal) + 0.5 P(tie). [d_sae]."""
-    n_neg, n_pos = normal.shape[0], shuffled.shape[0]
-    both = np.concatenate([normal, shuffled], axis=0)
-    ranks = np.apply_along_axis(_average_ranks, 0, both)
-    rank_sum_pos = ranks[n_neg:].sum(axis=0)
-    return (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
-    return rankdata(x, method="average")
+    n_neg, n_pos = normal.shape[0], shuffled.shape[0]
+    both = np.concatenate([normal, shuffled], axis=0)
+    # one vectorised call over every latent's column (scipy >= 1.10): 80x faster than a per-latent loop at 65,536
+    # latents (6.6 s -> 0.08 s for 16 sequences, the 70B's SAE width)
+    ranks = rankdata(both, method="average", axis=0)
+    rank_sum_pos = ranks[n_neg:].sum(axis=0)
+    return (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 @dataclass(frozen=True)

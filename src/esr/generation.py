@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ from esr.models import LoadedModel
 from esr.ranks import broadcast_tensor
 from esr.sae import SteeringDirections
 from esr.steering import Intervention, SteeringPlan, apply_interventions
+
+log = logging.getLogger("esr.generation")
 
 CHAT_TEMPLATES = ("model", "reference_llama_prompt", "none")
 REFERENCE_LLAMA_SUFFIX = "<|begin_of_text|><|start_header_id|>assistant<|end_header_id|>"
@@ -332,15 +335,20 @@ class SteeredGenerator:
         )
         return out
 
-    def generate(self, requests: Sequence[TrialRequest]) -> list[GenerationResult]:
-        """All requests, in batches of ``settings.batch_size``; results in request order."""
-        from tqdm.auto import tqdm
+    def generate(self, requests: Sequence[TrialRequest], *, desc: str = "generating") -> list[GenerationResult]:
+        """All requests, in batches of ``settings.batch_size``; results in request order. With ``progress`` on and
+        more than one batch, logs a progress line (``desc``: done/total sequences, rate, ETA; at most one per 10 s)
+        to the rule's log (:class:`esr.progress.Progress`)."""
+        from esr.progress import Progress
 
         bs = self.settings.batch_size
         chunks = [list(requests[i : i + bs]) for i in range(0, len(requests), bs)]
         results: list[GenerationResult] = []
-        for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not self.progress or len(chunks) < 2):
+        meter = Progress(total=len(requests), desc=desc, unit="sequences", min_interval_s=10.0, logger=log)
+        for chunk in chunks:
             results.extend(self.generate_batch(chunk))
+            if self.progress and len(chunks) > 1:
+                meter.update(len(chunk))
         return results
 
     @torch.inference_mode()

@@ -395,7 +395,7 @@ def select_latents(
     ``prompt_acts``: ``[n_prompts_used, d_sae]`` max-pooled prompt activations (may be None only with
     ``relevance_filter: none``); ``n_prompts``: size of the prompt list that trials draw from;
     ``firing_freq``: ``[d_sae]`` firing frequencies (dead-latent filter; skipped when None)."""
-    from tqdm.auto import tqdm
+    from esr.progress import Progress
 
     if d_sae < 1:
         raise SelectionError(f"d_sae = {d_sae!r} must be >= 1")
@@ -424,7 +424,7 @@ def select_latents(
     counts = FilterCounts()
     rejected: dict[str, list[int]] = {name: [] for name in FILTER_ORDER}
     survivors: list[tuple[int, str, float]] = []
-    bar = tqdm(total=n, desc=f"selecting latents ({model})", disable=not progress)
+    meter = Progress(total=n, desc=f"selecting latents ({model})", unit="latents") if progress else None
     pos = 0
     while pos < limit and len(survivors) < n:
         chunk = order[pos : min(pos + block, limit)]
@@ -456,9 +456,10 @@ def select_latents(
                 rejected["concreteness_fail"].append(j)
             else:
                 survivors.append((j, label, score))
-        bar.n = min(len(survivors), n)
-        bar.refresh()
-    bar.close()
+        if meter is not None and min(len(survivors), n) > meter.done:  # a line per block that found latents
+            meter.update(min(len(survivors), n) - meter.done)
+    if meter is not None:
+        meter.close()
     for name in FILTER_ORDER:
         setattr(counts, name, len(rejected[name]))
     counts.passed = len(survivors)

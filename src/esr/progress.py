@@ -94,6 +94,12 @@ class Progress:
             self._last_logged = now
             self._log.info("%s", self.line())
 
+    def close(self) -> None:
+        """Log the final line if the last update was rate-limited (tqdm's ``close``; the meter then stops)."""
+        if self.done < self.total and self._last_logged < self._clock():
+            self._last_logged = self._clock()
+            self._log.info("%s (stopped)", self.line())
+
 
 def progress(
     items: Iterable[T],

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from esr.corpus import available_mix, source_documents
 from esr.io import atomic_path, write_json
+from esr.progress import progress
 
 log = logging.getLogger(__name__)
 ACTS_FILE = "acts.safetensors"
@@ -146,7 +146,8 @@ def collect_layer_activations(
     base = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
     out = []
     try:
-        for start in tqdm(range(0, rows.shape[0], batch_size), desc=desc, unit="batch"):
+        starts = range(0, rows.shape[0], batch_size)
+        for start in progress(starts, desc=desc, unit="batches", min_interval_s=10.0):
             ids = rows[start : start + batch_size].long()
             captured.clear()
             base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -355,7 +356,8 @@ def top_activations(
     best_v = torch.full((top_k, d_sae), -1.0)
     best_i = torch.zeros((top_k, d_sae), dtype=torch.long)
     fires = torch.zeros(d_sae)
-    for start in tqdm(range(0, acts.shape[0], chunk), desc="labelling latents", unit="chunk"):
+    starts = range(0, acts.shape[0], chunk)
+    for start in progress(starts, desc="labelling latents", unit="chunks", min_interval_s=10.0):
         f = sae.encode(acts[start : start + chunk].float())
         fires += (f > 0).sum(0).float()
         kk = min(top_k, f.shape[0])

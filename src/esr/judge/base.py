@@ -171,9 +171,9 @@ class Judge:
     ``settings``: the frozen dataclass of resolved settings the judge runs from; the cache key is derived from it
     (``esr.judge.settings.key_fields``: every field except those marked ``not_in_key``), so a new setting cannot be
     forgotten. ``cache``: a ``JudgeCache`` or None. ``concurrency``: how many requests are in flight at once in a
-    batch. ``show_progress``: tqdm bar over batches. ``max_consecutive_failures``: the circuit breaker: after this
-    many failed requests in a row (transport errors or unexpected exceptions; counted across batches) the batch
-    stops with ``JudgeCircuitOpen`` (None: never). ``retry_failed``: re-send requests whose permanent failure is
+    batch. ``show_progress``: a progress line (answers, rate, ETA) in the log. ``max_consecutive_failures``: the
+    circuit breaker: after this many failed requests in a row (transport errors or unexpected exceptions; counted
+    across batches) the batch stops with ``JudgeCircuitOpen`` (None: never). ``retry_failed``: re-send requests whose permanent failure is
     remembered in the cache (None: ``ESR_RETRY_FAILED`` decides, default no)."""
 
     backend: str = "base"
@@ -452,6 +452,6 @@ class _NullBar:
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled or total <= 1:
         return _NullBar()
-    from tqdm.auto import tqdm
+    from esr.progress import Progress
 
-    return tqdm(total=total, desc=desc, unit="answer", leave=False)
+    return Progress(total=total, desc=desc, unit="answers", min_interval_s=10.0)

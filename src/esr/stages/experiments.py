@@ -180,7 +180,7 @@ def _unsteered_answers(
     return pd.DataFrame(
         [
             {"prompt_id": i, "prompt": r.prompt, "seed": r.seed, "response": r.response, "n_tokens": r.n_tokens}
-            for i, r in zip(ids, generator.generate(reqs))
+            for i, r in zip(ids, generator.generate(reqs, desc="unsteered answers"))
         ]
     )
 

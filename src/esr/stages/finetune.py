@@ -80,7 +80,10 @@ def generate_material(
             for r in results
         ]
 
-    return rows(generator.generate(plain_req)), rows(generator.generate(steered_req))
+    return (
+        rows(generator.generate(plain_req, desc="unsteered answers")),
+        rows(generator.generate(steered_req, desc="steered drift")),
+    )
 
 
 #: The ``finetune`` keys the shared material depends on (one ``finetune_material`` job per base model serves every
