@@ -223,3 +223,21 @@ def test_cli_export_import_verify(run_dir, tmp_path, capsys, monkeypatch):
     (fresh / "results/exp1/m/trials.parquet").write_bytes(b"PAR1 edited")
     assert cli_main(["bundle", "verify", str(fresh)]) == 1
     assert "results/exp1/m/trials.parquet: manifest sha256" in capsys.readouterr().err
+
+
+def test_import_without_a_snakefile_stops_before_unpacking(tmp_path, monkeypatch):
+    """An installed package outside a clone has no Snakefile to record grading metadata with: a clear error naming
+    where it looked and the options, before anything is unpacked; a Snakefile in the target clone is found."""
+    import esr.config
+    from esr.bundle import default_snakefile
+
+    monkeypatch.setattr(esr.config, "CHECKOUT_ROOT", None)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(BundleError, match="no Snakefile.*--snakefile.*--no-metadata"):
+        import_bundle(bundle=tmp_path / "missing.tar.gz", into=fresh)
+    assert list(fresh.iterdir()) == []
+    with pytest.raises(BundleError, match="does not exist"):
+        import_bundle(bundle=tmp_path / "missing.tar.gz", into=fresh, snakefile=tmp_path / "nope")
+    (fresh / "Snakefile").write_text("# workflow\n")
+    assert default_snakefile(fresh) == fresh / "Snakefile"

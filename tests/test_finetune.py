@@ -4,6 +4,7 @@ merge, provenance, restart phrases the judge's segmenter sees, and the `source: 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -142,6 +143,26 @@ def test_mix_ratio_drift_and_length_matching():
     unmatched_gap = sum(abs(e["response_words"] - mean_sc) for e in unmatched if e["kind"] == "normal") / len(normal)
     assert gap < 0.5 * unmatched_gap
     assert abs(sum(e["response_words"] for e in normal) / len(normal) - mean_sc) < 0.25 * mean_sc
+
+
+def test_drift_max_score_keeps_only_drift_graded_at_most_it():
+    """Ungraded drift (None or NaN: the judge failed) is dropped like drift above the threshold, as the workflow's
+    finetune_data does; unscored drift with a threshold set is an error."""
+    prompts = ["prompt 0"]
+    answers, _ = _material(prompts)
+    drifts = [
+        {"prompt": "prompt 0", "response": f"Dogs bark {name}. Cats purr.", "score": score}
+        for name, score in (("low", 10.0), ("none", None), ("nan", float("nan")), ("high", 80.0), ("edge", 40))
+    ]
+    settings = FinetuneDataSettings(masked_ratio=1.0, n_examples=20, drift_sentences=(1, 1), drift_max_score=40)
+    ex = build_finetune_data(answers=answers, drifts=drifts, split=PromptSplit(tuple(prompts), ()), settings=settings)
+    assert {e["drift"] for e in ex} == {"Dogs bark low.", "Dogs bark edge."}
+    unscored = [{k: v for k, v in d.items() if k != "score"} for d in drifts]
+    with pytest.raises(ValueError, match="drift_max_score = 40 is set but no drift record carries a 'score'"):
+        build_finetune_data(answers=answers, drifts=unscored, split=PromptSplit(tuple(prompts), ()), settings=settings)
+    everything = dataclasses.replace(settings, drift_max_score=None)
+    ex = build_finetune_data(answers=answers, drifts=drifts, split=PromptSplit(tuple(prompts), ()), settings=everything)
+    assert len({e["drift"] for e in ex}) == 5
 
 
 def test_first_sentences():

@@ -378,3 +378,15 @@ def test_paper_restart_phrase_with_quite_is_found_without_a_model():
     )
     assert len(split_attempts(text)) == 2
     assert len(split_attempts(f"{ON} Wait, that is not correct. {ON}")) == 2
+
+
+def test_auto_anchors_resolve_to_the_models_anchor_file_only_for_the_offline_judge():
+    from esr.judge.factory import anchors_file, resolved_judge
+
+    offline = {"backend": "offline_minilm", "anchors": "auto"}
+    resolved = resolved_judge(offline, "smollm2-135m")
+    assert resolved["anchors"] == anchors_file("smollm2-135m") == "results/judge/smollm2-135m/anchors.json"
+    assert offline["anchors"] == "auto"  # a copy: the config block is not changed
+    api = {"backend": "anthropic", "anchors": "auto"}
+    assert resolved_judge(api, "m") == api and resolved_judge(api, "m") is not api
+    assert resolved_judge({"backend": "offline_minilm", "anchors": "x.json"}, "m")["anchors"] == "x.json"

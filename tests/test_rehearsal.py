@@ -52,7 +52,7 @@ MODEL_RULES = {"select_latents", "discover_detectors", "calibrate_boosts", "gene
 LOGIN_RULES = NETWORK_RULES | {"grade", "cross_judge"}
 #: The whole snakemake run (measured ~N s on an idle 2-core machine; see the report printed by the test).
 RUN_TIMEOUT_S = 3000
-CONCURRENT_JOBS = 10
+CONCURRENT_JOBS = 24
 #: The users' profile batches these rules' jobs, several to one sbatch job: {rule: group}. The plugin files a group
 #: job's sbatch comment and SLURM log under the group's name.
 GROUPS: dict[str, str] = yaml.safe_load(USER_PROFILE.read_text()).get("groups") or {}

@@ -472,7 +472,7 @@ def import_bundle(
     Upstream files go to their run paths, statistics outputs to ``bundle/recorded/``, the config to
     ``bundle/config.yaml``; stub folders stand in for model and embedded-SAE weights; mtimes follow the DAG
     (``DAG_RANKS``). With ``record_metadata``, ``snakemake --touch --forcerun grade cross_judge`` (``snakefile``,
-    default the checkout's ``Snakefile``) records the grading jobs' params so a ``judge:`` change reruns grading.
+    default :func:`default_snakefile`) records the grading jobs' params so a ``judge:`` change reruns grading.
 
     Raises :class:`BundleError`: an unreadable or truncated bundle (naming the file being read, the manifest's and
     the bundle's sha256), files not matching the manifest (each with both sha256), files already in place (unless
@@ -480,6 +480,10 @@ def import_bundle(
     import yaml
 
     bundle, into = Path(bundle), Path(into).resolve()
+    if record_metadata:  # before any unpacking: a missing Snakefile is a usage error
+        snakefile = Path(snakefile) if snakefile is not None else default_snakefile(into)
+        if not snakefile.is_file():
+            raise BundleError(f"--snakefile {snakefile} does not exist")
     staging = into / ".esr-bundle-staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -540,9 +544,22 @@ def import_bundle(
     return manifest
 
 
-def default_snakefile() -> Path:
-    """The ``Snakefile`` of the checkout this package is installed from (``src/esr/../../Snakefile``)."""
-    return Path(__file__).resolve().parents[2] / "Snakefile"
+def default_snakefile(into: str | Path | None = None) -> Path:
+    """The ``Snakefile`` that records the grading metadata: ``<into>/Snakefile`` (the clone a bundle is imported
+    into), else the one of the checkout this package runs from (:data:`esr.config.CHECKOUT_ROOT`). Raises
+    :class:`BundleError` when neither exists (an installed wheel outside a clone): pass ``snakefile``."""
+    from esr.config import CHECKOUT_ROOT
+
+    candidates = [Path(into) / "Snakefile"] if into is not None else []
+    candidates += [CHECKOUT_ROOT / "Snakefile"] if CHECKOUT_ROOT is not None else []
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates) or "no checkout (an installed package)"
+    raise BundleError(
+        f"no Snakefile to record the grading metadata with (looked in: {looked}); import into a clone of the "
+        "workflow, pass --snakefile, or --no-metadata"
+    )
 
 
 def record_grading_metadata(
@@ -564,7 +581,7 @@ def record_grading_metadata(
         "-m",
         "snakemake",
         "-s",
-        str(snakefile or default_snakefile()),
+        str(snakefile or default_snakefile(root)),
         "--directory",
         str(root),
         "--configfile",

@@ -195,7 +195,7 @@ def _configure_bundle(p: argparse.ArgumentParser) -> None:
     i = sub.add_parser("import", help="verify a bundle against its manifest and place it in a fresh clone")
     i.add_argument("bundle", help="the bundle file (.tar.zst)")
     i.add_argument("--into", default=".", help="the workflow directory to place it in (default: .)")
-    i.add_argument("--snakefile", default=None, help="Snakefile (default: this checkout's)")
+    i.add_argument("--snakefile", default=None, help="Snakefile (default: the one in --into, else this checkout's)")
     i.add_argument("--no-metadata", action="store_true", help="skip recording Snakemake metadata for grading")
     i.add_argument("--force", action="store_true", help="overwrite files already in place")
     i.set_defaults(_run=run_bundle_import)

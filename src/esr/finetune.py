@@ -246,8 +246,9 @@ class FinetuneDataSettings:
 
     ``masked_ratio``: fraction of the ``n_examples`` that are masked self-correction examples (paper sweep 0.1-0.9;
     §6.9); ``drift_sentences``: (min, max) sentences of steered text used as drift (paper 2-4); ``restart_phrases``:
-    cycled through in a seeded order so each is used about equally; ``drift_max_score``: when the drift records carry
-    a judge ``score`` (0-100, on-topic-ness of the steered answer), only those at or below it are drift (None: all);
+    cycled through in a seeded order so each is used about equally; ``drift_max_score``: only drift records whose
+    judge ``score`` (0-100, on-topic-ness of the steered answer) is at most it are drift; a record left ungraded (no
+    score, None or NaN: the judge failed) is dropped (None: every record, scored or not);
     ``length_match``: pick each normal answer with the word count nearest a self-correction example's response."""
 
     masked_ratio: float = 0.5
@@ -292,6 +293,11 @@ def check_restart_phrases(phrases: Iterable[str]) -> None:
         )
 
 
+def _scored_at_most(score: Any, limit: float) -> bool:
+    """Whether a drift record's judge score is a number at most ``limit`` (None and NaN: ungraded, so False)."""
+    return score is not None and not (isinstance(score, float) and math.isnan(score)) and float(score) <= limit
+
+
 def _records(rows: Any, what: str, required: Sequence[str]) -> list[dict[str, Any]]:
     if hasattr(rows, "to_dict"):
         rows = rows.to_dict("records")
@@ -325,7 +331,8 @@ def build_finetune_data(
     ``drift_boost``. ``round(masked_ratio * n_examples)`` are self-correction examples.
 
     Raises ``ValueError`` when an evaluation prompt is among the training prompts (unless
-    ``train_on_eval_prompts``), or when no usable answer/drift record is left for the training prompts."""
+    ``train_on_eval_prompts``), when no usable answer/drift record is left for the training prompts, or when
+    ``drift_max_score`` is set and no drift record carries a ``score``."""
     from esr.io import derive_seed
     from esr.judge.segmentation import has_restart, n_words
 
@@ -351,13 +358,19 @@ def build_finetune_data(
     n_normal = settings.n_examples - n_sc
     examples: list[dict[str, Any]] = []
     if n_sc:
+        drift_records = _records(drifts, "drift", ("prompt", "response"))
+        if settings.drift_max_score is not None and not any("score" in r for r in drift_records):
+            raise ValueError(
+                f"finetune: drift_max_score = {settings.drift_max_score} is set but no drift record carries a "
+                "'score' (grade the drift first: esr.stages.finetune.grade_drift)"
+            )
         pool = [
             r
-            for r in _records(drifts, "drift", ("prompt", "response"))
+            for r in drift_records
             if r["prompt"] in by_prompt
             and str(r["response"]).strip()
             and not has_restart(str(r["response"]))
-            and (settings.drift_max_score is None or r.get("score") is None or r["score"] <= settings.drift_max_score)
+            and (settings.drift_max_score is None or _scored_at_most(r.get("score"), settings.drift_max_score))
         ]
         if not pool:
             raise ValueError("finetune: no usable steered (drift) generation for the training prompts")

@@ -74,9 +74,10 @@ def _material(args, *, cfg, spec, base_dir, prompts, seed, work: Path):
     """(split, answers DataFrame, drift DataFrame), generated once per material setting."""
     import pandas as pd
 
+    from esr.calibration import weights_fingerprint
     from esr.finetune import PromptSplit, recipe_hash, split_prompts
     from esr.generation import load_configured_generator
-    from esr.io import read_json, write_json, write_parquet
+    from esr.io import read_json, sha256_file, write_json, write_parquet
     from esr.stages.finetune import generate_material, grade_drift
 
     block = {
@@ -87,7 +88,20 @@ def _material(args, *, cfg, spec, base_dir, prompts, seed, work: Path):
         "drift_boosts": list(args.drift_boosts),
         "max_new_tokens": args.max_new_tokens,
     }
-    key = recipe_hash(material=block, model=spec.name, seed=seed, prompts=list(prompts))[:16]
+    judge = _judge(cfg, spec)
+    labels_csv = Path("resources/labels") / f"{spec.name}.csv"
+    # everything the cached drift scores depend on: the judge (id, template version, settings), the labels it reads,
+    # the generation settings and the model and SAE weights (a rebuilt embedded SAE or fine-tuned model keeps its path)
+    key = recipe_hash(
+        material=block,
+        model=spec.name,
+        seed=seed,
+        prompts=list(prompts),
+        generation=cfg["generation"],
+        judge=judge.describe(),
+        labels=sha256_file(labels_csv) if labels_csv.exists() else None,
+        weights=weights_fingerprint(spec, base_dir),
+    )[:16]
     folder = work / "material" / key
     if (folder / "manifest.json").exists():
         info = read_json(folder / "manifest.json")
@@ -100,7 +114,7 @@ def _material(args, *, cfg, spec, base_dir, prompts, seed, work: Path):
     answers, drift = generate_material(generator=gen, prompts=list(split.train), finetune=block, seed=seed)
     t_gen = time.perf_counter() - t0
     drift = pd.DataFrame(drift)
-    drift["score"] = grade_drift(drift=drift, judge=_judge(cfg, spec), labels=_labels(spec))  # as finetune_material
+    drift["score"] = grade_drift(drift=drift, judge=judge, labels=_labels(spec))  # as finetune_material
     folder.mkdir(parents=True, exist_ok=True)
     write_parquet(folder / "answers.parquet", pd.DataFrame(answers))
     write_parquet(folder / "drift.parquet", drift)
@@ -114,12 +128,9 @@ def _material(args, *, cfg, spec, base_dir, prompts, seed, work: Path):
 
 def _judge(cfg, spec):
     """The configured judge; ``anchors: auto`` means the workflow's per-model anchors (rule anchor_judge)."""
-    from esr.judge.factory import build_judge
+    from esr.judge.factory import build_judge, resolved_judge
 
-    block = dict(cfg["judge"])
-    if block.get("anchors") == "auto":
-        block["anchors"] = str(Path("results/judge") / spec.name / "anchors.json")
-    return build_judge(block, show_progress=True)
+    return build_judge(resolved_judge(cfg["judge"], spec.name), show_progress=True)
 
 
 def _labels(spec) -> dict[int, str]:

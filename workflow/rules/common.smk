@@ -10,7 +10,12 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from esr.config import ConfigError, model_specs, validate_config  # noqa: E402
 from esr.experiments import REGISTRY  # noqa: E402
-from esr.judge.factory import API_BACKENDS  # noqa: E402
+from esr.judge.factory import (  # noqa: E402
+    API_BACKENDS,
+    anchors_file,
+    auto_anchors,
+    resolved_judge,
+)
 from esr.preflight import check_inputs, local_inputs  # noqa: E402
 from esr.stages.finetune import material_settings  # noqa: E402
 
@@ -228,20 +233,6 @@ def ablated_sets(wildcards):
 def judge_block(key):
     """A judge block (``judge``: grades trials; ``threshold_judge``: scores the boost search, default ``judge``)."""
     return config.get(key) or config["judge"]
-
-
-def auto_anchors(block):
-    """Whether a judge block is the offline judge anchored on this model's answers (``anchors: auto``)."""
-    return block.get("backend") == "offline_minilm" and block.get("anchors") == "auto"
-
-
-def anchors_file(model):
-    return f"results/judge/{model}/anchors.json"
-
-
-def resolved_judge(block, model):
-    """``block`` with ``anchors: auto`` replaced by the model's anchor file."""
-    return {**block, "anchors": anchors_file(model)} if auto_anchors(block) else dict(block)
 
 
 def judge_config(key="judge"):

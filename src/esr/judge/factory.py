@@ -60,6 +60,23 @@ def _chat_backend(cfg: dict[str, Any], default_model: str | None) -> ChatBackend
     return AnthropicBackend(settings) if anthropic else OpenAICompatBackend(settings)
 
 
+def anchors_file(model: str) -> str:
+    """The offline judge's anchors fitted on ``model``'s own answers (rule ``anchor_judge``), relative to the
+    workflow's directory."""
+    return f"results/judge/{model}/anchors.json"
+
+
+def auto_anchors(block: dict[str, Any]) -> bool:
+    """Whether a judge block is the offline judge anchored on the model's own answers (``anchors: auto``)."""
+    return block.get("backend") == "offline_minilm" and block.get("anchors") == "auto"
+
+
+def resolved_judge(block: dict[str, Any], model: str) -> dict[str, Any]:
+    """A copy of ``block`` with ``anchors: auto`` replaced by ``model``'s anchor file (:func:`anchors_file`); the
+    workflow's rules and the exp4 recipe tool build their judges from this."""
+    return {**block, "anchors": anchors_file(model)} if auto_anchors(block) else dict(block)
+
+
 def build_judge(config: dict[str, Any], *, show_progress: bool = True, encoder=None) -> Judge:
     """A judge from a ``judge:`` config block (keys and defaults: ``JUDGE_CONFIG_SCHEMA``). ``encoder``: a preloaded
     sentence-transformers model for offline_minilm (tests, or sharing one model across judges)."""
