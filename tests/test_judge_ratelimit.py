@@ -164,3 +164,10 @@ def test_limiter_is_shared_only_with_a_cache_dir(server, tmp_path):
     assert judge.limiter.path.parent == tmp_path / "cache" / "ratelimit"
     # the limit file is not a cache entry
     assert len(judge.cache) == 0
+    # the concreteness grader on the same endpoint and model shares the judge's schedule (one API key's limit)
+    from esr.judge.factory import build_concreteness_grader
+
+    grader = build_concreteness_grader(_config(server, tmp_path / "cache", 3), show_progress=False)
+    assert isinstance(grader.limiter, SharedRateLimiter) and grader.limiter.path == judge.limiter.path
+    no_cache = build_concreteness_grader({**_config(server, tmp_path, 3), "cache_dir": None}, show_progress=False)
+    assert type(no_cache.limiter) is RateLimiter
