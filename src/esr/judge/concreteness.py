@@ -25,7 +25,7 @@ from typing import Any
 
 from esr.io import stable_hash
 from esr.judge.base import _progress
-from esr.judge.http_backends import CallTally, ChatBackend, TransportError, scrub
+from esr.judge.http_backends import CallTally, ChatBackend, TransportError, chat_rate_limiter, scrub
 from esr.judge.parsing import MalformedJudgeOutput, parse_concreteness
 from esr.judge.prompts import (
     CONCRETENESS_TEMPLATE_VERSION,
@@ -33,7 +33,6 @@ from esr.judge.prompts import (
     concreteness_messages,
     concreteness_reask,
 )
-from esr.judge.ratelimit import make_rate_limiter
 from esr.judge.settings import key_fields
 from esr.judge.wordnet import DEFAULT_WORDNET_DIR, WordNet
 
@@ -232,15 +231,9 @@ class LLMConcretenessGrader(_Grader):
         self.concurrency = max(1, concurrency)
         self.cache = cache
         self.show_progress = show_progress
-        # one schedule with every process (and judge) that calls the same endpoint and model through the same cache
-        # directory, e.g. five select_latents jobs at once; per process without a cache (as the LLM judges)
-        self.limiter = make_rate_limiter(
-            chat.settings.rate_limit_per_s,
-            cache_dir=getattr(cache, "root", None),
-            backend=chat.name,
-            base_url=chat.settings.base_url,
-            model=chat.settings.model,
-        )
+        # one schedule with every process (and judge) calling the same endpoint and model through the same cache
+        # directory, e.g. five select_latents jobs at once (as the LLM judges)
+        self.limiter = chat_rate_limiter(chat, cache)
 
     @property
     def grader_id(self) -> str:  # type: ignore[override]

@@ -375,6 +375,19 @@ class OpenAICompatBackend(ChatBackend):
         return Reply.of(content if isinstance(content, str) else "", getattr(choice, "finish_reason", None) == "length")
 
 
+def chat_rate_limiter(chat: ChatBackend, cache: Any = None) -> RateLimiter:
+    """The rate limiter of a client calling ``chat`` (an LLM judge, the concreteness grader): shared with every
+    process and client that calls the same backend, base URL and model through the same cache directory (all grade
+    and selection jobs of a run: one API key's limit), per process without a cache (``make_rate_limiter``)."""
+    return make_rate_limiter(
+        chat.settings.rate_limit_per_s,
+        cache_dir=getattr(cache, "root", None),
+        backend=chat.name,
+        base_url=chat.settings.base_url,
+        model=chat.settings.model,
+    )
+
+
 @dataclass(frozen=True)
 class LLMJudgeSettings:
     """The resolved settings an ``LLMJudge`` runs from; its cache key is derived from them (``key_fields``).
@@ -446,14 +459,7 @@ class LLMJudge(Judge):
             restart_gate=bool(restart_gate),
             restart_patterns=RESTART_PATTERN_VERSION if restart_gate else None,
         )
-        # shared with every process using the same cache directory (all grade jobs of a run); per process without one
-        self.limiter = make_rate_limiter(
-            chat.settings.rate_limit_per_s,
-            cache_dir=getattr(cache, "root", None),
-            backend=chat.name,
-            base_url=chat.settings.base_url,
-            model=chat.settings.model,
-        )
+        self.limiter = chat_rate_limiter(chat, cache)
         self.backend = chat.name
         self.model = chat.settings.model
 
