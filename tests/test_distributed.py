@@ -52,6 +52,23 @@ def test_a_launch_with_the_wrong_number_of_ranks_fails_clearly(capfd):
     assert "launched with 1 processes, but the stage needs tensor_parallel 2" in capfd.readouterr().err
 
 
+def test_ranks_share_the_jobs_threads(capfd, monkeypatch):
+    """Snakemake exports OMP_NUM_THREADS = the rule's threads and torchrun passes it on to every rank: the ranks get
+    the job's threads divided among them instead (4 ranks of a 4-thread job: 1 each, not 4)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    before = torch.get_num_threads()
+    torch.set_num_threads(6)  # the job's pool, as esr.stages.stage_logging sets it from the rule's threads
+    try:
+        assert (
+            distributed.rank_threads(2) == 3 and distributed.rank_threads(4) == 1 and distributed.rank_threads(8) == 1
+        )
+        show = "import os, sys; print('OMP=' + os.environ['OMP_NUM_THREADS'], file=sys.stderr)"
+        distributed.run_ranks(st.anchor_judge, {"answers": "x"}, 2, launcher=[sys.executable, "-c", show])
+    finally:
+        torch.set_num_threads(before)
+    assert "OMP=3" in capfd.readouterr().err
+
+
 def test_plain_turns_str_subclasses_into_str():
     class IOFile(str):
         pass

@@ -59,11 +59,28 @@ def init_distributed() -> int:
     return world
 
 
+def rank_threads(tensor_parallel: int) -> int:
+    """Intra-op threads for each of ``tensor_parallel`` ranks: the job's threads shared out, at least 1. The job's
+    threads are torch's pool in this process when torch is loaded (``esr.stages.stage_logging`` sets it to the
+    rule's ``threads``), else ``OMP_NUM_THREADS``, else the CPU count.
+
+    Snakemake exports ``OMP_NUM_THREADS`` = the rule's threads to every script and torchrun passes a set value on to
+    each rank unchanged, so without this the 4 ranks of a 4-CPU 70B job ran 16 threads on 4 CPUs."""
+    if "torch" in sys.modules:
+        import torch
+
+        threads = torch.get_num_threads()
+    else:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return max(1, threads // max(1, int(tensor_parallel)))
+
+
 def run_ranks(
     stage: Callable[..., Any], kwargs: dict[str, Any], tensor_parallel: int, launcher: Sequence[str] | None = None
 ) -> None:
     """Run ``stage(**kwargs)`` as ``tensor_parallel`` ranks under torchrun (``launcher`` overrides the command that
-    precedes ``-m esr.distributed``). ``stage`` must be a module-level function (it is pickled by reference).
+    precedes ``-m esr.distributed``), each with :func:`rank_threads` intra-op threads (``OMP_NUM_THREADS``).
+    ``stage`` must be a module-level function (it is pickled by reference).
 
     Raises ``ValueError`` for ``tensor_parallel`` < 2 and ``RuntimeError`` when a rank fails."""
     if tensor_parallel < 2:
@@ -78,8 +95,15 @@ def run_ranks(
             or [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tensor_parallel}"]
         )
         cmd += ["-m", "esr.distributed", str(args_path), "--tp", str(tensor_parallel)]
-        log.info("launching %d tensor-parallel ranks for %s: %s", tensor_parallel, name, " ".join(cmd))
-        proc = subprocess.run(cmd)
+        threads = rank_threads(tensor_parallel)
+        log.info(
+            "launching %d tensor-parallel ranks for %s (%d threads each): %s",
+            tensor_parallel,
+            name,
+            threads,
+            " ".join(cmd),
+        )
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         if proc.returncode != 0:
             raise RuntimeError(
                 f"{name}: the {tensor_parallel} tensor-parallel ranks failed (exit {proc.returncode});"
