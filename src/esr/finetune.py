@@ -359,7 +359,7 @@ def build_finetune_data(
     examples: list[dict[str, Any]] = []
     if n_sc:
         drift_records = _records(drifts, "drift", ("prompt", "response"))
-        if settings.drift_max_score is not None and not any("score" in r for r in drift_records):
+        if settings.drift_max_score is not None and drift_records and not any("score" in r for r in drift_records):
             raise ValueError(
                 f"finetune: drift_max_score = {settings.drift_max_score} is set but no drift record carries a "
                 "'score' (grade the drift first: esr.stages.finetune.grade_drift)"
