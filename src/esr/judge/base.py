@@ -173,8 +173,8 @@ class Judge:
     forgotten. ``cache``: a ``JudgeCache`` or None. ``concurrency``: how many requests are in flight at once in a
     batch. ``show_progress``: a progress line (answers, rate, ETA) in the log. ``max_consecutive_failures``: the
     circuit breaker: after this many failed requests in a row (transport errors or unexpected exceptions; counted
-    across batches) the batch stops with ``JudgeCircuitOpen`` (None: never). ``retry_failed``: re-send requests whose permanent failure is
-    remembered in the cache (None: ``ESR_RETRY_FAILED`` decides, default no)."""
+    across batches) the batch stops with ``JudgeCircuitOpen`` (None: never). ``retry_failed``: re-send requests
+    whose permanent failure is remembered in the cache (None: ``ESR_RETRY_FAILED`` decides, default no)."""
 
     backend: str = "base"
     model: str = ""

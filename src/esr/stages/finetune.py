@@ -307,7 +307,7 @@ def finetune_data(
             settings.drift_max_score,
             int(ungraded.sum()),
         )
-        drifts = drifts[~ungraded].reset_index(drop=True)  # drift the judge could not grade is never used
+        # build_finetune_data drops the ungraded records itself (one place for the rule and the recipe tool)
     examples = build_finetune_data(
         answers=pd.read_parquet(answers),
         drifts=drifts,
